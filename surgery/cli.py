@@ -1,0 +1,93 @@
+"""The `surgery` command line: a click group whose commands live beside the code they run.
+
+Commands are imported only when used, and no command module imports torch at import time, so
+`surgery --help` stays fast. Every user-facing failure is a ``SurgeryError`` printed as one line
+``surgery: error: ...`` with exit code 2 (the traceback only with -v).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+
+import click
+
+from surgery import __version__
+
+# command name -> (module, attribute, one-line help shown by `surgery --help`)
+COMMANDS = {
+    "inspect": ("surgery.inspect", "command", "Show a checkpoint's layout, architecture, parameters and problems."),
+    "copy": ("surgery.copy", "command", "Re-shard or cast a checkpoint (identity plan)."),
+    "upcycle": ("surgery.upcycle", "command", "Dense -> MoE: copy the FFN into N experts and add a router."),
+    "split": ("surgery.split", "command", "Dense -> MoE: partition each FFN's neurons into N smaller experts."),
+    "merge": ("surgery.btx_merge", "command", "Branch-Train-MiX: merge domain-trained copies into one MoE."),
+    "validate": ("surgery.validate", "command", "Load a model, measure loss, compare with references, show routing."),
+    "verify": ("surgery.verify", "command", "Check a written checkpoint's structure and manifest."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [name for name, (module, _, _) in COMMANDS.items() if importlib.util.find_spec(module) is not None]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module_name, attribute, _ = COMMANDS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None
+            raise
+        return getattr(module, attribute, None)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="surgery")
+@click.option("-v", "--verbose", count=True, help="More output; tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and results.")
+def group(verbose, quiet):
+    """Checkpoint surgery for LLMs: turn dense safetensors checkpoints into Mixture-of-Experts ones."""
+    from surgery import console
+
+    console.VERBOSITY["level"] = -1 if quiet else min(verbose, 1)
+
+
+def main(argv=None):
+    from surgery.errors import SurgeryError
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
+    try:
+        group.main(args=args, prog_name="surgery", standalone_mode=False)
+    except SurgeryError as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"surgery: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("surgery: aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("surgery: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

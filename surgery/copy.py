@@ -1,0 +1,45 @@
+"""`surgery copy`: the identity plan. Re-shards or casts a checkpoint; the engine's end-to-end test."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from surgery.checkpoint import Checkpoint, parse_dtype
+from surgery.options import execute, output_options
+from surgery.plan import Copy, OutputTensor, Plan
+from surgery.safetensors_format import FLOAT_DTYPES
+
+
+def output_dtype(stored: str, requested: str | None) -> str:
+    """The dtype a tensor is written in: `requested` for floating tensors, else unchanged."""
+    return requested if requested and stored in FLOAT_DTYPES else stored
+
+
+def build_plan(source: Checkpoint, dtype: str | None = None) -> Plan:
+    target = None if dtype in (None, "keep") else parse_dtype(dtype)
+    tensors = [OutputTensor(name, info.shape, output_dtype(info.dtype, target), Copy(source, name))
+               for name, info in source.tensors.items()]
+    config = None
+    if source.config is not None:
+        config = dict(source.config)
+        if target:
+            config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[target]
+            config.pop("torch_dtype", None)
+    return Plan("copy", tensors, config, [source], side_files=source.side_files(),
+                metadata={"surgery_sources": json.dumps([str(source.path)]),
+                          "surgery_options": json.dumps({"dtype": dtype or "keep"})})
+
+
+@click.command("copy")
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp32", "bf16", "fp16"]),
+              help="Cast floating-point tensors.")
+@output_options
+def command(src, out, dtype, max_shard_size, force, dry_run, as_json):
+    """Copy SRC to OUT through the streaming writer (re-shard, cast)."""
+    with Checkpoint.open(src) as source:
+        execute(build_plan(source, dtype), out, max_shard_size=max_shard_size, force=force,
+                dry_run=dry_run, as_json=as_json)

@@ -1,0 +1,51 @@
+"""Options shared by every command that writes a checkpoint, and the code that runs its plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from surgery import console
+from surgery.errors import SurgeryError
+
+
+def output_options(func):
+    """--max-shard-size, --force, --dry-run and --json, in that order on every writing command."""
+    func = click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")(func)
+    func = click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor and its recipe); write nothing.")(func)
+    func = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(func)
+    func = click.option("--max-shard-size", default="5GB", show_default=True,
+                        help="Largest shard, in bytes: 500MB, 5GB, 2GiB ...")(func)
+    return func
+
+
+def execute(plan, out: Path, *, max_shard_size: str, force: bool, dry_run: bool, as_json: bool) -> bool:
+    """Print the plan (dry run) or write it. Returns True when something was written."""
+    from surgery.units import format_bytes, parse_size
+
+    limit = parse_size(max_shard_size)
+    for message in plan.notes:
+        console.note(message)
+    if dry_run:
+        if as_json:
+            console.stdout.print_json(json.dumps(plan.to_json()))
+        else:
+            from surgery.plan_view import print_plan
+
+            print_plan(plan, limit)
+        return False
+    if as_json:
+        raise SurgeryError("--json applies to --dry-run only")
+    import time
+
+    from surgery.writer import write_plan
+
+    started = time.perf_counter()
+    shards = write_plan(plan, Path(out), limit, force=force)
+    seconds = time.perf_counter() - started
+    console.info(f"wrote {out}: {len(plan.tensors)} tensors, {format_bytes(plan.total_bytes)} in {len(shards)} "
+                 f"shard{'s' if len(shards) != 1 else ''} ({seconds:.1f} s, "
+                 f"{plan.total_bytes / max(seconds, 1e-9) / 1e6:.0f} MB/s)")
+    return True

@@ -1,0 +1,325 @@
+"""Plans: every output tensor with its name, shape, dtype and a recipe from input tensors.
+
+An operation (copy, upcycle, split, merge) only builds a ``Plan``; it reads headers, never
+weights, so a plan is complete before the first byte of data is touched and ``--dry-run`` is free.
+The streaming writer (``surgery.writer``) executes any plan, computing one tensor at a time.
+
+Recipes are small composable nodes. ``Copy`` of a tensor whose dtype does not change is copied
+byte for byte by the writer (any dtype, F8 included); every other recipe computes a torch tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from surgery.checkpoint import Checkpoint
+from surgery.errors import SurgeryError
+from surgery.safetensors_format import DTYPE_SIZES
+
+
+class Recipe:
+    """How to compute one output tensor. Subclasses say what they read and how they combine it."""
+
+    def inputs(self) -> list[tuple[Checkpoint, str]]:
+        return [pair for part in self.parts() for pair in part.inputs()]
+
+    def parts(self) -> list["Recipe"]:
+        return []
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def compute(self):
+        raise NotImplementedError
+
+
+def _short(checkpoint: Checkpoint, name: str) -> str:
+    return f"{checkpoint.label}:{name}" if getattr(checkpoint, "label", None) else name
+
+
+@dataclass
+class Copy(Recipe):
+    checkpoint: Checkpoint
+    name: str
+
+    def inputs(self):
+        return [(self.checkpoint, self.name)]
+
+    def describe(self):
+        return f"copy {_short(self.checkpoint, self.name)}"
+
+    def compute(self):
+        return self.checkpoint.read(self.name)
+
+
+@dataclass
+class Rows(Recipe):
+    """Rows `rows` (in that order) of an input tensor; only those rows are read."""
+
+    checkpoint: Checkpoint
+    name: str
+    rows: list[int]
+
+    def inputs(self):
+        return [(self.checkpoint, self.name)]
+
+    def describe(self):
+        return f"rows[{_index_text(self.rows)}] of {_short(self.checkpoint, self.name)}"
+
+    def compute(self):
+        return self.checkpoint.read_rows(self.name, self.rows)
+
+
+@dataclass
+class Columns(Recipe):
+    """Columns `columns` (last dimension, in that order) of an input tensor."""
+
+    checkpoint: Checkpoint
+    name: str
+    columns: list[int]
+
+    def inputs(self):
+        return [(self.checkpoint, self.name)]
+
+    def describe(self):
+        return f"cols[{_index_text(self.columns)}] of {_short(self.checkpoint, self.name)}"
+
+    def compute(self):
+        import torch
+
+        tensor = self.checkpoint.read(self.name)
+        return tensor.index_select(-1, torch.as_tensor(list(self.columns), dtype=torch.long)).contiguous()
+
+
+@dataclass
+class Stack(Recipe):
+    items: list[Recipe]
+    dim: int = 0
+
+    def parts(self):
+        return list(self.items)
+
+    def describe(self):
+        return f"stack({len(self.items)}: {self.items[0].describe()}, ...)" if self.items else "stack()"
+
+    def compute(self):
+        import torch
+
+        return torch.stack([item.compute() for item in self.items], dim=self.dim)
+
+
+@dataclass
+class Concat(Recipe):
+    items: list[Recipe]
+    dim: int = 0
+
+    def parts(self):
+        return list(self.items)
+
+    def describe(self):
+        return "concat(" + ", ".join(item.describe() for item in self.items) + f"; dim={self.dim})"
+
+    def compute(self):
+        import torch
+
+        return torch.cat([item.compute() for item in self.items], dim=self.dim)
+
+
+@dataclass
+class WeightedMean(Recipe):
+    """sum_i w_i * x_i / sum_i w_i, computed in float32, reading each input once."""
+
+    items: list[Recipe]
+    weights: list[float]
+
+    def parts(self):
+        return list(self.items)
+
+    def describe(self):
+        return "mean(" + ", ".join(f"{w:g}*{item.describe()}" for w, item in zip(self.weights, self.items)) + ")"
+
+    def compute(self):
+        import torch
+
+        total = float(sum(self.weights))
+        result = None
+        for weight, item in zip(self.weights, self.items):
+            value = item.compute().to(torch.float32)
+            result = value.mul_(weight / total) if result is None else result.add_(value, alpha=weight / total)
+        return result
+
+
+@dataclass
+class Scale(Recipe):
+    item: Recipe
+    factor: float
+
+    def parts(self):
+        return [self.item]
+
+    def describe(self):
+        return f"{self.factor:g} * {self.item.describe()}"
+
+    def compute(self):
+        import torch
+
+        value = self.item.compute()
+        return (value.to(torch.float32) * self.factor).to(value.dtype) if value.dtype != torch.float64 else value * self.factor
+
+
+@dataclass
+class PadRows(Recipe):
+    """Append zero rows (dim 0) or zero columns (dim -1) up to `size`: zero neurons add nothing."""
+
+    item: Recipe
+    size: int
+    dim: int = 0
+
+    def parts(self):
+        return [self.item]
+
+    def describe(self):
+        return f"pad({self.item.describe()} to {self.size} along dim {self.dim})"
+
+    def compute(self):
+        import torch
+
+        value = self.item.compute()
+        missing = self.size - value.shape[self.dim]
+        if missing <= 0:
+            return value
+        shape = list(value.shape)
+        shape[self.dim] = missing
+        return torch.cat([value, torch.zeros(shape, dtype=value.dtype)], dim=self.dim)
+
+
+@dataclass
+class Init(Recipe):
+    """A fresh tensor: zeros, normal(0, std) or uniform(-bound, bound), seeded for determinism."""
+
+    kind: str
+    shape: tuple[int, ...]
+    seed: int = 0
+    std: float = 0.02
+    bound: float | None = None
+
+    def describe(self):
+        if self.kind == "normal":
+            return f"init normal(0, {self.std:g}) seed {self.seed}"
+        if self.kind == "uniform":
+            return f"init uniform(+-{self._bound():g}) seed {self.seed}"
+        return f"init {self.kind}"
+
+    def _bound(self):
+        return self.bound if self.bound is not None else 1.0 / math.sqrt(self.shape[-1])
+
+    def compute(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(int(self.seed))
+        if self.kind == "zero":
+            return torch.zeros(self.shape, dtype=torch.float32)
+        if self.kind == "ones":
+            return torch.ones(self.shape, dtype=torch.float32)
+        if self.kind == "normal":
+            return torch.randn(self.shape, generator=generator, dtype=torch.float32) * self.std
+        if self.kind == "uniform":
+            return (torch.rand(self.shape, generator=generator, dtype=torch.float32) * 2 - 1) * self._bound()
+        raise SurgeryError(f"unknown init {self.kind!r} (expected zero, normal, uniform)")
+
+
+@dataclass
+class Constant(Recipe):
+    """A small tensor computed before writing (e.g. router rows fitted on calibration data)."""
+
+    tensor: object
+    text: str = "computed"
+
+    def describe(self):
+        return self.text
+
+    def compute(self):
+        return self.tensor.clone()
+
+
+@dataclass
+class Apply(Recipe):
+    """fn(*inputs): for transformations that are specific to one operation (noise, re-init ...)."""
+
+    items: list[Recipe]
+    fn: Callable
+    text: str
+
+    def parts(self):
+        return list(self.items)
+
+    def describe(self):
+        return f"{self.text}(" + ", ".join(item.describe() for item in self.items) + ")"
+
+    def compute(self):
+        return self.fn(*[item.compute() for item in self.items])
+
+
+def _index_text(indices) -> str:
+    indices = list(indices)
+    if indices and indices == list(range(indices[0], indices[0] + len(indices))):
+        return f"{indices[0]}:{indices[-1] + 1}"
+    head = ",".join(str(i) for i in indices[:4])
+    return f"{head},... ({len(indices)})" if len(indices) > 4 else head
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name
+    recipe: Recipe
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class Plan:
+    """Everything an operation will write, known before any weight is read."""
+
+    operation: str
+    tensors: list[OutputTensor]
+    config: dict | None
+    sources: list[Checkpoint]
+    side_files: list[Path] = field(default_factory=list)  # copied verbatim (tokenizer ...)
+    extra_files: dict[str, str] = field(default_factory=dict)  # name -> text written into the output
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
+    notes: list[str] = field(default_factory=list)  # shown to the user (e.g. exactness broken on purpose)
+
+    def __post_init__(self):
+        seen = set()
+        for tensor in self.tensors:
+            if tensor.name in seen:
+                raise AssertionError(f"plan writes {tensor.name} twice")
+            seen.add(tensor.name)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors)
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(tensor.shape) for tensor in self.tensors)
+
+    def to_json(self) -> dict:
+        return {
+            "operation": self.operation,
+            "total_bytes": self.total_bytes,
+            "parameters": self.parameters,
+            "sources": [str(source.path) for source in self.sources],
+            "notes": self.notes,
+            "config": self.config,
+            "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "recipe": t.recipe.describe()}
+                        for t in self.tensors],
+            "side_files": [path.name for path in self.side_files] + sorted(self.extra_files),
+        }

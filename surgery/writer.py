@@ -1,0 +1,229 @@
+"""The streaming writer: executes any plan into a Hugging Face style safetensors directory.
+
+Shapes and dtypes are known up front, so each shard's header is written first and each tensor's
+bytes are appended as soon as it is computed: peak memory is about one tensor, never a shard.
+Unchanged tensors are copied by the kernel (``os.copy_file_range``) without passing through
+Python. Output goes to a temporary directory beside the target, is checked (every shard's header
+re-read and compared with the plan, then opened with ``safetensors.safe_open``) and renamed into
+place only when complete; on any failure or signal the temporary directory is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery import __version__, console
+from surgery.checkpoint import INDEX_NAME, SINGLE_NAME, torch_dtype
+from surgery.errors import SurgeryError
+from surgery.plan import Copy, OutputTensor, Plan
+from surgery.safetensors_format import encode_header, read_header
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+COPY_CHUNK = 64 * 2**20
+MANIFEST_NAME = "surgery-manifest.json"
+
+
+@dataclass
+class Shard:
+    file_name: str
+    tensors: list[OutputTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def assign_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[Shard]:
+    """Greedy, in plan order: a new shard starts when the next tensor would overflow this one."""
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    if len(groups) == 1:
+        return [Shard(SINGLE_NAME, groups[0])]
+    count = len(groups)
+    return [Shard(f"model-{i + 1:05d}-of-{count:05d}.safetensors", group) for i, group in enumerate(groups)]
+
+
+def check_output_path(out: Path, sources, force: bool) -> None:
+    out_resolved = out.resolve()
+    for source in sources:
+        source_dir = source.directory.resolve()
+        if out_resolved == source_dir or out_resolved.is_relative_to(source_dir):
+            raise SurgeryError(f"{out}: output is inside the input {source.directory}; choose a directory outside it")
+        if source_dir.is_relative_to(out_resolved):
+            raise SurgeryError(f"{out}: output would contain the input {source.directory}; choose another directory")
+    if out.exists() and not force:
+        raise SurgeryError(f"{out}: output already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise SurgeryError(f"{out}: exists and is not a directory")
+    parent = out_resolved.parent
+    if not parent.is_dir():
+        raise SurgeryError(f"{out}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SurgeryError(f"{out}: parent directory {parent} is not writable")
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+@contextmanager
+def _signals_raise():
+    """Turn SIGTERM (and SIGINT) into an exception so cleanup code runs."""
+    def handler(signum, frame):
+        raise _Interrupted(signal.Signals(signum).name)
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> list[Shard]:
+    """Execute `plan` into directory `out`; returns the shards written."""
+    out = Path(out)
+    check_output_path(out, plan.sources, force)
+    shards = assign_shards(plan.tensors, max_shard_size)
+    temp = out.parent / f".{out.name}.surgery-tmp-{os.getpid()}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    try:
+        with _signals_raise():
+            temp.mkdir()
+            metadata = {"format": "pt", "surgery_version": __version__, "surgery_operation": plan.operation,
+                        **plan.metadata}
+            with console.progress(f"{plan.operation} → {out.name}", plan.total_bytes) as advance:
+                for shard in shards:
+                    _write_shard(temp / shard.file_name, shard, metadata, advance)
+            _write_side_files(plan, temp, shards)
+            verify_written(temp, shards)
+            if out.exists():
+                trash = out.parent / f".{out.name}.surgery-old-{os.getpid()}"
+                out.rename(trash)
+                temp.rename(out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                temp.rename(out)
+    except _Interrupted as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise SurgeryError(f"interrupted by {exc}; removed the partial output, {out} was not written") from None
+    except OSError as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise SurgeryError(f"{out}: writing failed: {exc.strerror or exc} ({getattr(exc, 'filename', None) or temp}); "
+                           "removed the partial output") from None
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return shards
+
+
+def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance) -> None:
+    header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in shard.tensors], metadata)
+    with open(path, "wb") as handle:
+        handle.write(header)
+        for tensor in shard.tensors:
+            recipe = tensor.recipe
+            if isinstance(recipe, Copy) and recipe.checkpoint.info(recipe.name).dtype == tensor.dtype:
+                _copy_bytes(handle, recipe, tensor)
+            else:
+                _write_tensor(handle, tensor)
+            advance(tensor.nbytes, tensor.name)
+        expected = len(header) + shard.nbytes
+        if handle.tell() != expected:
+            raise AssertionError(f"{path}: wrote {handle.tell()} bytes, planned {expected}")
+
+
+def _copy_bytes(handle, recipe: Copy, tensor: OutputTensor) -> None:
+    info = recipe.checkpoint.info(recipe.name)
+    if tuple(info.shape) != tuple(tensor.shape):
+        raise SurgeryError(f"{info.file}: tensor {recipe.name!r} has shape {list(info.shape)}, plan expects {list(tensor.shape)}")
+    handle.flush()
+    source_fd = recipe.checkpoint._fd(info.file)
+    remaining, offset = info.nbytes, info.offset
+    out_fd = handle.fileno()
+    out_offset = handle.tell()
+    try:
+        while remaining:
+            copied = os.copy_file_range(source_fd, out_fd, min(remaining, 1 << 30), offset, out_offset)
+            if copied == 0:
+                raise SurgeryError(f"{info.file}: tensor {recipe.name!r}: file ended early (truncated?)")
+            remaining -= copied
+            offset += copied
+            out_offset += copied
+        handle.seek(out_offset)
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (18, 22, 38, 95, 1):  # EXDEV EINVAL ENOSYS EOPNOTSUPP EPERM
+            raise
+        handle.seek(out_offset)
+        while remaining:  # plain chunked copy where the kernel cannot do it
+            count = min(remaining, COPY_CHUNK)
+            chunk = os.pread(source_fd, count, offset)
+            if not chunk:
+                raise SurgeryError(f"{info.file}: tensor {recipe.name!r}: file ended early (truncated?)")
+            handle.write(chunk)
+            remaining -= len(chunk)
+            offset += len(chunk)
+
+
+def _write_tensor(handle, tensor: OutputTensor) -> None:
+    import torch
+
+    value = tensor.recipe.compute()
+    if tuple(value.shape) != tuple(tensor.shape):
+        raise AssertionError(f"recipe for {tensor.name} produced shape {list(value.shape)}, plan says {list(tensor.shape)}")
+    target = torch_dtype(tensor.dtype)
+    if value.dtype != target:
+        value = value.to(target)
+    value = value.contiguous()
+    if value.numel():
+        handle.write(memoryview(value.view(torch.uint8).numpy()) if value.dim() else value.reshape(1).view(torch.uint8).numpy())
+
+
+def _write_side_files(plan: Plan, temp: Path, shards: list[Shard]) -> None:
+    for path in plan.side_files:
+        shutil.copy2(path, temp / path.name)
+    if plan.config is not None:
+        (temp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    for name, text in plan.extra_files.items():
+        (temp / name).write_text(text)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": plan.total_bytes},
+                 "weight_map": {t.name: shard.file_name for shard in shards for t in shard.tensors}}
+        (temp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def verify_written(directory: Path, shards: list[Shard]) -> None:
+    """Re-read every shard header and compare with the plan; then let safetensors open each one."""
+    from safetensors import safe_open
+
+    for shard in shards:
+        path = directory / shard.file_name
+        header = read_header(path)
+        planned = {t.name: (t.dtype, tuple(t.shape)) for t in shard.tensors}
+        found = {name: (info.dtype, tuple(info.shape)) for name, info in header.tensors.items()}
+        if planned != found:
+            raise AssertionError(f"{path}: header does not match the plan")
+        end = max((info.offset + info.nbytes for info in header.tensors.values()), default=header.data_start)
+        if path.stat().st_size != end:
+            raise AssertionError(f"{path}: size {path.stat().st_size} bytes, header says {end}")
+        with safe_open(str(path), framework="pt") as handle:
+            if set(handle.keys()) != set(planned):
+                raise AssertionError(f"{path}: safetensors sees other tensors than planned")
