@@ -1,0 +1,91 @@
+"""Loading a checkpoint with transformers, strictly: no missing, unexpected or mismatched key.
+
+transformers 5 silently initialises misnamed or missing weights at random; a surgery result that
+loads that way is garbage that looks fine. Every load goes through ``load_model``, which asks for
+the loading info and refuses any key problem, never trusts remote code, and never goes online.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SurgeryError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in TORCH_DTYPES:
+        raise SurgeryError(f"dtype {dtype!r} is not supported (expected auto, float32, bfloat16, float16)")
+    return getattr(torch, TORCH_DTYPES[dtype])
+
+
+def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
+    """AutoModelForCausalLM from a local directory, refusing any key problem. Returns the model in eval mode."""
+    import torch
+    import transformers
+
+    from surgery.checkpoint import Checkpoint
+
+    path = Path(path)
+    Checkpoint.open(path, require_config=True).close()  # our own checks first: clear errors for bad files
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    kwargs = dict(output_loading_info=True, dtype=torch_dtype, trust_remote_code=False, local_files_only=True)
+    if device == "cpu":
+        # The default grouped matmul fails on CPU for expert sizes that are not multiples of 8 in bf16.
+        kwargs["experts_implementation"] = "eager"
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except TypeError as exc:
+        if "experts_implementation" not in str(exc):
+            raise
+        kwargs.pop("experts_implementation")
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SurgeryError(f"{path}: transformers cannot load it: {str(exc).splitlines()[0][:300]}") from None
+    problems = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        found = sorted(str(k) for k in (info.get(key) or []))
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            problems.append(f"{key.replace('_', ' ')}: {shown}")
+    if problems:
+        raise SurgeryError(f"{path}: transformers would load this checkpoint with random weights ({'; '.join(problems)})")
+    if device_map is None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(path):
+    """The checkpoint's own tokenizer (offline), or None when it has no tokenizer files."""
+    path = Path(path)
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SurgeryError(f"{path}: tokenizer cannot be loaded: {str(exc).splitlines()[0][:200]}") from None
