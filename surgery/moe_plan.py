@@ -1,0 +1,119 @@
+"""Pieces every dense -> MoE operation (upcycle, split, merge) shares.
+
+An MoE plan is the target family's expected tensor list (from the architecture table) with a
+recipe for each entry. The non-FFN tensors (embeddings, attention, norms, head) come from the
+same role in the dense source; operations only decide the recipes of routers, experts, shared
+experts and dense FFNs. ``moe_tensors`` walks the target's tensors in model order, so every
+operation writes the same layout and ordering.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from surgery import architectures as arch
+from surgery.architectures import Expected, Family
+from surgery.checkpoint import Checkpoint
+from surgery.errors import SurgeryError
+from surgery.plan import Copy, OutputTensor, Recipe
+
+MOE_GROUPS = ("router", "experts", "shared_expert", "ffn")
+
+
+def source_name(source_family: Family, expected: Expected) -> str:
+    """Name of the dense tensor that plays `expected`'s role (attention, norms, embedding, head)."""
+    return source_family.spec(expected.group, expected.role).name(expected.layer)
+
+
+def dense_ffn_names(source_family: Family, layer: int) -> dict[str, str]:
+    """{'gate': ..., 'up': ..., 'down': ...} names of a dense layer's FFN in the source."""
+    return {role: source_family.spec("ffn", role).name(layer) for role in ("gate", "up", "down")}
+
+
+def moe_tensors(target: Family, target_config: dict, source: Checkpoint, source_family: Family,
+                ffn_recipe: Callable[[Expected], Recipe], dtype: str | None = None,
+                non_ffn_recipe: Callable[[Expected, str], Recipe] | None = None) -> list[OutputTensor]:
+    """Every output tensor of the MoE model, in model order.
+
+    `ffn_recipe(expected)` gives the recipe of routers, experts, shared experts and dense FFNs;
+    every other tensor is `non_ffn_recipe(expected, source_tensor_name)` (default: a copy from
+    `source`). Output dtype: `dtype` if given, else the stored dtype of the matching source tensor
+    (for new tensors such as routers: that of the embedding).
+    """
+    fallback_dtype = source.info(source_family.spec("embedding", "embed").name()).dtype
+    out = []
+    for expected in arch.expected_tensors(target, target_config).values():
+        if expected.group in MOE_GROUPS:
+            recipe = ffn_recipe(expected)
+            stored = _input_dtype(recipe) or fallback_dtype
+        else:
+            name = source_name(source_family, expected)
+            if name not in source.tensors:
+                raise SurgeryError(f"{source.directory}: tensor {name!r} (needed for {expected.name}) is missing")
+            info = source.tensors[name]
+            if tuple(info.shape) != expected.shape:
+                raise SurgeryError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, config.json implies {list(expected.shape)}")
+            recipe = non_ffn_recipe(expected, name) if non_ffn_recipe else Copy(source, name)
+            stored = info.dtype
+        out.append(OutputTensor(expected.name, expected.shape, dtype or stored, recipe))
+    return out
+
+
+def _input_dtype(recipe: Recipe) -> str | None:
+    inputs = recipe.inputs()
+    return inputs[0][0].info(inputs[0][1]).dtype if inputs else None
+
+
+def check_dense_source(source: Checkpoint, source_family: Family) -> None:
+    """The dense source holds every tensor its config implies, with the implied shape."""
+    where = source.directory / "config.json"
+    expected = arch.expected_tensors(source_family, source.config, where=where)
+    for name, entry in expected.items():
+        info = source.tensors.get(name)
+        if info is None:
+            raise SurgeryError(f"{source.directory}: tensor {name!r} is missing (expected shape {list(entry.shape)})")
+        if tuple(info.shape) != entry.shape:
+            raise SurgeryError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, config.json implies {list(entry.shape)}")
+
+
+def open_dense_source(path) -> tuple[Checkpoint, Family]:
+    """Open a dense checkpoint for an MoE operation, with its family, refusing MoE or broken inputs."""
+    source = Checkpoint.open(path, require_config=True)
+    family = arch.detect_family(source.config, source.directory / "config.json")
+    if family.kind != "dense":
+        raise SurgeryError(f"{source.directory}: {family.architecture} is already an MoE model; expected a dense model "
+                           f"({', '.join(f.architecture for f in arch.FAMILIES.values() if f.kind == 'dense')})")
+    check_dense_source(source, family)
+    return source, family
+
+
+def parse_moe_layers(text: str, num_layers: int) -> list[int]:
+    """'all', 'every-other' (layers 1, 3, 5 ... as Sparse Upcycling) or a list '0,2,5-7' -> MoE layer indices."""
+    text = (text or "all").strip().lower()
+    if text == "all":
+        return list(range(num_layers))
+    if text == "every-other":
+        return list(range(1, num_layers, 2))
+    layers = set()
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                start, end = (int(x) for x in part.split("-"))
+                layers.update(range(start, end + 1))
+            else:
+                layers.add(int(part))
+    except ValueError:
+        raise SurgeryError(f"--moe-layers {text!r}: expected all, every-other or a list such as 0,2,5-7") from None
+    bad = sorted(layer for layer in layers if not 0 <= layer < num_layers)
+    if bad:
+        raise SurgeryError(f"--moe-layers: layer {bad[0]} does not exist (the model has {num_layers} layers: 0-{num_layers - 1})")
+    if not layers:
+        raise SurgeryError("--moe-layers selects no layer")
+    return sorted(layers)
+
+
+def provenance(sources: list[Checkpoint], options: dict) -> dict[str, str]:
+    """safetensors header metadata recording where the output came from and how."""
+    return {"surgery_sources": json.dumps([str(s.path) for s in sources]),
+            "surgery_options": json.dumps(options, sort_keys=True, default=str)}
