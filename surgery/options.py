@@ -11,8 +11,15 @@ from surgery import console
 from surgery.errors import SurgeryError
 
 
+def _remember(ctx, param, value):
+    ctx.meta[f"surgery.{param.name}"] = value
+    return value
+
+
 def output_options(func):
-    """--max-shard-size, --force, --dry-run and --json, in that order on every writing command."""
+    """--max-shard-size, --force, --dry-run, --json (and --allow-nonfinite) on every writing command."""
+    func = click.option("--allow-nonfinite", is_flag=True, expose_value=False, callback=_remember,
+                        help="Write tensors that contain NaN/Inf instead of refusing.")(func)
     func = click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")(func)
     func = click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor and its recipe); write nothing.")(func)
     func = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(func)
@@ -43,7 +50,9 @@ def execute(plan, out: Path, *, max_shard_size: str, force: bool, dry_run: bool,
     from surgery.writer import write_plan
 
     started = time.perf_counter()
-    shards = write_plan(plan, Path(out), limit, force=force)
+    context = click.get_current_context(silent=True)
+    allow_nonfinite = bool(context and context.meta.get("surgery.allow_nonfinite"))
+    shards = write_plan(plan, Path(out), limit, force=force, allow_nonfinite=allow_nonfinite)
     seconds = time.perf_counter() - started
     console.info(f"wrote {out}: {len(plan.tensors)} tensors, {format_bytes(plan.total_bytes)} in {len(shards)} "
                  f"shard{'s' if len(shards) != 1 else ''} ({seconds:.1f} s, "

@@ -10,10 +10,12 @@ place only when complete; on any failure or signal the temporary directory is re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from surgery import __version__, console
 from surgery.checkpoint import INDEX_NAME, SINGLE_NAME, torch_dtype
 from surgery.errors import SurgeryError
 from surgery.plan import Copy, OutputTensor, Plan
-from surgery.safetensors_format import encode_header, read_header
+from surgery.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, encode_header, read_header
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 COPY_CHUNK = 64 * 2**20
@@ -90,6 +92,10 @@ def _signals_raise():
             previous[signum] = signal.signal(signum, handler)
         except ValueError:  # not the main thread
             pass
+    try:  # past a file-size limit, fail the write (EFBIG) instead of being killed mid-file
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    except (ValueError, AttributeError):
+        pass
     try:
         yield
     finally:
@@ -97,8 +103,13 @@ def _signals_raise():
             signal.signal(signum, old)
 
 
-def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, force: bool = False) -> list[Shard]:
-    """Execute `plan` into directory `out`; returns the shards written."""
+def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
+               allow_nonfinite: bool = False) -> list[Shard]:
+    """Execute `plan` into directory `out`; returns the shards written.
+
+    Floating-point data is checked for NaN/Inf on the way (each input tensor once): a checkpoint
+    with non-finite weights is refused unless `allow_nonfinite`.
+    """
     out = Path(out)
     check_output_path(out, plan.sources, force)
     shards = assign_shards(plan.tensors, max_shard_size)
@@ -110,11 +121,17 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
             temp.mkdir()
             metadata = {"format": "pt", "surgery_version": __version__, "surgery_operation": plan.operation,
                         **plan.metadata}
-            with console.progress(f"{plan.operation} → {out.name}", plan.total_bytes) as advance:
-                for shard in shards:
-                    _write_shard(temp / shard.file_name, shard, metadata, advance)
+            checker = _FiniteCheck(enabled=not allow_nonfinite)
+            with ThreadPoolExecutor(max_workers=1) as hasher, \
+                    console.progress(f"{plan.operation} → {out.name}", plan.total_bytes) as advance:
+                digests = {}
+                for shard in shards:  # hash each finished shard while the next one is written
+                    _write_shard(temp / shard.file_name, shard, metadata, advance, checker)
+                    digests[shard.file_name] = hasher.submit(_sha256, temp / shard.file_name)
+                digests = {name: future.result() for name, future in digests.items()}
             _write_side_files(plan, temp, shards)
             verify_written(temp, shards)
+            _write_manifest(temp, plan, digests)
             if out.exists():
                 trash = out.parent / f".{out.name}.surgery-old-{os.getpid()}"
                 out.rename(trash)
@@ -135,16 +152,42 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
     return shards
 
 
-def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance) -> None:
+class _FiniteCheck:
+    """Refuses NaN/Inf in floating-point inputs and results, checking each input tensor once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.checked: set = set()
+
+    def needed(self, checkpoint, name: str) -> bool:
+        key = (id(checkpoint), name)
+        return self.enabled and checkpoint.info(name).dtype in FLOAT_DTYPES and key not in self.checked
+
+    def done(self, checkpoint, name: str) -> None:
+        self.checked.add((id(checkpoint), name))
+
+    def check_value(self, value, where: str) -> None:
+        import torch
+
+        if self.enabled and value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            raise SurgeryError(f"{where} has {nan} NaN and {inf} Inf values; refusing to write "
+                               "(pass --allow-nonfinite to write it anyway)")
+
+
+def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance, checker: _FiniteCheck) -> None:
     header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in shard.tensors], metadata)
     with open(path, "wb") as handle:
         handle.write(header)
         for tensor in shard.tensors:
             recipe = tensor.recipe
             if isinstance(recipe, Copy) and recipe.checkpoint.info(recipe.name).dtype == tensor.dtype:
-                _copy_bytes(handle, recipe, tensor)
+                if checker.needed(recipe.checkpoint, recipe.name):
+                    _copy_checked(handle, recipe, tensor, checker)
+                else:
+                    _copy_bytes(handle, recipe, tensor)
             else:
-                _write_tensor(handle, tensor)
+                _write_tensor(handle, tensor, checker)
             advance(tensor.nbytes, tensor.name)
         expected = len(header) + shard.nbytes
         if handle.tell() != expected:
@@ -183,10 +226,31 @@ def _copy_bytes(handle, recipe: Copy, tensor: OutputTensor) -> None:
             offset += len(chunk)
 
 
-def _write_tensor(handle, tensor: OutputTensor) -> None:
+def _copy_checked(handle, recipe: Copy, tensor: OutputTensor, checker: _FiniteCheck) -> None:
+    """Copy through memory in chunks, checking floating-point data for NaN/Inf on the way."""
+    import torch
+
+    from surgery.checkpoint import torch_dtype
+    from surgery.safetensors_format import pread_exact
+
+    info = recipe.checkpoint.info(recipe.name)
+    if tuple(info.shape) != tuple(tensor.shape):
+        raise SurgeryError(f"{info.file}: tensor {recipe.name!r} has shape {list(info.shape)}, plan expects {list(tensor.shape)}")
+    itemsize = DTYPE_SIZES[info.dtype]
+    chunk = COPY_CHUNK - COPY_CHUNK % itemsize
+    fd = recipe.checkpoint._fd(info.file)
+    for start in range(0, info.nbytes, chunk):
+        data = pread_exact(fd, min(chunk, info.nbytes - start), info.offset + start, info.file, recipe.name)
+        checker.check_value(torch.frombuffer(data, dtype=torch_dtype(info.dtype)), f"{info.file}: tensor {recipe.name!r}")
+        handle.write(data)
+    checker.done(recipe.checkpoint, recipe.name)
+
+
+def _write_tensor(handle, tensor: OutputTensor, checker: _FiniteCheck) -> None:
     import torch
 
     value = tensor.recipe.compute()
+    checker.check_value(value, f"output tensor {tensor.name!r} ({tensor.recipe.describe()[:120]})")
     if tuple(value.shape) != tuple(tensor.shape):
         raise AssertionError(f"recipe for {tensor.name} produced shape {list(value.shape)}, plan says {list(tensor.shape)}")
     target = torch_dtype(tensor.dtype)
@@ -208,6 +272,25 @@ def _write_side_files(plan: Plan, temp: Path, shards: list[Shard]) -> None:
         index = {"metadata": {"total_size": plan.total_bytes},
                  "weight_map": {t.name: shard.file_name for shard in shards for t in shard.tensors}}
         (temp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(COPY_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(temp: Path, plan: Plan, shard_digests: dict[str, str]) -> None:
+    """sha256 of every file in the output, so `surgery verify` can tell a damaged copy later."""
+    files = dict(shard_digests)
+    for path in sorted(temp.iterdir()):
+        if path.name not in files and path.is_file():
+            files[path.name] = _sha256(path)
+    manifest = {"surgery_version": __version__, "operation": plan.operation,
+                "total_bytes": plan.total_bytes, "files": dict(sorted(files.items()))}
+    (temp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def verify_written(directory: Path, shards: list[Shard]) -> None:

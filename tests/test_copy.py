@@ -31,7 +31,8 @@ def test_copy_round_trips_bit_exactly_and_loads(tmp_path, run_cli, family, dtype
 def test_copy_to_one_file_writes_no_index(tmp_path, run_cli):
     source = save_model(tmp_path / "src", "llama", max_shard_size="20KB")
     assert run_cli("copy", source, tmp_path / "out")[0] == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "surgery-manifest.json"]
 
 
 def test_index_lists_every_tensor_and_the_total_size(tmp_path, run_cli):
@@ -105,3 +106,24 @@ def test_no_temporary_directory_is_left_behind(tmp_path, run_cli):
     source = save_model(tmp_path / "src", "llama")
     assert run_cli("copy", source, tmp_path / "out")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_manifest_records_the_sha256_of_every_file(tmp_path, run_cli):
+    source = save_model(tmp_path / "src", "llama")
+    assert run_cli("copy", source, tmp_path / "out", "--max-shard-size", "20KB")[0] == 0
+    manifest = json.loads((tmp_path / "out" / "surgery-manifest.json").read_text())
+    files = sorted(p for p in (tmp_path / "out").iterdir() if p.name != "surgery-manifest.json")
+    assert manifest["files"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_nonfinite_source_is_refused_unless_allowed(tmp_path, run_cli):
+    from safetensors.torch import load_file, save_file
+
+    source = save_model(tmp_path / "src", "llama")
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli("copy", source, tmp_path / "out")
+    assert code == 2 and "tensor 'model.layers.1.mlp.down_proj.weight' has 1 NaN and 0 Inf values" in err
+    assert not (tmp_path / "out").exists()
+    assert run_cli("copy", source, tmp_path / "out", "--allow-nonfinite")[0] == 0
