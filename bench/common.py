@@ -1,0 +1,127 @@
+"""Shared benchmark helpers: synthetic checkpoints, the I/O floor, and timing with peak RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK = 64 * 2**20
+
+
+def llama_config(hidden: int, ffn: int, layers: int, vocab: int, heads: int = 16, kv_heads: int = 8) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+
+
+def make_random_llama(directory: Path, config: dict, shard_bytes: int = 2 * 10**9, seed: int = 0) -> Path:
+    """A Llama checkpoint with random fp32 weights, written shard by shard (bounded memory)."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(REPO))
+    from surgery import architectures as arch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    family = arch.FAMILIES["llama"]
+    expected = list(arch.expected_tensors(family, config).values())
+    generator = torch.Generator().manual_seed(seed)
+    groups, size = [[]], 0
+    for entry in expected:
+        nbytes = 4 * int(torch.Size(entry.shape).numel())
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += nbytes
+    weight_map = {}
+    for number, group in enumerate(groups, 1):
+        name = f"model-{number:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
+        tensors = {}
+        for entry in group:
+            if entry.group == "norm":
+                tensors[entry.name] = torch.ones(entry.shape)
+            else:
+                tensors[entry.name] = torch.randn(entry.shape, generator=generator) * 0.02
+            weight_map[entry.name] = name
+        save_file(tensors, directory / name, metadata={"format": "pt"})
+        del tensors
+    if len(groups) > 1:
+        total = sum((directory / f).stat().st_size for f in set(weight_map.values()))
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())
+
+
+def warm(directory: Path) -> None:
+    """Read every file once so that all runs start with a warm page cache."""
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                while handle.read(CHUNK):
+                    pass
+
+
+def io_floor(inputs: list[Path], output_bytes: int, scratch: Path) -> float:
+    """Seconds to read every input file once and write `output_bytes` with plain file I/O."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    target = scratch / "floor.bin"
+    started = time.perf_counter()
+    written = 0
+    with open(target, "wb") as out:
+        for path in inputs:
+            with open(path, "rb") as handle:
+                while block := handle.read(CHUNK):
+                    if written < output_bytes:
+                        out.write(block[: output_bytes - written])
+                        written += min(len(block), output_bytes - written)
+        filler = b"\0" * CHUNK
+        while written < output_bytes:
+            count = min(CHUNK, output_bytes - written)
+            out.write(filler[:count])
+            written += count
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(scratch, ignore_errors=True)
+    return elapsed
+
+
+def timed(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MiB, stderr) of a command, measured by /usr/bin/time -v."""
+    started = time.perf_counter()
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    return wall, int(match.group(1)) / 1024 if match else float("nan"), result.stderr
+
+
+def baseline_rss(imports: str = "import torch, safetensors, surgery.writer") -> float:
+    """Peak RSS (MiB) of a Python process that only imports what the tool imports."""
+    return timed([sys.executable, "-c", imports])[1]
+
+
+def surgery_command(*args) -> list[str]:
+    return [sys.executable, "-m", "surgery", "-q", *map(str, args)]
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
