@@ -97,7 +97,7 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) 
     if not isinstance(entry, dict):
         raise SurgeryError(f"{where}: header entry must be an object, found {type(entry).__name__}")
     dtype = entry.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise SurgeryError(f"{where}: unknown dtype {dtype!r} (expected one of {', '.join(DTYPE_SIZES)})")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
