@@ -27,7 +27,7 @@ from surgery.plan import Copy, OutputTensor, Plan
 from surgery.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, encode_header, read_header
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
-COPY_CHUNK = 64 * 2**20
+COPY_CHUNK = 16 * 2**20  # bytes per read/write/hash step: small enough to keep RSS flat
 MANIFEST_NAME = "surgery-manifest.json"
 
 
@@ -169,7 +169,7 @@ class _FiniteCheck:
     def check_value(self, value, where: str) -> None:
         import torch
 
-        if self.enabled and value.is_floating_point() and value.numel() and not bool(torch.isfinite(value.sum(dtype=torch.float64))):
+        if self.enabled and value.is_floating_point() and value.numel() and not _finite_sum(value):
             if not bool(torch.isfinite(value).all()):  # the sum may overflow on finite data: count exactly
                 nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
                 raise SurgeryError(f"{where} has {nan} NaN and {inf} Inf values; refusing to write "
@@ -198,6 +198,22 @@ class _FiniteCheck:
         if nan or inf:
             raise SurgeryError(f"{where} has {nan} NaN and {inf} Inf values; refusing to write "
                                "(pass --allow-nonfinite to write it anyway)")
+
+
+FINITE_SUM_CHUNK = 2**22  # elements per float64 partial sum: the temporary copy stays at 32 MB
+
+
+def _finite_sum(value) -> bool:
+    """Whether the float64 sum of `value` is finite, summed in chunks (a whole float64 copy of a
+    large tensor would double the writer's peak memory)."""
+    import math
+
+    import torch
+
+    total = 0.0
+    for chunk in value.reshape(-1).split(FINITE_SUM_CHUNK):
+        total += float(chunk.sum(dtype=torch.float64))
+    return math.isfinite(total)
 
 
 def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance, checker: _FiniteCheck) -> None:
