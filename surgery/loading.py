@@ -47,8 +47,11 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
 
     from surgery.checkpoint import Checkpoint
 
+    from surgery.architectures import detect_family
+
     path = Path(path)
-    Checkpoint.open(path, require_config=True).close()  # our own checks first: clear errors for bad files
+    with Checkpoint.open(path, require_config=True) as checkpoint:  # our own checks first: clear errors
+        detect_family(checkpoint.config, checkpoint.directory / "config.json")
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     kwargs = dict(output_loading_info=True, dtype=torch_dtype, trust_remote_code=False, local_files_only=True)
     if device == "cpu":

@@ -1,0 +1,191 @@
+"""Per-layer routing statistics of an MoE model, measured with forward hooks on its routers.
+
+For every MoE layer, on the real (unpadded) tokens of the batches:
+
+- ``share``: the fraction of the top-k assignments that go to each expert (sums to 1);
+- ``mean_probability``: the router's softmax probability of each expert, averaged over tokens (p_i);
+- ``load_entropy``: entropy (nats) of ``share``; ``log(N)`` when the load is perfectly balanced;
+- ``router_entropy``: mean per-token entropy (nats) of the router's softmax over all N experts;
+- ``unused_experts``: experts that receive no token;
+- ``load_balancing_loss``: Switch / BTX ``alpha * N * sum_i u_i * p_i`` with u_i = ``share``;
+  it equals ``alpha`` for a uniform router, and grows toward ``alpha * N`` as the load collapses
+  onto one expert that also takes all the probability mass;
+- ``router_z_loss``: ST-MoE z-loss, mean over tokens of ``logsumexp(router logits) ** 2``
+  (unweighted; ST-MoE multiplies it by 1e-3 in training).
+
+The hooks only accumulate sums (counts, probabilities, entropies), so memory stays bounded by one
+batch however many batches are measured. Which module is the router is asked of the architecture
+table: the layer module whose name is the router tensor's module name (``gate``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from surgery import architectures as arch
+from surgery.errors import SurgeryError
+
+LOAD_BALANCING_ALPHA = 0.01  # BTX (Sukhbaatar et al. 2024) and Switch Transformer
+
+
+def model_family(model):
+    config = model.config.to_dict()
+    return arch.detect_family(config, f"{type(model).__name__}.config"), config
+
+
+def router_modules(model) -> dict[int, object]:
+    """{layer: router module} for every MoE layer of a transformers model ({} for a dense model)."""
+    from surgery.calibration import decoder_layers
+
+    family, config = model_family(model)
+    if family.kind != "moe":
+        return {}
+    dims = arch.dimensions(family, config, f"{type(model).__name__}.config")
+    leaf = family.router.template.rsplit(".", 2)[-2]  # "...block_sparse_moe.gate.weight" -> "gate"
+    routers = {}
+    for layer, module in enumerate(decoder_layers(model)):
+        if not arch.is_moe_layer(family, config, layer):
+            continue
+        found = [sub for name, sub in module.named_modules() if name.rsplit(".", 1)[-1] == leaf
+                 and getattr(sub, "weight", None) is not None
+                 and tuple(sub.weight.shape) == (dims["experts"], dims["hidden"])]
+        if len(found) != 1:
+            raise SurgeryError(f"{type(model).__name__}: layer {layer} should be an MoE layer, but "
+                               f"{len(found)} router modules named {leaf!r} with weight [{dims['experts']}, "
+                               f"{dims['hidden']}] were found")
+        routers[layer] = found[0]
+    return routers
+
+
+class _LayerSums:
+    """Running sums for one layer; updated per forward call on the real tokens only."""
+
+    def __init__(self, experts: int, top_k: int):
+        import torch
+
+        self.experts, self.top_k = experts, top_k
+        self.tokens = 0
+        self.counts = torch.zeros(experts, dtype=torch.float64)
+        self.probability = torch.zeros(experts, dtype=torch.float64)
+        self.entropy = 0.0
+        self.z = 0.0
+
+    def add(self, logits, indices) -> None:
+        import torch
+
+        logits = logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        if indices is None:
+            indices = torch.topk(probs, self.top_k, dim=-1).indices
+        self.tokens += logits.shape[0]
+        self.counts += torch.bincount(indices.reshape(-1), minlength=self.experts).double().cpu()
+        self.probability += probs.sum(0).double().cpu()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        self.entropy += float(-(probs * log_probs).sum(-1).double().sum())
+        self.z += float(torch.logsumexp(logits, dim=-1).double().pow(2).sum())
+
+    def result(self, layer: int, alpha: float) -> dict:
+        if self.tokens == 0:
+            raise SurgeryError(f"layer {layer}: the router saw no real token (empty batches?)")
+        share = self.counts / self.counts.sum()
+        mean_probability = self.probability / self.tokens
+        nonzero = share[share > 0]
+        return {
+            "layer": layer,
+            "experts": self.experts,
+            "top_k": self.top_k,
+            "tokens": self.tokens,
+            "share": [float(v) for v in share],
+            "mean_probability": [float(v) for v in mean_probability],
+            "load_entropy": float(-(nonzero * nonzero.log()).sum()),
+            "max_entropy": math.log(self.experts),
+            "router_entropy": self.entropy / self.tokens,
+            "unused_experts": [expert for expert in range(self.experts) if self.counts[expert] == 0],
+            "load_balancing_loss": alpha * self.experts * float((share * mean_probability).sum()),
+            "load_balancing_alpha": alpha,
+            "router_z_loss": self.z / self.tokens,
+        }
+
+
+class RoutingCollector:
+    """Hooks on every router of `model`; call ``set_mask(attention_mask)`` before each forward.
+
+    Use as a context manager; ``results()`` gives one dict per MoE layer (see the module doc).
+    """
+
+    def __init__(self, model, alpha: float = LOAD_BALANCING_ALPHA, strict: bool = True):
+        """`strict=False`: a model whose architecture is not in the table gets no hooks instead of an error."""
+        self.alpha = alpha
+        self._keep = None
+        self._handles = []
+        try:
+            family, config = model_family(model)
+        except SurgeryError:
+            if strict:
+                raise
+            family = None
+        self.routers, dims = {}, {}
+        if family is not None and family.kind == "moe":
+            dims = arch.dimensions(family, config, f"{type(model).__name__}.config")
+            self.routers = router_modules(model)
+        self.sums = {layer: _LayerSums(dims["experts"], dims["top_k"]) for layer in self.routers}
+
+    def set_mask(self, attention_mask) -> None:
+        self._keep = attention_mask.reshape(-1).bool()
+
+    def _hook(self, layer):
+        def hook(_module, _inputs, output):
+            logits, indices = (output[0], output[2] if len(output) > 2 else None) if isinstance(output, tuple) else (output, None)
+            logits = logits.reshape(-1, logits.shape[-1])
+            keep = self._keep
+            if keep is None or keep.numel() != logits.shape[0]:
+                raise SurgeryError(f"layer {layer}: the router saw {logits.shape[0]} tokens, but the attention "
+                                   f"mask has {None if keep is None else keep.numel()} (set_mask before each forward)")
+            keep = keep.to(logits.device)
+            if indices is not None and indices.dtype.is_floating_point:
+                indices = None
+            self.sums[layer].add(logits[keep].detach(), None if indices is None else indices.reshape(logits.shape[0], -1)[keep])
+        return hook
+
+    def __enter__(self):
+        self._handles = [router.register_forward_hook(self._hook(layer)) for layer, router in self.routers.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def results(self) -> list[dict]:
+        return [self.sums[layer].result(layer, self.alpha) for layer in sorted(self.sums)]
+
+
+def routing_statistics(model, batches, alpha: float = LOAD_BALANCING_ALPHA) -> list[dict]:
+    """One dict per MoE layer (empty list for a dense model); `batches` yield samples.Batch objects."""
+    import torch
+
+    collector = RoutingCollector(model, alpha)
+    if not collector.routers:
+        return []
+    device = next(model.parameters()).device
+    with torch.inference_mode(), collector:
+        for batch in batches:
+            collector.set_mask(batch.attention_mask)
+            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    return collector.results()
+
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def load_bars(share: list[float]) -> str:
+    """One character per expert, full height at twice the balanced share (1/N); blank = unused."""
+    balanced = 1 / len(share)
+    out = []
+    for value in share:
+        if value <= 0:
+            out.append("·")
+        else:
+            level = min(len(BARS) - 1, max(1, round(value / (2 * balanced) * (len(BARS) - 1))))
+            out.append(BARS[level])
+    return "".join(out)
