@@ -1,0 +1,485 @@
+"""`surgery split`: divide each dense FFN's neurons among N smaller experts (LLaMA-MoE, MoEfication).
+
+Expert j of a layer holds a neuron set S_j: rows S_j of gate_proj and up_proj, columns S_j of
+down_proj. When the sets cover every neuron once, the sum of all experts is the dense FFN; the
+MoE's renormalised top-k weights are 1/N each under a zero router with k = N, so folding the
+expert scale N into down_proj reproduces the dense model exactly. Shared neurons (used by every
+token) become a Qwen2-MoE shared expert (its gate is zero, sigmoid(0) = 0.5, so its down_proj is
+doubled) or are duplicated into every routed expert with unscaled down columns: the top-k weights
+sum to one, so their contribution is counted exactly once for any router. Neurons held by c
+experts (sharing-inner) get the expert scale divided by min(c, k). Uneven expert sizes are padded
+with zero neurons, which add nothing.
+
+Partitions need the weights (and, for the data-driven strategies, calibration statistics), so the
+plan is built after reading each layer's FFN once, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from surgery import console
+from surgery.errors import SurgeryError
+from surgery.options import execute, output_options
+
+STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
+ROUTER_INITS = ("zero", "normal", "centroid", "calibrated")
+FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
+CLUSTER_ON = ("up", "gate", "gate+up")
+NAMED_SCALES = ("auto", "K", "N/K", "N")
+AUTO_SCALE = "sqrt(K*N)"  # measured by bench/bench_split.py: see docs/split.md
+ROUTER_STD = 0.02
+
+
+@dataclass
+class SplitOptions:
+    num_experts: int
+    top_k: int
+    strategy: str | None = None
+    format: str = "auto"
+    shared_neurons: int | None = None
+    shared_fraction: float | None = None
+    cluster_on: str = "up"
+    calibration: str | None = None  # None: surgery.samples.SAMPLE_TEXT
+    calibration_tokens: int = 8192
+    router_init: str = "zero"
+    expert_scale: str = "auto"
+    seed: int = 0
+    moe_layers: str = "all"
+    partition: str | None = None
+    save_partition: str | None = None
+    dtype: str = "keep"
+
+    def record(self) -> dict:
+        """The options as written into the output's metadata (paths as given)."""
+        return {key: value for key, value in asdict(self).items() if key != "save_partition"}
+
+
+def resolve_expert_scale(text: str, num_experts: int, top_k: int) -> float:
+    """The factor folded into each expert's down_proj: auto (= sqrt(K*N)), K, N/K, N or a positive number.
+
+    Under renormalised top-k weights (about 1/K each) an expert scale s makes the layer output
+    s/K times the sum of the selected experts: s = K sums them (MoEfication), s = N is the unbiased
+    estimate of the dense FFN under a random choice of experts. A router that picks the experts
+    holding most of the activation lies between the two; the geometric mean sqrt(K*N) lost least
+    on the demo model for every router init, and equals N at K = N, where the split is exact.
+    """
+    text = str(text).strip()
+    named = {"K": top_k, "N/K": num_experts / top_k, "N": num_experts, "sqrt(K*N)": (top_k * num_experts) ** 0.5}
+    if text == "auto":
+        return float(named[AUTO_SCALE])
+    if text in named:
+        return float(named[text])
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise SurgeryError(f"--expert-scale {text!r}: expected auto, K, N/K, N, sqrt(K*N) or a positive number")
+    return value
+
+
+@dataclass
+class Layout:
+    """Sizes shared by every layer (config.json holds one value each)."""
+
+    expert_ffn: int
+    shared_ffn: int  # qwen2_moe shared expert (>= 1: the format always has one)
+    duplicated: bool  # shared neurons copied into every routed expert
+
+
+def _resolve(source, family, options: SplitOptions):
+    """Check every option against the model before any heavy work; returns the facts the plan needs."""
+    from surgery import architectures as arch
+    from surgery.moe_plan import parse_moe_layers
+
+    where = source.directory / "config.json"
+    target = arch.moe_target(family, options.format, source.config, where)
+    dims = arch.dimensions(family, source.config, where)
+    ffn, n, k = dims["ffn"], options.num_experts, options.top_k
+    if n < 2:
+        raise SurgeryError(f"--num-experts {n}: a split needs at least 2 experts")
+    if not 1 <= k <= n:
+        raise SurgeryError(f"--top-k {k}: expected 1 to --num-experts ({n})")
+    if n > ffn:
+        raise SurgeryError(f"--num-experts {n}: more experts than the FFN has neurons (intermediate_size {ffn})")
+    if options.router_init not in ROUTER_INITS:
+        raise SurgeryError(f"--router-init {options.router_init!r}: expected one of {', '.join(ROUTER_INITS)}")
+    if options.cluster_on not in CLUSTER_ON:
+        raise SurgeryError(f"--cluster-on {options.cluster_on!r}: expected one of {', '.join(CLUSTER_ON)}")
+    if options.strategy is None and options.partition is None:
+        raise SurgeryError("--strategy is required (or --partition FILE to reuse a saved split)")
+    if options.strategy is not None and options.strategy not in STRATEGY_NAMES:
+        raise SurgeryError(f"--strategy {options.strategy!r} is not a split strategy (expected one of: {', '.join(STRATEGY_NAMES)})")
+    if options.shared_neurons is not None and options.shared_fraction is not None:
+        raise SurgeryError("--shared-neurons and --shared-fraction are alternatives: give one")
+    if options.partition is not None and (options.shared_neurons is not None or options.shared_fraction is not None):
+        raise SurgeryError(f"--partition {options.partition} fixes the shared neurons; drop --shared-neurons/--shared-fraction")
+    if options.calibration_tokens < 2:
+        raise SurgeryError(f"--calibration-tokens {options.calibration_tokens}: expected at least 2")
+    scale = resolve_expert_scale(options.expert_scale, n, k)
+    layers = parse_moe_layers(options.moe_layers, dims["layers"])
+    return target, dims, layers, scale
+
+
+def shared_count(options: SplitOptions, ffn: int) -> int:
+    from surgery.partition import default_shared
+
+    n = options.num_experts
+    if options.shared_neurons is not None:
+        count = options.shared_neurons
+        label = f"--shared-neurons {count}"
+    elif options.shared_fraction is not None:
+        if not 0 <= options.shared_fraction < 1:
+            raise SurgeryError(f"--shared-fraction {options.shared_fraction}: expected a fraction in [0, 1)")
+        count = int(round(options.shared_fraction * ffn))
+        label = f"--shared-fraction {options.shared_fraction}"
+    else:
+        return default_shared(options.strategy, ffn, n)
+    if not 0 <= count <= ffn - n:
+        raise SurgeryError(f"{label}: expected 0 to {ffn - n} shared neurons (intermediate_size {ffn}, "
+                           f"each of the {n} experts needs at least one neuron)")
+    return count
+
+
+def _layer_reader(source, family, layer: int):
+    import numpy as np
+
+    from surgery.moe_plan import dense_ffn_names
+
+    names = dense_ffn_names(family, layer)
+
+    def read(role: str):
+        values = source.read(names[role]).float().numpy().astype(np.float32, copy=False)
+        if not np.isfinite(values.sum(dtype=np.float64)):
+            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+            if nan or inf:
+                raise SurgeryError(f"{source.info(names[role]).file}: tensor {names[role]!r} has {nan} NaN and {inf} Inf "
+                                   f"values; a split cannot analyse it")
+        return values
+    return read
+
+
+def compute_partitions(source, family, options: SplitOptions, layers: list[int], ffn: int, *,
+                       calibration=None, want_gate_rows: bool = False) -> tuple[dict, dict, str]:
+    """({layer: Partition}, {layer: centroid router rows or None}, calibration summary).
+
+    Loads or computes the neuron assignment; holds one layer's FFN weights at a time.
+    """
+    from surgery import importance as calib
+    from surgery.partition import LayerInputs, files, strategy
+    from surgery.partition.routers import centroid_router
+
+    centroids: dict = {}
+    summary = ""
+    if options.partition is not None:
+        meta, partitions = files.load(options.partition)
+        files.check_matches(options.partition, meta, partitions, ffn=ffn, num_experts=options.num_experts,
+                            layers=layers, strategy=options.strategy)
+        options.strategy = options.strategy or meta.get("strategy")
+        if want_gate_rows:
+            for layer in layers:
+                centroids[layer] = centroid_router(_layer_reader(source, family, layer)("gate"), partitions[layer])
+        return partitions, centroids, f"partition from {options.partition}"
+    module = strategy(options.strategy)
+    count = shared_count(options, ffn)
+    stats = None
+    if module.NEEDS:
+        calibration = calibration or prepare_calibration(source, options)
+        with console.progress("calibration statistics", len(calibration.batches), unit_bytes=False) as advance:
+            stats = calib.neuron_statistics(calibration, layers, clusters=options.num_experts, seed=options.seed,
+                                            importance="importance" in module.NEEDS, firing="firing" in module.NEEDS,
+                                            progress=lambda done: advance(1))
+        summary = f"{stats.tokens} calibration tokens" + (f", clusters: {stats.clusters}" if stats.clusters else "")
+    partitions = {}
+    with console.progress(f"{options.strategy} split", len(layers), unit_bytes=False) as advance:
+        for layer in layers:
+            inputs = LayerInputs(layer=layer, ffn=ffn, num_experts=options.num_experts, shared_count=count,
+                                 seed=options.seed, read=_layer_reader(source, family, layer),
+                                 importance=stats.importance.get(layer) if stats else None,
+                                 firing=stats.firing.get(layer) if stats else None, cluster_on=options.cluster_on)
+            partition = module.split(inputs)
+            partition.check(ffn, f"strategy {options.strategy}: layer {layer}")
+            partitions[layer] = partition
+            if want_gate_rows:
+                centroids[layer] = centroid_router(inputs.weight("gate"), partition)
+            del inputs  # this layer's weights
+            advance(1, f"layer {layer}")
+    return partitions, centroids, summary
+
+
+def prepare_calibration(source, options: SplitOptions):
+    from surgery.importance import Calibration
+    from surgery.samples import SAMPLE_TEXT
+
+    path = Path(options.calibration) if options.calibration else SAMPLE_TEXT
+    return Calibration.prepare(source.directory, path, options.calibration_tokens, source.config)
+
+
+def needs_calibration(options: SplitOptions) -> bool:
+    from surgery.partition import strategy
+
+    uses_stats = options.partition is None and bool(strategy(options.strategy).NEEDS)
+    return uses_stats or options.router_init == "calibrated"
+
+
+def calibrated_routers(calibration, partitions: dict, ffn: int, top_k: int) -> tuple[dict, dict]:
+    """({layer: router rows}, {layer: oracle top-k hit rate on the calibration tokens})."""
+    import numpy as np
+
+    from surgery.importance import router_targets
+    from surgery.partition.routers import calibrated_router, oracle_hit_rate
+
+    layers = sorted(partitions)
+    members = {}
+    for layer in layers:
+        matrix = np.zeros((ffn, partitions[layer].num_experts), dtype=np.float32)
+        for j, expert in enumerate(partitions[layer].experts):
+            matrix[expert, j] = 1.0
+        members[layer] = matrix
+    inputs, masses = router_targets(calibration, layers, members)
+    routers, hits = {}, {}
+    for layer in layers:
+        routers[layer] = calibrated_router(inputs[layer].numpy(), masses[layer].numpy())
+        hits[layer] = oracle_hit_rate(inputs[layer].numpy(), masses[layer].numpy(), routers[layer], top_k)
+    return routers, hits
+
+
+def layout_for(partitions: dict, target) -> Layout:
+    duplicated = not target.shared_expert
+    largest_shared = max(len(p.shared) for p in partitions.values())
+    expert_ffn = max(p.largest_expert + (len(p.shared) if duplicated else 0) for p in partitions.values())
+    return Layout(expert_ffn, 0 if duplicated else max(largest_shared, 1), duplicated)
+
+
+def neuron_groups(partition, expert: int, scale: float, top_k: int, duplicated: bool, holders) -> list[tuple[list, float]]:
+    """[(neurons, down_proj factor)] for one expert, in output row order: routed neurons grouped by
+    factor (scale / min(holders, k)), then duplicated shared neurons (factor 1)."""
+    routed = partition.experts[expert]
+    factors = scale / min_holders(holders[routed], top_k)
+    groups = [(routed[factors == factor].tolist(), float(factor)) for factor in sorted(set(factors.tolist()), reverse=True)]
+    if duplicated and len(partition.shared):
+        groups.append((partition.shared.tolist(), 1.0))
+    return groups
+
+
+def min_holders(holders, top_k: int):
+    import numpy as np
+
+    return np.minimum(np.maximum(holders, 1), top_k).astype(np.float64)
+
+
+def build_plan(source, family, options: SplitOptions, *, calibration=None, partitions=None):
+    """The MoE plan. `partitions` (and `calibration`) may be passed in to reuse work (benchmarks)."""
+    from surgery import architectures as arch
+    from surgery.checkpoint import parse_dtype
+    from surgery.moe_plan import dense_ffn_names, moe_tensors, provenance
+    from surgery.partition import files
+    from surgery.plan import Columns, Concat, Constant, Copy, Init, PadRows, Plan, Rows, Scale
+
+    target, dims, layers, scale = _resolve(source, family, options)
+    ffn, n, k = dims["ffn"], options.num_experts, options.top_k
+    if partitions is None and options.partition is None:
+        shared_count(options, ffn)  # refuse bad sizes before calibration
+    needed = needs_calibration(options) if partitions is None else options.router_init == "calibrated"
+    owns_calibration = calibration is None and needed
+    if owns_calibration:
+        calibration = prepare_calibration(source, options)  # refuses unusable text before heavy work
+    summary = ""
+    centroids = {}
+    if partitions is None:
+        partitions, centroids, summary = compute_partitions(source, family, options, layers, ffn, calibration=calibration,
+                                                            want_gate_rows=options.router_init == "centroid")
+    elif options.router_init == "centroid":
+        from surgery.partition.routers import centroid_router
+
+        centroids = {layer: centroid_router(_layer_reader(source, family, layer)("gate"), partitions[layer])
+                     for layer in layers}
+    if options.save_partition:
+        files.save(options.save_partition, partitions, strategy=options.strategy or "given", ffn=ffn)
+    routers, hits = {}, {}
+    if options.router_init == "calibrated":
+        routers, hits = calibrated_routers(calibration, partitions, ffn, k)
+    elif options.router_init == "centroid":
+        routers = centroids
+    if owns_calibration:
+        calibration.close()
+
+    layout = layout_for(partitions, target)
+    dense_layers = [layer for layer in range(dims["layers"]) if layer not in layers]
+    config = arch.moe_config(family, source.config, target, num_experts=n, top_k=k, expert_ffn=layout.expert_ffn,
+                             shared_ffn=layout.shared_ffn or None, dense_layers=dense_layers)
+    dtype = None if options.dtype in (None, "keep") else parse_dtype(options.dtype)
+    if dtype:
+        config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
+        config.pop("torch_dtype", None)
+    holders = {layer: p.holders(ffn) for layer, p in partitions.items()}
+    hidden = dims["hidden"]
+
+    def ffn_recipe(expected):
+        layer = expected.layer
+        names = dense_ffn_names(family, layer)
+        if expected.group == "ffn":
+            return Copy(source, names[expected.role])
+        partition = partitions[layer]
+        if expected.group == "router":
+            if options.router_init in ("centroid", "calibrated"):
+                import torch
+
+                return Constant(torch.as_tensor(routers[layer]), f"{options.router_init} router rows")
+            if options.router_init == "normal":
+                return Init("normal", (n, hidden), seed=options.seed * 1000 + layer, std=ROUTER_STD)
+            return Init("zero", (n, hidden))
+        if expected.group == "shared_expert":
+            size = layout.shared_ffn
+            neurons = partition.shared.tolist()
+            if expected.role == "shared_gate" or not neurons:
+                return Init("zero", expected.shape)
+            if expected.role == "down":
+                recipe = Scale(Columns(source, names["down"], neurons), 2.0)  # sigmoid(0) = 0.5
+                return recipe if len(neurons) == size else PadRows(recipe, size, -1)
+            recipe = Rows(source, names[expected.role], neurons)
+            return recipe if len(neurons) == size else PadRows(recipe, size, 0)
+        groups = neuron_groups(partition, expected.expert, scale, k, layout.duplicated, holders[layer])
+        count = sum(len(neurons) for neurons, _ in groups)
+        if expected.role == "down":
+            parts = [Columns(source, names["down"], neurons) if factor == 1.0 else
+                     Scale(Columns(source, names["down"], neurons), factor) for neurons, factor in groups]
+            recipe = parts[0] if len(parts) == 1 else Concat(parts, dim=-1)
+            return recipe if count == layout.expert_ffn else PadRows(recipe, layout.expert_ffn, -1)
+        recipe = Rows(source, names[expected.role], [i for neurons, _ in groups for i in neurons])
+        return recipe if count == layout.expert_ffn else PadRows(recipe, layout.expert_ffn, 0)
+
+    tensors = moe_tensors(target, config, source, family, ffn_recipe, dtype=dtype)
+    notes = plan_notes(partitions, layout, target, options, scale, ffn, summary, hits)
+    return Plan("split", tensors, config, [source], side_files=source.side_files(),
+                metadata=provenance([source], {"operation": "split", **options.record(), "scale": scale}), notes=notes)
+
+
+def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -> list[str]:
+    import numpy as np
+
+    n, k = options.num_experts, options.top_k
+    notes = []
+    sizes = sorted({len(e) for p in partitions.values() for e in p.experts})
+    shared = max(len(p.shared) for p in partitions.values())
+    padding = sum(layout.expert_ffn * n - sum(len(e) for e in p.experts) - (len(p.shared) * n if layout.duplicated else 0)
+                  for p in partitions.values())
+    padding += sum(layout.shared_ffn - len(p.shared) for p in partitions.values()) if not layout.duplicated else 0
+    text = f"{options.strategy} split into {n} experts of {layout.expert_ffn} neurons (top-{k}), expert scale {scale:g}"
+    if summary:
+        text += f"; {summary}"
+    notes.append(text)
+    if shared:
+        where = ("duplicated into every routed expert (down columns unscaled: counted once)" if layout.duplicated
+                 else f"a {target.name} shared expert (gate 0: sigmoid 0.5, down_proj x2)")
+        notes.append(f"{shared} shared neurons per layer, {where}")
+    if padding:
+        notes.append(f"uneven expert sizes {sizes[0]}-{sizes[-1]} (+{shared if layout.duplicated else 0} shared): "
+                     f"padded with {padding} zero neurons in all (exact: a zero neuron adds nothing)")
+    if not layout.duplicated and not shared:
+        notes.append(f"{target.name} always has a shared expert: it is one zero neuron (adds nothing)")
+    overlap = [p.stats.get("neurons_in_several_experts", 0) for p in partitions.values()]
+    if any(overlap):
+        notes.append(f"experts overlap: up to {max(overlap)} neurons per layer held by several experts "
+                     f"(down_proj factor scale/min(holders, k))")
+    spreads = [p.stats["cosine_spread"] for p in partitions.values() if "cosine_spread" in p.stats]
+    if spreads:
+        free = [p.stats["unconstrained_cosine_spread"] for p in partitions.values()]
+        notes.append(f"within-cluster cosine spread (mean 1 - cos to centroid): balanced {np.mean(spreads):.4f}, "
+                     f"unconstrained k-means {np.mean(free):.4f} (layers: {', '.join(f'{s:.3f}' for s in spreads)})")
+    coact = [p.stats["coactivation_within_experts"] for p in partitions.values() if "coactivation_within_experts" in p.stats]
+    if coact:
+        notes.append(f"co-activations kept inside an expert: {np.mean(coact):.1%} (random split: about {1 / n:.1%})")
+    if hits:
+        notes.append(f"calibrated router picks {np.mean(list(hits.values())):.1%} of the top-{k} experts by activation mass "
+                     f"on calibration tokens")
+    active = np.mean([(len(p.shared) + k * np.mean([len(e) for e in p.experts])) / ffn for p in partitions.values()])
+    if k < n:
+        notes.append(f"top-{k} of {n}: each token uses about {active:.0%} of the FFN neurons; the MoE approximates the "
+                     f"dense model (--verify reports the loss change)")
+    elif options.router_init == "zero" and scale == n:
+        notes.append("k = N with a zero router: the MoE reproduces the dense model exactly")
+    else:
+        notes.append(f"k = N, but with a {options.router_init} router or expert scale {scale:g} (not {n}) the experts' "
+                     f"weights are not 1/N each: the MoE is close to, not exactly, the dense model")
+    return notes
+
+
+@click.command("split")
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--num-experts", "-n", type=int, required=True, help="Experts per MoE layer (N >= 2).")
+@click.option("--top-k", "-k", type=int, required=True, help="Experts each token uses (1..N; K = N is exact).")
+@click.option("--strategy", default=None,
+              help="How neurons are divided: random, clustering, sharing-inner, sharing-inter, shared-norm, coactivation.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              help="Output format: auto (mixtral for llama/mistral, qwen2_moe for qwen2, qwen3_moe for qwen3), "
+                   "mixtral, qwen2_moe, qwen3_moe.")
+@click.option("--shared-neurons", type=int, default=None, help="Neurons shared by every token (default: 0; "
+              "sharing-inter and shared-norm: the size of one expert).")
+@click.option("--shared-fraction", type=float, default=None, help="Shared neurons as a fraction of the FFN.")
+@click.option("--cluster-on", default="up", show_default=True, help="clustering: rows of up, gate or gate+up.")
+@click.option("--calibration", default=None, help="Calibration text (or token ids .jsonl/.npy/.pt) for sharing-*, "
+              "coactivation and --router-init calibrated (default: the shipped sample text).")
+@click.option("--calibration-tokens", type=int, default=8192, show_default=True, help="Calibration tokens used at most.")
+@click.option("--router-init", default="zero", show_default=True, help="zero, normal, centroid or calibrated.")
+@click.option("--expert-scale", default="auto", show_default=True,
+              help=f"Factor folded into each expert's down_proj: auto (= {AUTO_SCALE}), K, N/K, N or a number.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--moe-layers", default="all", show_default=True, help="all, every-other or a list like 0,2,5-7 "
+              "(qwen formats only; other layers stay dense).")
+@click.option("--save-partition", default=None, help="Write the neuron assignment to FILE (.json or .npz).")
+@click.option("--partition", "partition_file", default=None, help="Reuse a neuron assignment saved with --save-partition.")
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp32", "bf16", "fp16"]))
+@click.option("--verify", is_flag=True, help="After writing: check exactness (K = N, zero router) or report the loss change.")
+@output_options
+def command(src, out, num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,
+            calibration_tokens, router_init, expert_scale, seed, moe_layers, save_partition, partition_file, dtype,
+            verify, max_shard_size, force, dry_run, as_json):
+    """Split each FFN of the dense model SRC into N experts and write the MoE to OUT."""
+    from surgery.moe_plan import open_dense_source
+    from surgery.writer import check_output_path
+
+    options = SplitOptions(num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,
+                           calibration_tokens, router_init, expert_scale, seed, moe_layers, partition_file,
+                           save_partition, dtype)
+    source, family = open_dense_source(src)
+    with source:
+        if not dry_run:
+            check_output_path(Path(out), [source], force)  # before the (possibly long) partitioning
+        plan = build_plan(source, family, options)
+        notes = [] if dry_run else plan.notes  # when writing: shown once the output is complete
+        plan.notes = plan.notes if dry_run else []
+        wrote = execute(plan, Path(out), max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json)
+        for message in notes:
+            console.note(message)
+    if verify and wrote:
+        exact = top_k == num_experts and options.router_init == "zero" and \
+            resolve_expert_scale(options.expert_scale, num_experts, top_k) == num_experts
+        verify_output(Path(out), Path(src), exact)
+
+
+def verify_output(out: Path, src: Path, exact: bool) -> None:
+    """--verify. When the split is exact (K = N, zero router, scale N), OUT must reproduce SRC
+    (surgery.validate's --expect-exact tolerances), else SurgeryError. Otherwise report the loss
+    change against SRC on the validation sample."""
+    from surgery import validate as validation
+
+    if exact:
+        try:
+            result = validation.verify_exact(str(out), str(src))
+        except SurgeryError as exc:
+            raise SurgeryError(f"--verify: {exc} (the output is kept for inspection; the input is untouched)") from None
+    else:
+        result = validation.validate(str(out), [str(src)])
+    validation.print_result(result)
+    reference = result["references"][0]
+    if result.get("loss") is not None and reference.get("loss") is not None:
+        change = result["loss"] - reference["loss"]
+        console.info(f"verify: loss {result['loss']:.4f} vs dense {reference['loss']:.4f} ({change:+.4f} nats/token)"
+                     + ("; logits reproduce the dense model" if exact else ""))
