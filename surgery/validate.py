@@ -295,19 +295,15 @@ def _parameters(path) -> int:
 
 
 def _structure_first(path, label: str, notes: list):
-    """Header-level structure check (unsupported architectures are left to the strict load).
-    Returns config.json's vocab_size."""
+    """Header-level structure check before any load (an unsupported architecture is refused here,
+    with the supported ones listed). Returns config.json's vocab_size."""
     from surgery import architectures as arch
     from surgery.checkpoint import Checkpoint
     from surgery.structure import require_structure
 
     with Checkpoint.open(path, require_config=True) as checkpoint:
         vocab = checkpoint.config.get("vocab_size")
-        try:
-            arch.detect_family(checkpoint.config, checkpoint.directory / "config.json")
-        except SurgeryError as exc:
-            notes.append(f"{label}: structure check skipped ({exc}); relying on the strict load")
-            return vocab
+        arch.detect_family(checkpoint.config, checkpoint.directory / "config.json")
     require_structure(path, scan=False)
     return vocab
 
