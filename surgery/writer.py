@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import signal
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +122,10 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
             metadata = {"format": "pt", "surgery_version": __version__, "surgery_operation": plan.operation,
                         **plan.metadata}
             checker = _FiniteCheck(enabled=not allow_nonfinite)
-            with ThreadPoolExecutor(max_workers=1) as hasher, \
-                    console.progress(f"{plan.operation} → {out.name}", plan.total_bytes) as advance:
-                digests = {}
-                for shard in shards:  # hash each finished shard while the next one is written
-                    _write_shard(temp / shard.file_name, shard, metadata, advance, checker)
-                    digests[shard.file_name] = hasher.submit(_sha256, temp / shard.file_name)
-                digests = {name: future.result() for name, future in digests.items()}
+            digests = {}
+            with console.progress(f"{plan.operation} → {out.name}", plan.total_bytes) as advance:
+                for shard in shards:
+                    digests[shard.file_name] = _write_shard(temp / shard.file_name, shard, metadata, advance, checker)
             _write_side_files(plan, temp, shards)
             verify_written(temp, shards)
             _write_manifest(temp, plan, digests)
@@ -216,23 +213,83 @@ def _finite_sum(value) -> bool:
     return math.isfinite(total)
 
 
-def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance, checker: _FiniteCheck) -> None:
+class _TailHasher(threading.Thread):
+    """sha256 of a file while it is being written: follows the writer, reading back (from the page
+    cache) each range as soon as it is complete, so hashing overlaps writing instead of following it."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path = path
+        self.digest = hashlib.sha256()
+        self.written = 0
+        self.finished = False
+        self.error: BaseException | None = None
+        self.condition = threading.Condition()
+
+    def advance(self, written: int, finished: bool = False) -> None:
+        with self.condition:
+            self.written, self.finished = written, finished
+            self.condition.notify()
+
+    def run(self) -> None:
+        try:
+            position = 0
+            with open(self.path, "rb") as handle:
+                while True:
+                    with self.condition:
+                        while position >= self.written and not self.finished:
+                            self.condition.wait()
+                        limit, finished = self.written, self.finished
+                    while position < limit:
+                        block = handle.read(min(COPY_CHUNK, limit - position))
+                        if not block:
+                            raise OSError(f"{self.path}: ended at {position} bytes while hashing")
+                        self.digest.update(block)
+                        position += len(block)
+                    if finished and position >= self.written:
+                        return
+        except BaseException as exc:  # reported by result()
+            self.error = exc
+
+    def result(self) -> str:
+        self.advance(self.written, finished=True)
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
+
+
+def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance, checker: _FiniteCheck) -> str:
+    """Write one shard; returns its sha256."""
     header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in shard.tensors], metadata)
     with open(path, "wb") as handle:
-        handle.write(header)
-        for tensor in shard.tensors:
-            recipe = tensor.recipe
-            if isinstance(recipe, Copy) and recipe.checkpoint.info(recipe.name).dtype == tensor.dtype:
-                if checker.needed(recipe.checkpoint, recipe.name):
-                    _copy_checked(handle, recipe, tensor, checker)
-                else:
-                    _copy_bytes(handle, recipe, tensor)
+        hasher = _TailHasher(path)
+        hasher.start()
+        try:
+            _write_shard_body(handle, header, shard, advance, checker, hasher)
+        finally:
+            hasher.advance(handle.tell(), finished=True)
+    return hasher.result()
+
+
+def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: _FiniteCheck, hasher: _TailHasher) -> None:
+    path = Path(handle.name)
+    handle.write(header)
+    for tensor in shard.tensors:
+        recipe = tensor.recipe
+        if isinstance(recipe, Copy) and recipe.checkpoint.info(recipe.name).dtype == tensor.dtype:
+            if checker.needed(recipe.checkpoint, recipe.name):
+                _copy_checked(handle, recipe, tensor, checker)
             else:
-                _write_tensor(handle, tensor, checker)
-            advance(tensor.nbytes, tensor.name)
-        expected = len(header) + shard.nbytes
-        if handle.tell() != expected:
-            raise AssertionError(f"{path}: wrote {handle.tell()} bytes, planned {expected}")
+                _copy_bytes(handle, recipe, tensor)
+        else:
+            _write_tensor(handle, tensor, checker)
+        handle.flush()
+        hasher.advance(handle.tell())
+        advance(tensor.nbytes, tensor.name)
+    expected = len(header) + shard.nbytes
+    if handle.tell() != expected:
+        raise AssertionError(f"{path}: wrote {handle.tell()} bytes, planned {expected}")
 
 
 def _copy_bytes(handle, recipe: Copy, tensor: OutputTensor) -> None:
