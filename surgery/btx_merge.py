@@ -1,0 +1,505 @@
+"""`surgery merge`: Branch-Train-MiX. Domain-trained copies of one seed become one MoE.
+
+FFN of layer l of model i -> expert i of MoE layer l (bit-exact copies); ``--include-seed`` adds the
+seed's FFN as one more expert (the BTX paper's generalist). Every other tensor (embeddings,
+attention, norms, lm_head) is the weighted mean of all models (seed included when given),
+computed in float32 and cast to the output dtype, one output tensor at a time; ``--non-ffn
+seed|NAME`` copies one model's instead (mergekit-moe's behaviour). Routers: see
+``surgery.btx_router``.
+
+Memory: the zero, normal and embedding inits stream (about one tensor in memory, like every
+plan). The calibrated init needs the merged model in memory: the plan is first written with zero
+routers into a temporary directory beside OUT, loaded with transformers (float32), routers are
+fitted layer by layer, and OUT is written from the temporary files (byte copies) plus the fitted
+routers; peak memory is about the merged model in float32 plus the calibration activations of
+one layer, and the temporary directory needs as much disk as OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from surgery import architectures as arch
+from surgery import console
+from surgery.compat import Member, check_compatible
+from surgery.errors import SurgeryError
+from surgery.merge_config import FITS_DEFAULT, SEED_NAME, MergeSpec
+from surgery.options import execute, output_options
+from surgery.plan import Constant, Copy, Init, OutputTensor, Plan, Recipe
+
+ROUTER_STD = 0.02
+# Qwen2-MoE always builds a shared expert; a merge writes an all-zero one (it adds exactly 0), with
+# 8 neurons as `surgery upcycle` does, so that tensor-parallel engines can split it.
+INERT_SHARED_FFN = 8
+MEAN_BLOCK_BYTES = 16 * 2**20  # float32 bytes of one block of rows read per input
+
+
+class BlockedMean(Recipe):
+    """sum_i w_i * x_i / sum_i w_i of one tensor name across models, in float32, read in blocks of rows.
+
+    The arithmetic per element is that of ``plan.WeightedMean`` (x_0 * w_0/W, then + w_i/W * x_i in
+    order); reading row blocks keeps memory at the output tensor plus one block per input instead
+    of two whole tensors.
+    """
+
+    def __init__(self, checkpoints: list, name: str, weights: list[float], block_bytes: int = MEAN_BLOCK_BYTES):
+        self.checkpoints, self.name, self.weights, self.block_bytes = checkpoints, name, weights, block_bytes
+
+    def inputs(self):
+        return [(checkpoint, self.name) for checkpoint in self.checkpoints]
+
+    def describe(self):
+        return "mean(" + ", ".join(f"{w:g}*{c.label or c.directory}" for w, c in zip(self.weights, self.checkpoints)) + ")"
+
+    def compute(self):
+        import math
+
+        import torch
+
+        from surgery.checkpoint import torch_dtype
+
+        shape = tuple(self.checkpoints[0].info(self.name).shape)
+        total = float(sum(self.weights))
+        if not shape or 0 in shape:  # scalars and empty tensors: whole-tensor arithmetic
+            result = None
+            for checkpoint, weight in zip(self.checkpoints, self.weights):
+                value = checkpoint.read(self.name).to(torch.float32)
+                result = value.mul_(weight / total) if result is None else result.add_(value, alpha=weight / total)
+            return result
+        result = torch.empty(shape, dtype=torch.float32)
+        step = max(1, self.block_bytes // (4 * math.prod(shape[1:])))
+        scratch = {}  # stored dtype -> one reusable block buffer
+        for start in range(0, shape[0], step):
+            stop = min(shape[0], start + step)
+            target = result[start:stop]
+            for index, (checkpoint, weight) in enumerate(zip(self.checkpoints, self.weights)):
+                dtype = checkpoint.info(self.name).dtype
+                if index == 0 and dtype == "F32":  # read straight into the output
+                    _read_rows_into(checkpoint, self.name, start, stop, target)
+                    target.mul_(weight / total)
+                    continue
+                if dtype not in scratch:
+                    scratch[dtype] = torch.empty((step,) + shape[1:], dtype=torch_dtype(dtype))
+                block = scratch[dtype][:stop - start]
+                _read_rows_into(checkpoint, self.name, start, stop, block)
+                value = block if dtype == "F32" else block.to(torch.float32)
+                if index == 0:
+                    torch.mul(value, weight / total, out=target)
+                else:
+                    target.add_(value, alpha=weight / total)
+        return result
+
+
+def _read_rows_into(checkpoint, name: str, start: int, stop: int, out) -> None:
+    """Rows start:stop of a stored tensor, read with positioned reads straight into `out`'s memory."""
+    import os
+
+    import torch
+
+    info = checkpoint.info(name)
+    if tuple(info.shape[1:]) != tuple(out.shape[1:]) or not 0 <= start <= stop <= info.shape[0]:
+        raise SurgeryError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, cannot read rows {start}:{stop}")
+    row_bytes = info.nbytes // info.shape[0]
+    count, offset = row_bytes * (stop - start), info.offset + row_bytes * start
+    view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+    fd = checkpoint._fd(info.file)
+    done = 0
+    while done < count:
+        got = os.preadv(fd, [view[done:count]], offset + done)
+        if got <= 0:
+            raise SurgeryError(f"{info.file}: tensor {name!r}: read {done} of {count} bytes at offset {offset}: "
+                               "file truncated")
+        done += got
+
+
+@dataclass
+class Merge:
+    """A merge with its inputs opened and checked: what build_plan needs."""
+
+    spec: MergeSpec
+    members: list[Member]  # every model: experts in order, then the seed
+    experts: list[Member]  # the MoE's experts in order (the seed last with --include-seed)
+    weights: dict[str, float]  # averaging weight of each member (0 = not averaged)
+    reference: Member  # config, tokenizer and side files come from it: the seed, else the first expert
+    target: arch.Family
+    config: dict
+    dtype: str  # safetensors dtype of every output tensor
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def source_family(self) -> arch.Family:
+        return self.reference.family
+
+    def member(self, name: str) -> Member:
+        return next(member for member in self.members if member.name == name)
+
+    def domains(self):
+        """(expert index, name, text) of every expert that has calibration text."""
+        from surgery.btx_router import Domain
+
+        return [Domain(index, member.name, self.spec.calibration[member.name].text)
+                for index, member in enumerate(self.experts) if member.name in self.spec.calibration]
+
+
+def open_merge(spec: MergeSpec) -> Merge:
+    """Open every model, refuse incompatible ones, and settle the target format and config."""
+    from surgery.checkpoint import parse_dtype
+    from surgery.moe_plan import open_dense_source
+
+    members = []
+    for name, path in spec.experts + ([(SEED_NAME, spec.seed)] if spec.seed else []):
+        checkpoint, family = open_dense_source(path)
+        checkpoint.label = name
+        members.append(Member(name, checkpoint, family))
+    notes = list(spec.notes) + check_compatible(members)
+    by_name = {member.name: member for member in members}
+    experts = [by_name[name] for name, _ in spec.experts] + ([by_name[SEED_NAME]] if spec.include_seed else [])
+    if len(experts) < 2:
+        raise SurgeryError(f"a merge needs at least 2 experts, found {len(experts)} (add --expert or --include-seed)")
+    weights = {member.name: float(spec.weights.get(member.name, 1.0)) for member in members}
+    reference = by_name[SEED_NAME] if spec.seed else members[0]
+    family = reference.family
+    where = reference.checkpoint.directory / "config.json"
+    target = arch.moe_target(family, spec.format, reference.checkpoint.config, where)
+    dims = arch.dimensions(family, reference.checkpoint.config, where)
+    config = arch.moe_config(family, reference.checkpoint.config, target, num_experts=len(experts), top_k=spec.top_k,
+                             expert_ffn=dims["ffn"], shared_ffn=INERT_SHARED_FFN if target.shared_expert else None)
+    if target.shared_expert:
+        notes.append(f"{target.name} always has a shared expert: writing an inert all-zero one ({INERT_SHARED_FFN} "
+                     "neurons, gate 0; it adds exactly 0)")
+    embed = family.spec("embedding", "embed").name()
+    dtype = parse_dtype(spec.dtype) if spec.dtype else reference.checkpoint.info(embed).dtype
+    config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dtype, config.get("dtype"))
+    config.pop("torch_dtype", None)
+    if spec.router_init in ("embedding", "calibrated"):
+        missing = [m.name for m in experts if m.name not in spec.calibration and m.name != SEED_NAME]
+        if missing:
+            raise SurgeryError(f"--router-init {spec.router_init} needs calibration text for every expert; "
+                               f"missing for {', '.join(missing)} (give --calibration {missing[0]}=FILE)")
+    return Merge(spec, members, experts, weights, reference, target, config, dtype, notes)
+
+
+def resolve_router_init(spec: MergeSpec) -> str:
+    """`auto`: calibrated when every domain expert has calibration text, else zero."""
+    if spec.router_init != "auto":
+        return spec.router_init
+    names = [name for name, _ in spec.experts]
+    return "calibrated" if names and all(name in spec.calibration for name in names) else "zero"
+
+
+# ------------------------------------------------------------------ the plan
+def non_ffn_recipe(merge: Merge):
+    """Weighted mean over every model with a positive weight, or a copy of one model (--non-ffn)."""
+    choice = merge.spec.non_ffn
+    if choice != "average":
+        member = merge.member(choice)
+        return lambda expected, name: Copy(member.checkpoint, name)
+    averaged = [m for m in merge.members if merge.weights[m.name] != 0]
+
+    def recipe(expected, name):
+        if len(averaged) == 1:
+            return Copy(averaged[0].checkpoint, name)
+        return BlockedMean([m.checkpoint for m in averaged], name, [merge.weights[m.name] for m in averaged])
+
+    return recipe
+
+
+def router_recipe(merge: Merge, routers: dict | None, embedding_router):
+    init = merge.spec.router_init
+    hidden = merge.config["hidden_size"]
+    shape = (len(merge.experts), hidden)
+
+    def recipe(layer: int):
+        from surgery.btx_router import PendingRouter
+
+        if routers is not None:
+            return Constant(routers[layer], f"router fitted on calibration text ({merge.spec.router_fit})")
+        if init == "zero":
+            return Init("zero", shape)
+        if init == "normal":
+            return Init("normal", shape, seed=merge.spec.router_seed * 100_003 + layer, std=ROUTER_STD)
+        if init == "embedding":
+            return embedding_router
+        domains = ", ".join(d.name for d in merge.domains())
+        return PendingRouter(f"calibrated on {domains} ({merge.spec.router_fit}; fitted layer by layer before writing)")
+
+    return recipe
+
+
+def _embedding_router(merge: Merge, embed_recipe):
+    from surgery.btx_router import LazyRouter
+
+    cache = {}
+
+    def compute():
+        if "rows" not in cache:
+            from surgery.btx_router import embedding_rows
+
+            tokenizer = _tokenizer(merge)
+            cache["rows"] = embedding_rows(embed_recipe.compute(), tokenizer, merge.domains(), len(merge.experts),
+                                           merge.spec.calibration_tokens)
+        return cache["rows"]
+
+    names = ", ".join(d.name for d in merge.domains())
+    return LazyRouter(f"mean input embedding of calibration text ({names})", compute)
+
+
+def _tokenizer(merge: Merge):
+    from surgery.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(merge.reference.checkpoint.directory)
+    if tokenizer is None:
+        raise SurgeryError(f"{merge.reference.checkpoint.directory}: no tokenizer files; --router-init "
+                           f"{merge.spec.router_init} tokenizes the calibration text with the model's tokenizer")
+    return tokenizer
+
+
+def build_plan(merge: Merge, routers: dict | None = None, routing_text: str | None = None) -> Plan:
+    """Every output tensor of the merged MoE with its recipe, from headers only.
+
+    `routers` (layer -> [E, H] tensor) replaces the router init with fitted rows (calibrated).
+    """
+    from surgery.moe_plan import dense_ffn_names, moe_tensors, provenance
+
+    family, target = merge.source_family, merge.target
+    non_ffn = non_ffn_recipe(merge)
+    embed_name = family.spec("embedding", "embed").name()
+    embedding_router = None
+    if merge.spec.router_init == "embedding" and routers is None:
+        embedding_router = _embedding_router(merge, non_ffn(None, embed_name))
+    router = router_recipe(merge, routers, embedding_router)
+
+    def ffn_recipe(expected):
+        if expected.group == "router":
+            return router(expected.layer)
+        if expected.group == "shared_expert":  # qwen2_moe always has one: inert, adds exactly 0
+            return Init("zero", expected.shape)
+        if expected.group == "experts":
+            member = merge.experts[expected.expert]
+            return Copy(member.checkpoint, dense_ffn_names(family, expected.layer)[expected.role])
+        raise SurgeryError(f"{target.name}: merge cannot fill {expected.group} tensor {expected.name}")
+
+    reference = merge.reference.checkpoint
+    tensors = moe_tensors(target, merge.config, reference, family, ffn_recipe, merge.dtype, non_ffn)
+    options = merge.spec.to_options()
+    options["router_init"] = merge.spec.router_init
+    metadata = provenance([m.checkpoint for m in merge.members], options)
+    metadata["surgery_experts"] = json.dumps(expert_provenance(merge))
+    metadata["surgery_non_ffn"] = json.dumps(non_ffn_description(merge))
+    notes = list(merge.notes)
+    return Plan("merge", tensors, merge.config, [m.checkpoint for m in merge.members],
+                side_files=reference.side_files(), extra_files={"README.md": model_card(merge, routing_text)},
+                metadata=metadata, notes=notes)
+
+
+def expert_provenance(merge: Merge) -> list[dict]:
+    return [{"expert": index, "name": member.name, "source": str(member.checkpoint.path),
+             "weight": merge.weights[member.name], "role": "seed (generalist)" if member.name == SEED_NAME else "domain"}
+            for index, member in enumerate(merge.experts)]
+
+
+def non_ffn_description(merge: Merge) -> dict:
+    if merge.spec.non_ffn != "average":
+        return {"method": "copy", "from": merge.spec.non_ffn}
+    total = sum(merge.weights.values())
+    return {"method": "weighted mean (float32)",
+            "weights": {m.name: merge.weights[m.name] / total for m in merge.members if merge.weights[m.name] != 0}}
+
+
+def model_card(merge: Merge, routing_text: str | None = None) -> str:
+    spec, config = merge.spec, merge.config
+    expert_ffn = arch.dimensions(merge.source_family, merge.reference.checkpoint.config)["ffn"]
+    rows = "\n".join(f"| {e['expert']} | {e['name']} | `{e['source']}` | {e['weight']:g} | {e['role']} |"
+                     for e in expert_provenance(merge))
+    described = non_ffn_description(merge)
+    if described["method"] == "copy":
+        non_ffn = f"copied from **{described['from']}** (mergekit-moe's behaviour)"
+    else:
+        non_ffn = "weighted mean in float32 of " + ", ".join(f"{name} ({w:.3g})" for name, w in described["weights"].items())
+    calibration = "".join(f"\n- {name}: {c.source}" for name, c in sorted(spec.calibration.items()))
+    text = f"""# Branch-Train-MiX merge
+
+Written by `surgery merge` (Branch-Train-MiX, Sukhbaatar et al. 2024): the FFN of layer l of each
+model below is expert e of MoE layer l, copied bit for bit; every other tensor (embeddings,
+attention, norms, lm_head) is {non_ffn}.
+
+- format: `{merge.target.architecture}` ({merge.target.name}), {len(merge.experts)} experts, top-{spec.top_k}
+- layers: {config['num_hidden_layers']}, hidden size {config['hidden_size']}, expert FFN size {expert_ffn}
+- router init: {spec.router_init}{f" ({spec.router_fit})" if spec.router_init == "calibrated" else ""}
+- dtype: {config.get('dtype')}
+
+| expert | name | source | averaging weight | role |
+|---|---|---|---|---|
+{rows}
+"""
+    if spec.seed and not spec.include_seed:
+        text += f"\nThe seed (`{merge.member(SEED_NAME).checkpoint.path}`) takes part in the average only.\n"
+    if calibration:
+        text += f"\nCalibration text:{calibration}\n"
+    if routing_text:
+        text += ("\n## Routing on the calibration text\n\nMean routing weight (softmax, top-k, renormalised) "
+                 "that each expert receives on each domain's tokens, per layer:\n\n" + routing_text)
+    text += ("\nThe router is a starting point: BTX fine-tunes the merged model (routers with a load-balancing "
+             "loss) afterwards.\n")
+    return text
+
+
+# ------------------------------------------------------------------ running
+def run_merge(merge: Merge, out: Path, *, max_shard_size: str, force: bool, dry_run: bool, as_json: bool,
+              verify: bool = False) -> bool:
+    plan = build_plan(merge)
+    if merge.spec.router_init != "calibrated" or dry_run:
+        written = execute(plan, out, max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json)
+    else:
+        written = _run_calibrated(merge, plan, Path(out), max_shard_size=max_shard_size, force=force, as_json=as_json)
+    if written and verify:
+        _verify(out, merge)
+    return written
+
+
+def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str, force: bool, as_json: bool) -> bool:
+    """Write with zero routers to a temporary directory, load, fit routers layer by layer, write OUT."""
+    import os
+
+    from surgery.btx_router import PendingRouter, calibration_batches, fit_calibrated, print_routing
+    from surgery.checkpoint import Checkpoint
+    from surgery.loading import load_model
+    from surgery.units import parse_size
+    from surgery.writer import check_output_path, write_plan
+
+    if as_json:
+        raise SurgeryError("--json applies to --dry-run only")
+    check_output_path(out, plan.sources, force)
+    tokenizer = _tokenizer(merge)
+    batches = {domain.expert: calibration_batches(tokenizer, domain.text, merge.spec.calibration_tokens,
+                                                  merge.config["vocab_size"]) for domain in merge.domains()}
+    temp = out.resolve().parent / f".{out.name}.surgery-calibrate-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    zero = [OutputTensor(t.name, t.shape, t.dtype, Init("zero", t.shape) if isinstance(t.recipe, PendingRouter)
+                         else t.recipe) for t in plan.tensors]
+    staged = Plan(plan.operation, zero, plan.config, plan.sources, plan.side_files, {}, plan.metadata, [])
+    try:
+        console.info(f"calibrated routers: writing the merge with zero routers to {temp.name}, then fitting "
+                     f"{merge.config['num_hidden_layers']} layers on {len(batches)} domains")
+        write_plan(staged, temp, parse_size(max_shard_size), force=True)
+        model = load_model(temp, "cpu", "float32")
+        names = {d.expert: d.name for d in merge.domains()}
+        fit = fit_calibrated(model, batches, len(merge.experts), merge.spec.top_k, merge.spec.router_fit, names)
+        del model
+        domain_names = [names[e] for e in sorted(batches)]
+        expert_names = [m.name for m in merge.experts]
+        print_routing(fit, domain_names, expert_names)
+        from surgery.btx_router import routing_table_text
+
+        final = build_plan(merge, fit.routers, routing_table_text(fit, domain_names, expert_names))
+        with Checkpoint.open(temp) as staged_files:
+            final.tensors = [t if t.name in _router_names(merge) else
+                             OutputTensor(t.name, t.shape, t.dtype, Copy(staged_files, t.name)) for t in final.tensors]
+            return execute(final, out, max_shard_size=max_shard_size, force=force, dry_run=False, as_json=False)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _router_names(merge: Merge) -> set[str]:
+    return {merge.target.router.name(layer) for layer in range(merge.config["num_hidden_layers"])
+            if arch.is_moe_layer(merge.target, merge.config, layer)}
+
+
+def _verify(out, merge: Merge) -> None:
+    """`surgery validate OUT SOURCES...`: strict load, loss of OUT and of every source on the same sample."""
+    try:
+        from surgery.validate import print_result, validate
+    except ImportError as exc:
+        raise SurgeryError(f"--verify needs surgery.validate, which cannot be imported ({exc})") from None
+    print_result(validate(out, [str(m.checkpoint.path) for m in merge.members]))
+
+
+# ------------------------------------------------------------------ command line
+@click.command("merge")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--expert", "expert", multiple=True, metavar="NAME=PATH",
+              help="A domain-trained model; its FFNs become expert i (in the order given). Repeat per expert.")
+@click.option("--config", "config_file", type=click.Path(path_type=str),
+              help="A YAML file with the merge (ours or a mergekit-moe config); options given here override it.")
+@click.option("--seed", "seed", metavar="PATH", help="The seed model the experts were branched from (averaged in).")
+@click.option("--include-seed", is_flag=True, help="Add the seed's FFN as one more (generalist) expert.")
+@click.option("--weights", multiple=True, metavar="NAME=W,...",
+              help="Averaging weights of the non-FFN tensors (default 1 each; the seed is named 'seed').")
+@click.option("--non-ffn", default="average", show_default=True, metavar="average|seed|NAME",
+              help="Average non-FFN tensors over all models, or copy one model's (mergekit's behaviour).")
+@click.option("--top-k", type=int, default=2, show_default=True, help="Experts per token.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "mixtral", "qwen2_moe", "qwen3_moe"]), help="Output MoE format.")
+@click.option("--router-init", default="auto", show_default=True,
+              type=click.Choice(["auto", "zero", "normal", "embedding", "calibrated"]),
+              help="auto: calibrated when every expert has --calibration text, else zero.")
+@click.option("--router-fit", default=FITS_DEFAULT, show_default=True, type=click.Choice(["logistic", "class-mean"]),
+              help="How calibrated routers are fitted per layer.")
+@click.option("--calibration", multiple=True, metavar="NAME=FILE", help="Text of an expert's domain. Repeat per expert.")
+@click.option("--calibration-tokens", type=int, default=16384, show_default=True,
+              help="Calibration tokens used per domain.")
+@click.option("--router-seed", type=int, default=0, show_default=True, help="Seed of --router-init normal.")
+@click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Output dtype (default: the inputs').")
+@click.option("--verify", is_flag=True, help="After writing, run surgery validate against every source.")
+@output_options
+def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, router_fit,
+            calibration, calibration_tokens, router_seed, dtype, verify, max_shard_size, force, dry_run, as_json):
+    """Merge domain-trained copies of one seed model into a Mixture-of-Experts (Branch-Train-MiX).
+
+    \b
+    surgery merge OUT --seed seed --expert code=code --expert prose=prose --calibration code=code.txt ...
+    surgery merge OUT --config merge.yml
+    """
+    from surgery.merge_config import check_spec, load_config, spec_from_options
+
+    values = dict(expert=expert, seed=seed, include_seed=include_seed, weights=weights, non_ffn=non_ffn, top_k=top_k,
+                  fmt=fmt, router_init=router_init, router_fit=router_fit, calibration=calibration, dtype=dtype,
+                  router_seed=router_seed, calibration_tokens=calibration_tokens)
+    if config_file:
+        if expert:
+            raise SurgeryError(f"--config {config_file} lists the experts; do not also give --expert")
+        spec = load_config(config_file)
+        _override(spec, values, click.get_current_context())
+        check_spec(spec, where=str(config_file))
+    else:
+        spec = spec_from_options(expert, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration,
+                                 dtype, router_seed, calibration_tokens, router_fit)
+    spec.router_init = resolve_router_init(spec)
+    merge = open_merge(spec)
+    try:
+        run_merge(merge, Path(out), max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json,
+                  verify=verify)
+    finally:
+        for member in merge.members:
+            member.checkpoint.close()
+
+
+def _override(spec: MergeSpec, values: dict, ctx) -> None:
+    """Options given on the command line win over the YAML file."""
+    from click.core import ParameterSource
+
+    from surgery.merge_config import parse_weights, read_calibration
+
+    def given(name):
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+    simple = {"seed": "seed", "include_seed": "include_seed", "non_ffn": "non_ffn", "top_k": "top_k", "fmt": "format",
+              "router_init": "router_init", "router_fit": "router_fit", "dtype": "dtype", "router_seed": "router_seed",
+              "calibration_tokens": "calibration_tokens"}
+    for option, attribute in simple.items():
+        if given(option):
+            setattr(spec, attribute, values[option])
+    if given("weights"):
+        spec.weights.update(parse_weights(values["weights"]))
+    if given("calibration"):
+        from surgery.merge_config import parse_pair
+
+        for item in values["calibration"]:
+            name, path = parse_pair(item, "--calibration", "FILE")
+            spec.calibration[name] = read_calibration(path)

@@ -1,0 +1,331 @@
+"""What a merge is asked to do: ``MergeSpec``, from command-line options or a YAML file.
+
+Two YAML dialects are read:
+
+* ours, with the command line's fields::
+
+    experts:
+      - {name: code, path: ./code, weight: 1.0, calibration: code.txt}
+      - {name: prose, path: ./prose, calibration: prose.txt}
+    seed: ./seed                 # or {path: ./seed, weight: 0.5, calibration: mixed.txt}
+    include_seed: false
+    non_ffn: average             # average | seed | an expert's name
+    top_k: 2
+    format: auto                 # auto | mixtral | qwen2_moe | qwen3_moe
+    router_init: calibrated      # auto | zero | normal | embedding | calibrated
+    dtype: bf16                  # optional; default: the inputs' dtype
+
+  (``weights: {code: 2}`` and ``calibration: {code: code.txt}`` may also be given as maps);
+
+* a mergekit-moe config (``base_model``, ``experts`` with ``source_model`` and
+  ``positive_prompts``, ``gate_mode``, ``experts_per_token``, ``dtype``, ``architecture``), mapped
+  onto the same fields with a note of every difference (``mergekit_notes``).
+
+Relative paths in a YAML file are resolved against the directory of that file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+
+ROUTER_INITS = ("auto", "zero", "normal", "embedding", "calibrated")
+ROUTER_FITS = ("logistic", "class-mean")
+FITS_DEFAULT = "logistic"
+FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
+SEED_NAME = "seed"
+
+OUR_KEYS = {"experts", "seed", "include_seed", "weights", "non_ffn", "top_k", "format", "router_init", "router_fit",
+            "calibration",
+            "dtype", "router_seed", "calibration_tokens"}
+EXPERT_KEYS = {"name", "path", "weight", "calibration"}
+MERGEKIT_KEYS = {"base_model", "experts", "gate_mode", "experts_per_token", "dtype", "architecture", "shared_experts",
+                 "tokenizer_source", "tokenizer", "out_dtype"}
+MERGEKIT_EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale"}
+MERGEKIT_GATE_MODES = {"hidden": "calibrated", "cheap_embed": "embedding", "random": "normal",
+                       "uniform_random": "normal"}
+MERGEKIT_ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
+
+
+@dataclass
+class Calibration:
+    """Text that represents one expert's domain, and where it came from."""
+
+    text: str
+    source: str  # a file path, or "mergekit positive_prompts (N)"
+
+
+@dataclass
+class MergeSpec:
+    experts: list[tuple[str, str]]  # (name, path) in expert order
+    seed: str | None = None
+    include_seed: bool = False
+    weights: dict[str, float] = field(default_factory=dict)  # name -> averaging weight (default 1)
+    non_ffn: str = "average"
+    top_k: int = 2
+    format: str = "auto"
+    router_init: str = "auto"
+    router_fit: str = FITS_DEFAULT  # how calibrated routers are fitted
+    calibration: dict[str, Calibration] = field(default_factory=dict)
+    dtype: str | None = None
+    router_seed: int = 0
+    calibration_tokens: int = 16384  # per domain, for the embedding and calibrated inits
+    notes: list[str] = field(default_factory=list)  # what a mergekit config maps differently
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.experts] + ([SEED_NAME] if self.seed else [])
+
+    def to_options(self) -> dict:
+        """The spec as recorded in the output's metadata (paths and calibration sources, no text)."""
+        return {"experts": [[name, str(path)] for name, path in self.experts], "seed": self.seed,
+                "include_seed": self.include_seed, "weights": dict(sorted(self.weights.items())),
+                "non_ffn": self.non_ffn, "top_k": self.top_k, "format": self.format,
+                "router_init": self.router_init, "router_fit": self.router_fit, "router_seed": self.router_seed, "dtype": self.dtype,
+                "calibration": {name: c.source for name, c in sorted(self.calibration.items())},
+                "calibration_tokens": self.calibration_tokens}
+
+
+# ------------------------------------------------------------------ command line
+def parse_pair(text: str, option: str, what: str) -> tuple[str, str]:
+    name, sep, value = str(text).partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise SurgeryError(f"{option} {text!r}: expected NAME={what}")
+    return name.strip(), value.strip()
+
+
+def parse_weights(items) -> dict[str, float]:
+    """--weights code=2,prose=1 (repeatable) -> {'code': 2.0, 'prose': 1.0}."""
+    weights = {}
+    for item in items or ():
+        for part in str(item).split(","):
+            if part.strip():
+                name, value = parse_pair(part, "--weights", "W")
+                weights[name] = _number(value, f"--weights {name}")
+    return weights
+
+
+def _number(value, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SurgeryError(f"{where}: {value!r} is not a number") from None
+    if not number >= 0 or number == float("inf"):
+        raise SurgeryError(f"{where}: weight must be a finite number >= 0, found {value!r}")
+    return number
+
+
+def read_calibration(path, base: Path | None = None) -> Calibration:
+    from surgery.samples import read_text
+
+    path = _resolve(path, base)
+    return Calibration(read_text(path), str(path))
+
+
+def spec_from_options(experts, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration, dtype,
+                      router_seed=0, calibration_tokens=16384, router_fit=FITS_DEFAULT) -> MergeSpec:
+    pairs = [parse_pair(item, "--expert", "PATH") for item in experts]
+    texts = {}
+    for item in calibration or ():
+        name, path = parse_pair(item, "--calibration", "FILE")
+        texts[name] = read_calibration(path)
+    spec = MergeSpec(pairs, seed, include_seed, parse_weights(weights), non_ffn, top_k, fmt, router_init, router_fit,
+                     texts, dtype, router_seed, calibration_tokens)
+    check_spec(spec)
+    return spec
+
+
+# ------------------------------------------------------------------ YAML
+def _resolve(path, base: Path | None) -> Path:
+    path = Path(str(path)).expanduser()
+    return path if path.is_absolute() or base is None else base / path
+
+
+def load_config(path) -> MergeSpec:
+    """Our YAML or a mergekit-moe YAML -> MergeSpec."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SurgeryError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SurgeryError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SurgeryError(f"{path}: expected a mapping of merge settings, found {type(data).__name__}")
+    spec = from_mergekit(data, path) if is_mergekit(data) else from_ours(data, path)
+    check_spec(spec, where=str(path))
+    return spec
+
+
+def is_mergekit(data: dict) -> bool:
+    experts = data.get("experts")
+    return "base_model" in data or "gate_mode" in data or (
+        isinstance(experts, list) and any(isinstance(e, dict) and "source_model" in e for e in experts))
+
+
+def _unknown(keys, allowed, where: str) -> None:
+    extra = sorted(set(keys) - set(allowed))
+    if extra:
+        raise SurgeryError(f"{where}: unknown key {extra[0]!r} (expected one of {', '.join(sorted(allowed))})")
+
+
+def from_ours(data: dict, path: Path) -> MergeSpec:
+    base = path.parent
+    _unknown(data, OUR_KEYS, str(path))
+    experts, weights, calibration = [], {}, {}
+    entries = data.get("experts")
+    if not isinstance(entries, list) or not entries:
+        raise SurgeryError(f"{path}: 'experts' must be a list of {{name, path}} entries")
+    for number, entry in enumerate(entries):
+        where = f"{path}: experts[{number}]"
+        if not isinstance(entry, dict) or "name" not in entry or "path" not in entry:
+            raise SurgeryError(f"{where}: expected a mapping with 'name' and 'path'")
+        _unknown(entry, EXPERT_KEYS, where)
+        name = str(entry["name"])
+        experts.append((name, str(_resolve(entry["path"], base))))
+        if "weight" in entry:
+            weights[name] = _number(entry["weight"], f"{where}.weight")
+        if entry.get("calibration"):
+            calibration[name] = read_calibration(entry["calibration"], base)
+    seed = data.get("seed")
+    if isinstance(seed, dict):
+        _unknown(seed, {"path", "weight", "calibration"}, f"{path}: seed")
+        if "weight" in seed:
+            weights[SEED_NAME] = _number(seed["weight"], f"{path}: seed.weight")
+        if seed.get("calibration"):
+            calibration[SEED_NAME] = read_calibration(seed["calibration"], base)
+        seed = seed.get("path")
+    for name, value in (data.get("weights") or {}).items():
+        weights[str(name)] = _number(value, f"{path}: weights.{name}")
+    for name, file in (data.get("calibration") or {}).items():
+        calibration[str(name)] = read_calibration(file, base)
+    return MergeSpec(experts, str(_resolve(seed, base)) if seed else None, bool(data.get("include_seed", False)),
+                     weights, str(data.get("non_ffn", "average")), _int(data.get("top_k", 2), f"{path}: top_k"),
+                     str(data.get("format", "auto")), str(data.get("router_init", "auto")),
+                     str(data.get("router_fit", FITS_DEFAULT)), calibration,
+                     data.get("dtype"), _int(data.get("router_seed", 0), f"{path}: router_seed"),
+                     _int(data.get("calibration_tokens", 16384), f"{path}: calibration_tokens"))
+
+
+def _int(value, where: str) -> int:
+    if type(value) is not int:
+        raise SurgeryError(f"{where}: expected an integer, found {value!r}")
+    return value
+
+
+def from_mergekit(data: dict, path: Path) -> MergeSpec:
+    """Map a mergekit-moe config onto our fields, noting each behaviour that differs."""
+    base = path.parent
+    _unknown(data, MERGEKIT_KEYS, f"{path} (mergekit-moe config)")
+    notes = []
+    if data.get("shared_experts"):
+        raise SurgeryError(f"{path}: shared_experts is not supported by surgery merge (every source FFN becomes a "
+                           "routed expert); remove it")
+    entries = data.get("experts")
+    if not isinstance(entries, list) or not entries:
+        raise SurgeryError(f"{path}: 'experts' must be a list of {{source_model, positive_prompts}} entries")
+    experts, calibration, used = [], {}, set()
+    for number, entry in enumerate(entries):
+        where = f"{path}: experts[{number}]"
+        if not isinstance(entry, dict) or "source_model" not in entry:
+            raise SurgeryError(f"{where}: expected a mapping with 'source_model'")
+        _unknown(entry, MERGEKIT_EXPERT_KEYS, where)
+        source = str(entry["source_model"])
+        name = _unique_name(Path(source).name or f"expert{number}", used)
+        experts.append((name, str(_resolve(source, base))))
+        prompts = entry.get("positive_prompts") or []
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if prompts:
+            calibration[name] = Calibration("\n".join(str(p) for p in prompts),
+                                            f"mergekit positive_prompts ({len(prompts)})")
+        if entry.get("negative_prompts"):
+            notes.append(f"experts[{number}].negative_prompts are ignored: the calibrated router is fitted on every "
+                         "expert's text at once, so other experts' prompts are its negatives")
+        if entry.get("noise_scale"):
+            notes.append(f"experts[{number}].noise_scale is ignored (no noise is added to router rows)")
+    gate_mode = str(data.get("gate_mode", "hidden"))
+    if gate_mode not in MERGEKIT_GATE_MODES:
+        raise SurgeryError(f"{path}: gate_mode {gate_mode!r} is not understood (expected "
+                           f"{', '.join(MERGEKIT_GATE_MODES)})")
+    router_init = MERGEKIT_GATE_MODES[gate_mode]
+    explain = {
+        "hidden": "gate_mode hidden -> router_init calibrated: routers are fitted layer by layer at the router's real "
+                  "input (post-attention norm output, padding masked) of the merged model, not at the residual stream "
+                  "of the base model",
+        "cheap_embed": "gate_mode cheap_embed -> router_init embedding (mean input embedding of each expert's prompts)",
+        "random": "gate_mode random -> router_init normal: N(0, 0.02) rows, not mergekit's unscaled N(0, 1)",
+        "uniform_random": "gate_mode uniform_random -> router_init normal: N(0, 0.02) rows",
+    }
+    notes.append(explain[gate_mode])
+    seed = data.get("base_model")
+    if seed:
+        notes.append("non-FFN weights (embeddings, attention, norms, lm_head) are AVERAGED over base_model and all "
+                     "experts (BTX); mergekit copies base_model's (pass --non-ffn seed for that)")
+    else:
+        notes.append("no base_model: non-FFN weights are averaged over the experts")
+    architecture = data.get("architecture")
+    fmt = "auto"
+    if architecture is not None:
+        fmt = MERGEKIT_ARCHITECTURES.get(str(architecture).lower())
+        if fmt is None:
+            raise SurgeryError(f"{path}: architecture {architecture!r} is not supported (expected "
+                               f"{', '.join(MERGEKIT_ARCHITECTURES)})")
+    for key in ("tokenizer_source", "tokenizer"):
+        if data.get(key) is not None:
+            raise SurgeryError(f"{path}: {key} is not supported: merged models must share one tokenizer, which is "
+                               "copied from the seed (or the first expert)")
+    dtype = data.get("out_dtype") or data.get("dtype")
+    return MergeSpec(experts, str(_resolve(seed, base)) if seed else None, False, {}, "average",
+                     _int(data.get("experts_per_token", 2), f"{path}: experts_per_token"), fmt, router_init,
+                     FITS_DEFAULT, calibration, str(dtype) if dtype else None, notes=notes)
+
+
+def _unique_name(name: str, used: set) -> str:
+    candidate, number = name, 2
+    while candidate in used or candidate == SEED_NAME:
+        candidate, number = f"{name}-{number}", number + 1
+    used.add(candidate)
+    return candidate
+
+
+# ------------------------------------------------------------------ checks
+def check_spec(spec: MergeSpec, where: str = "options") -> None:
+    """Option-level checks that need no file: names, weights, choices, top-k."""
+    if not spec.experts:
+        raise SurgeryError(f"{where}: give at least one --expert NAME=PATH")
+    names = [name for name, _ in spec.experts]
+    for name in names:
+        if name == SEED_NAME:
+            raise SurgeryError(f"{where}: expert name {SEED_NAME!r} is reserved for --seed; choose another name")
+        if names.count(name) > 1:
+            raise SurgeryError(f"{where}: expert name {name!r} is given twice")
+    known = spec.names()
+    for option, keys in (("--weights", spec.weights), ("--calibration", spec.calibration)):
+        for name in keys:
+            if name not in known:
+                raise SurgeryError(f"{where}: {option} names {name!r}, which is not a model of this merge "
+                                   f"(models: {', '.join(known)})")
+    if spec.weights and sum(spec.weights.get(name, 1.0) for name in known) <= 0:
+        raise SurgeryError(f"{where}: --weights add up to 0; at least one model needs a positive weight")
+    if spec.include_seed and not spec.seed:
+        raise SurgeryError(f"{where}: --include-seed needs --seed PATH")
+    if spec.non_ffn not in ("average", SEED_NAME) and spec.non_ffn not in names:
+        raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn!r}: expected average, seed or an expert name "
+                           f"({', '.join(names)})")
+    if spec.non_ffn == SEED_NAME and not spec.seed:
+        raise SurgeryError(f"{where}: --non-ffn seed needs --seed PATH")
+    if spec.router_init not in ROUTER_INITS:
+        raise SurgeryError(f"{where}: router init {spec.router_init!r} is not one of {', '.join(ROUTER_INITS)}")
+    if spec.router_fit not in ROUTER_FITS:
+        raise SurgeryError(f"{where}: router fit {spec.router_fit!r} is not one of {', '.join(ROUTER_FITS)}")
+    if spec.format not in FORMATS:
+        raise SurgeryError(f"{where}: format {spec.format!r} is not one of {', '.join(FORMATS)}")
+    experts = len(spec.experts) + (1 if spec.include_seed else 0)
+    if not 1 <= spec.top_k <= experts:
+        raise SurgeryError(f"{where}: --top-k {spec.top_k} must be between 1 and the number of experts ({experts})")
+    if spec.calibration_tokens <= 0:
+        raise SurgeryError(f"{where}: calibration_tokens must be positive, found {spec.calibration_tokens}")
