@@ -205,15 +205,20 @@ class Checkpoint:
         return found
 
 
+def read_json(path: Path):
+    """A JSON file the user gave us (config, index, manifest); invalid JSON is a one-line error."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SurgeryError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
+
+
 def _read_config(path: Path, required: bool) -> dict | None:
     if not path.exists():
         if required:
             raise SurgeryError(f"{path}: config.json is missing (operations need the model's config)")
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SurgeryError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
+    config = read_json(path)
     if not isinstance(config, dict):
         raise SurgeryError(f"{path}: expected a JSON object, found {type(config).__name__}")
     return config
@@ -239,10 +244,7 @@ def _open_unindexed(files: list[Path]):
 
 def _open_indexed(index_path: Path):
     directory = index_path.parent
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SurgeryError(f"{index_path}: not valid JSON ({str(exc)[:80]})") from None
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise SurgeryError(f"{index_path}: expected an object with a 'weight_map' of tensor name -> shard file")

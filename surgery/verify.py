@@ -36,10 +36,9 @@ def manifest_problems(directory) -> tuple[list[str], int] | None:
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         return None
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SurgeryError(f"{manifest_path}: not valid JSON ({str(exc)[:80]})") from None
+    from surgery.checkpoint import read_json
+
+    manifest = read_json(manifest_path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise SurgeryError(f"{manifest_path}: expected an object with 'files': {{name: sha256 hex}}")

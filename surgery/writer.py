@@ -369,20 +369,14 @@ def _write_side_files(plan: Plan, temp: Path, shards: list[Shard]) -> None:
         (temp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(COPY_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_manifest(temp: Path, plan: Plan, shard_digests: dict[str, str]) -> None:
     """sha256 of every file in the output, so `surgery verify` can tell a damaged copy later."""
+    from surgery.verify import sha256_file
+
     files = dict(shard_digests)
     for path in sorted(temp.iterdir()):
         if path.name not in files and path.is_file():
-            files[path.name] = _sha256(path)
+            files[path.name] = sha256_file(path)
     manifest = {"surgery_version": __version__, "operation": plan.operation,
                 "total_bytes": plan.total_bytes, "files": dict(sorted(files.items()))}
     (temp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
