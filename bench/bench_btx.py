@@ -314,14 +314,15 @@ def speed(args, work: Path) -> str:
         runs["mergekit-moe (gate_mode random)"] = [str(MERGEKIT), str(work / "speed" / "mk.yml"),
                                                    str(work / "speed" / "out"), "--device", "cpu",
                                                    "--out-shard-size", "1B"]
-    measured = {}
-    for label, command in runs.items():
-        results = []
-        for _ in range(args.repeat):
+    results = {label: [] for label in runs}
+    for round_number in range(args.repeat):  # round robin: a slow spell of the disk hits every tool alike
+        for label, command in runs.items():
             shutil.rmtree(work / "speed" / "out", ignore_errors=True)
-            results.append(timed([str(c) for c in command], env={"TOKENIZERS_PARALLELISM": "false"}))
-        measured[label] = (min(r[0] for r in results), max(r[1] for r in results))
-        print(f"  {label}: {measured[label][0]:.1f} s, {measured[label][1]:.0f} MiB", file=sys.stderr, flush=True)
+            os.sync()  # every run starts with no dirty pages left by the one before
+            results[label].append(timed([str(c) for c in command], env={"TOKENIZERS_PARALLELISM": "false"}))
+            print(f"  round {round_number + 1} {label}: {results[label][-1][0]:.1f} s, "
+                  f"{results[label][-1][1]:.0f} MiB", file=sys.stderr, flush=True)
+    measured = {label: (min(r[0] for r in runs_of), max(r[1] for r in runs_of)) for label, runs_of in results.items()}
     out_bytes = sum(p.stat().st_size for p in (work / "speed" / "out").glob("*.safetensors"))
     baseline = measured.get("mergekit-moe (gate_mode random)")
     rows = []
@@ -330,7 +331,8 @@ def speed(args, work: Path) -> str:
         rows.append([label, f"{wall:.1f}", f"{rss:.0f}", ratio])
     text = markdown_table(["run", "wall s", "peak RSS MiB", "vs mergekit (wall / RSS)"], rows)
     text += (f"\n\nInputs: seed + 3 experts, random Llama, {size / 1e6:.0f} MB fp32 each; output Mixtral "
-             f"{out_bytes / 1e6:.0f} MB in 1 GB shards; warm page cache; best wall / worst RSS of {args.repeat}.")
+             f"{out_bytes / 1e6:.0f} MB in 1 GB shards; warm page cache, `sync` before every run, runs "
+             f"interleaved round robin; best wall / worst RSS of {args.repeat}.")
     if baseline:
         surgery_wall, surgery_rss = measured["surgery merge (non-FFN averaged over 4 models)"]
         text += "\n\n" + "\n".join([

@@ -151,11 +151,15 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
 def pread_exact(fd: int, count: int, offset: int, file: Path, name: str) -> bytearray:
     """Read exactly `count` bytes at `offset`; a short read means the file changed or is truncated."""
     buffer = bytearray(count)
-    view = memoryview(buffer)
-    done = 0
+    pread_into(fd, memoryview(buffer), offset, file, name)
+    return buffer
+
+
+def pread_into(fd: int, view: memoryview, offset: int, file: Path, name: str) -> None:
+    """Fill `view` with the bytes at `offset`; a short read means the file changed or is truncated."""
+    count, done = len(view), 0
     while done < count:
         got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
             raise SurgeryError(f"{file}: tensor {name!r}: read {done} of {count} bytes at offset {offset}: file truncated")
         done += got
-    return buffer

@@ -1,0 +1,113 @@
+"""The streaming writer's own behaviours: layout within a shard, read-ahead, the NaN/Inf check."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from surgery import writer
+from surgery.checkpoint import Checkpoint
+from surgery.errors import SurgeryError
+from surgery.plan import Copy, OutputTensor, Plan, Scale
+from surgery.safetensors_format import read_header
+from tiny_models import save_model
+
+
+def _source(directory, tensors):
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors")
+    return Checkpoint.open(directory)
+
+
+def _plan(checkpoint, tensors):
+    return Plan("test", tensors, None, [checkpoint])
+
+
+def test_byte_copies_come_before_computed_tensors_within_a_shard(tmp_path):
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4), "c": torch.ones(4)})
+    plan = _plan(source, [OutputTensor("a", (4,), "F32", Scale(Copy(source, "a"), 2.0)),
+                          OutputTensor("b", (4,), "F32", Copy(source, "b")),
+                          OutputTensor("c", (4,), "F32", Copy(source, "c"))])
+    writer.write_plan(plan, tmp_path / "out")
+    header = read_header(tmp_path / "out" / "model.safetensors")
+    by_offset = sorted(header.tensors, key=lambda name: header.tensors[name].offset)
+    assert by_offset == ["b", "c", "a"]
+    assert load_file(tmp_path / "out" / "model.safetensors")["a"].tolist() == [2.0] * 4
+
+
+def test_shards_keep_plan_order_across_shards(tmp_path):
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
+    tensors = [OutputTensor("a", (4,), "F32", Scale(Copy(source, "a"), 2.0)),
+               OutputTensor("b", (4,), "F32", Copy(source, "b"))]
+    shards = writer.assign_shards(tensors, max_shard_size=16)
+    assert [[t.name for t in shard.tensors] for shard in shards] == [["a"], ["b"]]
+
+
+def test_a_plain_copy_never_imports_torch(tmp_path):
+    source = save_model(tmp_path / "src", "llama")
+    code = ("import sys; from surgery.cli import main\n"
+            f"try: main(['copy', {str(source)!r}, {str(tmp_path / 'out')!r}])\nexcept SystemExit as e: assert not e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_read_ahead_advises_the_inputs_of_the_next_tensors_up_to_the_budget(tmp_path, monkeypatch):
+    names = ["t0", "t1", "t2", "t3"]
+    source = _source(tmp_path / "src", {name: torch.ones(256) for name in names})  # 1 KiB each
+    tensors = [OutputTensor(name, (256,), "F32", Copy(source, name)) for name in names]
+    advised = []
+    monkeypatch.setattr(writer, "READ_AHEAD_BYTES", 2048)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append((offset, length)))
+    read_ahead = writer._ReadAhead(tensors)
+    offsets = [source.info(name).offset for name in names]
+
+    read_ahead.before(0)
+    assert advised == [(offsets[0], 1024), (offsets[1], 1024)]  # this tensor and the next: 2 KiB
+    read_ahead.before(1)
+    assert advised[2:] == [(offsets[2], 1024)]
+    read_ahead.before(3)
+    assert advised[3:] == [(offsets[3], 1024)]
+    read_ahead.before(3)
+    assert len(advised) == 4  # nothing is advised twice
+
+
+def test_read_ahead_can_be_turned_off(tmp_path, monkeypatch):
+    source = _source(tmp_path / "src", {"a": torch.ones(4)})
+    advised = []
+    monkeypatch.setattr(writer, "READ_AHEAD_BYTES", 0)
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: advised.append(args))
+    writer._ReadAhead([OutputTensor("a", (4,), "F32", Copy(source, "a"))]).before(0)
+    assert advised == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_values_whose_sum_overflows_are_written(tmp_path, dtype):
+    big = torch.finfo(dtype).max
+    source = _source(tmp_path / "src", {"a": torch.full((8,), big, dtype=dtype)})
+    plan = _plan(source, [OutputTensor("a", (8,), {torch.float32: "F32", torch.bfloat16: "BF16",
+                                                   torch.float16: "F16"}[dtype], Scale(Copy(source, "a"), 1.0))])
+    writer.write_plan(plan, tmp_path / "out")
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["a"], torch.full((8,), big, dtype=dtype))
+
+
+def test_finite_float32_copy_whose_sum_overflows_is_written(tmp_path):
+    big = float(np.finfo(np.float32).max)
+    source = _source(tmp_path / "src", {"a": torch.full((8,), big)})
+    writer.write_plan(_plan(source, [OutputTensor("a", (8,), "F32", Copy(source, "a"))]), tmp_path / "out")
+    assert load_file(tmp_path / "out" / "model.safetensors")["a"].tolist() == [big] * 8
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_nonfinite_value_in_a_computed_tensor_is_refused(tmp_path, bad):
+    values = torch.zeros(1000)
+    values[517] = bad
+    source = _source(tmp_path / "src", {"a": values})
+    plan = _plan(source, [OutputTensor("a", (1000,), "F32", Scale(Copy(source, "a"), 1.0))])
+    with pytest.raises(SurgeryError, match="1 NaN and 0 Inf" if bad != bad else "0 NaN and 1 Inf"):
+        writer.write_plan(plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
