@@ -216,7 +216,7 @@ def read_json(path: Path):
 def _read_config(path: Path, required: bool) -> dict | None:
     if not path.exists():
         if required:
-            raise SurgeryError(f"{path}: config.json is missing (operations need the model's config)")
+            raise SurgeryError(f"{path}: no such file (operations need the model's config)")
         return None
     config = read_json(path)
     if not isinstance(config, dict):
@@ -237,7 +237,8 @@ def _open_unindexed(files: list[Path]):
         metadata[file] = header.metadata
         for name, info in header.tensors.items():
             if name in tensors:
-                raise SurgeryError(f"tensor {name!r} appears in two shards: {tensors[name].file} and {file}")
+                raise SurgeryError(f"{file.parent}: tensor {name!r} is stored in two shards, {tensors[name].file.name} "
+                                  f"and {file.name} (expected exactly one)")
             tensors[name] = info
     return files, tensors, None, metadata
 
@@ -270,7 +271,8 @@ def _open_indexed(index_path: Path):
         metadata[file] = header.metadata
         for name, info in header.tensors.items():
             if name in tensors:
-                raise SurgeryError(f"tensor {name!r} appears in two shards: {tensors[name].file.name} and {file.name}")
+                raise SurgeryError(f"{index_path}: tensor {name!r} is stored in two shards, {tensors[name].file.name} "
+                                  f"and {file.name} (expected exactly one)")
             listed = weight_map.get(name)
             if listed is None:
                 raise SurgeryError(f"{file}: tensor {name!r} is in the shard but not in {index_path.name}")

@@ -79,6 +79,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
         sys.exit(130)
+    except click.UsageError as exc:  # one line like every other error, with where to look for help
+        command = exc.ctx.command_path if exc.ctx is not None else "surgery"
+        print(f"surgery: error: {exc.format_message().rstrip('.')} (see '{command} --help')", file=sys.stderr)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

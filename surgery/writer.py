@@ -131,7 +131,11 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
     importer = _import_torch_in_background(shards)
     try:
         with _signals_raise():
-            temp.mkdir()
+            try:
+                temp.mkdir()
+            except OSError as exc:
+                raise SurgeryError(f"{out}: cannot create a directory beside it ({temp.name}): "
+                                   f"{exc.strerror or exc}; is {out.parent} writable?") from None
             metadata = {"format": "pt", "surgery_version": __version__, "surgery_operation": plan.operation,
                         **plan.metadata}
             checker = _FiniteCheck(enabled=not allow_nonfinite)
@@ -409,11 +413,26 @@ def _copy_checked(handle, recipe: Copy, tensor: OutputTensor, checker: _FiniteCh
     checker.done(recipe.checkpoint, recipe.name)
 
 
+def _blame_input(tensor: OutputTensor, checker: _FiniteCheck) -> None:
+    """Raise the NaN/Inf error for the first input of `tensor` that holds such values, if any."""
+    from surgery.safetensors_format import pread_exact
+
+    for checkpoint, name in tensor.recipe.inputs():
+        info = checkpoint.info(name)
+        if info.dtype in FLOAT_DTYPES:
+            data = pread_exact(checkpoint._fd(info.file), info.nbytes, info.offset, info.file, name)
+            checker.check_bytes(data, info.dtype, f"{info.file}: tensor {name!r}")
+
+
 def _write_tensor(handle, tensor: OutputTensor, checker: _FiniteCheck) -> None:
     import torch
 
     value = tensor.recipe.compute()
-    checker.check_value(value, f"output tensor {tensor.name!r} ({tensor.recipe.describe()[:120]})")
+    try:
+        checker.check_value(value, f"output tensor {tensor.name!r} ({tensor.recipe.describe()[:120]})")
+    except SurgeryError:
+        _blame_input(tensor, checker)  # name the source file and tensor when an input is the cause
+        raise
     if tuple(value.shape) != tuple(tensor.shape):
         raise AssertionError(f"recipe for {tensor.name} produced shape {list(value.shape)}, plan says {list(tensor.shape)}")
     target = torch_dtype(tensor.dtype)

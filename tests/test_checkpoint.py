@@ -67,7 +67,7 @@ def test_tensor_present_but_unlisted_is_named(sharded):
 def test_same_tensor_in_two_shards_is_refused(tmp_path):
     save_file({"a": torch.zeros(2)}, tmp_path / "one.safetensors")
     save_file({"a": torch.ones(2)}, tmp_path / "two.safetensors")
-    with pytest.raises(SurgeryError, match="tensor 'a' appears in two shards"):
+    with pytest.raises(SurgeryError, match="tensor 'a' is stored in two shards"):
         Checkpoint.open(tmp_path)
 
 
@@ -96,7 +96,7 @@ def test_truncated_file_is_named(tmp_path):
 def test_config_is_required_for_operations(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
     assert Checkpoint.open(tmp_path).config is None
-    with pytest.raises(SurgeryError, match="config.json is missing"):
+    with pytest.raises(SurgeryError, match=r"config.json: no such file"):
         Checkpoint.open(tmp_path, require_config=True)
 
 

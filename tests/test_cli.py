@@ -30,6 +30,14 @@ def test_verbose_shows_the_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" in result.stderr
 
 
-def test_unknown_option_is_a_usage_error(tmp_path, run_cli):
+def test_unknown_option_is_a_one_line_usage_error(tmp_path, run_cli):
     code, _, err = run_cli("copy", tmp_path, tmp_path / "o", "--no-such-option")
-    assert code == 2 and "No such option" in err
+    assert code == 2
+    assert err.strip().splitlines() == ["surgery: error: No such option '--no-such-option' "
+                                        "(see 'surgery copy --help')"]
+
+
+def test_a_value_outside_a_choice_is_a_one_line_usage_error(tmp_path, run_cli):
+    code, _, err = run_cli("upcycle", tmp_path, tmp_path / "o", "-n", "4", "-k", "2", "--router-init", "hash")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("surgery: error: Invalid value for '--router-init': 'hash' is not one of")

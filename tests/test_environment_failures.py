@@ -58,4 +58,4 @@ def test_signal_mid_write_removes_the_partial_output(tmp_path, signum):
 def test_unwritable_output_location_is_refused(tmp_path, run_cli):
     source = save_model(tmp_path / "src", "llama")
     code, _, err = run_cli("copy", source, "/proc/surgery-output")
-    assert code == 2 and err.splitlines()[-1].startswith("surgery: error: /proc/surgery-output: writing failed")
+    assert code == 2 and err.splitlines()[-1].startswith("surgery: error: /proc/surgery-output: cannot create a directory beside it")

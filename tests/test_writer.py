@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from surgery import writer
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.plan import Copy, OutputTensor, Plan, Scale
+from surgery.plan import Copy, OutputTensor, Plan, Rows, Scale
 from surgery.safetensors_format import read_header
 from tiny_models import save_model
 
@@ -111,3 +111,13 @@ def test_one_nonfinite_value_in_a_computed_tensor_is_refused(tmp_path, bad):
     with pytest.raises(SurgeryError, match="1 NaN and 0 Inf" if bad != bad else "0 NaN and 1 Inf"):
         writer.write_plan(plan, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_nonfinite_input_of_a_computed_tensor_is_named_with_its_file(tmp_path):
+    values = torch.zeros(4, 8)
+    values[3, 5] = float("nan")
+    source = _source(tmp_path / "src", {"w": values})
+    plan = _plan(source, [OutputTensor("expert", (2, 8), "F32", Rows(source, "w", [3, 1]))])
+    with pytest.raises(SurgeryError) as raised:
+        writer.write_plan(plan, tmp_path / "out")
+    assert str(raised.value).startswith(f"{tmp_path / 'src' / 'model.safetensors'}: tensor 'w' has 1 NaN and 0 Inf")

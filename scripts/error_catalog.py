@@ -1,0 +1,679 @@
+#!/usr/bin/env python3
+"""Catalog every user-facing error surgery gives, and check that each is one line with exit code 2.
+
+Builds every kind of bad input the tests know (tests/bad_inputs.py), the operation-argument
+refusals the tests provoke (tests/test_upcycle.py, test_split.py, test_merge.py) and the
+environment failures (tests/test_copy.py, test_environment_failures.py), runs each through the
+commands it applies to, and writes docs/errors.md: one table per group with the exit code and
+the exact message.
+
+Commands run the way the tests run them: in-process through ``surgery.cli.main`` (what the
+``run_cli`` fixture does), except a full disk and signals mid-write, which need a real process
+(``python3 -m surgery``), as in test_environment_failures.py.
+
+    python3 scripts/error_catalog.py                 # writes docs/errors.md
+    python3 scripts/error_catalog.py --check         # only check, write nothing
+    python3 scripts/error_catalog.py --out FILE -v   # another output; print every case
+
+Exit status 1 when any error case does not exit 2 with exactly one ``surgery: error: ...`` line on
+stderr (or prints a traceback, or lacks the fragment the tests expect), or when a case that should
+succeed (a warning, --allow-nonfinite) does not exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+sys.path[:0] = [str(REPO), str(TESTS)]  # the tests import their helpers as top-level modules
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # quiet save_pretrained while building inputs
+os.environ["COLUMNS"] = "1000"  # rich wraps warnings at the terminal width; keep each on one line
+
+PREFIX = "surgery: error: "
+REGENERATE = "python3 scripts/error_catalog.py"
+GROUPS = [  # (key, title, intro)
+    ("safetensors", "Damaged safetensors files",
+     "One `model.safetensors` corrupted in one way; every command refuses it before reading tensor data."),
+    ("index", "Sharded checkpoints: the index and its shards",
+     "A checkpoint saved in 20 KB shards, with `model.safetensors.index.json` or the shards made inconsistent."),
+    ("config", "config.json",
+     "`inspect` and `copy` need no config; a kind lists only the commands that refuse it."),
+    ("pickle", "Pickle checkpoints",
+     "Refused by file name and magic bytes, without unpickling anything."),
+    ("arguments", "Operation arguments",
+     "Impossible options, refused before anything is written. Sources are the tiny llama model of the "
+     "tests (hidden 32, intermediate 44, no tokenizer); merges use the tests' three domain copies a, b, c."),
+    ("merge-sources", "Operation arguments: merge sources that do not fit together",
+     "`merge --expert a=... --expert b=... --expert odd=...` where `odd` differs from the others in one "
+     "respect (as in tests/test_merge.py)."),
+    ("environment", "Environment",
+     "Outputs that exist or cannot be written, a full disk, signals mid-write, and NaN/Inf weights in a "
+     "source. Rows with exit code 0 are not errors: they show the warning or the way out."),
+]
+CORPUS_GROUPS = {
+    "safetensors": ["truncated", "header_longer_than_file", "header_not_json", "offsets_out_of_range",
+                    "offsets_overlapping", "offsets_negative", "dtype_unknown", "size_mismatch",
+                    "header_too_large", "empty_file"],
+    "index": ["shard_missing", "tensor_in_absent_shard", "tensor_unlisted", "tensor_in_two_shards",
+              "shard_path_traversal", "shard_path_absolute", "index_not_json"],
+    "config": ["config_missing", "config_not_json", "architecture_unknown", "hidden_size_disagrees",
+               "heads_do_not_divide"],
+    "pickle": ["pickle_bin", "pickle_pt_file"],
+    "environment": ["nonfinite_weight"],
+}
+
+
+# ------------------------------------------------------------------ running a command
+def run_in_process(args) -> tuple[int, str, str]:
+    """`surgery ARGS...` in this process, as the tests' run_cli fixture does: (exit code, stdout, stderr)."""
+    from surgery.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # what a real process would show as a traceback with exit code 1
+            traceback.print_exc()
+            code = 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def surgery_process(args) -> list[str]:
+    return [sys.executable, "-m", "surgery", *map(str, args)]
+
+
+# ------------------------------------------------------------------ cases and results
+@dataclass
+class Case:
+    group: str
+    kind: str
+    command: str
+    run: Callable[[Path, "Fixtures"], tuple[int, str, str]]  # (case directory, fixtures) -> result
+    fragment: str | None = None  # what the tests expect in the message
+    # error: exit 2 and one 'surgery: error: ...' line; warning: exit 0 and a warning line; success: exit 0
+    expect: str = "error"
+
+
+@dataclass
+class Result:
+    case: Case
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+    @property
+    def message(self) -> str:
+        """The line the table shows: the error without its prefix, or the warning."""
+        lines = self.lines
+        if self.case.expect == "error":
+            errors = [line for line in lines if line.startswith(PREFIX)]
+            return (errors or lines or [""])[-1].removeprefix(PREFIX)
+        warnings = [line for line in lines if "warning:" in line]
+        return (warnings or lines or ["(nothing on stderr)"])[0]
+
+
+def in_process(build) -> Callable:
+    """A case runner from build(case_dir, fixtures) -> argument list."""
+    return lambda d, fx: run_in_process(build(d, fx))
+
+
+def check(result: Result) -> None:
+    case, lines, problems = result.case, result.lines, result.problems
+    if "Traceback" in result.stderr or "Traceback" in result.stdout:
+        problems.append("traceback printed")
+    if case.expect == "error":
+        if result.code != 2:
+            problems.append(f"exit code {result.code}, expected 2")
+        if len(lines) != 1 or not lines[0].startswith(PREFIX):
+            problems.append(f"{len(lines)} line(s) on stderr, expected one '{PREFIX}...' line")
+    else:
+        if result.code != 0:
+            problems.append(f"exit code {result.code}, expected 0")
+        if case.expect == "warning" and not any("warning:" in line for line in lines):
+            problems.append("no warning printed")
+    if case.fragment and case.fragment not in " ".join(result.stderr.split()):
+        problems.append(f"message lacks {case.fragment!r}")
+
+
+# ------------------------------------------------------------------ inputs (built once, copied per case)
+class Fixtures:
+    """Pristine tiny models, built once the way the tests build them; copy() puts one in a case dir."""
+
+    def __init__(self, root: Path):
+        self.root = root / "pristine"
+        self.built: dict[str, Path] = {}
+
+    def _get(self, name: str, build) -> Path:
+        if name not in self.built:
+            self.built[name] = build(self.root / name)
+        return self.built[name]
+
+    def model(self, name: str) -> Path:
+        from tiny_models import save_model
+
+        builders = {
+            "single": lambda d: save_model(d, "llama"),
+            "sharded": lambda d: save_model(d, "llama", max_shard_size="20KB"),
+            "good": lambda d: save_model(d, "llama", seed=1),
+            "mixtral": lambda d: save_model(d, "mixtral"),
+            "llama-bias": lambda d: save_model(d, "llama", attention_bias=True),
+            "nonfinite": self._nonfinite,
+        }
+        return self._get(name, builders[name])
+
+    def _nonfinite(self, directory: Path) -> Path:
+        from bad_inputs import nonfinite_weight
+        from tiny_models import save_model
+
+        save_model(directory, "llama")
+        nonfinite_weight(directory)
+        return directory
+
+    def member(self, name: str, **overrides) -> Path:
+        """A merge member as test_merge.py builds them: seeds 0..3 for seed/a/b/c, a char tokenizer."""
+        from test_merge import save_member
+
+        seeds = {"seed": 0, "a": 1, "b": 2, "c": 3}
+        return self._get(f"member-{name}", lambda d: save_member(d, seed=seeds[name], **overrides))
+
+    def copy(self, source: Path, case_dir: Path, name: str) -> Path:
+        target = case_dir / name
+        shutil.copytree(source, target)
+        return target
+
+    def llama(self, case_dir: Path) -> Path:
+        return self.copy(self.model("single"), case_dir, "src")
+
+    def experts(self, case_dir: Path, names=("a", "b", "c")) -> list[str]:
+        args = []
+        for name in names:
+            args += ["--expert", f"{name}={self.copy(self.member(name), case_dir, name)}"]
+        return args
+
+    def calibration(self, case_dir: Path, names) -> list[str]:
+        from test_merge import TEXTS
+
+        args = []
+        for name in names:
+            (case_dir / f"{name}.txt").write_text(TEXTS[name])
+            args += ["--calibration", f"{name}={case_dir / f'{name}.txt'}"]
+        return args
+
+
+# ------------------------------------------------------------------ the corpus of bad inputs
+def corpus_cases() -> list[Case]:
+    from bad_inputs import CORPUS
+    from test_bad_inputs import COMMAND_ARGS
+
+    group_of = {name: group for group, names in CORPUS_GROUPS.items() for name in names}
+    cases = []
+    for kind, build, sharded, fragment, commands in CORPUS:
+        group = group_of.get(build.__name__, "index" if kind.startswith("index") else "other")
+
+        def run(d, fx, build=build, sharded=sharded, command=None):
+            source = fx.copy(fx.model("sharded" if sharded else "single"), d, "src")
+            good = fx.copy(fx.model("good"), d, "good")
+            target = build(source) or source
+            return run_in_process(COMMAND_ARGS[command](target, d / "out", good))
+
+        for command in commands:
+            cases.append(Case(group, kind, command, lambda d, fx, run=run, c=command: run(d, fx, command=c),
+                              fragment))
+    return cases
+
+
+# ------------------------------------------------------------------ operation arguments
+def upcycle(*options, source="single"):
+    return in_process(lambda d, fx: ["upcycle", fx.copy(fx.model(source), d, "src"), d / "out", *options])
+
+
+def split(*options):
+    return in_process(lambda d, fx: ["split", fx.llama(d), d / "out", *options])
+
+
+def merge(*options, names=("a", "b", "c")):
+    return in_process(lambda d, fx: ["merge", d / "out", *fx.experts(d, names), *options])
+
+
+def with_file(name: str, content: bytes, make_args) -> Callable:
+    """Write case_dir/name first; make_args(d, fx, path) -> argument list."""
+    def run(d, fx):
+        (d / name).write_bytes(content)
+        return run_in_process(make_args(d, fx, d / name))
+    return run
+
+
+def calibration_text(content: bytes, strategy: str) -> Callable:
+    return with_file("calibration.txt", content, lambda d, fx, path: [
+        "split", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--strategy", strategy, "--calibration", path])
+
+
+def partition_for(experts: int, wide: bool) -> Callable:
+    """test_split.py: a partition saved for 4 experts of the llama model, reused with -n 2 or on a wider FFN."""
+    def run(d, fx):
+        from tiny_models import save_model
+
+        source = fx.llama(d)
+        code, _, err = run_in_process(["split", source, d / "first", "-n", 4, "-k", 2, "--strategy", "random",
+                                       "--save-partition", d / "p.json"])
+        if code != 0:
+            return code, "", err
+        shutil.rmtree(d / "first")
+        if wide:
+            source = save_model(d / "wide", "llama", intermediate_size=48)
+        return run_in_process(["split", source, d / "out", "-n", experts, "-k", 2, "--partition", d / "p.json"])
+    return run
+
+
+def odd_member(overrides=None, family="llama", tokenizer=False, edit=None, names=("a", "b"),
+               router_zero=False) -> Callable:
+    """test_merge.py: merge a, b and `odd`, a model that differs in one respect."""
+    def run(d, fx):
+        from test_merge import save_member
+
+        odd = save_member(d / "odd", family, seed=7 if overrides else 5, tokenizer=tokenizer, **(overrides or {}))
+        if edit:
+            edit(odd)
+        args = ["merge", d / "out", *fx.experts(d, names), "--expert", f"odd={odd}"]
+        return run_in_process(args + (["--router-init", "zero"] if router_zero else []))
+    return run
+
+
+def change_tokenizer(odd: Path) -> None:
+    (odd / "tokenizer.json").write_text((odd / "tokenizer.json").read_text().replace('"x"', '"X"', 1))
+
+
+def shorten_up_proj(odd: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(odd / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:40]
+    save_file(tensors, odd / "model.safetensors", metadata={"format": "pt"})
+
+
+def merge_calibration_missing(d, fx):
+    return run_in_process(["merge", d / "out", *fx.experts(d), *fx.calibration(d, ("a", "b")),
+                           "--router-init", "calibrated"])
+
+
+def merge_unknown_yaml_key(d, fx):
+    experts = fx.experts(d, ("a",))
+    (d / "m.yml").write_text(f"experts:\n  - {{name: a, path: {experts[1].split('=', 1)[1]}}}\nexpert_count: 3\n")
+    return run_in_process(["merge", d / "out", "--config", d / "m.yml"])
+
+
+def argument_cases() -> list[Case]:
+    A, M = "arguments", "merge-sources"
+    R = "--strategy", "random"
+    rows = [
+        # (group, kind, command, runner, fragment the tests check)
+        (A, "K > N (--top-k above --num-experts)", "upcycle", upcycle("-n", 4, "-k", 5),
+         "--top-k 5: must be between 1 and --num-experts (4)"),
+        (A, "K > N (--top-k above --num-experts)", "split", split("-n", 4, "-k", 5, *R),
+         "--top-k 5: expected 1 to --num-experts (4)"),
+        (A, "K > N (--top-k above --num-experts)", "merge", merge("--top-k", 4),
+         "--top-k 4 must be between 1 and the number of experts (3)"),
+        (A, "K < 1", "merge", merge("--top-k", 0), "--top-k 0 must be between 1"),
+        (A, "N < 2 (fewer than two experts)", "upcycle", upcycle("-n", 1, "-k", 1),
+         "--num-experts 1: an MoE layer needs at least 2 experts"),
+        (A, "N < 2 (fewer than two experts)", "split", split("-n", 1, "-k", 1, *R), "at least 2 experts"),
+        (A, "N < 2 (fewer than two experts)", "merge", merge("--top-k", 1, names=("a",)),
+         "a merge needs at least 2 experts, found 1"),
+        (A, "more experts than FFN neurons", "split", split("-n", 45, "-k", 2, *R),
+         "more experts than the FFN has neurons"),
+        (A, "--granularity does not divide intermediate_size", "upcycle", upcycle("-n", 6, "-k", 3, "-g", 3),
+         "intermediate_size 44 is not divisible by --granularity 3"),
+        (A, "--top-k not a multiple of --granularity", "upcycle", upcycle("-n", 4, "-k", 1, "-g", 2),
+         "--top-k 1 is not a multiple of --granularity 2"),
+        (A, "--num-experts not a multiple of --granularity", "upcycle", upcycle("-n", 6, "-k", 2, "-g", 4),
+         "--num-experts 6 is not a multiple of --granularity 4"),
+        (A, "zero router with granular experts", "upcycle", upcycle("-n", 4, "-k", 2, "-g", 2, "--router-init", "zero"),
+         "a zero router ties every expert"),
+        (A, "unknown --strategy", "split", split("-n", 4, "-k", 2, "--strategy", "kmeans"),
+         "--strategy 'kmeans' is not a split strategy"),
+        (A, "--strategy missing", "split", split("-n", 4, "-k", 2), "--strategy is required"),
+        (A, "unknown --router-init", "split", split("-n", 4, "-k", 2, *R, "--router-init", "hash"),
+         "--router-init 'hash'"),
+        (A, "unknown --router-init", "upcycle", upcycle("-n", 4, "-k", 2, "--router-init", "hash"), "'hash'"),
+        (A, "unknown --router-init", "merge", merge("--router-init", "hash"), "'hash'"),
+        (A, "unknown option", "copy", in_process(lambda d, fx: ["copy", d, d / "o", "--no-such-option"]),
+         "No such option"),
+        (A, "--moe-layers with a format that is all-MoE", "upcycle", upcycle("-n", 4, "-k", 2, "--moe-layers", 1),
+         "mixtral makes every layer MoE; --moe-layers must be 'all'"),
+        (A, "--shared-expert with a format that has none", "upcycle", upcycle("-n", 4, "-k", 2, "--shared-expert"),
+         "format mixtral has no shared expert"),
+        (A, "--format of another family", "upcycle", upcycle("-n", 4, "-k", 2, "--format", "qwen3_moe"),
+         "a llama model cannot become qwen3_moe"),
+        (A, "--format of another family", "split", split("-n", 4, "-k", 2, *R, "--format", "qwen3_moe"),
+         "a llama model cannot become qwen3_moe"),
+        (A, "source bias weights the format cannot hold", "upcycle", upcycle("-n", 4, "-k", 2, source="llama-bias"),
+         "attention_bias is true, but mixtral has no such weights"),
+        (A, "source is already an MoE model", "upcycle", upcycle("-n", 4, "-k", 2, source="mixtral"),
+         "already an MoE model"),
+        (A, "--noise-fraction outside [0, 1]", "upcycle", upcycle("-n", 4, "-k", 2, "--noise", 0.1, "--noise-fraction", 1.5),
+         "--noise-fraction 1.5: must be a fraction"),
+        (A, "--drop-upcycle outside [0, 1]", "upcycle", upcycle("-n", 4, "-k", 2, "--drop-upcycle", -0.1),
+         "--drop-upcycle -0.1: must be a fraction"),
+        (A, "--noise-fraction without --noise", "upcycle", upcycle("-n", 4, "-k", 2, "--noise-fraction", 0.5),
+         "--noise-fraction needs --noise SIGMA"),
+        (A, "negative --seed", "upcycle", upcycle("-n", 4, "-k", 2, "--seed", -1),
+         "--seed -1: must be a non-negative integer"),
+        (A, "--shared-neurons out of range", "split", split("-n", 4, "-k", 2, *R, "--shared-neurons", 41),
+         "expected 0 to 40 shared neurons"),
+        (A, "--shared-neurons and --shared-fraction together", "split",
+         split("-n", 4, "-k", 2, *R, "--shared-neurons", 4, "--shared-fraction", 0.1), "give one"),
+        (A, "bad --expert-scale", "split", split("-n", 4, "-k", 2, *R, "--expert-scale", "-1"), "--expert-scale '-1'"),
+        (A, "--partition saved for another --num-experts", "split", partition_for(2, wide=False),
+         "holds 4 experts, --num-experts is 2"),
+        (A, "--partition saved for another model", "split", partition_for(4, wide=True),
+         "made for intermediate_size 44, the model has 48"),
+        (A, "--calibration without --router-init calibrated", "upcycle",
+         upcycle("-n", 4, "-k", 2, "--calibration", "x.txt"), "--calibration applies to --router-init calibrated only"),
+        (A, "calibration text file empty", "split (sharing-inner)", calibration_text(b"  \n", "sharing-inner"), "text file is empty"),
+        (A, "calibration text file empty", "split (coactivation)", calibration_text(b"  \n", "coactivation"),
+         "text file is empty"),
+        (A, "calibration file not text", "split (sharing-inner)", calibration_text(b"\x00\x01binary", "sharing-inner"),
+         "not a text file"),
+        (A, "calibration file not text", "split (coactivation)", calibration_text(b"\x00\x01binary", "coactivation"),
+         "not a text file"),
+        (A, "calibration text but the source has no tokenizer", "upcycle",
+         with_file("text.txt", b"some calibration text\n", lambda d, fx, p: [
+             "upcycle", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--router-init", "calibrated", "--calibration", p]),
+         "no tokenizer"),
+        (A, "calibration text but the source has no tokenizer", "split",
+         with_file("calibration.txt", b"some text", lambda d, fx, p: [
+             "split", fx.llama(d), d / "out", "-n", 4, "-k", 2, *R, "--router-init", "calibrated", "--calibration", p]),
+         "no tokenizer files"),
+        (A, "calibrated router without text for every expert", "merge", merge_calibration_missing, "missing for c"),
+        (A, "--non-ffn neither average, seed nor an expert", "merge", merge("--non-ffn", "zz"),
+         "--non-ffn 'zz': expected average, seed or an expert name"),
+        (A, "--non-ffn seed without --seed", "merge", merge("--non-ffn", "seed"), "--non-ffn seed needs --seed PATH"),
+        (A, "--include-seed without --seed", "merge", merge("--include-seed"), "--include-seed needs --seed PATH"),
+        (A, "--weights names an unknown model", "merge", merge("--weights", "zz=1"),
+         "--weights names 'zz', which is not a model of this merge"),
+        (A, "--weights negative", "merge", merge("--weights", "a=-1"), "weight must be a finite number >= 0"),
+        (A, "expert name given twice", "merge", merge("--expert", "a=/elsewhere"), "expert name 'a' is given twice"),
+        (A, "unknown key in the merge YAML", "merge", merge_unknown_yaml_key, "unknown key 'expert_count'"),
+        (M, "different tensor shape", "merge", odd_member(edit=shorten_up_proj, names=("a",)),
+         "'model.layers.0.mlp.up_proj.weight' has shape [40, 32]"),
+        (M, "different intermediate_size", "merge", odd_member({"intermediate_size": 40}, router_zero=True),
+         "intermediate_size"),
+        (M, "different vocab_size", "merge", odd_member({"vocab_size": 100}, router_zero=True), "vocab_size"),
+        (M, "different rope", "merge", odd_member({"rope_theta": 500000.0}, router_zero=True), "rope"),
+        (M, "different rms_norm_eps", "merge", odd_member({"rms_norm_eps": 1e-5}, router_zero=True), "rms_norm_eps"),
+        (M, "different hidden_act", "merge", odd_member({"hidden_act": "gelu"}, router_zero=True), "hidden_act"),
+        (M, "different head_dim", "merge", odd_member({"head_dim": 16}, router_zero=True), "head_dim"),
+        (M, "different architecture", "merge", odd_member(family="qwen2", names=("a",)),
+         "architecture is Qwen2ForCausalLM in odd, but LlamaForCausalLM in a"),
+        (M, "different tokenizer", "merge", odd_member(tokenizer=True, edit=change_tokenizer),
+         "tokenizer file tokenizer.json differs between odd and a"),
+    ]
+    return [Case(group, kind, command, runner, fragment, "error") for group, kind, command, runner, fragment in rows]
+
+
+# ------------------------------------------------------------------ environment
+def existing_output(command):
+    def run(d, fx):
+        (d / "out").mkdir()
+        (d / "out" / "keep.txt").write_text("mine")
+        return run_in_process(writing_args(command, d, fx, d / "out"))
+    return run
+
+
+def output_inside_input(command):
+    return lambda d, fx: run_in_process(writing_args(command, d, fx, None))
+
+
+def unwritable_output(command):
+    return lambda d, fx: run_in_process(writing_args(command, d, fx, Path("/proc/surgery-output")))
+
+
+def writing_args(command, d, fx, out):
+    """A valid command that writes `out` (None: a directory inside the first input)."""
+    if command == "merge":
+        experts = fx.experts(d, ("a", "b"))
+        out = out or Path(experts[1].split("=", 1)[1]) / "nested"
+        return ["merge", out, *experts, "--router-init", "zero"]
+    source = fx.llama(d)
+    out = out or source / "nested"
+    extra = {"copy": [], "upcycle": ["-n", 4, "-k", 2], "split": ["-n", 4, "-k", 2, "--strategy", "random"]}
+    return [command, source, out, *extra[command]]
+
+
+def disk_full(d, fx):
+    source = fx.llama(d)
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    result = subprocess.run(surgery_process(["copy", source, d / "out"]), capture_output=True, text=True,
+                            preexec_fn=limit_file_size)
+    return result.returncode, result.stdout, result.stderr
+
+
+def signal_mid_write(signum):
+    def run(d, fx):
+        source = fx.llama(d)
+        process = subprocess.Popen(surgery_process(["copy", source, d / "out", "--dtype", "bf16"]),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not any(p.name.startswith(".out.surgery-tmp") for p in d.iterdir()):
+            if process.poll() is not None or time.time() > deadline:
+                out, err = process.communicate()
+                return process.returncode, out, err + "\n(catalog: the write finished before the signal)"
+            time.sleep(0.005)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+        return process.returncode, out, err
+    return run
+
+
+def nonfinite(args_of):
+    return lambda d, fx: run_in_process(args_of(fx.copy(fx.model("nonfinite"), d, "src"), d))
+
+
+def environment_cases() -> list[Case]:
+    from test_bad_inputs import COMMAND_ARGS
+
+    E = "environment"
+    cases = []
+    for command in COMMAND_ARGS:  # tests/test_cli.py: `inspect <missing>`; here every command
+        cases.append(Case(E, "input path does not exist", command, lambda d, fx, c=command: run_in_process(
+            COMMAND_ARGS[c](d / "nothing", d / "out", fx.copy(fx.model("good"), d, "good"))),
+            "nothing: no such file or directory"))
+    for command in ("copy", "upcycle", "split", "merge"):
+        cases.append(Case(E, "output already exists", command, existing_output(command),
+                          "output already exists (use --force"))
+    for command in ("copy", "upcycle", "split", "merge"):
+        cases.append(Case(E, "output inside the input", command, output_inside_input(command),
+                          "output is inside the input"))
+    for command in ("copy", "upcycle", "split", "merge"):
+        cases.append(Case(E, "output location not writable (/proc/surgery-output)", command,
+                          unwritable_output(command), "/proc/surgery-output: cannot create a directory beside it"))
+    cases += [
+        Case(E, "disk full during the write (RLIMIT_FSIZE 60 KB)", "copy", disk_full, "File too large"),
+        Case(E, "SIGTERM mid-write", "copy", signal_mid_write(signal.SIGTERM), "interrupted by SIGTERM"),
+        Case(E, "SIGINT (Ctrl-C) mid-write", "copy", signal_mid_write(signal.SIGINT), "interrupted by SIGINT"),
+        Case(E, "NaN/Inf weight: inspect --stats warns", "inspect",
+             nonfinite(lambda src, d: ["inspect", src, "--stats"]), "has 0 NaN and 1 Inf", expect="warning"),
+        Case(E, "NaN/Inf weight: validate --structure-only", "validate",
+             nonfinite(lambda src, d: ["validate", src, "--structure-only"]), "has 0 NaN and 1 Inf"),
+        Case(E, "NaN/Inf weight: verify", "verify", nonfinite(lambda src, d: ["verify", src]),
+             "has 0 NaN and 1 Inf"),
+        Case(E, "NaN/Inf weight: written anyway with --allow-nonfinite", "copy",
+             nonfinite(lambda src, d: ["copy", src, d / "out", "--allow-nonfinite"]), expect="success"),
+    ]
+    return cases
+
+
+# ------------------------------------------------------------------ the document
+def stable(text: str, case_dir: Path, root: Path) -> str:
+    for directory in (case_dir, root):
+        for form in {str(directory), os.path.realpath(directory)}:
+            text = text.replace(form + os.sep, "<tmp>/").replace(form, "<tmp>")
+    text = re.sub(r"surgery-tmp-\d+", "surgery-tmp-<pid>", text)  # temporary names carry the process id
+    return re.sub(r"\(\d+\.\d s, \d+ MB/s\)", "(<time>, <speed>)", text)  # `wrote ...` timings
+
+
+def cell(text: str) -> str:
+    text = text.replace("|", "\\|")
+    fence = "``" if "`" in text else "`"
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def note_for(result: Result) -> str:
+    """What else the case printed, beyond the one line the table shows."""
+    extra = []
+    others = len(result.lines) - 1
+    if others > 0:
+        extra.append(f"{others} more line{'s' if others != 1 else ''} on stderr")
+    if result.stdout.strip():
+        extra.append("a report on stdout")
+    if result.problems:
+        extra.append("**" + "; ".join(result.problems) + "**")
+    return f" <br>_({', '.join(extra)})_" if extra else ""
+
+
+def row(results: list[Result]) -> str:
+    kind = results[0].case.kind
+    commands = ", ".join(r.case.command for r in results)
+    codes = sorted({r.code for r in results})
+    code = ", ".join(map(str, codes)) if len(codes) > 1 else str(codes[0])
+    by_message: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        by_message.setdefault((r.message, note_for(r)), []).append(r.case.command)
+    if len(by_message) == 1:
+        (message, note), = by_message
+        text = cell(message) + note
+    else:
+        text = " <br>".join(f"{', '.join(names)}: {cell(message)}{note}"
+                            for (message, note), names in by_message.items())
+    return f"| {kind} | {commands} | {code} | {text} |"
+
+
+def document(results: list[Result], summary: str) -> str:
+    lines = [
+        "# Error catalog",
+        "",
+        "Every user-facing failure of `surgery` is one line on stderr, `surgery: error: <message>`, with exit "
+        "code 2 (`-v` adds the traceback). The tables below show the `<message>` part for every kind of bad "
+        "input, impossible option and environment failure the test suite provokes, run through every command "
+        "it applies to. Where commands word the message differently, each wording is shown with its commands.",
+        "",
+        f"Generated by `{REGENERATE}`, which builds each case the way "
+        "the tests do (tests/bad_inputs.py, tests/test_bad_inputs.py, tests/test_upcycle.py, "
+        "tests/test_split.py, tests/test_merge.py, tests/test_copy.py, tests/test_environment_failures.py) in a "
+        "temporary directory, shown as `<tmp>/`; `src` is the input, `good` a second valid model, `out` the "
+        "output. The script exits non-zero when any error case does not exit 2 with exactly one line, so it "
+        "doubles as a check.",
+        "",
+        "Do not edit this file by hand; regenerate it.",
+        "",
+        f"Last run: {summary}",
+        "",
+    ]
+    by_group: dict[str, dict[str, list[Result]]] = {}
+    for result in results:
+        by_group.setdefault(result.case.group, {}).setdefault(result.case.kind, []).append(result)
+    known = [g for g, _, _ in GROUPS]
+    titles = GROUPS + [(g, g.capitalize(), "") for g in by_group if g not in known]
+    for key, title, intro in titles:
+        if key not in by_group:
+            continue
+        lines += [f"## {title}", ""]
+        if intro:
+            lines += [intro, ""]
+        lines += ["| kind | commands | exit code | message |", "|---|---|---|---|"]
+        kinds = sorted(by_group[key].values(), key=lambda rs: rs[0].case.kind.startswith("NaN/Inf"))  # NaN rows together
+        lines += [row(kind_results) for kind_results in kinds]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "errors.md", help="Markdown file to write.")
+    parser.add_argument("--check", action="store_true", help="Run and check every case; write nothing.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Print every case as it runs.")
+    options = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: threads only cost (as in tests/test_split.py)
+    started = time.perf_counter()
+    cases = corpus_cases() + argument_cases() + environment_cases()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="surgery-errors-") as tmp:
+        root = Path(tmp)
+        fixtures = Fixtures(root)
+        for number, case in enumerate(cases):
+            case_dir = root / f"case-{number:03d}"
+            case_dir.mkdir()
+            t0 = time.perf_counter()
+            try:
+                code, stdout, stderr = case.run(case_dir, fixtures)
+            except Exception:  # a broken builder, not a surgery result: report it as a failed case
+                code, stdout, stderr = -1, "", "catalog: building the case failed\n" + traceback.format_exc()
+            result = Result(case, code, stable(stdout, case_dir, root), stable(stderr, case_dir, root),
+                            time.perf_counter() - t0)
+            check(result)
+            results.append(result)
+            if options.verbose or result.problems:
+                status = "FAIL " + "; ".join(result.problems) if result.problems else "ok"
+                print(f"[{number + 1}/{len(cases)}] {case.kind} | {case.command}: exit {code} "
+                      f"({result.seconds:.1f} s) {status}\n    {result.message}", file=sys.stderr)
+            shutil.rmtree(case_dir, ignore_errors=True)
+    seconds = time.perf_counter() - started
+
+    failed = [r for r in results if r.problems]
+    errors = [r for r in results if r.case.expect == "error"]
+    fine = len(results) - len(errors)
+    kinds = len({(r.case.group, r.case.kind) for r in results})
+    if failed:
+        summary = (f"{kinds} kinds, {len(results)} cases: {len(failed)} FAILED ({len(errors)} error cases, "
+                   f"{fine} warning/success cases)")
+    else:
+        summary = (f"{kinds} kinds, {len(results)} cases: all {len(errors)} refusals exit 2 with one line; "
+                   f"{fine} warning/success cases exit 0")
+    if not options.check:
+        options.out.parent.mkdir(parents=True, exist_ok=True)
+        options.out.write_text(document(results, summary))
+    for result in failed:
+        print(f"FAILED {result.case.kind} | {result.case.command}: {'; '.join(result.problems)}\n"
+              f"    stderr: {result.stderr.strip()[-800:]}", file=sys.stderr)
+    print(f"{summary} ({seconds:.0f} s){'' if options.check else f'; wrote {options.out}'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
