@@ -300,18 +300,21 @@ class _TailHasher(threading.Thread):
     def run(self) -> None:
         try:
             position = 0
-            with open(self.path, "rb") as handle:
+            # one buffer for every read: fresh buffers of varying size make glibc keep freed heap
+            # memory, so peak RSS grew with the number of tensors in a shard (bench/bench_scale.py)
+            buffer = memoryview(bytearray(COPY_CHUNK))
+            with open(self.path, "rb", buffering=0) as handle:
                 while True:
                     with self.condition:
                         while position >= self.written and not self.finished:
                             self.condition.wait()
                         limit, finished = self.written, self.finished
                     while position < limit:
-                        block = handle.read(min(COPY_CHUNK, limit - position))
-                        if not block:
+                        got = handle.readinto(buffer[:min(COPY_CHUNK, limit - position)])
+                        if not got:
                             raise OSError(f"{self.path}: ended at {position} bytes while hashing")
-                        self.digest.update(block)
-                        position += len(block)
+                        self.digest.update(buffer[:got])
+                        position += got
                     if finished and position >= self.written:
                         return
         except BaseException as exc:  # reported by result()
