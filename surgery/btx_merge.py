@@ -42,9 +42,9 @@ MEAN_BLOCK_BYTES = 16 * 2**20  # float32 bytes of one block of rows read per inp
 class BlockedMean(Recipe):
     """sum_i w_i * x_i / sum_i w_i of one tensor name across models, in float32, read in blocks of rows.
 
-    The arithmetic per element is that of ``plan.WeightedMean`` (x_0 * w_0/W, then + w_i/W * x_i in
-    order); reading row blocks keeps memory at the output tensor plus one block per input instead
-    of two whole tensors.
+    The arithmetic per element is that of ``plan.WeightedMean`` (x_0 * (w_0/W), then + x_i * (w_i/W)
+    in order, every step rounded to float32), done in numpy: a merge of float32/float16 models needs
+    no torch at all. Reading row blocks keeps memory at the output tensor plus two blocks.
     """
 
     def __init__(self, checkpoints: list, name: str, weights: list[float], block_bytes: int = MEAN_BLOCK_BYTES):
@@ -56,65 +56,84 @@ class BlockedMean(Recipe):
     def describe(self):
         return "mean(" + ", ".join(f"{w:g}*{c.label or c.directory}" for w, c in zip(self.weights, self.checkpoints)) + ")"
 
-    def compute(self):
-        import math
+    def numpy_ready(self, dtype):
+        from surgery.plan import NUMPY_FLOATS
 
+        stored = {checkpoint.info(self.name).dtype for checkpoint in self.checkpoints}
+        return dtype in NUMPY_FLOATS and stored <= {"F32", "F16", "F64", "BF16"}
+
+    def compute(self):
         import torch
 
-        from surgery.checkpoint import torch_dtype
+        return torch.from_numpy(self.compute_array("F32"))
+
+    def compute_array(self, dtype):
+        import math
+
+        import numpy as np
+
+        from surgery.plan import NUMPY_FLOATS
 
         shape = tuple(self.checkpoints[0].info(self.name).shape)
         total = float(sum(self.weights))
-        if not shape or 0 in shape:  # scalars and empty tensors: whole-tensor arithmetic
-            result = None
-            for checkpoint, weight in zip(self.checkpoints, self.weights):
-                value = checkpoint.read(self.name).to(torch.float32)
-                result = value.mul_(weight / total) if result is None else result.add_(value, alpha=weight / total)
-            return result
-        result = torch.empty(shape, dtype=torch.float32)
-        step = max(1, self.block_bytes // (4 * math.prod(shape[1:])))
-        scratch = {}  # stored dtype -> one reusable block buffer
-        for start in range(0, shape[0], step):
-            stop = min(shape[0], start + step)
-            target = result[start:stop]
-            for index, (checkpoint, weight) in enumerate(zip(self.checkpoints, self.weights)):
-                dtype = checkpoint.info(self.name).dtype
-                if index == 0 and dtype == "F32":  # read straight into the output
-                    _read_rows_into(checkpoint, self.name, start, stop, target)
-                    target.mul_(weight / total)
-                    continue
-                if dtype not in scratch:
-                    scratch[dtype] = torch.empty((step,) + shape[1:], dtype=torch_dtype(dtype))
-                block = scratch[dtype][:stop - start]
+        factors = [np.float32(weight / total) for weight in self.weights]
+        result = np.empty(shape, dtype=np.float32)
+        rows = shape[0] if shape else 1
+        row_elements = math.prod(shape[1:]) if shape else 1
+        flat = result.reshape(rows, row_elements)
+        step = max(1, self.block_bytes // (4 * max(row_elements, 1)))
+        product = np.empty((min(step, rows), row_elements), dtype=np.float32)
+        scratch = {}  # stored dtype -> one reusable block buffer of raw values
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            target = flat[start:stop]
+            for index, (checkpoint, factor) in enumerate(zip(self.checkpoints, factors)):
+                stored = checkpoint.info(self.name).dtype
+                if stored not in scratch:
+                    scratch[stored] = np.empty((min(step, rows), row_elements), dtype=_RAW_NUMPY[stored])
+                block = scratch[stored][:stop - start]
                 _read_rows_into(checkpoint, self.name, start, stop, block)
-                value = block if dtype == "F32" else block.to(torch.float32)
+                value = _as_float32(block, stored)
                 if index == 0:
-                    torch.mul(value, weight / total, out=target)
+                    np.multiply(value, factor, out=target)
                 else:
-                    target.add_(value, alpha=weight / total)
-        return result
+                    np.multiply(value, factor, out=product[:stop - start])
+                    np.add(target, product[:stop - start], out=target)
+        return result if dtype == "F32" else result.astype(NUMPY_FLOATS.get(dtype, "float32"))
+
+
+_RAW_NUMPY = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "uint16",
+              "F8_E4M3": "uint8", "F8_E5M2": "uint8"}
+
+
+def _as_float32(block, stored: str):
+    """float32 values of a block of stored values (bfloat16 is the top half of a float32: exact)."""
+    import numpy as np
+
+    if stored == "F32":
+        return block
+    if stored == "BF16":
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    if stored in ("F16", "F64"):
+        return block.astype(np.float32)
+    import torch  # float8: numpy has no such type
+
+    from surgery.checkpoint import torch_dtype
+
+    return torch.from_numpy(block).view(torch_dtype(stored)).to(torch.float32).numpy()
 
 
 def _read_rows_into(checkpoint, name: str, start: int, stop: int, out) -> None:
-    """Rows start:stop of a stored tensor, read with positioned reads straight into `out`'s memory."""
-    import os
-
-    import torch
+    """Rows start:stop of a stored tensor, read with positioned reads straight into numpy array `out`."""
+    from surgery.safetensors_format import pread_into
 
     info = checkpoint.info(name)
-    if tuple(info.shape[1:]) != tuple(out.shape[1:]) or not 0 <= start <= stop <= info.shape[0]:
+    rows = info.shape[0] if info.shape else 1
+    if not 0 <= start <= stop <= rows or out.nbytes * rows != info.nbytes * (stop - start):
         raise SurgeryError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, cannot read rows {start}:{stop}")
-    row_bytes = info.nbytes // info.shape[0]
-    count, offset = row_bytes * (stop - start), info.offset + row_bytes * start
-    view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-    fd = checkpoint._fd(info.file)
-    done = 0
-    while done < count:
-        got = os.preadv(fd, [view[done:count]], offset + done)
-        if got <= 0:
-            raise SurgeryError(f"{info.file}: tensor {name!r}: read {done} of {count} bytes at offset {offset}: "
-                               "file truncated")
-        done += got
+    row_bytes = info.nbytes // rows if rows else 0
+    if out.nbytes:
+        pread_into(checkpoint._fd(info.file), memoryview(out).cast("B"), info.offset + row_bytes * start, info.file, name)
 
 
 @dataclass

@@ -35,6 +35,18 @@ class Recipe:
     def compute(self):
         raise NotImplementedError
 
+    def numpy_ready(self, dtype: str) -> bool:
+        """Whether `compute_array` can make this tensor in safetensors dtype `dtype` with numpy alone, so
+        the writer need not import torch (about 2 s) for it. Known from headers, before any data is read."""
+        return False
+
+    def compute_array(self, dtype: str):
+        """This tensor as a numpy array of safetensors dtype `dtype`; only where `numpy_ready(dtype)`."""
+        raise NotImplementedError
+
+
+NUMPY_FLOATS = {"F32": "float32", "F16": "float16", "F64": "float64"}  # safetensors dtype -> numpy dtype name
+
 
 def _short(checkpoint: Checkpoint, name: str) -> str:
     return f"{checkpoint.label}:{name}" if getattr(checkpoint, "label", None) else name
@@ -142,13 +154,15 @@ class WeightedMean(Recipe):
         return "mean(" + ", ".join(f"{w:g}*{item.describe()}" for w, item in zip(self.weights, self.items)) + ")"
 
     def compute(self):
+        """x_0 * (w_0/W), then + x_i * (w_i/W) in order: each product and each sum rounded to float32
+        once (no fused multiply-add), the arithmetic numpy does too (btx_merge.BlockedMean)."""
         import torch
 
         total = float(sum(self.weights))
         result = None
         for weight, item in zip(self.weights, self.items):
-            value = item.compute().to(torch.float32)
-            result = value.mul_(weight / total) if result is None else result.add_(value, alpha=weight / total)
+            value = item.compute().to(torch.float32) * (weight / total)
+            result = value if result is None else result.add_(value)
         return result
 
 
@@ -216,19 +230,31 @@ class Init(Recipe):
     def _bound(self):
         return self.bound if self.bound is not None else 1.0 / math.sqrt(self.shape[-1])
 
+    def _values(self):
+        """float32 values from numpy's seeded generator: the same numbers whichever path writes them."""
+        import numpy as np
+
+        if self.kind == "zero":
+            return np.zeros(self.shape, dtype=np.float32)
+        if self.kind == "ones":
+            return np.ones(self.shape, dtype=np.float32)
+        generator = np.random.default_rng(int(self.seed))
+        if self.kind == "normal":
+            return generator.standard_normal(self.shape, dtype=np.float32) * np.float32(self.std)
+        if self.kind == "uniform":
+            return (generator.random(self.shape, dtype=np.float32) * 2 - 1) * np.float32(self._bound())
+        raise SurgeryError(f"unknown init {self.kind!r} (expected zero, normal, uniform)")
+
     def compute(self):
         import torch
 
-        generator = torch.Generator().manual_seed(int(self.seed))
-        if self.kind == "zero":
-            return torch.zeros(self.shape, dtype=torch.float32)
-        if self.kind == "ones":
-            return torch.ones(self.shape, dtype=torch.float32)
-        if self.kind == "normal":
-            return torch.randn(self.shape, generator=generator, dtype=torch.float32) * self.std
-        if self.kind == "uniform":
-            return (torch.rand(self.shape, generator=generator, dtype=torch.float32) * 2 - 1) * self._bound()
-        raise SurgeryError(f"unknown init {self.kind!r} (expected zero, normal, uniform)")
+        return torch.from_numpy(self._values())
+
+    def numpy_ready(self, dtype):
+        return dtype in NUMPY_FLOATS and self.kind in ("zero", "ones", "normal", "uniform")
+
+    def compute_array(self, dtype):
+        return self._values().astype(NUMPY_FLOATS[dtype], copy=False)
 
 
 @dataclass

@@ -48,6 +48,11 @@ def is_byte_copy(tensor: OutputTensor) -> bool:
     return isinstance(recipe, Copy) and recipe.checkpoint.info(recipe.name).dtype == tensor.dtype
 
 
+def needs_torch(tensor: OutputTensor) -> bool:
+    """Whether writing this tensor imports torch: neither a byte copy nor computable with numpy alone."""
+    return not is_byte_copy(tensor) and not tensor.recipe.numpy_ready(tensor.dtype)
+
+
 def assign_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[Shard]:
     """Greedy, in plan order: a new shard starts when the next tensor would overflow this one.
 
@@ -169,12 +174,12 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
 
 
 def _import_torch_in_background(shards: list[Shard]) -> threading.Thread | None:
-    """Start importing torch (about 2 s) while the first byte copies run, if a tensor will need it.
+    """Start importing torch (about 2 s) while the first byte copies run, if any tensor needs it.
 
     A daemon thread that failure paths never join: a signal that interrupts the main thread inside
     the import machinery can leave CPython's import lock held (a known CPython limitation), and
     joining would then wait forever."""
-    if "torch" in sys.modules or all(is_byte_copy(tensor) for shard in shards for tensor in shard.tensors):
+    if "torch" in sys.modules or not any(needs_torch(tensor) for shard in shards for tensor in shard.tensors):
         return None
 
     def load():
@@ -427,7 +432,26 @@ def _blame_input(tensor: OutputTensor, checker: _FiniteCheck) -> None:
             checker.check_bytes(data, info.dtype, f"{info.file}: tensor {name!r}")
 
 
+def _write_array(handle, tensor: OutputTensor, checker: _FiniteCheck) -> None:
+    """A tensor computed with numpy (recipe.numpy_ready): checked and written without torch."""
+    import numpy as np
+
+    array = np.ascontiguousarray(tensor.recipe.compute_array(tensor.dtype))
+    if tuple(array.shape) != tuple(tensor.shape) or array.nbytes != tensor.nbytes:
+        raise AssertionError(f"recipe for {tensor.name} produced {array.dtype} {list(array.shape)}, plan says "
+                             f"{tensor.dtype} {list(tensor.shape)}")
+    data = memoryview(array.reshape(-1)).cast("B")
+    try:
+        checker.check_bytes(data, tensor.dtype, f"output tensor {tensor.name!r} ({tensor.recipe.describe()[:120]})")
+    except SurgeryError:
+        _blame_input(tensor, checker)
+        raise
+    handle.write(data)
+
+
 def _write_tensor(handle, tensor: OutputTensor, checker: _FiniteCheck) -> None:
+    if not needs_torch(tensor):
+        return _write_array(handle, tensor, checker)
     import torch
 
     value = tensor.recipe.compute()

@@ -6,6 +6,8 @@ character-level tokenizer so that router inits that read text can run.
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,6 +93,18 @@ def test_non_ffn_tensors_are_the_weighted_mean_of_all_models(tmp_path, world, ru
     for name in non_ffn:  # float32 mean; tolerance: float32 rounding of 4 terms
         expected = sum(w * inputs[m][name].double() for m, w in weights.items()) / sum(weights.values())
         torch.testing.assert_close(out[name].double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_float32_merge_with_a_normal_router_never_imports_torch(tmp_path, world):
+    """Averaging, expert copies and router init all run in numpy: no 2 s torch import."""
+    args = ["merge", str(tmp_path / "out"), "--seed", str(world["seed"]), *map(str, expert_args(world)),
+            "--router-init", "normal"]
+    code = ("import sys; from surgery.cli import main\n"
+            f"try: main({args!r})\nexcept SystemExit as e: assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_expert_i_of_layer_l_is_model_i_ffn_bit_exactly(tmp_path, world, run_cli):
