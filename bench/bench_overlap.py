@@ -75,12 +75,14 @@ def main():
         rows = []
         for cache in caches:
             for label in operations:
-                before = min(results[(cache, label, "before (read-ahead off)")])
-                after = min(results[(cache, label, "after (read-ahead on)")])
-                rows.append([cache, label, f"{before:.2f}", f"{after:.2f}", f"{before / after:.2f}x"])
-        print(f"\n## Read-ahead: wall seconds, best of {repeat}\n")
+                before = results[(cache, label, "before (read-ahead off)")]
+                after = results[(cache, label, "after (read-ahead on)")]
+                mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
+                rows.append([cache, label, f"{min(before):.2f} / {mean_before:.2f}", f"{min(after):.2f} / {mean_after:.2f}",
+                             f"{min(before) / min(after):.2f}x / {mean_before / mean_after:.2f}x"])
+        print(f"\n## Read-ahead: wall seconds, best / mean of {repeat}\n")
         print(markdown_table(["page cache", "operation", "before: read-ahead off", "after: read-ahead on",
-                              "speed-up"], rows))
+                              "speed-up (best / mean)"], rows))
         print(f"\nInput: random fp32 Llama, {size / 1e9:.2f} GB in 400 MB shards.")
         if not cold_possible:
             print("\nCold-cache rows skipped: dropping the page cache needs root.")
