@@ -252,6 +252,8 @@ def _open_indexed(index_path: Path):
     root = directory.resolve()
     shard_names: list[str] = []
     for name, shard in weight_map.items():
+        if not shard or "\x00" in shard:
+            raise SurgeryError(f"{index_path}: tensor {name!r} points to shard {shard!r}, which is not a valid file name")
         candidate = Path(shard)
         if candidate.is_absolute() or ".." in candidate.parts or not (root / candidate).resolve().is_relative_to(root):
             raise SurgeryError(f"{index_path}: tensor {name!r} points to shard {shard!r} outside the checkpoint directory (refused)")

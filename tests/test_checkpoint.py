@@ -64,6 +64,16 @@ def test_tensor_present_but_unlisted_is_named(sharded):
         Checkpoint.open(sharded)
 
 
+@pytest.mark.parametrize("shard", ["", "model\x00.safetensors"])
+def test_shard_name_that_is_not_a_file_name_is_refused(sharded, shard):
+    """Found by the fuzzer: a NUL byte in a shard name made pathlib raise ValueError."""
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SurgeryError, match="tensor 'model.norm.weight' points to shard .* not a valid file name"):
+        Checkpoint.open(sharded)
+
+
 def test_same_tensor_in_two_shards_is_refused(tmp_path):
     save_file({"a": torch.zeros(2)}, tmp_path / "one.safetensors")
     save_file({"a": torch.ones(2)}, tmp_path / "two.safetensors")
