@@ -138,6 +138,10 @@ def shard_path_absolute(d):
     _edit_index(d, lambda index: index["weight_map"].__setitem__(NORM, "/etc/passwd"))
 
 
+def shard_name_with_nul(d):
+    _edit_index(d, lambda index: index["weight_map"].__setitem__(NORM, "model\x00.safetensors"))
+
+
 def index_not_json(d):
     (d / "model.safetensors.index.json").write_text("{'weight_map': ")
 
@@ -200,6 +204,7 @@ CORPUS = [
     ("index: same tensor in two shards", tensor_in_two_shards, True, "is stored in two shards", ALL),
     ("index: shard path with ..", shard_path_traversal, True, "outside the checkpoint directory (refused)", ALL),
     ("index: absolute shard path", shard_path_absolute, True, "outside the checkpoint directory (refused)", ALL),
+    ("index: shard name with a NUL byte", shard_name_with_nul, True, "which is not a valid file name", ALL),
     ("index not JSON", index_not_json, True, "model.safetensors.index.json: not valid JSON", ALL),
     ("config missing", config_missing, False, "config.json: no such file", ("upcycle", "split", "merge", "validate")),
     ("config not JSON", config_not_json, False, "config.json: not valid JSON", ALL),
