@@ -26,7 +26,7 @@ from common import (REPO, dir_bytes, io_floor, llama_config, make_random_llama, 
                     surgery_command, timed, warm)
 
 EXPERTS, TOP_K = 8, 2
-SURGERY_IMPORTS = "import torch, numpy, safetensors, click, rich, surgery.writer, surgery.upcycle, surgery.moe_plan"
+SURGERY_IMPORTS = "import numpy, safetensors, click, rich, surgery.writer, surgery.upcycle, surgery.moe_plan"  # no torch: copies and numpy router init
 MERGEKIT_IMPORTS = "import torch, transformers, mergekit.scripts.moe"
 
 

@@ -145,9 +145,15 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
                         **plan.metadata}
             checker = _FiniteCheck(enabled=not allow_nonfinite)
             digests = {}
+            hashing: list[tuple[str, _TailHasher]] = []  # shards written, hash maybe still running
             with console.progress(f"{plan.operation} → {out.name}", plan.total_bytes) as advance:
                 for shard in shards:
-                    digests[shard.file_name] = _write_shard(temp / shard.file_name, shard, metadata, advance, checker)
+                    hashing.append((shard.file_name, _write_shard(temp / shard.file_name, shard, metadata, advance,
+                                                                  checker)))
+                    while len(hashing) > 1:  # the last shard's hash may finish while the next one is written
+                        name, hasher = hashing.pop(0)
+                        digests[name] = hasher.result()
+                digests.update((name, hasher.result()) for name, hasher in hashing)
             _write_side_files(plan, temp, shards)
             verify_written(temp, shards)
             _write_manifest(temp, plan, digests)
@@ -333,8 +339,8 @@ class _TailHasher(threading.Thread):
         return self.digest.hexdigest()
 
 
-def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance, checker: _FiniteCheck) -> str:
-    """Write one shard; returns its sha256."""
+def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance, checker: _FiniteCheck) -> "_TailHasher":
+    """Write one shard; returns its hasher, which may still be hashing the last bytes written."""
     header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in shard.tensors], metadata)
     with open(path, "wb") as handle:
         hasher = _TailHasher(path)
@@ -343,7 +349,7 @@ def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance, ch
             _write_shard_body(handle, header, shard, advance, checker, hasher)
         finally:
             hasher.advance(handle.tell(), finished=True)
-    return hasher.result()
+    return hasher
 
 
 def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: _FiniteCheck, hasher: _TailHasher) -> None:
