@@ -29,13 +29,13 @@ from surgery import console
 from surgery.compat import Member, check_compatible
 from surgery.errors import SurgeryError
 from surgery.merge_config import FITS_DEFAULT, SEED_NAME, MergeSpec
+from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
 from surgery.options import execute, output_options
 from surgery.plan import Constant, Copy, Init, OutputTensor, Plan, Recipe
 
 ROUTER_STD = 0.02
 # Qwen2-MoE always builds a shared expert; a merge writes an all-zero one (it adds exactly 0), with
 # 8 neurons as `surgery upcycle` does, so that tensor-parallel engines can split it.
-INERT_SHARED_FFN = 8
 MEAN_BLOCK_BYTES = 16 * 2**20  # float32 bytes of one block of rows read per input
 
 
@@ -189,8 +189,7 @@ def open_merge(spec: MergeSpec) -> Merge:
     config = arch.moe_config(family, reference.checkpoint.config, target, num_experts=len(experts), top_k=spec.top_k,
                              expert_ffn=dims["ffn"], shared_ffn=INERT_SHARED_FFN if target.shared_expert else None)
     if target.shared_expert:
-        notes.append(f"{target.name} always has a shared expert: writing an inert all-zero one ({INERT_SHARED_FFN} "
-                     "neurons, gate 0; it adds exactly 0)")
+        notes.append(inert_shared_note(target))
     embed = family.spec("embedding", "embed").name()
     dtype = parse_dtype(spec.dtype) if spec.dtype else reference.checkpoint.info(embed).dtype
     config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dtype, config.get("dtype"))
@@ -296,8 +295,8 @@ def build_plan(merge: Merge, routers: dict | None = None, routing_text: str | No
     def ffn_recipe(expected):
         if expected.group == "router":
             return router(expected.layer)
-        if expected.group == "shared_expert":  # qwen2_moe always has one: inert, adds exactly 0
-            return Init("zero", expected.shape)
+        if expected.group == "shared_expert":  # qwen2_moe always has one
+            return inert_shared_expert(expected)
         if expected.group == "experts":
             member = merge.experts[expected.expert]
             return Copy(member.checkpoint, dense_ffn_names(family, expected.layer)[expected.role])

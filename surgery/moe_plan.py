@@ -16,9 +16,24 @@ from surgery import architectures as arch
 from surgery.architectures import Expected, Family
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.plan import Copy, OutputTensor, Recipe
+from surgery.plan import Copy, Init, OutputTensor, Recipe
 
 MOE_GROUPS = ("router", "experts", "shared_expert", "ffn")
+
+# Some formats always have a shared expert (qwen2_moe). Where the operation has nothing to put there,
+# every operation writes the same inert one: all zeros with gate 0, so it adds exactly 0. Eight
+# neurons, not one, so that tensor-parallel loaders (vLLM shards it over up to 8 GPUs) can split it.
+INERT_SHARED_FFN = 8
+
+
+def inert_shared_expert(expected: Expected) -> Recipe:
+    """A tensor of the inert shared expert (weights and gate alike: zeros)."""
+    return Init("zero", expected.shape)
+
+
+def inert_shared_note(target: Family) -> str:
+    return (f"{target.name} always has a shared expert: writing an inert all-zero one ({INERT_SHARED_FFN} neurons, "
+            "gate 0; it adds exactly 0)")
 
 
 def source_name(source_family: Family, expected: Expected) -> str:

@@ -24,6 +24,7 @@ import click
 
 from surgery import console
 from surgery.errors import SurgeryError
+from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
 from surgery.options import execute, output_options
 
 STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
@@ -88,7 +89,7 @@ class Layout:
     """Sizes shared by every layer (config.json holds one value each)."""
 
     expert_ffn: int
-    shared_ffn: int  # qwen2_moe shared expert (>= 1: the format always has one)
+    shared_ffn: int  # qwen2_moe shared expert (the format always has one: inert when no neuron is shared)
     duplicated: bool  # shared neurons copied into every routed expert
 
 
@@ -253,7 +254,7 @@ def layout_for(partitions: dict, target) -> Layout:
     duplicated = not target.shared_expert
     largest_shared = max(len(p.shared) for p in partitions.values())
     expert_ffn = max(p.largest_expert + (len(p.shared) if duplicated else 0) for p in partitions.values())
-    return Layout(expert_ffn, 0 if duplicated else max(largest_shared, 1), duplicated)
+    return Layout(expert_ffn, 0 if duplicated else largest_shared or INERT_SHARED_FFN, duplicated)
 
 
 def neuron_groups(partition, expert: int, scale: float, top_k: int, duplicated: bool, holders) -> list[tuple[list, float]]:
@@ -337,8 +338,10 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
         if expected.group == "shared_expert":
             size = layout.shared_ffn
             neurons = partition.shared.tolist()
-            if expected.role == "shared_gate" or not neurons:
-                return Init("zero", expected.shape)
+            if not neurons:
+                return inert_shared_expert(expected)
+            if expected.role == "shared_gate":
+                return Init("zero", expected.shape)  # sigmoid(0) = 0.5, made up for by down_proj x 2
             if expected.role == "down":
                 recipe = Scale(Columns(source, names["down"], neurons), 2.0)  # sigmoid(0) = 0.5
                 return recipe if len(neurons) == size else PadRows(recipe, size, -1)
@@ -382,7 +385,7 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
         notes.append(f"uneven expert sizes {sizes[0]}-{sizes[-1]} (+{shared if layout.duplicated else 0} shared): "
                      f"padded with {padding} zero neurons in all (exact: a zero neuron adds nothing)")
     if not layout.duplicated and not shared:
-        notes.append(f"{target.name} always has a shared expert: it is one zero neuron (adds nothing)")
+        notes.append(inert_shared_note(target))
     overlap = [p.stats.get("neurons_in_several_experts", 0) for p in partitions.values()]
     if any(overlap):
         notes.append(f"experts overlap: up to {max(overlap)} neurons per layer held by several experts "

@@ -28,7 +28,8 @@ from surgery import architectures as arch
 from surgery import console
 from surgery.architectures import Expected
 from surgery.errors import SurgeryError
-from surgery.moe_plan import dense_ffn_names, moe_tensors, open_dense_source, parse_moe_layers, provenance
+from surgery.moe_plan import (INERT_SHARED_FFN, dense_ffn_names, inert_shared_expert, inert_shared_note, moe_tensors,
+                               open_dense_source, parse_moe_layers, provenance)
 from surgery.options import execute, output_options
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
 
@@ -37,7 +38,6 @@ ROUTER_INITS = ("normal", "uniform", "zero", "calibrated")
 DTYPES = ("keep", "bf16", "fp16", "fp32")
 # Qwen2-MoE always builds a shared expert; without --shared-expert it is written all-zero (it adds
 # exactly 0). 8 neurons rather than 1 so that tensor-parallel engines can split it 2, 4 or 8 ways.
-INERT_SHARED_FFN = 8
 SHARED_GATE_AT_ZERO = 0.5  # sigmoid(0): the share of the output a zero-gated shared expert adds
 CALIBRATION_TOKENS = 2048
 CALIBRATION_SEQ_LEN = 256
@@ -242,7 +242,7 @@ class UpcycleRecipes:
     # ---------------------------------------------------------------- shared expert
     def shared_expert(self, expected: Expected) -> Recipe:
         if expected.role == "shared_gate" or not self.options.shared_expert:
-            return Init("zero", expected.shape)  # gate 0: sigmoid(0) = 1/2; inert expert: adds exactly 0
+            return inert_shared_expert(expected)
         return Copy(self.source, dense_ffn_names(self.family, expected.layer)[expected.role])
 
 
@@ -308,9 +308,7 @@ def _notes(options: UpcycleOptions, target, down_dtype: str, down_factor: float)
         notes.append("; ".join(parts) + ": exactness is broken on purpose, the result no longer reproduces the "
                      "source and needs training")
     if target.shared_expert and not options.shared_expert:
-        notes.append(f"{target.name} always has a shared expert: writing an inert all-zero one "
-                     f"({INERT_SHARED_FFN} neurons, gate 0; it adds exactly 0). Use --shared-expert to make the "
-                     "dense FFN the shared expert")
+        notes.append(inert_shared_note(target) + ". Use --shared-expert to make the dense FFN the shared expert")
     if options.dtype != "keep":
         notes.append(f"--dtype {options.dtype} rounds the weights: the result reproduces the source cast to "
                      f"{options.dtype}, not the source itself")

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from surgery.checkpoint import Checkpoint
-from surgery.loading import load_model
-from tiny_models import logits, sample_ids, save_model
+from tiny_models import load_model, logits, sample_ids, save_model
 
 STRATEGIES = ["random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation"]
 FORMATS = [("llama", "mixtral"), ("llama", "qwen2_moe"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe")]
@@ -78,6 +77,17 @@ def test_k_equals_n_with_a_zero_router_reproduces_the_dense_logits(tmp_path, run
     split(run_cli, sources[family], tmp_path / "out", "-n", 4, "-k", 4, "--strategy", strategy, "--format", fmt,
           "--calibration", calibration)
     assert max_difference(sources[family], tmp_path / "out") <= EXACT
+
+
+def test_qwen2_moe_without_shared_neurons_gets_the_same_inert_shared_expert_as_upcycle(tmp_path, run_cli, sources):
+    from surgery.moe_plan import INERT_SHARED_FFN
+
+    split(run_cli, sources["llama"], tmp_path / "out", "-n", 4, "-k", 4, "--strategy", "random", "--format", "qwen2_moe")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["shared_expert_intermediate_size"] == INERT_SHARED_FFN == 8
+    shared = {name: value for name, value in read_tensors(tmp_path / "out").items() if ".shared_expert" in name}
+    assert shared and all(not value.any() for value in shared.values())
+    assert max_difference(sources["llama"], tmp_path / "out") <= EXACT
 
 
 def test_uneven_split_is_padded_with_zero_neurons_and_stays_exact(tmp_path, run_cli, sources):
