@@ -1,5 +1,5 @@
 """Fuzzing: mutated safetensors headers and index files make every command either succeed or fail
-with SurgeryError, never another exception, within a bounded time.
+with SurgeryError, never another exception, within a bounded time and memory.
 
 CI runs a few hundred examples; set SURGERY_FUZZ_EXAMPLES to run more locally.
 """
@@ -36,10 +36,32 @@ def seeds(tmp_path_factory):
             "sharded": save_model(root / "sharded", "llama", max_shard_size="20KB")}
 
 
+SECONDS_PER_EXAMPLE = 60  # bounds, far above what a tiny model needs (~0.1-1 s): a hang or
+MEMORY_PER_EXAMPLE = 64 * 2**20  # an allocation sized by a corrupt header fails the example
+
+
 def run_every_command(directory: Path) -> None:
-    """inspect (with --stats), copy, and the operations' plans; anything but SurgeryError fails."""
+    """Every command on `directory`: inspect --stats, copy, and upcycle / split / merge / validate
+    (plans, dry runs and structure checks). Each must succeed or refuse with SurgeryError (exit 2)
+    within the time and memory bounds; any other exception fails the example."""
+    import time
+    import tracemalloc
+
+    started = time.monotonic()
+    tracemalloc.start()
+    try:
+        _every_command(directory)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < SECONDS_PER_EXAMPLE, "too slow"
+    assert peak < MEMORY_PER_EXAMPLE, f"allocated {peak / 2**20:.0f} MiB at peak"
+
+
+def _every_command(directory: Path) -> None:
     from surgery.copy import build_plan
     from surgery.inspect import analyse
+    from surgery.upcycle import build_plan as upcycle_plan
     from surgery.writer import write_plan
 
     try:
@@ -48,22 +70,28 @@ def run_every_command(directory: Path) -> None:
             write_plan(build_plan(checkpoint), directory.parent / "out", allow_nonfinite=True)
     except SurgeryError:
         pass
-    for build in _operation_planners():
-        try:
-            build(directory)
-        except SurgeryError:
-            pass
-
-
-def _operation_planners():
-    planners = []
     try:
-        from surgery.upcycle import build_plan as upcycle_plan
-
-        planners.append(lambda d: upcycle_plan(d, num_experts=4, top_k=2))
-    except (ImportError, AttributeError):
+        upcycle_plan(directory, num_experts=4, top_k=2)
+    except SurgeryError:
         pass
-    return planners
+    out = directory.parent / "out-dry"
+    _cli("split", directory, out, "-n", 2, "-k", 2, "--strategy", "random", "--dry-run")
+    _cli("merge", out, "--expert", f"a={directory}", "--expert", f"b={directory}", "--dry-run")
+    _cli("validate", directory, "--structure-only")
+
+
+def _cli(*args) -> None:
+    """Run a command in-process: exit 0 or 2 (SurgeryError); anything else propagates and fails."""
+    import contextlib
+    import io
+
+    from surgery.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            main([str(arg) for arg in args])
+        except SystemExit as exit:
+            assert exit.code in (0, 2, None), f"{args[0]}: exit {exit.code}: {err.getvalue()[-500:]}"
 
 
 def _header(path):
