@@ -26,6 +26,14 @@ MOE_GROUPS = ("router", "experts", "shared_expert", "ffn")
 INERT_SHARED_FFN = 8
 
 
+def check_expert_counts(num_experts: int, top_k: int) -> None:
+    """The --num-experts / --top-k rules every operation with those options shares."""
+    if num_experts < 2:
+        raise SurgeryError(f"--num-experts {num_experts}: an MoE layer needs at least 2 experts")
+    if not 1 <= top_k <= num_experts:
+        raise SurgeryError(f"--top-k {top_k}: must be between 1 and --num-experts ({num_experts})")
+
+
 def inert_shared_expert(expected: Expected) -> Recipe:
     """A tensor of the inert shared expert (weights and gate alike: zeros)."""
     return Init("zero", expected.shape)

@@ -24,7 +24,7 @@ import click
 
 from surgery import console
 from surgery.errors import SurgeryError
-from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
+from surgery.moe_plan import INERT_SHARED_FFN, check_expert_counts, inert_shared_expert, inert_shared_note
 from surgery.options import execute, output_options
 
 STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
@@ -102,10 +102,7 @@ def _resolve(source, family, options: SplitOptions):
     target = arch.moe_target(family, options.format, source.config, where)
     dims = arch.dimensions(family, source.config, where)
     ffn, n, k = dims["ffn"], options.num_experts, options.top_k
-    if n < 2:
-        raise SurgeryError(f"--num-experts {n}: a split needs at least 2 experts")
-    if not 1 <= k <= n:
-        raise SurgeryError(f"--top-k {k}: expected 1 to --num-experts ({n})")
+    check_expert_counts(n, k)
     if n > ffn:
         raise SurgeryError(f"--num-experts {n}: more experts than the FFN has neurons (intermediate_size {ffn})")
     if options.router_init not in ROUTER_INITS:

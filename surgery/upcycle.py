@@ -28,7 +28,7 @@ from surgery import architectures as arch
 from surgery import console
 from surgery.architectures import Expected
 from surgery.errors import SurgeryError
-from surgery.moe_plan import (INERT_SHARED_FFN, dense_ffn_names, inert_shared_expert, inert_shared_note, moe_tensors,
+from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, inert_shared_expert, inert_shared_note, moe_tensors,
                                open_dense_source, parse_moe_layers, provenance)
 from surgery.options import execute, output_options
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
@@ -86,10 +86,7 @@ def check_options(options: UpcycleOptions) -> None:
         raise SurgeryError(f"--router-init {options.router_init!r}: expected one of {', '.join(ROUTER_INITS)}")
     if options.dtype not in DTYPES:
         raise SurgeryError(f"--dtype {options.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if n < 2:
-        raise SurgeryError(f"--num-experts {n}: an MoE layer needs at least 2 experts")
-    if not 1 <= k <= n:
-        raise SurgeryError(f"--top-k {k}: must be between 1 and --num-experts ({n})")
+    check_expert_counts(n, k)
     if g < 1:
         raise SurgeryError(f"--granularity {g}: must be a positive integer")
     if n % g:

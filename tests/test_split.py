@@ -258,7 +258,7 @@ def refused(run_cli, tmp_path, *args):
 
 @pytest.mark.parametrize("args, message", [
     (["-n", 1, "-k", 1, "--strategy", "random"], "at least 2 experts"),
-    (["-n", 4, "-k", 5, "--strategy", "random"], "--top-k 5: expected 1 to --num-experts (4)"),
+    (["-n", 4, "-k", 5, "--strategy", "random"], "--top-k 5: must be between 1 and --num-experts (4)"),
     (["-n", 45, "-k", 2, "--strategy", "random"], "more experts than the FFN has neurons"),
     (["-n", 4, "-k", 2, "--strategy", "kmeans"], "--strategy 'kmeans' is not a split strategy"),
     (["-n", 4, "-k", 2, "--strategy", "random", "--router-init", "hash"], "--router-init 'hash'"),
