@@ -14,16 +14,16 @@ VERBOSITY = {"level": 0}  # -1 quiet, 0 normal, 1 verbose
 
 def info(message: str) -> None:
     if VERBOSITY["level"] >= 0:
-        console.print(message)
+        console.print(message, soft_wrap=True)  # one message, one line: the terminal wraps, logs stay greppable
 
 
 def note(message: str) -> None:
     if VERBOSITY["level"] >= 0:
-        console.print(f"[yellow]note:[/] {message}")
+        console.print(f"[yellow]note:[/] {message}", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[bold yellow]warning:[/] {message}")
+    console.print(f"[bold yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def progress_enabled() -> bool:

@@ -123,7 +123,8 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
         report.stats = tensor_stats(checkpoint, [info.name for info in selected])
         for name, stat in report.stats.items():
             if stat.get("nan") or stat.get("inf"):
-                report.warnings.append(f"tensor {name} has {stat['nan']} NaN and {stat['inf']} Inf values")
+                report.warnings.append(f"{checkpoint.info(name).file}: tensor {name!r} has {stat['nan']} NaN and "
+                                       f"{stat['inf']} Inf values")
     return report
 
 

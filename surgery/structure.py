@@ -33,7 +33,7 @@ def check_structure(path, scan: bool = True) -> dict:
         nonfinite = {}
         if scan:
             nonfinite = scan_nonfinite(checkpoint)
-            problems += [f"{checkpoint.tensors[name].file.name}: tensor {name} has {counts['nan']} NaN and "
+            problems += [f"{checkpoint.tensors[name].file.name}: tensor {name!r} has {counts['nan']} NaN and "
                          f"{counts['inf']} Inf values" for name, counts in nonfinite.items()]
         return {
             "path": str(path),

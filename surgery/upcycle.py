@@ -391,7 +391,7 @@ def calibration_batches(source, calibration: str | None):
     text = samples.read_text(path)
     tokenizer = load_tokenizer(source.directory)
     if tokenizer is None:
-        raise SurgeryError(f"{source.directory}: no tokenizer to tokenise {path.name}; pass --calibration with "
+        raise SurgeryError(f"{source.directory}: no tokenizer to tokenise {path}; pass --calibration with "
                            f"token ids ({', '.join(TOKEN_FILE_SUFFIXES)})")
     return samples.text_batches(tokenizer, text, CALIBRATION_BATCH, CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, vocab)
 

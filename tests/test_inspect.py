@@ -97,7 +97,7 @@ def test_stats_count_nan_and_inf(tmp_path, run_cli):
     code, out, err = run_cli("inspect", directory, "--stats", "--json")
     stats = json.loads(out)["stats"]["model.norm.weight"]
     assert (stats["nan"], stats["inf"]) == (1, 2)
-    assert code == 0 and "model.norm.weight has 1 NaN and 2 Inf" in err
+    assert code == 0 and f"{directory / 'model.safetensors'}: tensor 'model.norm.weight' has 1 NaN and 2 Inf" in err
 
 
 def test_inspect_without_config_still_shows_layout(tmp_path, run_cli):

@@ -55,7 +55,7 @@ def test_nan_and_inf_are_counted_per_tensor(llama):
     rewrite(llama, poison)
     report = check_structure(llama)
     assert report["nonfinite"] == {"model.layers.1.mlp.down_proj.weight": {"nan": 2, "inf": 1}}
-    assert report["problems"] == ["model.safetensors: tensor model.layers.1.mlp.down_proj.weight has 2 NaN and 1 Inf values"]
+    assert report["problems"] == ["model.safetensors: tensor 'model.layers.1.mlp.down_proj.weight' has 2 NaN and 1 Inf values"]
     assert check_structure(llama, scan=False)["problems"] == []
 
 
@@ -139,5 +139,5 @@ def test_verify_cli_json_and_exit_codes(llama, run_cli):
     assert code == 0 and json.loads(out)["problems"] == []
     rewrite(llama, lambda t: t["model.norm.weight"].fill_(float("nan")))
     code, out, err = run_cli("verify", llama, "--json")
-    assert code == 2 and "model.norm.weight has 32 NaN and 0 Inf" in err
+    assert code == 2 and "tensor 'model.norm.weight' has 32 NaN and 0 Inf" in err
     assert json.loads(out)["nonfinite"] == {"model.norm.weight": {"nan": 32, "inf": 0}}

@@ -331,7 +331,7 @@ def test_cli_structure_only_loads_nothing(built, tmp_path, run_cli, monkeypatch)
     assert code == 0 and json.loads(out)["problems"] == [] and json.loads(out)["scanned"]
     bad = perturbed_copy(built["llama"], tmp_path / "bad", "model.norm.weight", float("inf"))
     code, out, err = run_cli("validate", bad, "--structure-only")
-    assert code == 2 and "model.norm.weight has 0 NaN and 32 Inf values" in err
+    assert code == 2 and "tensor 'model.norm.weight' has 0 NaN and 32 Inf values" in err
 
 
 def test_cli_plot_without_matplotlib_is_a_clear_error(built, tmp_path, run_cli, monkeypatch):
