@@ -60,7 +60,7 @@ class BlockedMean(Recipe):
         from surgery.plan import NUMPY_FLOATS
 
         stored = {checkpoint.info(self.name).dtype for checkpoint in self.checkpoints}
-        return dtype in NUMPY_FLOATS and stored <= {"F32", "F16", "F64", "BF16"}
+        return dtype in NUMPY_FLOATS and stored <= {*NUMPY_FLOATS, "BF16"}  # float8 needs torch (_as_float32)
 
     def compute(self):
         import torch
@@ -90,7 +90,7 @@ class BlockedMean(Recipe):
             for index, (checkpoint, factor) in enumerate(zip(self.checkpoints, factors)):
                 stored = checkpoint.info(self.name).dtype
                 if stored not in scratch:
-                    scratch[stored] = np.empty((min(step, rows), row_elements), dtype=_RAW_NUMPY[stored])
+                    scratch[stored] = np.empty((min(step, rows), row_elements), dtype=_raw_numpy(stored))
                 block = scratch[stored][:stop - start]
                 _read_rows_into(checkpoint, self.name, start, stop, block)
                 value = _as_float32(block, stored)
@@ -102,8 +102,12 @@ class BlockedMean(Recipe):
         return result if dtype == "F32" else result.astype(NUMPY_FLOATS.get(dtype, "float32"))
 
 
-_RAW_NUMPY = {"F32": "float32", "F16": "float16", "F64": "float64", "BF16": "uint16",
-              "F8_E4M3": "uint8", "F8_E5M2": "uint8"}
+def _raw_numpy(stored: str) -> str:
+    """The numpy dtype that holds stored values as they are: the float itself, else raw bits."""
+    from surgery.plan import NUMPY_FLOATS
+    from surgery.safetensors_format import DTYPE_SIZES
+
+    return NUMPY_FLOATS.get(stored) or {1: "uint8", 2: "uint16"}[DTYPE_SIZES[stored]]
 
 
 def _as_float32(block, stored: str):
@@ -114,7 +118,7 @@ def _as_float32(block, stored: str):
         return block
     if stored == "BF16":
         return (block.astype(np.uint32) << 16).view(np.float32)
-    if stored in ("F16", "F64"):
+    if block.dtype.kind == "f":  # F16, F64
         return block.astype(np.float32)
     import torch  # float8: numpy has no such type
 

@@ -427,6 +427,17 @@ def _copy_checked(handle, recipe: Copy, tensor: OutputTensor, checker: _FiniteCh
     checker.done(recipe.checkpoint, recipe.name)
 
 
+@contextmanager
+def _checking_output(tensor: OutputTensor, checker: _FiniteCheck):
+    """Around the NaN/Inf check of a computed tensor: yields how to name it, and when the check
+    fails, names the source file and tensor instead if an input is the cause."""
+    try:
+        yield f"output tensor {tensor.name!r} ({tensor.recipe.describe()[:120]})"
+    except SurgeryError:
+        _blame_input(tensor, checker)
+        raise
+
+
 def _blame_input(tensor: OutputTensor, checker: _FiniteCheck) -> None:
     """Raise the NaN/Inf error for the first input of `tensor` that holds such values, if any."""
     from surgery.safetensors_format import pread_exact
@@ -447,11 +458,8 @@ def _write_array(handle, tensor: OutputTensor, checker: _FiniteCheck) -> None:
         raise AssertionError(f"recipe for {tensor.name} produced {array.dtype} {list(array.shape)}, plan says "
                              f"{tensor.dtype} {list(tensor.shape)}")
     data = memoryview(array.reshape(-1)).cast("B")
-    try:
-        checker.check_bytes(data, tensor.dtype, f"output tensor {tensor.name!r} ({tensor.recipe.describe()[:120]})")
-    except SurgeryError:
-        _blame_input(tensor, checker)
-        raise
+    with _checking_output(tensor, checker) as where:
+        checker.check_bytes(data, tensor.dtype, where)
     handle.write(data)
 
 
@@ -461,11 +469,8 @@ def _write_tensor(handle, tensor: OutputTensor, checker: _FiniteCheck) -> None:
     import torch
 
     value = tensor.recipe.compute()
-    try:
-        checker.check_value(value, f"output tensor {tensor.name!r} ({tensor.recipe.describe()[:120]})")
-    except SurgeryError:
-        _blame_input(tensor, checker)  # name the source file and tensor when an input is the cause
-        raise
+    with _checking_output(tensor, checker) as where:
+        checker.check_value(value, where)
     if tuple(value.shape) != tuple(tensor.shape):
         raise AssertionError(f"recipe for {tensor.name} produced shape {list(value.shape)}, plan says {list(tensor.shape)}")
     target = torch_dtype(tensor.dtype)
