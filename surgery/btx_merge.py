@@ -32,6 +32,7 @@ from surgery.merge_config import FITS_DEFAULT, SEED_NAME, MergeSpec
 from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
 from surgery.options import execute, output_options
 from surgery.plan import Constant, Copy, Init, OutputTensor, Plan, Recipe
+from surgery.seeds import router_seed
 
 ROUTER_STD = 0.02
 # Qwen2-MoE always builds a shared expert; a merge writes an all-zero one (it adds exactly 0), with
@@ -244,7 +245,7 @@ def router_recipe(merge: Merge, routers: dict | None, embedding_router):
         if init == "zero":
             return Init("zero", shape)
         if init == "normal":
-            return Init("normal", shape, seed=merge.spec.router_seed * 100_003 + layer, std=ROUTER_STD)
+            return Init("normal", shape, seed=router_seed(merge.spec.router_seed, layer), std=ROUTER_STD)
         if init == "embedding":
             return embedding_router
         domains = ", ".join(d.name for d in merge.domains())

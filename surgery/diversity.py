@@ -18,18 +18,17 @@ from __future__ import annotations
 import math
 
 # Independent random streams per (layer, expert): the neuron choice of each transform and the
-# values drawn for each of the three matrices.
-STREAMS = {"drop_neurons": 0, "noise_neurons": 1,
-           "drop_gate": 2, "drop_up": 3, "drop_down": 4,
-           "noise_gate": 5, "noise_up": 6, "noise_down": 7}
+# values drawn for each of the three matrices (purposes of surgery.seeds.derive).
+STREAMS = ("drop_neurons", "noise_neurons", "drop_gate", "drop_up", "drop_down", "noise_gate", "noise_up", "noise_down")
 
 
 def stream_seed(seed: int, layer: int, expert: int, stream: str) -> int:
     """A 63-bit seed for one (layer, expert, stream), stable across runs, platforms and versions."""
-    import numpy as np
+    from surgery.seeds import derive
 
-    state = np.random.SeedSequence([int(seed), int(layer), int(expert), STREAMS[stream]]).generate_state(2, np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
+    if stream not in STREAMS:
+        raise KeyError(stream)
+    return derive(seed, stream, layer, expert)
 
 
 def neuron_count(size: int, fraction: float) -> int:

@@ -26,6 +26,7 @@ from surgery import console
 from surgery.errors import SurgeryError
 from surgery.moe_plan import INERT_SHARED_FFN, check_expert_counts, inert_shared_expert, inert_shared_note
 from surgery.options import execute, output_options
+from surgery.seeds import router_seed
 
 STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
 ROUTER_INITS = ("zero", "normal", "centroid", "calibrated")
@@ -330,7 +331,7 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
 
                 return Constant(torch.as_tensor(routers[layer]), f"{options.router_init} router rows")
             if options.router_init == "normal":
-                return Init("normal", (n, hidden), seed=options.seed * 1000 + layer, std=ROUTER_STD)
+                return Init("normal", (n, hidden), seed=router_seed(options.seed, layer), std=ROUTER_STD)
             return Init("zero", (n, hidden))
         if expected.group == "shared_expert":
             size = layout.shared_ffn

@@ -32,6 +32,7 @@ from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_n
                                open_dense_source, parse_moe_layers, provenance)
 from surgery.options import execute, output_options
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
+from surgery.seeds import router_seed
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
 ROUTER_INITS = ("normal", "uniform", "zero", "calibrated")
@@ -281,13 +282,6 @@ class ExpertDiversity:
         if self.noise and self.sigma > 0:
             weight = diversity.add_noise(weight, self.noise, self.axis, self.sigma * std, self.seeds["noise"])
         return weight
-
-
-def router_seed(seed: int, layer: int) -> int:
-    """The seed of one layer's router rows: independent per layer, stable across versions."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(seed), int(layer), 0x726F75]).generate_state(1, np.uint32)[0])
 
 
 def _divisors(n: int) -> list[int]:

@@ -95,8 +95,15 @@ class LayerInputs:
         return self._cache[role]
 
     def rng(self, purpose: str = "") -> np.random.Generator:
-        """A generator seeded by (seed, layer, purpose): layers and uses never share a stream."""
-        return np.random.default_rng([self.seed, self.layer, sum(map(ord, purpose))])
+        """A generator of the stream (seed, purpose, layer): layers and uses never share a stream."""
+        from surgery.seeds import generator
+
+        return generator(self.seed, purpose, self.layer)
+
+    def stream_seed(self, purpose: str) -> int:
+        from surgery.seeds import derive
+
+        return derive(self.seed, purpose, self.layer)
 
 
 def equal_sizes(count: int, parts: int) -> list[int]:

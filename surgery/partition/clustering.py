@@ -23,7 +23,7 @@ def features(inputs: LayerInputs) -> np.ndarray:
 def split(inputs: LayerInputs) -> Partition:
     shared, rest = split_shared(inputs)
     points = features(inputs)[rest]
-    labels, _, stats = balanced_kmeans(points, inputs.num_experts, seed=inputs.seed + inputs.layer,
+    labels, _, stats = balanced_kmeans(points, inputs.num_experts, seed=inputs.stream_seed("clustering"),
                                        capacities=equal_sizes(len(rest), inputs.num_experts))
     experts = [rest[labels == j] for j in range(inputs.num_experts)]
     return Partition(experts, shared, stats)

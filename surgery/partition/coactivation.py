@@ -50,7 +50,7 @@ def split(inputs: LayerInputs) -> Partition:
     shared, rest = split_shared(inputs, score=_firing_rate(inputs))
     counts = coactivation_counts(inputs.firing, inputs.ffn, rest)
     embedding = spectral_embedding(counts, inputs.num_experts)
-    labels, _, stats = balanced_kmeans(embedding, inputs.num_experts, seed=inputs.seed + inputs.layer,
+    labels, _, stats = balanced_kmeans(embedding, inputs.num_experts, seed=inputs.stream_seed("coactivation"),
                                        capacities=equal_sizes(len(rest), inputs.num_experts))
     within = 0.0
     for j in range(inputs.num_experts):
