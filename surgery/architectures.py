@@ -82,7 +82,10 @@ def _experts(prefix: str, gate: str, up: str, down: str) -> tuple[Spec, ...]:
     ])
 
 
-# transformers 5 keeps experts fused in memory and may save them that way.
+# transformers 5 keeps experts fused in memory and may save them that way: the fused layout is also
+# the in-memory layout that layer-by-layer execution builds. FUSED_PARTS: which per-expert roles a
+# fused role stacks, in order along its second dimension (gate rows first, then up).
+FUSED_PARTS = {"gate_up": ("gate", "up"), "down": ("down",)}
 FUSED_EXPERTS = _specs("experts", L, [
     ("gate_up", "mlp.experts.gate_up_proj", ("experts", "2*expert_ffn", "hidden")),
     ("down", "mlp.experts.down_proj", ("experts", "hidden", "expert_ffn")),
@@ -103,12 +106,17 @@ class Family:
     attention: tuple[Spec, ...]  # every layer: attention + norms
     dense_ffn: tuple[Spec, ...] = DENSE_FFN  # a dense layer's FFN
     router: Spec | None = None
+    fused_router: Spec | None = None  # the router's name in the fused (in-memory) layout, when it differs
     experts: tuple[Spec, ...] = ()  # per-expert layout, {expert} in the template
     fused_experts: tuple[Spec, ...] = ()
     shared_expert: tuple[Spec, ...] = ()
     defaults: dict = field(default_factory=dict)  # config values assumed when a key is absent
     moe_keys: dict = field(default_factory=dict)  # dimension -> config key(s), first present wins
     sparse_layers: str = "all"  # "all", or "qwen" (mlp_only_layers + decoder_sparse_step)
+    # The router of an MoE layer reads the input of the module holding the layer's FFN or MoE block
+    # (transformers' `mlp`: the post-attention norm output in pre-norm families); calibration
+    # captures that input, for dense sources too, where a future router will read it.
+    router_input: str = "mlp"
 
     def spec(self, group: str, role: str) -> Spec:
         pool = {"ffn": self.dense_ffn, "experts": self.experts, "shared_expert": self.shared_expert,
@@ -137,6 +145,7 @@ FAMILIES: dict[str, Family] = {
         Family("mixtral", "MixtralForCausalLM", "moe", _specs("attention", L, QKVO) + NORMS,
                dense_ffn=(),
                router=Spec("router", "router", L + "block_sparse_moe.gate.weight", ("experts", "hidden")),
+               fused_router=Spec("router", "router", L + "mlp.gate.weight", ("experts", "hidden")),
                experts=_experts("block_sparse_moe.", "w1", "w3", "w2"),
                fused_experts=FUSED_EXPERTS,
                defaults=_BASE_DEFAULTS,
@@ -270,7 +279,7 @@ def expected_tensors(family: Family, config: dict, expert_layout: str = "per_exp
         for spec in family.attention:
             add(spec, layer)
         if is_moe_layer(family, config, layer):
-            add(family.router, layer)
+            add(family.fused_router or family.router if expert_layout == "fused" else family.router, layer)
             if expert_layout == "fused":
                 for spec in family.fused_experts:
                     add(spec, layer)

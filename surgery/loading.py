@@ -20,16 +20,6 @@ TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
 
 
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SurgeryError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
-    return device
-
-
 def resolve_dtype(dtype: str, device: str):
     import torch
 

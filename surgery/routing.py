@@ -33,28 +33,54 @@ def model_family(model):
     return arch.detect_family(config, f"{type(model).__name__}.config"), config
 
 
+def router_path(family) -> str:
+    """The router's module path inside a decoder layer as transformers holds it (``mlp.gate``)."""
+    spec = family.fused_router or family.router
+    return spec.template.split("{layer}.", 1)[1].removesuffix(".weight")
+
+
 def router_modules(model) -> dict[int, object]:
     """{layer: router module} for every MoE layer of a transformers model ({} for a dense model)."""
-    from surgery.calibration import decoder_layers
-
     family, config = model_family(model)
     if family.kind != "moe":
         return {}
     dims = arch.dimensions(family, config, f"{type(model).__name__}.config")
-    leaf = family.router.template.rsplit(".", 2)[-2]  # "...block_sparse_moe.gate.weight" -> "gate"
     routers = {}
-    for layer, module in enumerate(decoder_layers(model)):
+    for layer, module in enumerate(model.get_submodule(arch.L.split(".{layer}")[0])):
         if not arch.is_moe_layer(family, config, layer):
             continue
-        found = [sub for name, sub in module.named_modules() if name.rsplit(".", 1)[-1] == leaf
-                 and getattr(sub, "weight", None) is not None
-                 and tuple(sub.weight.shape) == (dims["experts"], dims["hidden"])]
-        if len(found) != 1:
-            raise SurgeryError(f"{type(model).__name__}: layer {layer} should be an MoE layer, but "
-                               f"{len(found)} router modules named {leaf!r} with weight [{dims['experts']}, "
-                               f"{dims['hidden']}] were found")
-        routers[layer] = found[0]
+        try:
+            found = module.get_submodule(router_path(family))
+        except AttributeError:
+            found = None
+        weight = getattr(found, "weight", None)
+        if weight is None or tuple(weight.shape) != (dims["experts"], dims["hidden"]):
+            raise SurgeryError(f"{type(model).__name__}: layer {layer} should be an MoE layer, but it has no router "
+                               f"{router_path(family)!r} with weight [{dims['experts']}, {dims['hidden']}]")
+        routers[layer] = found
     return routers
+
+
+class RoutingSums:
+    """Routing statistics of a model run layer by layer: one probe per MoE layer on its router's output."""
+
+    def __init__(self, family, config: dict, alpha: float = LOAD_BALANCING_ALPHA):
+        self.family, self.config, self.alpha = family, config, alpha
+        self.sums = {}
+        if family.kind == "moe":
+            dims = arch.dimensions(family, config)
+            self.sums = {layer: _LayerSums(dims["experts"], dims["top_k"]) for layer in range(dims["layers"])
+                         if arch.is_moe_layer(family, config, layer)}
+
+    def probes(self, layer: int) -> list:
+        from surgery.execution.runner import Probe
+
+        if layer not in self.sums:
+            return []
+        return [Probe(router_path(self.family), "output", lambda _batch, logits: self.sums[layer].add(logits, None))]
+
+    def results(self) -> list[dict]:
+        return [self.sums[layer].result(layer, self.alpha) for layer in sorted(self.sums)]
 
 
 class _LayerSums:

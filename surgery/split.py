@@ -25,6 +25,7 @@ import click
 from surgery import console
 from surgery.errors import SurgeryError
 from surgery.moe_plan import INERT_SHARED_FFN, check_expert_counts, inert_shared_expert, inert_shared_note
+from surgery.execution.session import run_options
 from surgery.options import execute, output_options
 from surgery.seeds import router_seed
 
@@ -55,10 +56,18 @@ class SplitOptions:
     partition: str | None = None
     save_partition: str | None = None
     dtype: str = "keep"
+    device: str = "auto"
+    memory_budget: str | None = None
 
     def record(self) -> dict:
         """The options as written into the output's metadata (paths as given)."""
         return {key: value for key, value in asdict(self).items() if key != "save_partition"}
+
+    @property
+    def run(self):
+        from surgery.execution.session import RunSettings
+
+        return RunSettings(self.device, self.memory_budget)
 
 
 def resolve_expert_scale(text: str, num_experts: int, top_k: int) -> float:
@@ -145,80 +154,6 @@ def shared_count(options: SplitOptions, ffn: int) -> int:
     return count
 
 
-def _layer_reader(source, family, layer: int):
-    import numpy as np
-
-    from surgery.moe_plan import dense_ffn_names
-
-    names = dense_ffn_names(family, layer)
-
-    def read(role: str):
-        values = source.read(names[role]).float().numpy().astype(np.float32, copy=False)
-        if not np.isfinite(values.sum(dtype=np.float64)):
-            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
-            if nan or inf:
-                raise SurgeryError(f"{source.info(names[role]).file}: tensor {names[role]!r} has {nan} NaN and {inf} Inf "
-                                   f"values; a split cannot analyse it")
-        return values
-    return read
-
-
-def compute_partitions(source, family, options: SplitOptions, layers: list[int], ffn: int, *,
-                       calibration=None, want_gate_rows: bool = False) -> tuple[dict, dict, str]:
-    """({layer: Partition}, {layer: centroid router rows or None}, calibration summary).
-
-    Loads or computes the neuron assignment; holds one layer's FFN weights at a time.
-    """
-    from surgery import importance as calib
-    from surgery.partition import LayerInputs, files, strategy
-    from surgery.partition.routers import centroid_router
-
-    centroids: dict = {}
-    summary = ""
-    if options.partition is not None:
-        meta, partitions = files.load(options.partition)
-        files.check_matches(options.partition, meta, partitions, ffn=ffn, num_experts=options.num_experts,
-                            layers=layers, strategy=options.strategy)
-        options.strategy = options.strategy or meta.get("strategy")
-        if want_gate_rows:
-            for layer in layers:
-                centroids[layer] = centroid_router(_layer_reader(source, family, layer)("gate"), partitions[layer])
-        return partitions, centroids, f"partition from {options.partition}"
-    module = strategy(options.strategy)
-    count = shared_count(options, ffn)
-    stats = None
-    if module.NEEDS:
-        calibration = calibration or prepare_calibration(source, options)
-        with console.progress("calibration statistics", len(calibration.batches), unit_bytes=False) as advance:
-            stats = calib.neuron_statistics(calibration, layers, clusters=options.num_experts, seed=options.seed,
-                                            importance="importance" in module.NEEDS, firing="firing" in module.NEEDS,
-                                            progress=lambda done: advance(1))
-        summary = f"{stats.tokens} calibration tokens" + (f", clusters: {stats.clusters}" if stats.clusters else "")
-    partitions = {}
-    with console.progress(f"{options.strategy} split", len(layers), unit_bytes=False) as advance:
-        for layer in layers:
-            inputs = LayerInputs(layer=layer, ffn=ffn, num_experts=options.num_experts, shared_count=count,
-                                 seed=options.seed, read=_layer_reader(source, family, layer),
-                                 importance=stats.importance.get(layer) if stats else None,
-                                 firing=stats.firing.get(layer) if stats else None, cluster_on=options.cluster_on)
-            partition = module.split(inputs)
-            partition.check(ffn, f"strategy {options.strategy}: layer {layer}")
-            partitions[layer] = partition
-            if want_gate_rows:
-                centroids[layer] = centroid_router(inputs.weight("gate"), partition)
-            del inputs  # this layer's weights
-            advance(1, f"layer {layer}")
-    return partitions, centroids, summary
-
-
-def prepare_calibration(source, options: SplitOptions):
-    from surgery.importance import Calibration
-    from surgery.samples import SAMPLE_TEXT
-
-    path = Path(options.calibration) if options.calibration else SAMPLE_TEXT
-    return Calibration.prepare(source.directory, path, options.calibration_tokens, source.config)
-
-
 def needs_calibration(options: SplitOptions) -> bool:
     from surgery.partition import strategy
 
@@ -226,26 +161,24 @@ def needs_calibration(options: SplitOptions) -> bool:
     return uses_stats or options.router_init == "calibrated"
 
 
-def calibrated_routers(calibration, partitions: dict, ffn: int, top_k: int) -> tuple[dict, dict]:
-    """({layer: router rows}, {layer: oracle top-k hit rate on the calibration tokens})."""
-    import numpy as np
+def load_calibration(source, options: SplitOptions):
+    """The calibration set (refuses unusable data before any heavy work)."""
+    from surgery.execution.calibration import CalibrationSet
 
-    from surgery.importance import router_targets
-    from surgery.partition.routers import calibrated_router, oracle_hit_rate
+    return CalibrationSet.load(options.calibration, source.directory, source.config, options.calibration_tokens)
 
-    layers = sorted(partitions)
-    members = {}
-    for layer in layers:
-        matrix = np.zeros((ffn, partitions[layer].num_experts), dtype=np.float32)
-        for j, expert in enumerate(partitions[layer].experts):
-            matrix[expert, j] = 1.0
-        members[layer] = matrix
-    inputs, masses = router_targets(calibration, layers, members)
-    routers, hits = {}, {}
-    for layer in layers:
-        routers[layer] = calibrated_router(inputs[layer].numpy(), masses[layer].numpy())
-        hits[layer] = oracle_hit_rate(inputs[layer].numpy(), masses[layer].numpy(), routers[layer], top_k)
-    return routers, hits
+
+def given_partitions(options: SplitOptions, ffn: int, layers: list[int]) -> dict | None:
+    """Partitions loaded from --partition FILE (checked against the model), or None."""
+    from surgery.partition import files
+
+    if options.partition is None:
+        return None
+    meta, partitions = files.load(options.partition)
+    files.check_matches(options.partition, meta, partitions, ffn=ffn, num_experts=options.num_experts,
+                        layers=layers, strategy=options.strategy)
+    options.strategy = options.strategy or meta.get("strategy")
+    return partitions
 
 
 def layout_for(partitions: dict, target) -> Layout:
@@ -272,41 +205,29 @@ def min_holders(holders, top_k: int):
     return np.minimum(np.maximum(holders, 1), top_k).astype(np.float64)
 
 
-def build_plan(source, family, options: SplitOptions, *, calibration=None, partitions=None):
-    """The MoE plan. `partitions` (and `calibration`) may be passed in to reuse work (benchmarks)."""
+def build_plan(source, family, options: SplitOptions, *, calibration=None, partitions=None, spill_dir=None):
+    """The MoE plan. `partitions` (and `calibration`) may be passed in to reuse work (benchmarks);
+    `spill_dir`: where calibration may spill hidden states (beside the output)."""
     from surgery import architectures as arch
     from surgery.checkpoint import parse_dtype
     from surgery.moe_plan import dense_ffn_names, moe_tensors, provenance
     from surgery.partition import files
+    from surgery.partition.calibrated import partition_layers
     from surgery.plan import Columns, Concat, Constant, Copy, Init, PadRows, Plan, Rows, Scale
 
     target, dims, layers, scale = _resolve(source, family, options)
     ffn, n, k = dims["ffn"], options.num_experts, options.top_k
-    if partitions is None and options.partition is None:
-        shared_count(options, ffn)  # refuse bad sizes before calibration
-    needed = needs_calibration(options) if partitions is None else options.router_init == "calibrated"
-    owns_calibration = calibration is None and needed
-    if owns_calibration:
-        calibration = prepare_calibration(source, options)  # refuses unusable text before heavy work
-    summary = ""
-    centroids = {}
-    if partitions is None:
-        partitions, centroids, summary = compute_partitions(source, family, options, layers, ffn, calibration=calibration,
-                                                            want_gate_rows=options.router_init == "centroid")
-    elif options.router_init == "centroid":
-        from surgery.partition.routers import centroid_router
-
-        centroids = {layer: centroid_router(_layer_reader(source, family, layer)("gate"), partitions[layer])
-                     for layer in layers}
+    given = partitions if partitions is not None else given_partitions(options, ffn, layers)
+    shared = shared_count(options, ffn) if given is None else 0  # refuses bad sizes before calibration
+    needed = needs_calibration(options) if given is None else options.router_init == "calibrated"
+    if needed and calibration is None:
+        calibration = load_calibration(source, options)
+    splits = partition_layers(source, family, options, layers, ffn, shared, calibration=calibration, given=given,
+                              settings=options.run, spill_dir=spill_dir)
+    partitions, routers, hits = splits.partitions, splits.routers, splits.hits
+    summary = f"partition from {options.partition}" if options.partition is not None else splits.summary
     if options.save_partition:
         files.save(options.save_partition, partitions, strategy=options.strategy or "given", ffn=ffn)
-    routers, hits = {}, {}
-    if options.router_init == "calibrated":
-        routers, hits = calibrated_routers(calibration, partitions, ffn, k)
-    elif options.router_init == "centroid":
-        routers = centroids
-    if owns_calibration:
-        calibration.close()
 
     layout = layout_for(partitions, target)
     dense_layers = [layer for layer in range(dims["layers"]) if layer not in layers]
@@ -437,23 +358,25 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
 @click.option("--save-partition", default=None, help="Write the neuron assignment to FILE (.json or .npz).")
 @click.option("--partition", "partition_file", default=None, help="Reuse a neuron assignment saved with --save-partition.")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp32", "bf16", "fp16"]))
-@click.option("--verify", is_flag=True, help="After writing: check exactness (K = N, zero router) or report the loss change.")
+@click.option("--verify", is_flag=True, help="After writing: check exactness layer by layer (K = N, zero router) or "
+              "report the loss change.")
+@run_options
 @output_options
 def command(src, out, num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,
             calibration_tokens, router_init, expert_scale, seed, moe_layers, save_partition, partition_file, dtype,
-            verify, max_shard_size, force, dry_run, as_json):
+            verify, device, memory_budget, max_shard_size, force, dry_run, as_json):
     """Split each FFN of the dense model SRC into N experts and write the MoE to OUT."""
     from surgery.moe_plan import open_dense_source
     from surgery.writer import check_output_path
 
     options = SplitOptions(num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,
                            calibration_tokens, router_init, expert_scale, seed, moe_layers, partition_file,
-                           save_partition, dtype)
+                           save_partition, dtype, device, memory_budget)
     source, family = open_dense_source(src)
     with source:
         if not dry_run:
             check_output_path(Path(out), [source], force)  # before the (possibly long) partitioning
-        plan = build_plan(source, family, options)
+        plan = build_plan(source, family, options, spill_dir=Path(out).resolve().parent)
         notes = [] if dry_run else plan.notes  # when writing: shown once the output is complete
         plan.notes = plan.notes if dry_run else []
         wrote = execute(plan, Path(out), max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json)
@@ -462,25 +385,6 @@ def command(src, out, num_experts, top_k, strategy, fmt, shared_neurons, shared_
     if verify and wrote:
         exact = top_k == num_experts and options.router_init == "zero" and \
             resolve_expert_scale(options.expert_scale, num_experts, top_k) == num_experts
-        verify_output(Path(out), Path(src), exact)
+        from surgery.validate import verify_written
 
-
-def verify_output(out: Path, src: Path, exact: bool) -> None:
-    """--verify. When the split is exact (K = N, zero router, scale N), OUT must reproduce SRC
-    (surgery.validate's --expect-exact tolerances), else SurgeryError. Otherwise report the loss
-    change against SRC on the validation sample."""
-    from surgery import validate as validation
-
-    if exact:
-        try:
-            result = validation.verify_exact(str(out), str(src))
-        except SurgeryError as exc:
-            raise SurgeryError(f"--verify: {exc} (the output is kept for inspection; the input is untouched)") from None
-    else:
-        result = validation.validate(str(out), [str(src)])
-    validation.print_result(result)
-    reference = result["references"][0]
-    if result.get("loss") is not None and reference.get("loss") is not None:
-        change = result["loss"] - reference["loss"]
-        console.info(f"verify: loss {result['loss']:.4f} vs dense {reference['loss']:.4f} ({change:+.4f} nats/token)"
-                     + ("; logits reproduce the dense model" if exact else ""))
+        verify_written(out, [src], exact=exact, settings=options.run)

@@ -30,6 +30,7 @@ from surgery.architectures import Expected
 from surgery.errors import SurgeryError
 from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, inert_shared_expert, inert_shared_note, moe_tensors,
                                open_dense_source, parse_moe_layers, provenance)
+from surgery.execution.session import run_options
 from surgery.options import execute, output_options
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
 from surgery.seeds import router_seed
@@ -41,9 +42,6 @@ DTYPES = ("keep", "bf16", "fp16", "fp32")
 # exactly 0). 8 neurons rather than 1 so that tensor-parallel engines can split it 2, 4 or 8 ways.
 SHARED_GATE_AT_ZERO = 0.5  # sigmoid(0): the share of the output a zero-gated shared expert adds
 CALIBRATION_TOKENS = 2048
-CALIBRATION_SEQ_LEN = 256
-CALIBRATION_BATCH = 4
-TOKEN_FILE_SUFFIXES = (".npy", ".pt", ".jsonl")
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,16 @@ class UpcycleOptions:
     noise_fraction: float | None = None
     drop_upcycle: float = 0.0
     calibration: str | None = None
+    calibration_tokens: int = CALIBRATION_TOKENS
     dtype: str = "keep"
+    device: str = "auto"
+    memory_budget: str | None = None
+
+    @property
+    def run(self):
+        from surgery.execution.session import RunSettings
+
+        return RunSettings(self.device, self.memory_budget)
 
     @property
     def copies(self) -> int:
@@ -115,9 +122,13 @@ def check_options(options: UpcycleOptions) -> None:
         raise SurgeryError("--calibration applies to --router-init calibrated only")
 
 
-def build_plan(src, num_experts: int, top_k: int, **kwargs) -> Plan:
-    """The upcycle plan of the dense checkpoint `src`; kwargs are the fields of UpcycleOptions."""
-    options = UpcycleOptions(num_experts, top_k, **kwargs)
+def build_plan(src, num_experts: int, top_k: int, spill_dir=None, **kwargs) -> Plan:
+    """The upcycle plan of the dense checkpoint `src`; kwargs are the fields of UpcycleOptions. `spill_dir`:
+    where calibration may spill hidden states (beside the output)."""
+    return plan_from_options(src, UpcycleOptions(num_experts, top_k, **kwargs), spill_dir)
+
+
+def plan_from_options(src, options: UpcycleOptions, spill_dir=None) -> Plan:
     check_options(options)
     source, family = open_dense_source(src)
     where = source.directory / "config.json"
@@ -146,7 +157,7 @@ def build_plan(src, num_experts: int, top_k: int, **kwargs) -> Plan:
     notes = []
     routers = None
     if options.router_init == "calibrated":
-        routers, balance = calibrated_routers(source, options, moe_layers, hidden)
+        routers, balance = calibrated_routers(source, family, options, moe_layers, hidden, spill_dir)
         notes.append(balance)
     recipes = UpcycleRecipes(source, family, options, hidden=hidden, expert_ffn=ffn // g, routers=routers)
     tensors = moe_tensors(target, config, source, family, recipes, dtype=out_dtype)
@@ -311,105 +322,50 @@ def _notes(options: UpcycleOptions, target, down_dtype: str, down_factor: float)
 
 
 # ------------------------------------------------------------------------- calibrated routers
-def calibrated_routers(source, options: UpcycleOptions, layers: list[int], hidden: int):
+def calibrated_routers(source, family, options: UpcycleOptions, layers: list[int], hidden_size: int, spill_dir=None):
     """({layer: FloatTensor[E, hidden]}, note): router rows fitted on the source's own router inputs.
 
-    Router inputs (post-attention norm outputs, padding removed) of each MoE layer are L2-normalised
-    and clustered by k-means into one centroid per copy; each row is the unit centroid times
-    router_std * sqrt(hidden) (the norm of a normal(0, router_std) row), repeated G times.
+    The source runs layer by layer (``surgery.execution``) up to the last MoE layer; at each MoE
+    layer its router inputs on the calibration tokens are clustered by k-means into one centroid
+    per copy (``fit_router("kmeans")``); each row is the unit centroid times router_std * sqrt(hidden)
+    (the norm of a normal(0, router_std) row), repeated G times. The experts are copies of the
+    FFN, so the MoE computes what the source computes and the source's activations are the MoE's.
     """
-    import warnings
-
-    import numpy as np
     import torch
-    from sklearn.cluster import KMeans
 
-    from surgery.calibration import router_inputs
-    from surgery.loading import load_model
+    from surgery.execution.calibration import CalibrationSet
+    from surgery.execution.routers import expert_load, fit_router, router_norm
+    from surgery.execution.session import Collect, router_input_probe, runner_for
+    from surgery.execution.weights import ModelWeights
+    from surgery.seeds import sklearn_state
 
-    batches = calibration_batches(source, options.calibration)
-    model = load_model(source.directory, "cpu", "float32")
-    console.info(f"calibrating routers: running {source.directory.name} on "
-                 f"{Path(options.calibration).name if options.calibration else 'the shipped sample text'}")
-    with console.progress("calibrating routers", CALIBRATION_TOKENS, unit_bytes=False) as advance:
-        def counted(batches):
-            for batch in batches:
-                yield batch
-                advance(batch.tokens)
-
-        inputs = router_inputs(model, counted(batches), layers, max_tokens=CALIBRATION_TOKENS)
-    del model
-    rows, scale = options.copies, options.router_std * math.sqrt(hidden)
+    calibration = CalibrationSet.load(options.calibration, source.directory, source.config, options.calibration_tokens)
+    runner = runner_for(ModelWeights.from_checkpoint(source), calibration.batches, options.run, spill_dir)
+    console.info(f"calibrating routers: running {source.directory.name} on {calibration.source} "
+                 f"({calibration.tokens} tokens, {runner.placement.device}, {runner.placement.dtype_name})")
     routers, loads = {}, []
-    for layer in layers:
-        values = inputs.pop(layer).double()
-        if values.shape[0] < rows:
-            raise SurgeryError(f"calibration gave {values.shape[0]} tokens, fewer than the {rows} router rows to fit; "
-                               "use a longer --calibration file")
-        points = torch.nn.functional.normalize(values, dim=1).numpy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # duplicate points: sklearn warns and still returns `rows` centroids
-            kmeans = KMeans(n_clusters=rows, n_init=4, random_state=int(options.seed) % 2**32).fit(points)
-        centroids = torch.nn.functional.normalize(torch.from_numpy(np.asarray(kmeans.cluster_centers_)), dim=1)
-        router = (centroids * scale).float().repeat_interleave(options.granularity, dim=0).contiguous()
-        routers[layer] = router
-        loads.append(expert_load(values.float(), router, options.top_k))
+
+    def visit(layer, session, hidden):
+        if layer not in layers:
+            return None
+        collect = Collect()
+        after = session.run(hidden, [router_input_probe(family, collect)], outputs=session.needs_output)
+        inputs = collect.tensor()
+        rows = fit_router("kmeans", inputs, rows=options.copies, seed=sklearn_state(options.seed, "kmeans", layer),
+                          scale=router_norm(options.router_std, hidden_size))
+        routers[layer] = rows.repeat_interleave(options.granularity, dim=0).contiguous()
+        loads.append(expert_load(inputs, routers[layer], options.top_k))
+        return after
+
+    runner.forward(visit, last=max(layers), final_output=False, description="calibrating routers")
     share = torch.stack(loads)
-    note = (f"calibrated routers on {int(values.shape[0])} tokens: share of top-{options.top_k} slots per expert "
+    note = (f"calibrated routers on {calibration.tokens} tokens: share of top-{options.top_k} slots per expert "
             f"ranges {float(share.min()):.1%}-{float(share.max()):.1%} over {len(layers)} MoE layer(s) "
             f"(uniform: {1 / options.num_experts:.1%})")
     return routers, note
 
 
-def expert_load(inputs, router, top_k: int):
-    """Fraction of all top-k slots each expert receives on `inputs` ([tokens, hidden])."""
-    import torch
-
-    chosen = torch.topk(torch.softmax(inputs @ router.T, dim=-1), top_k, dim=-1).indices
-    counts = torch.bincount(chosen.reshape(-1), minlength=router.shape[0]).float()
-    return counts / counts.sum()
-
-
-def calibration_batches(source, calibration: str | None):
-    """Batches of the calibration text (tokenised by the source's tokenizer) or of a token-id file."""
-    from surgery import samples
-    from surgery.loading import load_tokenizer
-
-    vocab = source.config.get("vocab_size")
-    if calibration is not None and Path(calibration).suffix in TOKEN_FILE_SUFFIXES:
-        rows = samples.read_token_ids(calibration)
-        return samples.batches(rows, CALIBRATION_BATCH, CALIBRATION_SEQ_LEN, 0, CALIBRATION_TOKENS, vocab)
-    path = Path(calibration) if calibration is not None else samples.SAMPLE_TEXT
-    if calibration is None and not path.exists():
-        raise SurgeryError(f"--router-init calibrated: no shipped sample text at {path}; pass --calibration FILE")
-    text = samples.read_text(path)
-    tokenizer = load_tokenizer(source.directory)
-    if tokenizer is None:
-        raise SurgeryError(f"{source.directory}: no tokenizer to tokenise {path}; pass --calibration with "
-                           f"token ids ({', '.join(TOKEN_FILE_SUFFIXES)})")
-    return samples.text_batches(tokenizer, text, CALIBRATION_BATCH, CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, vocab)
-
-
 # ------------------------------------------------------------------------- verification
-def verify_output(out, src, diverse: bool) -> None:
-    """--verify: OUT must reproduce SRC exactly (validate's --expect-exact tolerances); with diversity
-    options, only report the loss change against SRC. Raises SurgeryError (exit 2) when not exact."""
-    from surgery import validate
-
-    if diverse:
-        result = validate.validate(str(out), [str(src)])
-    else:
-        try:
-            result = validate.verify_exact(str(out), str(src))
-        except SurgeryError as exc:
-            raise SurgeryError(f"--verify: {exc} (the output is kept for inspection; the input is untouched)") from None
-        if result is False:
-            raise SurgeryError(f"--verify: {out} does not reproduce {src} (the output is kept for inspection; "
-                               "the input is untouched)")
-    if isinstance(result, dict) and hasattr(validate, "print_result"):
-        validate.print_result(result)
-
-
 # ------------------------------------------------------------------------- command line
 @click.command("upcycle")
 @click.argument("src", type=click.Path(path_type=str))
@@ -439,25 +395,30 @@ def verify_output(out, src, diverse: bool) -> None:
 @click.option("--calibration", default=None, type=click.Path(path_type=str),
               help="Calibration text (or token ids .npy/.pt/.jsonl) for --router-init calibrated "
                    "[default: the shipped sample text].")
+@click.option("--calibration-tokens", default=CALIBRATION_TOKENS, show_default=True, type=int,
+              help="Calibration tokens used at most.")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(DTYPES), help="Output dtype.")
 @click.option("--verify", is_flag=True,
-              help="After writing, check that the output reproduces SRC (with --noise/--drop-upcycle: report "
-                   "the loss change); exit 2 if it does not.")
+              help="After writing, check layer by layer that the output reproduces SRC (with --noise/--drop-upcycle: "
+                   "report the loss change); exit 2 if it does not.")
+@run_options
 @output_options
 def command(src, out, num_experts, top_k, fmt, router_init, router_std, seed, granularity, shared_expert,
-            moe_layers, noise, noise_fraction, drop_upcycle, calibration, dtype, verify,
-            max_shard_size, force, dry_run, as_json):
+            moe_layers, noise, noise_fraction, drop_upcycle, calibration, calibration_tokens, dtype, verify, device,
+            memory_budget, max_shard_size, force, dry_run, as_json):
     """Upcycle the dense checkpoint SRC into an MoE checkpoint OUT whose experts start as copies of each FFN."""
-    plan = build_plan(src, num_experts, top_k, format=fmt, router_init=router_init, router_std=router_std,
-                      seed=seed, granularity=granularity, shared_expert=shared_expert, moe_layers=moe_layers,
-                      noise=noise, noise_fraction=noise_fraction, drop_upcycle=drop_upcycle,
-                      calibration=calibration, dtype=dtype)
+    options = UpcycleOptions(num_experts, top_k, format=fmt, router_init=router_init, router_std=router_std,
+                             seed=seed, granularity=granularity, shared_expert=shared_expert, moe_layers=moe_layers,
+                             noise=noise, noise_fraction=noise_fraction, drop_upcycle=drop_upcycle,
+                             calibration=calibration, calibration_tokens=calibration_tokens, dtype=dtype,
+                             device=device, memory_budget=memory_budget)
+    plan = plan_from_options(src, options, spill_dir=Path(out).resolve().parent)
     try:
         written = execute(plan, out, max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json)
     finally:
         for source in plan.sources:
             source.close()
     if written and verify:
-        diverse = UpcycleOptions(num_experts, top_k, noise=noise, noise_fraction=noise_fraction,
-                                 drop_upcycle=drop_upcycle).diverse
-        verify_output(out, src, diverse)
+        from surgery.validate import verify_written
+
+        verify_written(out, [src], exact=not options.diverse, settings=options.run)

@@ -421,21 +421,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, run_cli, source):
 
 @pytest.fixture
 def fake_validate(monkeypatch):
-    """A stand-in surgery.validate with its contract (verify_exact raises SurgeryError when not exact)."""
+    """A stand-in surgery.validate with its contract (verify_written raises SurgeryError when not exact)."""
     from surgery.errors import SurgeryError
 
     module = types.ModuleType("surgery.validate")
     module.calls, module.exact = [], True
 
-    def verify_exact(out, src):
-        module.calls.append(("verify_exact", out, src))
-        if not module.exact:
-            raise SurgeryError(f"{out} does not reproduce {src}: logits max abs difference 0.5")
-        return {"exact": {"passed": True}}
+    def verify_written(out, sources, *, exact, settings=None):
+        module.calls.append(("verify_written", str(out), [str(s) for s in sources], exact))
+        if exact and not module.exact:
+            raise SurgeryError(f"--verify: {out} does not reproduce {sources[0]}: layer 1: MoE output differs from the "
+                               f"dense FFN by 0.5 (the output is kept for inspection; the input is untouched)")
+        return {"passed": True}
 
-    module.verify_exact = verify_exact
-    module.validate = lambda out, refs: module.calls.append(("validate", out, refs)) or {}
-    module.print_result = lambda result: module.calls.append(("print_result",))
+    module.verify_written = verify_written
     import surgery
 
     monkeypatch.setitem(sys.modules, "surgery.validate", module)
@@ -446,7 +445,7 @@ def fake_validate(monkeypatch):
 def test_verify_checks_exactness_after_writing(tmp_path, run_cli, source, fake_validate):
     src = source("llama")
     upcycle(run_cli, src, tmp_path / "out", "-n", "4", "-k", "2", "--verify")
-    assert fake_validate.calls == [("verify_exact", str(tmp_path / "out"), str(src)), ("print_result",)]
+    assert fake_validate.calls == [("verify_written", str(tmp_path / "out"), [str(src)], True)]
 
 
 def test_verify_fails_with_exit_2_when_not_exact_and_keeps_the_input(tmp_path, run_cli, source, fake_validate):
@@ -460,7 +459,7 @@ def test_verify_fails_with_exit_2_when_not_exact_and_keeps_the_input(tmp_path, r
 def test_verify_with_diversity_reports_the_loss_change_instead(tmp_path, run_cli, source, fake_validate):
     src = source("llama")
     upcycle(run_cli, src, tmp_path / "out", "-n", "4", "-k", "2", "--drop-upcycle", "0.5", "--verify")
-    assert fake_validate.calls == [("validate", str(tmp_path / "out"), [str(src)]), ("print_result",)]
+    assert fake_validate.calls == [("verify_written", str(tmp_path / "out"), [str(src)], False)]
 
 
 def test_verify_with_the_real_validator_passes_on_a_granular_shared_upcycle(tmp_path, run_cli, source):

@@ -1,0 +1,170 @@
+"""Exactness, layer by layer: MODEL against a reference on the same inputs (``--verify``, ``--expect-exact``).
+
+Both models run one decoder layer at a time. Layer l of each receives the same hidden states, the
+reference's output of layer l-1 (each with the masks and rotary embeddings its own config gives),
+so a difference at layer l is that layer's own and never an echo of an earlier one. For every
+layer the relative difference ‖Δ‖/‖reference‖ over all real tokens is measured for the attention
+block's output, the FFN / MoE block's output and the layer's output; then the embedding output
+and the logits of both heads on the reference's last hidden states. The first part that differs
+beyond the tolerance is named, e.g. ``layer 17: MoE output differs from the dense FFN by 3.1e-02``.
+
+Tolerance: float noise relative to the activation scale. The comparison runs in float32 unless
+asked otherwise (1e-5); weights stored in bfloat16 / float16 may carry a rounding of their own
+(a factor that is not a power of two folded into them), so the tolerance is at least 2^-8 /
+2^-11 for such checkpoints. A tensor scaled by 1.01 differs by 1e-2 and fails in every case.
+"""
+
+from __future__ import annotations
+
+import math
+
+from surgery.errors import SurgeryError
+
+COMPUTE_TOLERANCE = {"float32": 1e-5, "bfloat16": 2.0**-6, "float16": 2.0**-9}
+STORED_TOLERANCE = {"BF16": 2.0**-8, "F16": 2.0**-11}  # a rounding of the stored weights themselves
+
+
+def tolerance_for(compute: str, stored: set[str]) -> float:
+    return max([COMPUTE_TOLERANCE[compute]] + [STORED_TOLERANCE.get(dtype, 0.0) for dtype in stored])
+
+
+class _Sums:
+    """Σ‖Δ‖² and Σ‖reference‖² of one compared tensor over the real tokens of every batch."""
+
+    def __init__(self):
+        self.delta = 0.0
+        self.norm = 0.0
+
+    def add(self, value, reference) -> None:
+        self.delta += float((value.double() - reference.double()).square().sum())
+        self.norm += float(reference.double().square().sum())
+
+    @property
+    def relative(self) -> float:
+        if self.norm == 0.0:
+            return 0.0 if self.delta == 0.0 else math.inf
+        return math.sqrt(self.delta / self.norm)
+
+
+def _module_names(family) -> dict[str, str]:
+    """{'attention': ..., 'mlp': ...}: the layer's sub-blocks, from the table's tensor names."""
+    query = family.spec("attention", "q").template.split("{layer}.", 1)[1]
+    return {"attention": query.rsplit(".", 2)[0], "mlp": family.router_input}
+
+
+def compare_layers(model_weights, reference_weights, batches, settings, dtype: str = "float32") -> dict:
+    """The layer-by-layer report (see the module doc); never raises for a difference (``check`` does)."""
+    from surgery import console
+    from surgery.execution.placement import Placement
+    from surgery.execution.runner import LayerRunner, Probe
+
+    import torch
+
+    _check_shapes(model_weights, reference_weights)
+    placement = Placement.resolve(settings.device, dtype)
+    budget = settings.budget()
+    model = LayerRunner(model_weights, batches, placement, budget)
+    reference = LayerRunner(reference_weights, batches, placement, budget)
+    names = {"model": _module_names(model_weights.family), "reference": _module_names(reference_weights.family)}
+    hidden = reference.embed()
+    model_input = model.embed()
+    embedding = _Sums()
+    for index, batch in enumerate(batches):
+        keep = batch.attention_mask.reshape(-1).bool()
+        embedding.add(_rows(model_input.get(index), keep), _rows(hidden.get(index), keep))
+    model_input.close()
+    layers = []
+    with console.progress("comparing layers", model.num_layers, unit_bytes=False) as advance:
+        for layer in range(model.num_layers):
+            sums = {part: _Sums() for part in ("attention", "mlp", "output")}
+            seen = {"model": {}, "reference": {}}
+            with model.layer(layer) as mine, reference.layer(layer) as theirs:
+                def probes(side):
+                    return [Probe(names[side][part], "output",
+                                  lambda batch, rows, part=part: seen[side].__setitem__(part, rows))
+                            for part in ("attention", "mlp")]
+                out = reference.store("output")
+                with torch.no_grad():
+                    for index, batch in enumerate(batches):
+                        keep = batch.attention_mask.reshape(-1).bool().to(placement.device)
+                        value = hidden.get(index, placement.device, placement.dtype)
+                        expected = theirs.call(index, value, probes("reference"))
+                        got = mine.call(index, value, probes("model"))
+                        for part in ("attention", "mlp"):
+                            sums[part].add(seen["model"][part], seen["reference"][part])
+                        sums["output"].add(_rows(got, keep), _rows(expected, keep))
+                        out.put(index, expected)
+            hidden.close()
+            hidden = out
+            layers.append({"layer": layer, **{part: sums[part].relative for part in sums}})
+            advance(1, f"layer {layer}")
+    head = _Sums()
+    final = {}
+
+    def keep_reference(index, part, logits, _extra):
+        final[(index, part.start)] = logits.detach().float().cpu()
+
+    reference.head(hidden, keep_reference)
+
+    def compare(index, part, logits, _extra):
+        keep = batches[index].attention_mask[part].reshape(-1).bool()
+        head.add(_rows(logits.detach().float().cpu(), keep), _rows(final.pop((index, part.start)), keep))
+
+    model.head(hidden, compare)
+    hidden.close()
+    stored = {dtype for weights in (model_weights, reference_weights) for dtype in weights.dtypes.values()}
+    tolerance = tolerance_for(placement.dtype_name, stored)
+    report = {"dtype": placement.dtype_name, "tolerance": tolerance, "embedding": embedding.relative,
+              "layers": layers, "head": head.relative, "kinds": {"model": model_weights.family.kind,
+                                                                 "reference": reference_weights.family.kind}}
+    report["first_difference"] = first_difference(report)
+    report["passed"] = report["first_difference"] is None
+    report["max_relative"] = max([report["embedding"], report["head"]]
+                                 + [value for row in layers for key, value in row.items() if key != "layer"])
+    return report
+
+
+def first_difference(report: dict) -> dict | None:
+    """The first part (in model order) whose relative difference exceeds the tolerance (NaN does too)."""
+    tolerance = report["tolerance"]
+
+    def bad(value):
+        return not value <= tolerance
+
+    if bad(report["embedding"]):
+        return {"where": "embedding", "relative": report["embedding"]}
+    for row in report["layers"]:
+        for part in ("attention", "mlp", "output"):
+            if bad(row[part]):
+                return {"where": f"layer {row['layer']}", "part": part, "relative": row[part]}
+    if bad(report["head"]):
+        return {"where": "head", "relative": report["head"]}
+    return None
+
+
+def difference_text(report: dict) -> str:
+    """One line naming the first difference: `layer 17: MoE output differs from the dense FFN by 3.1e-02 ...`."""
+    found = report["first_difference"]
+    tolerance = f"(relative; tolerance {report['tolerance']:.1e} in {report['dtype']})"
+    value = "NaN" if found["relative"] != found["relative"] else f"{found['relative']:.1e}"
+    if found["where"] == "embedding":
+        return f"embedding output differs from the reference's by {value} {tolerance}"
+    if found["where"] == "head":
+        return f"logits (final norm and head) differ from the reference's by {value} {tolerance}"
+    kinds = report["kinds"]
+    what = {"attention": "attention output differs from the reference's",
+            "output": "layer output differs from the reference's",
+            "mlp": ("MoE output differs from the dense FFN" if kinds["model"] == "moe" and kinds["reference"] == "dense"
+                    else "FFN output differs from the reference's")}[found["part"]]
+    return f"{found['where']}: {what} by {value} {tolerance}"
+
+
+def _rows(value, keep):
+    return value.reshape(-1, value.shape[-1])[keep.to(value.device)]
+
+
+def _check_shapes(model, reference) -> None:
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if model.config.get(key) != reference.config.get(key):
+            raise SurgeryError(f"{model.label}: {key} {model.config.get(key)} differs from the reference's "
+                               f"{reference.config.get(key)} ({reference.label}); the models cannot be compared layer by layer")

@@ -1,0 +1,344 @@
+"""Running a model one decoder layer at a time over a fixed token set (sequential execution).
+
+    runner = LayerRunner(weights, calibration.batches, placement, budget)
+    hidden = runner.embed()                      # hidden states entering layer 0, every batch
+    for layer in range(runner.num_layers):
+        with runner.layer(layer) as session:     # this layer's weights, on the device
+            hidden = session.run(hidden, probes)  # every batch through it; probes see what they need
+    logits = runner.head(hidden, ...)            # final norm and head, in chunks of rows
+
+Memory: one decoder layer's weights in the compute dtype, the hidden states of the token set
+(float32, in memory or spilled to a file as the budget decides), one batch's activations, and
+the embedding or the head only while they are used. Cost: each layer runs once over the tokens.
+See ``surgery.execution.skeleton`` for how transformers' own modules do every computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from surgery import console
+from surgery.errors import SurgeryError
+from surgery.execution.hidden import HiddenStore, MemoryBudget
+from surgery.execution.placement import Placement
+from surgery.execution.weights import ModelWeights
+
+HEAD_CHUNK_BYTES = 256 * 2**20  # logits computed at once (rows x T x vocab x 4 bytes)
+
+
+@dataclass
+class Probe:
+    """What to see in each batch's pass through a layer, on real (unpadded) tokens only.
+
+    `module`: a path inside the decoder layer ("" = the layer itself); `where`: its "input" or
+    "output"; `consume(batch, rows)` receives a [real tokens, features] tensor on the device. In a
+    backward pass `consume(batch, rows, grad_rows)` also receives the loss gradient of that tensor.
+    """
+
+    module: str
+    where: str
+    consume: Callable
+
+
+class _StopLayer(Exception):
+    """Raised once a capture-only pass has seen what it needs."""
+
+
+class LayerRunner:
+    def __init__(self, weights: ModelWeights, batches: list, placement: Placement, budget: MemoryBudget,
+                 spill_dir: Path | None = None, keep_layer_inputs: bool = False):
+        from surgery.units import format_bytes
+
+        self.weights, self.batches, self.placement, self.budget = weights, batches, placement, budget
+        self.num_layers = weights.num_layers
+        element = placement.element_size
+        self.layer_bytes = weights.largest_layer_bytes(element)
+        top = max(weights.nbytes(weights.top_tensors(role), element) for role in ("embed", "lm_head"))
+        hidden = int(weights.config["hidden_size"])
+        hidden_bytes = sum(int(b.input_ids.numel()) for b in batches) * hidden * 4
+        on_cpu = placement.device == "cpu"
+        weights_in_ram = (max(self.layer_bytes[1], top) if on_cpu else 0)
+        if weights_in_ram > budget.limit:
+            layer, size = self.layer_bytes
+            what = f"layer {layer} needs {format_bytes(size)}" if size >= top else f"the embedding needs {format_bytes(top)}"
+            raise SurgeryError(f"{budget.text} is too small to run one layer of {weights.label}: {what} in "
+                               f"{placement.dtype_name}")
+        stores = (self.num_layers + 2) if keep_layer_inputs else 2
+        self.spill_dir = None
+        if weights_in_ram + stores * hidden_bytes > budget.limit:
+            self.spill_dir = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
+            console.info(f"hidden states ({format_bytes(stores * hidden_bytes)}) do not fit in {budget.text} beside "
+                         f"one layer: spilled to a temporary file in {self.spill_dir}")
+        self._skeleton = None
+        self._calls: list | None = None  # per batch: [(args, kwargs)] per layer
+
+    # ---------------------------------------------------------------- pieces
+    @property
+    def skeleton(self):
+        if self._skeleton is None:
+            from surgery.execution.skeleton import Skeleton
+
+            self._skeleton = Skeleton(self.weights.config, self.weights.family, self.placement.device,
+                                      self.placement.dtype, self.weights.label)
+        return self._skeleton
+
+    def store(self, label: str = "hidden") -> HiddenStore:
+        return HiddenStore(self.spill_dir, label)
+
+    def _top_state(self, *roles) -> dict:
+        tensors = [tensor for role in roles for tensor in self.weights.top_tensors(role)]
+        state = self.weights.materialize(tensors, self.placement.dtype, self.placement.device)
+        for name, value in state.items():
+            _refuse_nonfinite(value, name, self.weights.label)
+        return state
+
+    # ---------------------------------------------------------------- phases
+    def embed(self) -> HiddenStore:
+        """Hidden states entering layer 0 for every batch (and the per-layer arguments of each batch)."""
+        state = self._top_state("embed")
+        out = self.store("input")
+        calls = []
+        for index, batch in enumerate(self.batches):
+            hidden, batch_calls = self.skeleton.record(state, batch)
+            out.put(index, hidden)
+            calls.append(_shared(batch_calls, calls))
+        self._calls = calls
+        del state
+        return out
+
+    @contextlib.contextmanager
+    def layer(self, layer: int):
+        """Decoder layer `layer` with its weights on the device, for the duration of the block."""
+        tensors = self.weights.layer_tensors(layer)
+        self.skeleton.check_layer(layer, tensors)
+        state = self.weights.materialize(tensors, self.placement.dtype, self.placement.device)
+        for name, value in state.items():
+            _refuse_nonfinite(value, f"layer {layer} {name}", self.weights.label)
+        module = self.skeleton.materialize(layer, state)
+        del state
+        session = LayerSession(self, layer, module)
+        try:
+            yield session
+        finally:
+            del session.module, module
+            _release(self.placement.device)
+
+    def forward(self, visit: Callable | None = None, last: int | None = None, keep_inputs: bool = False,
+                final_output: bool = True, description: str = "running layers"):
+        """Every batch through layers 0..`last` (default: all). `visit(layer, session, hidden)` may run the
+        layer itself (returning the next hidden states, or None when ``session.needs_output`` is False)
+        or return None to let it run plainly. `final_output`: whether the last layer's output is needed.
+        Returns (hidden states after the last layer run, [inputs of every layer] when `keep_inputs`)."""
+        last = self.num_layers - 1 if last is None else last
+        hidden = self.embed()
+        kept = []
+        with console.progress(description, last + 1, unit_bytes=False) as advance:
+            for layer in range(last + 1):
+                with self.layer(layer) as session:
+                    session.needs_output = layer < last or final_output
+                    result = visit(layer, session, hidden) if visit else None
+                    if result is None and session.needs_output:
+                        result = session.run(hidden)
+                if keep_inputs:
+                    kept.append(hidden)
+                else:
+                    hidden.close()
+                hidden = result
+                advance(1, f"layer {layer}")
+        return hidden, kept
+
+    def head(self, hidden: HiddenStore, consume: Callable, *, grad: bool = False, norm_output: bool = False):
+        """Logits of every batch, in chunks of rows: consume(batch_index, rows (slice), logits, extra).
+
+        With `grad`, the last layer's output requires gradients and `extra["last_hidden"]` is it, so a
+        loss on the logits can be back-propagated to it. With `norm_output`, `extra["norm"]` is the
+        final norm's output (the model's last hidden state).
+        """
+        heads([(self, hidden)], lambda index, part, logits, extras: consume(index, part, logits[0], extras[0]),
+              grad=grad, norm_output=norm_output)
+
+
+def heads(runs: list, consume: Callable, *, grad: bool = False, norm_output: bool = False) -> None:
+    """The head of several models over the same batches, chunk by chunk, in lockstep:
+    consume(batch_index, rows, [logits of each model], [extra of each model]). `runs`: [(runner, last hidden)]."""
+    import torch
+
+    first = runs[0][0]
+    states = [runner._top_state("final_norm", "lm_head") for runner, _ in runs]
+    vocab = int(first.weights.config["vocab_size"])
+    placement = first.placement
+    for index, batch in enumerate(first.batches):
+        full = [hidden.get(index, runner.placement.device, runner.placement.dtype) for runner, hidden in runs]
+        rows, length = int(full[0].shape[0]), int(full[0].shape[1])
+        step = max(1, HEAD_CHUNK_BYTES // max(1, length * vocab * 4))
+        for start in range(0, rows, step):
+            part = slice(start, min(rows, start + step))
+            logits, extras = [], []
+            with torch.set_grad_enabled(grad):
+                for (runner, _), state, value in zip(runs, states, full):
+                    last = value[part].detach().requires_grad_(grad)
+                    captured: list = []
+                    logits.append(runner.skeleton.head(state, last, batch.attention_mask[part],
+                                                       captured if norm_output else None))
+                    extras.append({"last_hidden": last, "norm": captured[0] if captured else None})
+                consume(index, part, logits, extras)
+    del states
+    _release(placement.device)
+
+
+class LayerSession:
+    """One materialized decoder layer and the passes that use it."""
+
+    def __init__(self, runner: LayerRunner, layer: int, module):
+        self.runner, self.layer, self.module = runner, layer, module
+        self.needs_output = True  # whether the next layer (or the head) will read this layer's output
+
+    def parameter(self, name: str):
+        return self.module.get_parameter(name)
+
+    def set_parameter(self, name: str, value) -> None:
+        import torch
+
+        with torch.no_grad():
+            parameter = self.module.get_parameter(name)
+            parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
+
+    def call(self, index: int, hidden, probes: tuple | list = (), stop_after: str | None = None):
+        """Batch `index` (its hidden states `hidden`, on the device) through this layer, probes attached.
+        Returns the layer's output, or None when `stop_after` stopped the pass."""
+        args, kwargs = self.runner._calls[index][self.layer]
+        keep = self.runner.batches[index].attention_mask.reshape(-1).bool().to(self.runner.placement.device)
+        with _hooks(self.module, probes, index, keep, stop_after):
+            try:
+                output = self.module(hidden, *args, **kwargs)
+            except _StopLayer:
+                return None
+        return output[0] if isinstance(output, tuple) else output
+
+    def run(self, hidden: HiddenStore, probes: tuple | list = (), outputs: bool = True, stop_after: str | None = None):
+        """Every batch through this layer; returns the output hidden states (None when `outputs` is
+        False). `stop_after`: a module path; each batch's pass stops once that module's input has
+        been seen by the probes (what comes after it is not computed)."""
+        import torch
+
+        runner = self.runner
+        out = runner.store("output") if outputs and stop_after is None else None
+        with torch.no_grad():
+            for index in range(len(runner.batches)):
+                value = hidden.get(index, runner.placement.device, runner.placement.dtype)
+                result = self.call(index, value, probes, stop_after)
+                if out is not None:
+                    out.put(index, result)
+        return out
+
+    def backward(self, hidden: HiddenStore, grad: HiddenStore, probes: tuple | list = ()) -> HiddenStore:
+        """Back-propagate the loss gradient of this layer's output (`grad`, per batch) to its input,
+        recomputing the layer from its stored input; probes receive values and their gradients."""
+        import torch
+
+        runner = self.runner
+        out = runner.store("gradient")
+        for index, batch in enumerate(runner.batches):
+            keep = batch.attention_mask.reshape(-1).bool().to(runner.placement.device)
+            value = hidden.get(index, runner.placement.device, runner.placement.dtype).requires_grad_(True)
+            args, kwargs = runner._calls[index][self.layer]
+            with torch.enable_grad(), _hooks(self.module, probes, index, keep, None, with_grad=True):
+                result = self.module(value, *args, **kwargs)
+                result = result[0] if isinstance(result, tuple) else result
+                result.backward(grad.get(index, runner.placement.device, result.dtype))
+            out.put(index, value.grad)
+        return out
+
+
+@contextlib.contextmanager
+def _hooks(module, probes, index: int, keep, stop_after: str | None, with_grad: bool = False):
+    """Forward hooks of `probes` on `module`'s submodules for batch `index` (real tokens: `keep`)."""
+    handles = []
+
+    def rows(value):
+        return value.reshape(-1, value.shape[-1])[keep]
+
+    def attach(probe):
+        target = module.get_submodule(probe.module) if probe.module else module
+
+        def see(value):
+            value = value[0] if isinstance(value, tuple) else value
+            if with_grad:
+                if value.requires_grad:
+                    saved = value.detach()
+                    value.register_hook(lambda g: probe.consume(index, rows(saved), rows(g)))
+            else:
+                probe.consume(index, rows(value.detach()))
+
+        if probe.where == "input":
+            handles.append(target.register_forward_pre_hook(lambda _m, args, kwargs: see(args[0] if args else next(iter(kwargs.values()))),
+                                                            with_kwargs=True))
+        else:
+            handles.append(target.register_forward_hook(lambda _m, _args, output: see(output)))
+
+    for probe in probes:
+        attach(probe)
+    if stop_after is not None:
+        def stop(_m, _args):
+            raise _StopLayer
+        handles.append(module.get_submodule(stop_after).register_forward_pre_hook(stop))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _shared(calls: list, earlier: list) -> list:
+    """The batch's per-layer arguments, with tensors equal to ones already kept replaced by those
+    (position embeddings and masks repeat from batch to batch)."""
+    import torch
+
+    pool = {}
+    for previous in earlier[-1:]:
+        for args, kwargs in previous:
+            for value in _tensors(args, kwargs):
+                pool.setdefault((tuple(value.shape), value.dtype), []).append(value)
+
+    def share(value):
+        if isinstance(value, torch.Tensor):
+            for candidate in pool.get((tuple(value.shape), value.dtype), []):
+                if candidate is value or torch.equal(candidate, value):
+                    return candidate
+            return value
+        if isinstance(value, tuple):
+            return tuple(share(item) for item in value)
+        return value
+
+    return [(tuple(share(a) for a in args), {k: share(v) for k, v in kwargs.items()}) for args, kwargs in calls]
+
+
+def _tensors(args, kwargs):
+    import torch
+
+    for value in list(args) + list(kwargs.values()):
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                yield item
+
+
+def _refuse_nonfinite(value, name: str, label: str) -> None:
+    import torch
+
+    if value.is_floating_point() and not bool(torch.isfinite(value.sum(dtype=torch.float32))) \
+            and not bool(torch.isfinite(value).all()):
+        raise SurgeryError(f"{label}: NaN or Inf in {name}; running the model would give meaningless numbers")
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()

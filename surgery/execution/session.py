@@ -1,0 +1,79 @@
+"""What every command that runs a model shares: --device and --memory-budget, and collecting probes.
+
+``RunSettings`` holds the two options (the same flags on upcycle, split, merge and validate);
+``runner_for`` opens a ``LayerRunner`` with them; ``Collect`` gathers what a probe sees (float32
+rows on the CPU, per batch, so a merge can split them by domain).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    memory_budget: str | None = None  # None / "auto": a share of the available memory
+    dtype: str = "auto"  # compute dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16
+
+    def placement(self):
+        from surgery.execution.placement import Placement
+
+        return Placement.resolve(self.device, self.dtype)
+
+    def budget(self):
+        from surgery.execution.hidden import MemoryBudget
+
+        return MemoryBudget.parse(self.memory_budget)
+
+
+def run_options(func):
+    """--device and --memory-budget, on every command that runs a model."""
+    func = click.option("--memory-budget", default=None, metavar="SIZE|auto",
+                        help="CPU memory for one layer's weights and the calibration hidden states; hidden states "
+                             "that do not fit go to a temporary file beside the output [default: auto, 80% of the "
+                             "available memory].")(func)
+    func = click.option("--device", default="auto", show_default=True,
+                        help="Where the model runs: auto (the GPU when there is one, bfloat16 there; else the CPU, "
+                             "float32), cpu, cuda or cuda:N.")(func)
+    return func
+
+
+def runner_for(weights, batches, settings: RunSettings, spill_dir=None, keep_layer_inputs: bool = False):
+    from surgery.execution.runner import LayerRunner
+
+    return LayerRunner(weights, batches, settings.placement(), settings.budget(),
+                       Path(spill_dir) if spill_dir is not None else None, keep_layer_inputs)
+
+
+class Collect:
+    """A probe's consumer that keeps every batch's rows (float32, CPU)."""
+
+    def __init__(self):
+        self.parts: list[tuple[int, object]] = []
+
+    def __call__(self, batch: int, rows) -> None:
+        self.parts.append((batch, rows.float().cpu()))
+
+    def tensor(self):
+        import torch
+
+        return torch.cat([rows for _, rows in self.parts])
+
+    def by_domain(self, calibration) -> dict:
+        import torch
+
+        groups: dict[int, list] = {}
+        for batch, rows in self.parts:
+            groups.setdefault(calibration.domain_of(batch), []).append(rows)
+        return {domain: torch.cat(parts) for domain, parts in groups.items()}
+
+
+def router_input_probe(family, consume):
+    """A probe on what the router of an MoE layer reads (for a dense model: where it will read)."""
+    from surgery.execution.runner import Probe
+
+    return Probe(family.router_input, "input", consume)

@@ -1,0 +1,119 @@
+"""What `surgery validate` and `--verify` print: the report tables, the layer-by-layer comparison, the plot.
+"""
+
+from __future__ import annotations
+
+from surgery import console
+from surgery.errors import SurgeryError
+
+
+def _number(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}g}"
+
+
+def print_result(result: dict) -> None:
+    from rich.table import Table
+
+    from surgery.routing import load_bars
+
+    out = console.stdout
+    sample = result["sample"]
+    placement = result["device"] + (" (device_map=auto)" if result["device_map"] else "")
+    out.print(f"[bold]{result['model']}[/] on {placement}, {result['dtype']}: {sample['tokens']} tokens in "
+              f"{sample['batches']} batch(es) of {sample['source']}")
+    table = Table(header_style="bold")
+    table.add_column("model", overflow="fold")
+    for column in ("loss", "perplexity", "max |Δ logit|", "KL(ref‖model)", "top-1 agree"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_row("MODEL", _number(result["loss"]), _number(result["perplexity"]), "", "", "")
+    for reference in result["references"]:
+        agreement = reference["top1_agreement"]
+        table.add_row(reference["path"], _number(reference["loss"]), _number(reference["perplexity"]),
+                      _number(reference["max_abs_diff"]), _number(reference["mean_kl"]),
+                      "—" if agreement is None else f"{agreement:.2%}")
+    out.print(table)
+    if result["routing"]:
+        first = result["routing"][0]
+        routing = Table(title=f"routing: load per expert (full bar = 2/N, · = unused), entropies in nats "
+                              f"(max ln N = {first['max_entropy']:.3f}), LB = α·N·Σ u·p with α = "
+                              f"{first['load_balancing_alpha']:g}", header_style="bold")
+        for column in ("layer", "load", "share", "unused", "H(load)", "H(router)", "LB", "z-loss"):
+            routing.add_column(column, justify="left" if column == "load" else "right")
+        for layer in result["routing"]:
+            share = layer["share"]
+            routing.add_row(str(layer["layer"]), load_bars(share), f"{min(share):.2f}–{max(share):.2f}",
+                            ", ".join(map(str, layer["unused_experts"])) or "0",
+                            f"{layer['load_entropy']:.3f}", f"{layer['router_entropy']:.3f}",
+                            f"{layer['load_balancing_loss']:.4g}", f"{layer['router_z_loss']:.4g}")
+        out.print(routing)
+    timing = result["timing"]
+    if timing["tokens_per_second"]:
+        out.print(f"[dim]load {timing['load_seconds']:.1f} s, evaluation {timing['eval_seconds']:.1f} s "
+                  f"({timing['tokens_per_second']:.0f} tokens/s)[/]")
+    if result["exact"]:
+        print_exact(result["exact"], "expect-exact")
+
+
+def print_exact(report: dict, title: str = "verify") -> None:
+    """The layer-by-layer comparison: relative difference of each part, and the verdict."""
+    from rich.table import Table
+
+    out = console.stdout
+    table = Table(title=f"{title}: ‖Δ‖/‖reference‖ per layer on the same inputs ({report['dtype']})",
+                  header_style="bold")
+    for column in ("layer", "attention", "FFN / MoE", "output"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_row("embedding", "", "", _relative(report["embedding"]))
+    for row in report["layers"]:
+        table.add_row(str(row["layer"]), _relative(row["attention"]), _relative(row["mlp"]), _relative(row["output"]))
+    table.add_row("head", "", "", _relative(report["head"]))
+    out.print(table)
+    if report["passed"]:
+        out.print(f"{title}: [green]passed[/]: largest relative difference {_relative(report['max_relative'])} "
+                  f"(tolerance {report['tolerance']:.1e})")
+    else:
+        out.print(f"{title}: [red]FAILED[/]: {report['message']}")
+
+
+def _relative(value) -> str:
+    return "NaN" if value is None or value != value else f"{value:.1e}"
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SurgeryError("--plot needs matplotlib, which is not installed: pip install 'surgery[plot]' "
+                           "(or pip install matplotlib)") from None
+    return matplotlib
+
+
+def plot_load(result: dict, path) -> None:
+    """Heat map of expert load (share of top-k assignments), layers × experts."""
+    matplotlib = require_matplotlib()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routing = result["routing"]
+    shares = [layer["share"] for layer in routing]
+    figure, axes = plt.subplots(figsize=(max(5, 0.4 * len(shares[0]) + 2), max(3, 0.3 * len(shares) + 1.5)))
+    image = axes.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("expert")
+    axes.set_ylabel("layer")
+    axes.set_yticks(range(len(routing)), [str(layer["layer"]) for layer in routing])
+    axes.set_title(f"share of top-k assignments (balanced: {1 / len(shares[0]):.3g})", fontsize=10)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=120)
+    except OSError as exc:
+        raise SurgeryError(f"--plot {path}: cannot write: {exc.strerror}") from None
+    finally:
+        plt.close(figure)
+
+
