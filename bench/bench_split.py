@@ -118,7 +118,8 @@ def quality(model: Path, quick: bool, eval_tokens: int, calibration_tokens: int,
 
     torch.set_num_threads(1)  # a 1M-parameter model: thread hand-offs cost more than they save on 2 busy cores
     from surgery import split as split_module
-    from surgery.importance import Calibration
+    from surgery.execution.calibration import CalibrationSet
+    from surgery.partition.calibrated import partition_layers
     from surgery.moe_plan import open_dense_source, parse_moe_layers
     from surgery.samples import SAMPLE_TEXT, read_text
     from surgery.writer import write_plan
@@ -128,24 +129,22 @@ def quality(model: Path, quick: bool, eval_tokens: int, calibration_tokens: int,
     sample = read_text(SAMPLE_TEXT)
     scorer = Scorer(model, heldout_text(model, sample, 8 * eval_tokens), eval_tokens)
     dense = scorer.loss(model)
-    calibration = Calibration.prepare(model, SAMPLE_TEXT, calibration_tokens, source.config)
-    started = time.perf_counter()
-    calibration.model  # loaded once for every strategy (not counted in their times)
-    load_seconds = time.perf_counter() - started
+    calibration = CalibrationSet.load(SAMPLE_TEXT, model, source.config, calibration_tokens)
     strategies = ["random", "clustering"] if quick else STRATEGIES
     routers = ["zero", "centroid"] if quick else ROUTERS
     top_ks = [2] if quick else [2, 4]
     scales = ["auto"] if quick else ["auto"] + SCALES
     layers = parse_moe_layers("all", layers_count)
     print(f"model {model}: hidden {source.config['hidden_size']}, ffn {ffn}, {layers_count} layers; "
-          f"held-out eval {scorer.tokens} tokens; calibration {calibration.tokens} tokens (shipped sample); "
-          f"model load for calibration {load_seconds:.1f} s", file=sys.stderr, flush=True)
+          f"held-out eval {scorer.tokens} tokens; calibration {calibration.tokens} tokens (shipped sample)",
+          file=sys.stderr, flush=True)
     results = {}  # (strategy, k, router, scale) -> loss
     times, active = {}, {}
     for strategy in strategies:
         options = split_module.SplitOptions(NUM_EXPERTS, 2, strategy, calibration_tokens=calibration_tokens)
         started = time.perf_counter()
-        partitions, _, _ = split_module.compute_partitions(source, family, options, layers, ffn, calibration=calibration)
+        partitions = partition_layers(source, family, options, layers, ffn, split_module.shared_count(options, ffn),
+                                      calibration=calibration, settings=options.run).partitions
         times[strategy] = time.perf_counter() - started
         for k in top_ks:
             part = next(iter(partitions.values()))
@@ -165,7 +164,6 @@ def quality(model: Path, quick: bool, eval_tokens: int, calibration_tokens: int,
                     results[strategy, k, router, scale] = done[value] = scorer.loss(scratch / "moe")
                     print(f"  {strategy:13s} top-{k} {router:10s} scale {scale:4s} loss "
                           f"{results[strategy, k, router, scale]:.4f}", file=sys.stderr, flush=True)
-    calibration.close()
 
     print(f"\n### Split quality: held-out loss vs dense ({model.name}, N = {NUM_EXPERTS}, expert scale auto)\n")
     print(f"Dense loss {dense:.4f} nats/token on {scorer.tokens} held-out tokens; Δ = MoE loss - dense loss.\n")

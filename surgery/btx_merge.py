@@ -8,17 +8,14 @@ seed|NAME`` copies one model's instead (mergekit-moe's behaviour). Routers: see
 ``surgery.btx_router``.
 
 Memory: the zero, normal and embedding inits stream (about one tensor in memory, like every
-plan). The calibrated init needs the merged model in memory: the plan is first written with zero
-routers into a temporary directory beside OUT, loaded with transformers (float32), routers are
-fitted layer by layer, and OUT is written from the temporary files (byte copies) plus the fitted
-routers; peak memory is about the merged model in float32 plus the calibration activations of
-one layer, and the temporary directory needs as much disk as OUT.
+plan). The calibrated init runs the merged model layer by layer from the plan's recipes
+(``surgery.btx_router.fit_calibrated``): peak memory is one merged decoder layer in the compute
+dtype plus the calibration hidden states; nothing is written before OUT itself.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +27,9 @@ from surgery.compat import Member, check_compatible
 from surgery.errors import SurgeryError
 from surgery.merge_config import FITS_DEFAULT, SEED_NAME, MergeSpec
 from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
+from surgery.execution.session import RunSettings, run_options
 from surgery.options import execute, output_options
-from surgery.plan import Constant, Copy, Init, OutputTensor, Plan, Recipe
+from surgery.plan import Constant, Copy, Init, Plan, Recipe
 from surgery.seeds import router_seed
 
 ROUTER_STD = 0.02
@@ -374,72 +372,41 @@ attention, norms, lm_head) is {non_ffn}.
 
 # ------------------------------------------------------------------ running
 def run_merge(merge: Merge, out: Path, *, max_shard_size: str, force: bool, dry_run: bool, as_json: bool,
-              verify: bool = False) -> bool:
+              verify: bool = False, settings=None) -> bool:
+    from surgery.execution.session import RunSettings
+
+    settings = settings or RunSettings()
     plan = build_plan(merge)
     if merge.spec.router_init != "calibrated" or dry_run:
         written = execute(plan, out, max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json)
     else:
-        written = _run_calibrated(merge, plan, Path(out), max_shard_size=max_shard_size, force=force, as_json=as_json)
+        written = _run_calibrated(merge, plan, Path(out), max_shard_size=max_shard_size, force=force, as_json=as_json,
+                                  settings=settings)
     if written and verify:
-        _verify(out, merge)
+        from surgery.validate import verify_written
+
+        verify_written(out, [m.checkpoint.path for m in merge.members], exact=False, settings=settings)
     return written
 
 
-def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str, force: bool, as_json: bool) -> bool:
-    """Write with zero routers to a temporary directory, load, fit routers layer by layer, write OUT."""
-    import os
-
-    from surgery.btx_router import PendingRouter, calibration_batches, fit_calibrated, print_routing
-    from surgery.checkpoint import Checkpoint
-    from surgery.loading import load_model
-    from surgery.units import parse_size
-    from surgery.writer import check_output_path, write_plan
+def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str, force: bool, as_json: bool,
+                    settings) -> bool:
+    """Fit every router on the merged model as the plan builds it, layer by layer, then write OUT once."""
+    from surgery.btx_router import fit_calibrated, print_routing, routing_table_text
+    from surgery.writer import check_output_path
 
     if as_json:
         raise SurgeryError("--json applies to --dry-run only")
     check_output_path(out, plan.sources, force)
-    tokenizer = _tokenizer(merge)
-    batches = {domain.expert: calibration_batches(tokenizer, domain.text, merge.spec.calibration_tokens,
-                                                  merge.config["vocab_size"]) for domain in merge.domains()}
-    temp = out.resolve().parent / f".{out.name}.surgery-calibrate-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    zero = [OutputTensor(t.name, t.shape, t.dtype, Init("zero", t.shape) if isinstance(t.recipe, PendingRouter)
-                         else t.recipe) for t in plan.tensors]
-    staged = Plan(plan.operation, zero, plan.config, plan.sources, plan.side_files, {}, plan.metadata, [])
-    try:
-        console.info(f"calibrated routers: writing the merge with zero routers to {temp.name}, then fitting "
-                     f"{merge.config['num_hidden_layers']} layers on {len(batches)} domains")
-        write_plan(staged, temp, parse_size(max_shard_size), force=True)
-        model = load_model(temp, "cpu", "float32")
-        names = {d.expert: d.name for d in merge.domains()}
-        fit = fit_calibrated(model, batches, len(merge.experts), merge.spec.top_k, merge.spec.router_fit, names)
-        del model
-        domain_names = [names[e] for e in sorted(batches)]
-        expert_names = [m.name for m in merge.experts]
-        print_routing(fit, domain_names, expert_names)
-        from surgery.btx_router import routing_table_text
-
-        final = build_plan(merge, fit.routers, routing_table_text(fit, domain_names, expert_names))
-        with Checkpoint.open(temp) as staged_files:
-            final.tensors = [t if t.name in _router_names(merge) else
-                             OutputTensor(t.name, t.shape, t.dtype, Copy(staged_files, t.name)) for t in final.tensors]
-            return execute(final, out, max_shard_size=max_shard_size, force=force, dry_run=False, as_json=False)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _router_names(merge: Merge) -> set[str]:
-    return {merge.target.router.name(layer) for layer in range(merge.config["num_hidden_layers"])
-            if arch.is_moe_layer(merge.target, merge.config, layer)}
-
-
-def _verify(out, merge: Merge) -> None:
-    """`surgery validate OUT SOURCES...`: strict load, loss of OUT and of every source on the same sample."""
-    try:
-        from surgery.validate import print_result, validate
-    except ImportError as exc:
-        raise SurgeryError(f"--verify needs surgery.validate, which cannot be imported ({exc})") from None
-    print_result(validate(out, [str(m.checkpoint.path) for m in merge.members]))
+    names = {d.expert: d.name for d in merge.domains()}
+    console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
+                 f"({', '.join(names.values())}) and fitting {merge.config['num_hidden_layers']} routers")
+    fit = fit_calibrated(merge, plan, _tokenizer(merge), settings, spill_dir=out.resolve().parent)
+    domain_names = [names[e] for e in sorted(names)]
+    expert_names = [m.name for m in merge.experts]
+    print_routing(fit, domain_names, expert_names)
+    final = build_plan(merge, fit.routers, routing_table_text(fit, domain_names, expert_names))
+    return execute(final, out, max_shard_size=max_shard_size, force=force, dry_run=False, as_json=False)
 
 
 # ------------------------------------------------------------------ command line
@@ -470,9 +437,11 @@ def _verify(out, merge: Merge) -> None:
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Output dtype (default: the inputs').")
 @click.option("--verify", is_flag=True, help="After writing, run surgery validate against every source.")
+@run_options
 @output_options
 def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, router_fit,
-            calibration, calibration_tokens, router_seed, dtype, verify, max_shard_size, force, dry_run, as_json):
+            calibration, calibration_tokens, router_seed, dtype, verify, device, memory_budget, max_shard_size, force,
+            dry_run, as_json):
     """Merge domain-trained copies of one seed model into a Mixture-of-Experts (Branch-Train-MiX).
 
     \b
@@ -497,7 +466,7 @@ def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_
     merge = open_merge(spec)
     try:
         run_merge(merge, Path(out), max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json,
-                  verify=verify)
+                  verify=verify, settings=RunSettings(device, memory_budget))
     finally:
         for member in merge.members:
             member.checkpoint.close()

@@ -8,27 +8,21 @@ each domain's tokens to its own expert. The inits:
 * ``embedding``: every layer gets the same rows: the mean input embedding of each expert's
   calibration text, centred over the experts and scaled to unit length (an expert without text,
   e.g. an included seed, gets a zero row);
-* ``calibrated``: layer by layer, the merged model as built so far runs on every expert's
-  calibration text; the router's real input (the post-attention norm output, padding masked,
-  ``surgery.calibration.router_inputs``) is captured; that layer's router rows are fitted so that
-  each domain's tokens go to its own expert; the next layer is then captured with the new router
-  in place. Fits: ``class-mean`` (centred class-mean directions with one scale fitted by
-  cross-entropy) or ``logistic`` (multinomial logistic regression started from the class means).
-
-The calibrated fit needs the merged model in memory (see ``surgery.btx_merge``); everything here
-works on one layer's captured inputs at a time.
+* ``calibrated``: the merged model runs layer by layer on every expert's calibration text, built
+  from the plan's recipes one layer at a time (nothing is written first); at each layer the
+  router's real input (``Family.router_input``, padding masked) is captured, that layer's router
+  rows are fitted so that each domain's tokens go to its own expert (``fit_router``: ``logistic``
+  or ``class-mean``), and the layer then runs with the fitted router, so the next layer sees what
+  the merged model feeds it. Each layer runs once (plus the attention part once more).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from surgery import console
 from surgery.errors import SurgeryError
 from surgery.plan import Recipe
-
-SMALL_FIT_ELEMENTS = 2**23  # calibration activations below this many numbers are fitted on one thread
 
 
 @dataclass
@@ -76,14 +70,6 @@ class PendingRouter(Recipe):
         raise AssertionError("calibrated router used before it was fitted")
 
 
-def calibration_batches(tokenizer, text: str, max_tokens: int, vocab_size: int | None = None, seq_len: int = 256,
-                        batch_size: int = 8) -> list:
-    from surgery.samples import text_batches
-
-    return list(text_batches(tokenizer, text, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
-                             vocab_size=vocab_size))
-
-
 # ------------------------------------------------------------------ embedding init
 def embedding_rows(embedding, tokenizer, domains: list[Domain], num_experts: int, max_tokens: int):
     """[E, H]: centred, unit-length mean input embedding of each domain's text (zero rows for the rest)."""
@@ -102,191 +88,56 @@ def embedding_rows(embedding, tokenizer, domains: list[Domain], num_experts: int
             raise SurgeryError(f"calibration text of {domain.name}: token id {bad[0]} is out of range for the "
                                f"embedding ({embedding.shape[0]} rows)")
         means[domain.expert] = embedding[torch.tensor(ids)].mean(0)
-    return _centred_unit_rows(means, num_experts, embedding.shape[1])
+    from surgery.execution.routers import centred_unit_rows
 
-
-def _centred_unit_rows(means: dict, num_experts: int, hidden: int):
-    import torch
-
-    rows = torch.zeros(num_experts, hidden)
-    centre = torch.stack(list(means.values())).mean(0)
-    for expert, mean in means.items():
-        direction = mean - centre if len(means) > 1 else mean
-        rows[expert] = direction / direction.norm().clamp_min(1e-12)
-    return rows
+    return centred_unit_rows(means, num_experts, embedding.shape[1])
 
 
 # ------------------------------------------------------------------ calibrated init
-@contextmanager
-def _threads_for(elements: int):
-    """One thread for small fits: thousands of tiny ops cost more in thread hand-offs than they save."""
-    import torch
+def fit_calibrated(merge, plan, tokenizer, settings, spill_dir=None) -> RouterFit:
+    """Every router of the merged model, fitted in layer order while the model runs layer by layer.
 
-    previous = torch.get_num_threads()
-    if elements < SMALL_FIT_ELEMENTS:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def fit_layer(inputs: dict[int, object], num_experts: int, method: str = "logistic", steps: int = 50,
-              l2: float = 1e-4):
-    with _threads_for(sum(int(x.numel()) for x in inputs.values())):
-        return _fit_layer(inputs, num_experts, method, steps, l2)
-
-
-def _fit_layer(inputs, num_experts, method, steps, l2):
-    """Router rows [E, H] sending tokens of inputs[expert] ([T, H]) to that expert.
-
-    class-mean: rows = s * (mean_e - mean over experts) / |..|, one scale s fitted by balanced cross-entropy.
-    logistic: multinomial logistic regression (balanced over domains, L2 `l2`), L-BFGS from the class-mean rows.
-    Experts without inputs keep a zero row (logit 0).
+    The merged model is the plan itself (``ModelWeights.from_plan``: averaged attention and norms,
+    the experts' FFNs, each value rounded to the output dtype), so nothing is written first. At
+    layer l every domain's tokens run up to the router's input (the pass stops there); the router
+    rows are fitted (``fit_router``: each domain's tokens to its expert) and set in the layer; then
+    the layer runs for real, with the fitted router, and its output feeds layer l + 1.
     """
     import torch
 
-    experts = sorted(inputs)
-    hidden = next(iter(inputs.values())).shape[1]
-    means = {e: inputs[e].mean(0) for e in experts}
-    direction = _centred_unit_rows(means, num_experts, hidden)
-    features = torch.cat([inputs[e] for e in experts])
-    labels = torch.cat([torch.full((len(inputs[e]),), e, dtype=torch.long) for e in experts])
-    weights = torch.cat([torch.full((len(inputs[e]),), 1.0 / (len(inputs[e]) * len(experts))) for e in experts])
-    active = torch.zeros(num_experts, 1)
-    active[experts] = 1.0
+    from surgery import architectures as arch
+    from surgery.execution.calibration import CalibrationSet
+    from surgery.execution.routers import fit_router, routing_shares
+    from surgery.execution.session import Collect, router_input_probe, runner_for
+    from surgery.execution.weights import ModelWeights
+    from surgery.plan import Init
+    from surgery.routing import router_path
 
-    def loss_of(rows):
-        logits = features @ rows.T
-        return (torch.nn.functional.cross_entropy(logits, labels, reduction="none") * weights).sum()
+    target, config = merge.target, merge.config
+    parts = [(domain.expert, CalibrationSet.from_text(domain.text, tokenizer, config, merge.spec.calibration_tokens,
+                                                      f"calibration text of {domain.name}"))
+             for domain in merge.domains()]
+    calibration = CalibrationSet.combine(parts)
+    pending = {t.name: Init("zero", t.shape) for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
+    runner = runner_for(ModelWeights.from_plan(plan, pending), calibration.batches, settings, spill_dir)
+    num_experts = len(merge.experts)
+    fit = RouterFit(tokens={domain.name: part.tokens for domain, (_, part) in zip(merge.domains(), parts)})
 
-    scale = torch.zeros((), requires_grad=True)  # log of the scale of the class-mean rows
-    optimizer = torch.optim.LBFGS([scale], lr=1, max_iter=30, line_search_fn="strong_wolfe")
+    def visit(layer, session, hidden):
+        if not arch.is_moe_layer(target, config, layer):
+            return None
+        collect = Collect()
+        session.run(hidden, [router_input_probe(target, collect)], stop_after=target.router_input)
+        groups = collect.by_domain(calibration)
+        inputs = torch.cat([groups[e] for e in sorted(groups)])
+        labels = torch.cat([torch.full((len(groups[e]),), e, dtype=torch.long) for e in sorted(groups)])
+        rows = fit_router(merge.spec.router_fit, inputs, rows=num_experts, targets=labels)
+        session.set_parameter(router_path(target) + ".weight", rows)
+        fit.routers[layer] = rows.float()
+        fit.routing[layer] = routing_shares(groups, rows, merge.spec.top_k)
+        return None  # the layer then runs plainly, with the fitted router
 
-    def closure():
-        optimizer.zero_grad()
-        loss = loss_of(direction * scale.exp())
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    rows = (direction * scale.detach().exp()).clone()
-    if method == "class-mean":
-        return rows
-    if method != "logistic":
-        from surgery.merge_config import ROUTER_FITS
-
-        raise SurgeryError(f"router fit {method!r} is not one of {', '.join(ROUTER_FITS)}")
-    rows.requires_grad_(True)
-    optimizer = torch.optim.LBFGS([rows], lr=1, max_iter=steps, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure_rows():
-        optimizer.zero_grad()
-        masked = rows * active
-        loss = loss_of(masked) + l2 * masked.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure_rows)
-    return (rows.detach() * active).contiguous()
-
-
-def routing_shares(inputs: dict[int, object], rows, top_k: int):
-    """[domains, E]: mean routing weight each expert gets on each domain's tokens (rows sum to 1).
-
-    The weights are those of the MoE block: softmax over all experts, top-k kept and renormalised.
-    """
-    import torch
-
-    out = torch.zeros(len(inputs), rows.shape[0])
-    for row, expert in enumerate(sorted(inputs)):
-        probabilities = torch.softmax(inputs[expert] @ rows.T, dim=-1)
-        top = torch.topk(probabilities, top_k, dim=-1)
-        weights = torch.zeros_like(probabilities).scatter_(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
-        out[row] = weights.mean(0)
-    return out
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the captured layer has run: later layers are not needed."""
-
-
-def layer_router_inputs(model, batches, layer: int):
-    """FloatTensor[tokens, hidden]: the post-attention norm output of `layer`, padding removed.
-
-    The same tensor as ``surgery.calibration.router_inputs(model, batches, [layer])``, but each
-    forward pass stops right after that norm, so fitting layer l costs l + 1 layers, not all.
-    """
-    import torch
-
-    from surgery.calibration import capture_outputs, decoder_layers
-
-    module = decoder_layers(model)[layer].post_attention_layernorm
-    device = next(model.parameters()).device
-    collected = []
-
-    def stop(_module, _inputs, _output):
-        raise _StopForward
-
-    with torch.no_grad(), capture_outputs({layer: module}) as captured:
-        handle = module.register_forward_hook(stop)  # runs after the capture hook
-        try:
-            for batch in batches:
-                try:
-                    model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-                except _StopForward:
-                    pass
-                value = captured[layer].pop()
-                keep = batch.attention_mask.reshape(-1).bool().to(device)
-                collected.append(value.reshape(-1, value.shape[-1])[keep].float().cpu())
-        finally:
-            handle.remove()
-    if not collected:
-        raise SurgeryError("calibration text produced no tokens")
-    return torch.cat(collected)
-
-
-def router_parameter(model, layer: int, num_experts: int):
-    """The in-memory router weight [E, H] of decoder layer `layer` (transformers module, not a file name)."""
-    from surgery.calibration import decoder_layers
-
-    module = decoder_layers(model)[layer]
-    hidden = model.config.hidden_size
-    candidates = [(name, parameter) for name, parameter in module.named_parameters()
-                  if "attn" not in name and tuple(parameter.shape) == (num_experts, hidden)]
-    if len(candidates) != 1:
-        raise SurgeryError(f"{type(model).__name__}: cannot find the router of layer {layer} "
-                           f"(weights of shape [{num_experts}, {hidden}]: {[n for n, _ in candidates]})")
-    return candidates[0][1]
-
-
-def fit_calibrated(model, batches: dict[int, list], num_experts: int, top_k: int, method: str = "logistic",
-                   names: dict[int, str] | None = None) -> RouterFit:
-    """Fit every layer's router in order on the merged `model` (routers are set in place as they are fitted).
-
-    `batches`: expert index -> calibration batches of that expert's domain.
-    """
-    import torch
-
-    from surgery.calibration import decoder_layers
-
-    fit = RouterFit()
-    layers = len(decoder_layers(model))
-    parameters = sum(int(p.numel()) for p in model.parameters())
-    with _threads_for(parameters), console.progress("fitting routers", layers, unit_bytes=False) as advance:
-        for layer in range(layers):
-            inputs = {expert: layer_router_inputs(model, domain_batches, layer)
-                      for expert, domain_batches in sorted(batches.items())}
-            rows = fit_layer(inputs, num_experts, method)
-            with torch.no_grad():
-                parameter = router_parameter(model, layer, num_experts)
-                parameter.copy_(rows.to(parameter.dtype))
-            fit.routers[layer] = rows.to(torch.float32)
-            fit.routing[layer] = routing_shares(inputs, rows, top_k)
-            advance(1, f"layer {layer}")
-    for expert, domain_batches in batches.items():
-        fit.tokens[(names or {}).get(expert, str(expert))] = sum(batch.tokens for batch in domain_batches)
+    runner.forward(visit, final_output=False, description="fitting routers")
     return fit
 
 

@@ -350,7 +350,7 @@ def verify_written(out, sources, *, exact: bool, settings=None) -> dict:
             raise SurgeryError(f"--verify: {exc} (the output is kept for inspection; the input is untouched)") from None
     result = validate(str(out), sources, device=settings.device, memory_budget=settings.memory_budget)
     print_result(result)
-    reference = result["references"][0]
+    reference = (result.get("references") or [{}])[0]
     if result.get("loss") is not None and reference.get("loss") is not None:
         console.info(f"verify: loss {result['loss']:.4f} vs {reference['path']} {reference['loss']:.4f} "
                      f"({result['loss'] - reference['loss']:+.4f} nats/token)")

@@ -14,7 +14,7 @@ import torch
 
 from surgery import architectures as arch
 from surgery.checkpoint import Checkpoint
-from tiny_models import load_model, logits, sample_ids, save_model
+from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 TEXTS = {
     "a": "def add(x, y):\n    return x + y\n\nclass Box:\n    pass\n" * 30,
@@ -176,15 +176,14 @@ def test_provenance_metadata_and_model_card_name_every_expert(tmp_path, world, r
 # ------------------------------------------------------------------ routers
 def own_expert_share(directory, world, layer_count=2):
     """Per layer, the share of each domain's tokens whose top-1 expert is the domain's own expert."""
-    from surgery.btx_router import router_parameter, calibration_batches
-    from surgery.calibration import router_inputs
     from surgery.loading import load_model as strict_load, load_tokenizer
+    from surgery.samples import text_batches
 
     model, tokenizer = strict_load(directory), load_tokenizer(directory)
     shares = []
     for layer in range(layer_count):
-        router = router_parameter(model, layer, 3).detach()
-        hits = [float((router_inputs(model, iter(calibration_batches(tokenizer, TEXTS[name], 512)), [layer])[layer]
+        router = model.model.layers[layer].mlp.gate.weight.detach()
+        hits = [float((router_inputs_by_hooks(model, text_batches(tokenizer, TEXTS[name], 8, 256, 512), [layer])[layer]
                        @ router.T).argmax(-1).eq(expert).float().mean()) for expert, name in enumerate("abc")]
         shares.append(hits)
     return shares
@@ -201,12 +200,13 @@ def test_calibrated_router_sends_each_domain_to_its_own_expert(tmp_path, world, 
 
 @pytest.mark.parametrize("fit", ["logistic", "class-mean"])
 def test_fitted_router_rows_separate_domain_clusters(fit):
-    from surgery.btx_router import fit_layer, routing_shares
+    from surgery.execution.routers import fit_router, routing_shares
 
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=generator)
     inputs = {expert: centres[expert] + 0.5 * torch.randn(200, 16, generator=generator) for expert in range(3)}
-    rows = fit_layer(inputs, num_experts=4, method=fit)  # expert 3 has no domain: zero row
+    labels = torch.cat([torch.full((200,), expert) for expert in range(3)])
+    rows = fit_router(fit, torch.cat(list(inputs.values())), rows=4, targets=labels)  # expert 3: no domain, zero row
     assert torch.count_nonzero(rows[3]) == 0
     shares = routing_shares(inputs, rows, top_k=1)
     assert all(shares[expert, expert] > 0.95 for expert in range(3))
@@ -401,18 +401,6 @@ def test_blocked_mean_equals_the_plan_weighted_mean_bit_exactly(world):
         assert torch.equal(whole, blocked)
 
 
-def test_early_stopping_capture_equals_the_full_forward_capture(world):
-    from surgery.btx_router import calibration_batches, layer_router_inputs
-    from surgery.calibration import router_inputs
-    from surgery.loading import load_model as strict_load, load_tokenizer
-
-    model, tokenizer = strict_load(world["a"]), load_tokenizer(world["a"])
-    batches = calibration_batches(tokenizer, TEXTS["b"][:700], 500, batch_size=2, seq_len=128)
-    assert batches[-1].attention_mask.min() == 0  # padding is present and must be dropped
-    for layer in (0, 1):
-        assert torch.equal(layer_router_inputs(model, batches, layer), router_inputs(model, iter(batches), [layer])[layer])
-
-
 def test_blocked_mean_of_bf16_models_equals_the_plan_weighted_mean(tmp_path):
     from surgery.btx_merge import BlockedMean
     from surgery.plan import Copy, WeightedMean
@@ -428,9 +416,10 @@ def test_verify_validates_the_output_against_every_source(tmp_path, world, run_c
     import surgery.validate
 
     calls = []
-    monkeypatch.setattr(surgery.validate, "validate", lambda out, references: calls.append((out, references)) or {})
+    monkeypatch.setattr(surgery.validate, "validate",
+                        lambda out, references, **options: calls.append((out, references)) or {"loss": None})
     monkeypatch.setattr(surgery.validate, "print_result", lambda result: None)
     code, _, err = run_cli("merge", tmp_path / "out", "--seed", world["seed"], *expert_args(world, ("a", "b")),
                            "--router-init", "zero", "--verify")
     assert code == 0, err
-    assert calls == [(tmp_path / "out", [str(world["a"]), str(world["b"]), str(world["seed"])])]
+    assert calls == [(str(tmp_path / "out"), [str(world["a"]), str(world["b"]), str(world["seed"])])]

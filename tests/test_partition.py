@@ -6,7 +6,8 @@ import pytest
 from surgery.errors import SurgeryError
 from surgery.partition import LayerInputs, Partition, default_shared, files, strategy
 from surgery.partition.balanced import balanced_assign, balanced_kmeans
-from surgery.partition.routers import calibrated_router, centroid_router, oracle_hit_rate
+from surgery.execution.routers import fit_router, oracle_hit_rate
+from surgery.partition.routers import centroid_router
 
 
 def layer_inputs(ffn=48, experts=4, shared=0, seed=0, weights=None, **extra):
@@ -202,7 +203,7 @@ def test_calibrated_router_ranks_experts_by_activation_mass():
     inputs = rng.standard_normal((2000, 16))
     directions = rng.standard_normal((16, 8))
     masses = np.exp(inputs @ directions / 4)  # expert mass grows with the input's projection on its direction
-    router = calibrated_router(inputs, masses)
+    router = fit_router("ridge", inputs, rows=8, targets=masses).numpy()
     assert router.shape == (8, 16)
     assert oracle_hit_rate(inputs, masses, router, 2) > 0.9
     assert oracle_hit_rate(inputs, masses, rng.standard_normal((8, 16)), 2) < 0.5

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from surgery import architectures as arch
-from surgery.calibration import router_inputs
 from surgery.checkpoint import Checkpoint
 from surgery.routing import load_bars, routing_statistics
 from surgery.samples import batches
-from tiny_models import build_model, save_model
+from tiny_models import build_model, router_inputs_by_hooks, save_model
 
 ROWS = [list(range(3, 40)), list(range(50, 61)), [7, 9, 11, 13, 90, 91, 92]]  # unequal lengths: padding
 
@@ -33,7 +32,7 @@ def hand_statistics(directory, model, layer, alpha=0.01):
         family = arch.detect_family(checkpoint.config)
         weight = checkpoint.read(family.router.name(layer)).double()
         experts, top_k = checkpoint.config["num_local_experts"], checkpoint.config["num_experts_per_tok"]
-    hidden = router_inputs(model, padded_batches(), [layer])[layer].double()  # real tokens only
+    hidden = router_inputs_by_hooks(model, padded_batches(), [layer])[layer].double()  # real tokens only
     logits = hidden @ weight.T
     probs = torch.softmax(logits, -1)
     chosen = torch.topk(probs, top_k, -1).indices

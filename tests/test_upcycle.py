@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from surgery.checkpoint import Checkpoint
-from tiny_models import load_model, logits, sample_ids, save_model
+from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 TOLERANCE = 1e-5
 
@@ -237,7 +237,6 @@ def test_calibrated_router_is_exact_and_deterministic(tmp_path, run_cli, source,
 
 def test_calibrated_router_rows_fit_the_router_inputs_better_than_random_rows(tmp_path, run_cli, source, token_file):
     """k-means rows point into the data: tokens are closer (cosine) to their best row than with random rows."""
-    from surgery.calibration import router_inputs
     from surgery.samples import batches, read_token_ids
 
     src = source("llama")
@@ -245,7 +244,7 @@ def test_calibrated_router_rows_fit_the_router_inputs_better_than_random_rows(tm
         upcycle(run_cli, src, tmp_path / init, "-n", "4", "-k", "1", "--router-init", init,
                 *(["--calibration", token_file] if init == "calibrated" else []))
     inputs = torch.nn.functional.normalize(
-        router_inputs(load_model(src), batches(read_token_ids(token_file), 4, 256), [1])[1], dim=1)
+        router_inputs_by_hooks(load_model(src), batches(read_token_ids(token_file), 4, 256), [1])[1], dim=1)
     fit = {}
     for init in ("calibrated", "normal"):
         router = tensors_of(tmp_path / init)["model.layers.1.block_sparse_moe.gate.weight"]

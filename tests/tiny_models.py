@@ -77,3 +77,25 @@ def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 def sample_ids(vocab_size: int = 96, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (batch, length), generator=generator)
+
+
+def router_inputs_by_hooks(model, batches, layers) -> dict:
+    """{layer: [real tokens, hidden]}: the input of each decoder layer's `mlp` block (what an MoE router
+    reads), on unpadded tokens, from transformers' whole model with forward pre-hooks: the reference
+    that layer-by-layer captures are checked against."""
+    captured = {layer: [] for layer in layers}
+    handles = [model.model.layers[layer].mlp.register_forward_pre_hook(
+        lambda _module, args, layer=layer: captured[layer].append(args[0].detach())) for layer in layers]
+    out = {layer: [] for layer in layers}
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                keep = batch.attention_mask.reshape(-1).bool()
+                for layer in layers:
+                    value = captured[layer].pop()
+                    out[layer].append(value.reshape(-1, value.shape[-1])[keep].float())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: torch.cat(values) for layer, values in out.items()}
