@@ -16,7 +16,10 @@ on the mean over domains. Stretch: calibrated within 5 % of each domain's own ex
 Speed and memory: seed + 3 experts of random-weight Llamas (~670 MB fp32 each; --quick: ~85 MB)
 merged into a Mixtral with 1 GB output shards, under /usr/bin/time -v, warm page cache, best of
 --repeat: `surgery merge` (random router, non-FFN averaged over 4 models, and --non-ffn seed) against
-`mergekit-moe` (gate_mode random). Targets: <= 1/3 of mergekit's wall time, <= 1/4 of its peak RSS.
+`mergekit-moe` (gate_mode random), and the calibrated merge (routers fitted layer by layer on
+CALIBRATION_TOKENS tokens per domain) against `mergekit-moe` (gate_mode hidden, which also runs the
+model on each expert's prompts). Targets: uncalibrated <= 1/3 of mergekit's wall time and <= 1/4 of
+its peak RSS; calibrated faster than mergekit `hidden` with <= 1/4 of its peak RSS.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from common import REPO, llama_config, make_random_llama, markdown_table, surger
 sys.path.insert(0, str(REPO))
 DOMAINS = ("code", "prose", "math")
 MERGEKIT = Path("/tmp/mk/bin/mergekit-moe")
+CALIBRATION_TOKENS = 2048  # per domain, in the calibrated speed rows
 
 
 # ------------------------------------------------------------------ quality
@@ -124,14 +128,14 @@ def distilled(world: Path, merged: Path, evaluator: "Evaluator", train_attention
     each domain's expert on its calibration text (KL(expert || merge), Adam); returns held-out losses."""
     import torch
 
-    from surgery.btx_router import calibration_batches
     from surgery.loading import load_model, load_tokenizer
+    from surgery.samples import text_batches
 
     torch.manual_seed(0)
     model, tokenizer = load_model(merged, "cpu", "float32"), load_tokenizer(merged)
     experts = {d: load_model(world / d, "cpu", "float32") for d in DOMAINS}
-    batches = {d: calibration_batches(tokenizer, (world / "data" / f"{d}.calibration.txt").read_text(), 16384,
-                                      seq_len=128, batch_size=8) for d in DOMAINS}
+    batches = {d: list(text_batches(tokenizer, (world / "data" / f"{d}.calibration.txt").read_text(), batch_size=8,
+                                    seq_len=128, max_tokens=16384)) for d in DOMAINS}
     trained = []
     for name, parameter in model.named_parameters():
         train = "norm" in name or name.endswith("mlp.gate.weight") or (train_attention and "self_attn" in name)
@@ -280,6 +284,21 @@ def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
                             unk_token="<unk>").save_pretrained(str(directory))
 
 
+def random_words(path: Path, vocab_size: int, seed: int, words: int = 20000) -> Path:
+    """Calibration text for the random speed models: seeded words of their word-level vocabulary."""
+    import random
+
+    generator = random.Random(seed)
+    path.write_text(" ".join(f"w{generator.randrange(3, vocab_size)}" for _ in range(words)) + "\n")
+    return path
+
+
+def prompts(path: Path, count: int = 16, words: int = 128) -> list[str]:
+    """mergekit-moe positive prompts: `count` pieces of the same text (about as many tokens in all)."""
+    tokens = path.read_text().split()
+    return [" ".join(tokens[i * words:(i + 1) * words]) for i in range(count)]
+
+
 def speed(args, work: Path) -> str:
     config = llama_config(512, 1408, 4, 8000, heads=8, kv_heads=8) if args.quick else \
         llama_config(1024, 2816, 8, 32000, heads=16, kv_heads=16)
@@ -296,7 +315,14 @@ def speed(args, work: Path) -> str:
         warm(models[name])
     size = sum(p.stat().st_size for p in models["seed"].glob("*.safetensors"))
     experts = [arg for name in names[1:] for arg in ("--expert", f"{name}={models[name]}")]
+    texts = {name: random_words(work / "speed" / f"{name}.txt", config["vocab_size"], number)
+             for number, name in enumerate(names[1:], 1)}
+    calibration = [arg for name in names[1:] for arg in ("--calibration", f"{name}={texts[name]}")]
     runs = {
+        f"surgery merge --router-init calibrated ({CALIBRATION_TOKENS} tokens per domain)":
+            surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, *calibration,
+                            "--router-init", "calibrated", "--calibration-tokens", CALIBRATION_TOKENS,
+                            "--device", "cpu", "--max-shard-size", "1GB", "--force"),
         "surgery merge (non-FFN averaged over 4 models)":
             surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, "--router-init",
                             "normal", "--max-shard-size", "1GB", "--force"),
@@ -314,6 +340,13 @@ def speed(args, work: Path) -> str:
         runs["mergekit-moe (gate_mode random)"] = [str(MERGEKIT), str(work / "speed" / "mk.yml"),
                                                    str(work / "speed" / "out"), "--device", "cpu",
                                                    "--out-shard-size", "1B"]
+        hidden = {**mk_config, "gate_mode": "hidden",
+                  "experts": [{"source_model": str(models[n]), "positive_prompts": prompts(texts[n])}
+                              for n in names[1:]]}
+        (work / "speed" / "mk-hidden.yml").write_text(yaml.safe_dump(hidden, sort_keys=False))
+        runs["mergekit-moe (gate_mode hidden)"] = [str(MERGEKIT), str(work / "speed" / "mk-hidden.yml"),
+                                                   str(work / "speed" / "out"), "--device", "cpu",
+                                                   "--out-shard-size", "1B"]
     results = {label: [] for label in runs}
     for round_number in range(args.repeat):  # round robin: a slow spell of the disk hits every tool alike
         for label, command in runs.items():
@@ -325,11 +358,13 @@ def speed(args, work: Path) -> str:
     measured = {label: (min(r[0] for r in runs_of), max(r[1] for r in runs_of)) for label, runs_of in results.items()}
     out_bytes = sum(p.stat().st_size for p in (work / "speed" / "out").glob("*.safetensors"))
     baseline = measured.get("mergekit-moe (gate_mode random)")
+    hidden_baseline = measured.get("mergekit-moe (gate_mode hidden)")
     rows = []
     for label, (wall, rss) in measured.items():
-        ratio = f"{wall / baseline[0]:.2f} / {rss / baseline[1]:.2f}" if baseline else "n/a"
+        peer = hidden_baseline if "calibrated" in label or "hidden" in label else baseline
+        ratio = f"{wall / peer[0]:.2f} / {rss / peer[1]:.2f}" if peer else "n/a"
         rows.append([label, f"{wall:.1f}", f"{rss:.0f}", ratio])
-    text = markdown_table(["run", "wall s", "peak RSS MiB", "vs mergekit (wall / RSS)"], rows)
+    text = markdown_table(["run", "wall s", "peak RSS MiB", "vs mergekit (wall / RSS; calibrated vs hidden)"], rows)
     text += (f"\n\nInputs: seed + 3 experts, random Llama, {size / 1e6:.0f} MB fp32 each; output Mixtral "
              f"{out_bytes / 1e6:.0f} MB in 1 GB shards; warm page cache, `sync` before every run, runs "
              f"interleaved round robin; best wall / worst RSS of {args.repeat}.")
@@ -340,6 +375,13 @@ def speed(args, work: Path) -> str:
             f"({surgery_wall:.1f} s vs {baseline[0]:.1f} s)",
             f"- {'PASS' if surgery_rss <= baseline[1] / 4 else 'FAIL'}: peak RSS <= 1/4 of mergekit-moe's "
             f"({surgery_rss:.0f} MiB vs {baseline[1]:.0f} MiB)"])
+    if hidden_baseline:
+        wall, rss = measured[f"surgery merge --router-init calibrated ({CALIBRATION_TOKENS} tokens per domain)"]
+        text += "\n" + "\n".join([
+            f"- {'PASS' if wall < hidden_baseline[0] else 'FAIL'}: calibrated merge faster than mergekit-moe hidden "
+            f"({wall:.1f} s vs {hidden_baseline[0]:.1f} s)",
+            f"- {'PASS' if rss <= hidden_baseline[1] / 4 else 'FAIL'}: calibrated merge peak RSS <= 1/4 of mergekit-moe "
+            f"hidden's ({rss:.0f} MiB vs {hidden_baseline[1]:.0f} MiB)"])
     else:
         text += "\n\nmergekit-moe: skipped (" + ("--quick" if args.quick else f"{MERGEKIT} not found") + ")"
     return text

@@ -412,6 +412,22 @@ def argument_cases() -> list[Case]:
          with_file("calibration.txt", b"some text", lambda d, fx, p: [
              "split", fx.llama(d), d / "out", "-n", 4, "-k", 2, *R, "--router-init", "calibrated", "--calibration", p]),
          "no tokenizer files"),
+        (A, "calibration token id beyond the vocabulary", "upcycle",
+         with_file("ids.jsonl", b"[3, 4, 500]\n", lambda d, fx, p: [
+             "upcycle", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--router-init", "calibrated", "--calibration", p]),
+         "token id 500 is out of range for a vocabulary of 96"),
+        (A, "calibration that holds only padding", "split (coactivation)",
+         with_file("ids.jsonl", b"[0, 0, 0]\n[0, 0]\n", lambda d, fx, p: [
+             "split", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--strategy", "coactivation", "--calibration", p]),
+         "holds only the padding token (id 0)"),
+        (A, "--device cuda without a GPU", "upcycle",
+         upcycle("-n", 4, "-k", 2, "--router-init", "calibrated", "--device", "cuda"), "no CUDA device is available"),
+        (A, "--memory-budget smaller than one layer", "upcycle",
+         with_file("ids.jsonl", b"[3, 4, 5, 6]\n", lambda d, fx, p: [
+             "upcycle", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--router-init", "calibrated", "--calibration", p,
+             "--memory-budget", "1KB"]), "is too small to run one layer"),
+        (A, "--memory-budget not a size", "split", split("-n", 4, "-k", 2, "--strategy", "random", "--memory-budget", "lots"),
+         "expected auto or a size such as 4GiB"),
         (A, "calibrated router without text for every expert", "merge", merge_calibration_missing, "missing for c"),
         (A, "--non-ffn neither average, seed nor an expert", "merge", merge("--non-ffn", "zz"),
          "--non-ffn 'zz': expected average, seed or an expert name"),

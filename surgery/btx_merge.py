@@ -463,10 +463,12 @@ def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_
         spec = spec_from_options(expert, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration,
                                  dtype, router_seed, calibration_tokens, router_fit)
     spec.router_init = resolve_router_init(spec)
+    settings = RunSettings(device, memory_budget)
+    settings.check()
     merge = open_merge(spec)
     try:
         run_merge(merge, Path(out), max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json,
-                  verify=verify, settings=RunSettings(device, memory_budget))
+                  verify=verify, settings=settings)
     finally:
         for member in merge.members:
             member.checkpoint.close()

@@ -129,6 +129,7 @@ def _resolve(source, family, options: SplitOptions):
         raise SurgeryError(f"--partition {options.partition} fixes the shared neurons; drop --shared-neurons/--shared-fraction")
     if options.calibration_tokens < 2:
         raise SurgeryError(f"--calibration-tokens {options.calibration_tokens}: expected at least 2")
+    options.run.check()
     scale = resolve_expert_scale(options.expert_scale, n, k)
     layers = parse_moe_layers(options.moe_layers, dims["layers"])
     return target, dims, layers, scale

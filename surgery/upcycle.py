@@ -120,6 +120,7 @@ def check_options(options: UpcycleOptions) -> None:
             raise SurgeryError(f"{flag} {value}: must be a fraction of each expert's neurons in [0, 1]")
     if options.calibration is not None and options.router_init != "calibrated":
         raise SurgeryError("--calibration applies to --router-init calibrated only")
+    options.run.check()
 
 
 def build_plan(src, num_experts: int, top_k: int, spill_dir=None, **kwargs) -> Plan:

@@ -199,6 +199,31 @@ def test_calibrated_router_sends_each_domain_to_its_own_expert(tmp_path, world, 
 
 
 @pytest.mark.parametrize("fit", ["logistic", "class-mean"])
+def test_calibrated_routers_equal_fitting_the_written_merge_loaded_whole(tmp_path, world, run_cli, fit):
+    """The layer-by-layer fit gives the routers of the former whole-model procedure: write the merge with
+    zero routers, load it with transformers, and fit each layer's router in order on its hooked inputs."""
+    from surgery.execution.calibration import CalibrationSet
+    from surgery.execution.routers import fit_router
+    from surgery.loading import load_tokenizer
+
+    common = ["--seed", world["seed"], *expert_args(world), "--calibration-tokens", 300]
+    assert run_cli("merge", tmp_path / "fitted", *common, *calibration_args(world), "--router-init", "calibrated",
+                   "--router-fit", fit, "--device", "cpu")[0] == 0
+    assert run_cli("merge", tmp_path / "zero", *common, "--router-init", "zero")[0] == 0
+    model, tokenizer = load_model(tmp_path / "zero"), load_tokenizer(tmp_path / "zero")
+    domains = {expert: CalibrationSet.from_text(TEXTS[name], tokenizer, model.config.to_dict(), 300, name).batches
+               for expert, name in enumerate("abc")}
+    fitted = tensors_of(tmp_path / "fitted")
+    for layer in range(2):
+        inputs = {expert: router_inputs_by_hooks(model, batches, [layer])[layer] for expert, batches in domains.items()}
+        labels = torch.cat([torch.full((len(inputs[e]),), e) for e in sorted(inputs)])
+        rows = fit_router(fit, torch.cat([inputs[e] for e in sorted(inputs)]), rows=3, targets=labels)
+        with torch.no_grad():
+            model.model.layers[layer].mlp.gate.weight.copy_(rows)
+        assert torch.allclose(fitted[f"model.layers.{layer}.block_sparse_moe.gate.weight"], rows, atol=1e-5)
+
+
+@pytest.mark.parametrize("fit", ["logistic", "class-mean"])
 def test_fitted_router_rows_separate_domain_clusters(fit):
     from surgery.execution.routers import fit_router, routing_shares
 

@@ -29,6 +29,13 @@ class RunSettings:
 
         return MemoryBudget.parse(self.memory_budget)
 
+    def check(self) -> None:
+        """Refuse a device that is not there or a budget that is not a size, before any work (torch is
+        imported only when a GPU is asked for by name)."""
+        self.budget()
+        if self.device not in ("auto", "cpu"):
+            self.placement()
+
 
 def run_options(func):
     """--device and --memory-budget, on every command that runs a model."""

@@ -1,0 +1,327 @@
+"""Layer-by-layer execution: the same numbers as transformers' whole model, in bounded memory.
+
+Every reference here is computed by transformers itself (the whole model, forward hooks and
+autograd) on the same batches; the layer-by-layer runner must match it to float noise (1e-5) and
+is in practice bit-identical in float32.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from surgery.checkpoint import Checkpoint
+from surgery.execution.calibration import CalibrationSet
+from surgery.execution.hidden import MemoryBudget
+from surgery.execution.placement import Placement
+from surgery.execution.runner import LayerRunner
+from surgery.execution.weights import ModelWeights
+from surgery.samples import batches as make_batches
+from tiny_models import load_model, router_inputs_by_hooks, save_model
+
+ROWS = [list(range(3, 15)), list(range(20, 27)), [5, 80, 81, 7], list(range(40, 52))]  # padding in two rows
+FAMILIES = [("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("mixtral", {}), ("qwen2_moe", {}),
+            ("qwen3_moe", {}), ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1))]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("execution")
+    built = {}
+
+    def get(family, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in built:
+            built[key] = save_model(root / f"{family}-{len(built)}", family, seed=3, **overrides)
+        return built[key]
+    return get
+
+
+def batches():
+    return list(make_batches(ROWS, 3, 12, 0))
+
+
+def whole_logits(directory):
+    model = load_model(directory)
+    with torch.no_grad():
+        return [model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in batches()]
+
+
+def runner_logits(weights, budget=None, spill_dir=None):
+    runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), budget or MemoryBudget.parse(None), spill_dir)
+    hidden, _ = runner.forward()
+    out = {}
+    runner.head(hidden, lambda index, part, logits, extra: out.setdefault(index, []).append(logits))
+    return [torch.cat(out[index]) for index in sorted(out)]
+
+
+def assert_same_on_real_tokens(got, expected, tolerance=1e-5):
+    for batch, mine, theirs in zip(batches(), got, expected):
+        real = batch.attention_mask.bool()
+        assert (mine - theirs)[real].abs().max().item() <= tolerance
+
+
+# ------------------------------------------------------------------ the runner
+@pytest.mark.parametrize("family,overrides", FAMILIES, ids=lambda v: v if isinstance(v, str) else "")
+def test_layer_by_layer_logits_equal_the_whole_model(models, family, overrides):
+    directory = models(family, **overrides)
+    with Checkpoint.open(directory) as checkpoint:
+        got = runner_logits(ModelWeights.from_checkpoint(checkpoint))
+    assert_same_on_real_tokens(got, whole_logits(directory), tolerance=0.0)
+
+
+def test_hidden_states_spilled_to_a_file_give_the_same_logits_and_leave_no_file(models, tmp_path):
+    directory = models("mixtral")
+    with Checkpoint.open(directory) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        layer_bytes = weights.largest_layer_bytes(4)[1]
+        embed_bytes = weights.nbytes(weights.top_tensors("embed"), 4)
+        budget = MemoryBudget(max(layer_bytes, embed_bytes) + 1, "--memory-budget (test)")  # no room for hidden states
+        runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), budget, tmp_path)
+        assert runner.spill_dir == tmp_path
+        got = runner_logits(weights, budget, tmp_path)
+    assert_same_on_real_tokens(got, whole_logits(directory), tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_budget_smaller_than_one_layer_is_refused_before_anything_runs(models):
+    from surgery.errors import SurgeryError
+
+    with Checkpoint.open(models("llama")) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        with pytest.raises(SurgeryError, match=r"--memory-budget 1KB is too small to run one layer of .*: layer \d+ "
+                                               r"needs [0-9.]+ KB in float32"):
+            LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse("1KB"))
+
+
+def test_a_plan_runs_as_the_checkpoint_it_will_write(models, tmp_path):
+    """An upcycle plan run from its recipes (nothing written) gives the written model's logits."""
+    from surgery.upcycle import build_plan
+    from surgery.writer import write_plan
+
+    plan = build_plan(models("llama"), 4, 2, granularity=2, router_init="normal")
+    planned = runner_logits(ModelWeights.from_plan(plan))
+    write_plan(plan, tmp_path / "moe")
+    assert_same_on_real_tokens(planned, whole_logits(tmp_path / "moe"), tolerance=0.0)
+
+
+# ------------------------------------------------------------------ calibration set
+def random_rows(seed, count, length):
+    generator = np.random.default_rng(seed)
+    return [generator.integers(3, 96, length).tolist() for _ in range(count)]
+
+
+def calibration_of(tmp_path, rows, name="ids.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_token_rows_are_cut_batched_and_padded_like_validation(tmp_path):
+    config = {"vocab_size": 96, "max_position_embeddings": 16}
+    calibration = CalibrationSet.load(calibration_of(tmp_path, [list(range(3, 40))]), tmp_path, config, 30)
+    assert calibration.tokens == 30 and [b.input_ids.shape[1] for b in calibration.batches] == [16]
+    assert calibration.batches[0].attention_mask.sum(1).tolist() == [16, 14]
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([[3, 4, 200]], "token id 200 is out of range for a vocabulary of 96"),
+    ([[0, 0, 0], [0, 0]], "holds only the padding token (id 0)"),
+    ([[7]], "gives 1 token(s); at least 2 are needed"),
+])
+def test_unusable_token_files_are_refused(tmp_path, rows, message):
+    from surgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match=re_escape(message)):
+        CalibrationSet.load(calibration_of(tmp_path, rows), tmp_path, {"vocab_size": 96}, 100)
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+# ------------------------------------------------------------------ statistics against the whole model
+def test_upcycle_calibrated_routers_are_kmeans_of_the_whole_models_router_inputs(models, tmp_path, run_cli):
+    from surgery.execution.routers import fit_router
+    from surgery.seeds import sklearn_state
+
+    source = models("qwen3")
+    ids = calibration_of(tmp_path, random_rows(0, 6, 60))
+    code, _, err = run_cli("upcycle", source, tmp_path / "out", "-n", 4, "-k", 2, "--router-init", "calibrated",
+                           "--calibration", ids, "--seed", 5)
+    assert code == 0, err
+    calibration = CalibrationSet.load(ids, source, json.loads((source / "config.json").read_text()), 2048)
+    reference = router_inputs_by_hooks(load_model(source), calibration.batches, [0, 1])
+    with Checkpoint.open(tmp_path / "out") as written:
+        for layer in (0, 1):
+            expected = fit_router("kmeans", reference[layer], rows=4, seed=sklearn_state(5, "kmeans", layer),
+                                  scale=0.02 * 32 ** 0.5)
+            assert torch.allclose(written.read(f"model.layers.{layer}.mlp.gate.weight"), expected, atol=1e-5)
+
+
+def neuron_values_by_hooks(model, batches, layers, with_grad=False):
+    """{layer: [per batch: (h on real tokens, dL/dh on real tokens or None)]} from the whole model."""
+    from surgery.execution.neurons import next_token_loss
+
+    seen = {layer: [] for layer in layers}
+    handles = []
+    for layer in layers:
+        def hook(_module, args, layer=layer):
+            value = args[0]
+            if with_grad:
+                value.retain_grad()
+            seen[layer].append(value)
+        handles.append(model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook))
+    out = {layer: [] for layer in layers}
+    try:
+        for batch in batches:
+            keep = batch.attention_mask.reshape(-1).bool()
+            with torch.set_grad_enabled(with_grad):
+                embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(with_grad)
+                logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+                if with_grad:
+                    next_token_loss(logits, batch).backward()
+            for layer in layers:
+                value = seen[layer].pop()
+                rows = value.detach().reshape(-1, value.shape[-1])[keep]
+                grad = value.grad.reshape(-1, value.shape[-1])[keep] if with_grad else None
+                out[layer].append((rows, grad))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def captured_strategy_inputs(monkeypatch, module_name):
+    """Record the LayerInputs each layer's partition receives."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    original, seen = module.split, {}
+
+    def split(inputs):
+        seen[inputs.layer] = inputs
+        return original(inputs)
+
+    monkeypatch.setattr(module, "split", split)
+    return seen
+
+
+def split_options(strategy, calibration_path, **extra):
+    from surgery.split import SplitOptions
+
+    return SplitOptions(4, 2, strategy, calibration=str(calibration_path), calibration_tokens=400, device="cpu", **extra)
+
+
+def run_split_statistics(source, options):
+    from surgery.moe_plan import open_dense_source
+    from surgery.partition.calibrated import partition_layers
+    from surgery.split import load_calibration, shared_count
+
+    checkpoint, family = open_dense_source(source)
+    with checkpoint:
+        calibration = load_calibration(checkpoint, options)
+        splits = partition_layers(checkpoint, family, options, [0, 1], 44, shared_count(options, 44),
+                                  calibration=calibration, settings=options.run)
+    return calibration, splits
+
+
+def test_firing_bits_and_router_targets_equal_the_whole_models(models, tmp_path, monkeypatch):
+    from surgery.execution.neurons import FiringBits, membership
+    from surgery.execution.routers import fit_router
+
+    source = models("llama")
+    ids = calibration_of(tmp_path, random_rows(1, 5, 50))
+    seen = captured_strategy_inputs(monkeypatch, "surgery.partition.coactivation")
+    calibration, splits = run_split_statistics(source, split_options("coactivation", ids, router_init="calibrated"))
+    model = load_model(source)
+    values = neuron_values_by_hooks(model, calibration.batches, [0, 1])
+    inputs = router_inputs_by_hooks(model, calibration.batches, [0, 1])
+    for layer in (0, 1):
+        firing = FiringBits()
+        for index, (rows, _) in enumerate(values[layer]):
+            firing(index, rows)
+        assert np.array_equal(seen[layer].firing, firing.bits())
+        masses = torch.cat([rows.abs() for rows, _ in values[layer]]) @ torch.as_tensor(
+            membership(splits.partitions[layer], 44))
+        expected = fit_router("ridge", inputs[layer], rows=4, targets=masses)
+        assert torch.allclose(torch.as_tensor(splits.routers[layer]), expected, atol=1e-5)
+
+
+def test_importance_from_the_reverse_pass_equals_autograd_through_the_whole_model(models, tmp_path, monkeypatch):
+    from surgery.execution.neurons import token_clusters
+    from surgery.seeds import sklearn_state
+
+    source = models("qwen2")
+    ids = calibration_of(tmp_path, random_rows(2, 20, 20))
+    seen = captured_strategy_inputs(monkeypatch, "surgery.partition.sharing_inner")
+    calibration, _ = run_split_statistics(source, split_options("sharing-inner", ids))
+    model = load_model(source)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    means = []
+    with torch.no_grad():
+        for batch in calibration.batches:
+            hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            mask = batch.attention_mask.unsqueeze(-1).float()
+            means.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).double())
+    labels, how = token_clusters(calibration.batches, torch.cat(means).numpy(), 4, sklearn_state(0, "clusters"))
+    assert how.startswith("k-means of 20 sequences")
+    counts = torch.bincount(torch.cat(labels), minlength=4).double()
+    values = neuron_values_by_hooks(model, calibration.batches, [0, 1], with_grad=True)
+    for layer in (0, 1):
+        sums = torch.zeros(4, 44, dtype=torch.float64)
+        for batch_labels, (rows, grads) in zip(labels, values[layer]):
+            sums.index_add_(0, batch_labels, (rows * grads).abs().double())
+        expected = (sums / counts.clamp(min=1)[:, None]).numpy()
+        assert np.allclose(seen[layer].importance, expected, rtol=1e-5, atol=1e-9)
+
+
+# ------------------------------------------------------------------ bad input
+def bad_run(run_cli, tmp_path, command, source, *args):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(command, source, out, "-n", 4, "-k", 2, *args)
+    lines = [line for line in err.splitlines() if line.startswith("surgery: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    return lines[0]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "text file is empty"),
+    (b"\x00\x01\x02 binary", "not a text file (contains NUL bytes)"),
+    (b"[3, 4, 500]\n", "token id 500 is out of range for a vocabulary of 96"),
+    (b"[0, 0, 0]\n[0, 0]\n", "calibration data holds only the padding token (id 0)"),
+], ids=["empty", "binary", "beyond-vocabulary", "all-padding"])
+@pytest.mark.parametrize("command,options", [("upcycle", ["--router-init", "calibrated"]),
+                                             ("split", ["--strategy", "coactivation"])])
+def test_unusable_calibration_is_a_one_line_error_before_any_output(models, tmp_path, run_cli, content, message,
+                                                                     command, options):
+    path = tmp_path / ("ids.jsonl" if content.startswith(b"[") else "calibration.txt")
+    path.write_bytes(content)
+    assert message in bad_run(run_cli, tmp_path, command, models("llama"), *options, "--calibration", path)
+
+
+@pytest.mark.parametrize("command,options", [("upcycle", ["--router-init", "calibrated"]),
+                                             ("split", ["--strategy", "random"])])
+def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_before_any_output(models, tmp_path, run_cli, command,
+                                                                               options):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = bad_run(run_cli, tmp_path, command, models("llama"), *options, "--device", "cuda")
+    assert "--device cuda: no CUDA device is available" in line
+
+
+def test_a_memory_budget_smaller_than_one_layer_is_refused_before_any_output(models, tmp_path, run_cli):
+    ids = calibration_of(tmp_path, random_rows(0, 4, 20))
+    line = bad_run(run_cli, tmp_path, "upcycle", models("llama"), "--router-init", "calibrated", "--calibration", ids,
+                   "--memory-budget", "1KB")
+    assert "--memory-budget 1KB is too small to run one layer of" in line and "in float32" in line
+
+
+def test_a_memory_budget_that_is_not_a_size_is_refused(models, tmp_path, run_cli):
+    line = bad_run(run_cli, tmp_path, "split", models("llama"), "--strategy", "random", "--memory-budget", "lots")
+    assert "--memory-budget 'lots': expected auto or a size such as 4GiB, 800MB" in line
