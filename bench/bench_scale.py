@@ -32,49 +32,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import REPO, dir_bytes, llama_config, markdown_table, surgery_command, timed
+from common import (INPUT_SHARD_BYTES, REPO, dir_bytes, layout, make_synthetic_llama, markdown_table, sized_config,
+                    surgery_command, tensor_bytes, timed)
 
 EXPERTS, TOP_K = 2, 1
 TOLERANCE = 0.10
 # (hidden, intermediate, vocab): full runs use TinyLlama-1.1B's matrix shapes; --quick smaller ones so
 # that 0.2 GB still holds a few layers.
 SHAPES = {"full": (2048, 5632, 32000), "quick": (1024, 2816, 8000)}
-BLOCK_ELEMENTS = 2**20  # 4 MiB of fp32 random values, reused for every tensor
-INPUT_SHARD_BYTES = 2 * 10**9
 COPY_IMPORTS = "import numpy, safetensors, click, rich, surgery.cli, surgery.copy, surgery.writer"
 UPCYCLE_IMPORTS = ("import torch, numpy, safetensors, click, rich, surgery.cli, surgery.writer, surgery.upcycle, "
                    "surgery.moe_plan")
 DISK_MARGIN = 2 * 10**9
-
-
-def _table():
-    sys.path.insert(0, str(REPO))
-    from surgery import architectures as arch
-
-    return arch
-
-
-def layout(config: dict) -> list:
-    """The dense Llama tensors (name, shape, group) of `config`, in model order."""
-    arch = _table()
-    return list(arch.expected_tensors(arch.FAMILIES["llama"], config).values())
-
-
-def tensor_bytes(entry) -> int:
-    count = 1
-    for dim in entry.shape:
-        count *= dim
-    return 4 * count
-
-
-def sized_config(target_bytes: float, shape: tuple[int, int, int]) -> dict:
-    """A config of the given matrix shapes with as many layers as bring the checkpoint nearest `target_bytes`."""
-    hidden, ffn, vocab = shape
-    one = sum(tensor_bytes(e) for e in layout(llama_config(hidden, ffn, 1, vocab)))
-    two = sum(tensor_bytes(e) for e in layout(llama_config(hidden, ffn, 2, vocab)))
-    per_layer, fixed = two - one, one - (two - one)
-    layers = max(1, round((target_bytes - fixed) / per_layer))
-    return llama_config(hidden, ffn, layers, vocab)
 
 
 def upcycled_bytes(config: dict) -> int:
@@ -83,56 +52,6 @@ def upcycled_bytes(config: dict) -> int:
     ffn = sum(tensor_bytes(e) for e in entries if e.group == "ffn")
     return (sum(tensor_bytes(e) for e in entries) + (EXPERTS - 1) * ffn
             + 4 * EXPERTS * config["hidden_size"] * config["num_hidden_layers"])
-
-
-def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT_SHARD_BYTES, seed: int = 0) -> Path:
-    """A Llama checkpoint of finite pseudo-random fp32 weights, written fast with memory bounded by one block.
-
-    A single seeded block of BLOCK_ELEMENTS N(0, 0.02) values is generated once; every matrix is that
-    block repeated, starting at an offset that changes from tensor to tensor. Headers come from
-    surgery.safetensors_format.encode_header; data are plain file writes.
-    """
-    import numpy as np
-
-    sys.path.insert(0, str(REPO))
-    from surgery.safetensors_format import encode_header
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    block = (np.random.default_rng(seed).standard_normal(BLOCK_ELEMENTS, dtype=np.float32) * 0.02).astype("<f4")
-    doubled = memoryview(np.concatenate([block, block]).tobytes())  # any 4 MiB window is contiguous
-    block_bytes = len(doubled) // 2
-    entries = layout(config)
-    groups, size = [[]], 0
-    for entry in entries:
-        if groups[-1] and size + tensor_bytes(entry) > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += tensor_bytes(entry)
-    weight_map = {}
-    for number, group in enumerate(groups, 1):
-        name = f"model-{number:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
-        header, _ = encode_header([(e.name, "F32", e.shape) for e in group], {"format": "pt"})
-        with open(directory / name, "wb") as handle:
-            handle.write(header)
-            for entry in group:
-                weight_map[entry.name] = name
-                remaining = tensor_bytes(entry)
-                if entry.group == "norm":
-                    handle.write(np.ones(remaining // 4, dtype="<f4").tobytes())
-                    continue
-                offset = (len(weight_map) * 7919 * 4) % block_bytes
-                while remaining:
-                    count = min(remaining, block_bytes)
-                    handle.write(doubled[offset:offset + count])
-                    remaining -= count
-    if len(groups) > 1:
-        total = sum(tensor_bytes(e) for e in entries)
-        (directory / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
 
 
 def check_disk(work: Path, need: int, what: str) -> None:

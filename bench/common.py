@@ -13,12 +13,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 64 * 2**20
+BLOCK_ELEMENTS = 2**20  # 4 MiB of fp32 random values, reused for every tensor of a synthetic checkpoint
+INPUT_SHARD_BYTES = 2 * 10**9
 
 
-def llama_config(hidden: int, ffn: int, layers: int, vocab: int, heads: int = 16, kv_heads: int = 8) -> dict:
+def llama_config(hidden: int, ffn: int, layers: int, vocab: int, heads: int = 16, kv_heads: int = 8,
+                 max_positions: int = 2048) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
             "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
+            "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": max_positions,
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
 
@@ -60,6 +63,92 @@ def make_random_llama(directory: Path, config: dict, shard_bytes: int = 2 * 10**
         total = sum((directory / f).stat().st_size for f in set(weight_map.values()))
         (directory / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def _table():
+    sys.path.insert(0, str(REPO))
+    from surgery import architectures as arch
+
+    return arch
+
+
+def layout(config: dict) -> list:
+    """The dense Llama tensors (name, shape, group) of `config`, in model order."""
+    arch = _table()
+    return list(arch.expected_tensors(arch.FAMILIES["llama"], config).values())
+
+
+def tensor_bytes(entry, element_size: int = 4) -> int:
+    count = 1
+    for dim in entry.shape:
+        count *= dim
+    return element_size * count
+
+
+def sized_config(target_bytes: float, shape: tuple[int, int, int], **extra) -> dict:
+    """A config of the given matrix shapes with as many layers as bring the fp32 checkpoint nearest `target_bytes`."""
+    hidden, ffn, vocab = shape
+    one = sum(tensor_bytes(e) for e in layout(llama_config(hidden, ffn, 1, vocab)))
+    two = sum(tensor_bytes(e) for e in layout(llama_config(hidden, ffn, 2, vocab)))
+    per_layer, fixed = two - one, one - (two - one)
+    layers = max(1, round((target_bytes - fixed) / per_layer))
+    return llama_config(hidden, ffn, layers, vocab, **extra)
+
+
+def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT_SHARD_BYTES, seed: int = 0,
+                         dtype: str = "F32") -> Path:
+    """A Llama checkpoint of finite pseudo-random weights (F32 or BF16), written fast with memory bounded by one block.
+
+    A single seeded block of BLOCK_ELEMENTS N(0, 0.02) values is generated once; every matrix is that
+    block repeated, starting at an offset that changes from tensor to tensor. Headers come from
+    surgery.safetensors_format.encode_header; data are plain file writes.
+    """
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from surgery.safetensors_format import encode_header
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    block = (np.random.default_rng(seed).standard_normal(BLOCK_ELEMENTS, dtype=np.float32) * 0.02).astype("<f4")
+    one = np.ones(1, dtype="<f4")
+    element = 4
+    if dtype == "BF16":  # the upper half of each float32 (truncation: fine for synthetic values)
+        block, one, element = (block.view("<u4") >> 16).astype("<u2"), (one.view("<u4") >> 16).astype("<u2"), 2
+    doubled = memoryview(np.concatenate([block, block]).tobytes())  # any block-sized window is contiguous
+    block_bytes = len(doubled) // 2
+    entries = layout(config)
+    groups, size = [[]], 0
+    for entry in entries:
+        if groups[-1] and size + tensor_bytes(entry, element) > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += tensor_bytes(entry, element)
+    weight_map = {}
+    for number, group in enumerate(groups, 1):
+        name = f"model-{number:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
+        header, _ = encode_header([(e.name, dtype, e.shape) for e in group], {"format": "pt"})
+        with open(directory / name, "wb") as handle:
+            handle.write(header)
+            for entry in group:
+                weight_map[entry.name] = name
+                remaining = tensor_bytes(entry, element)
+                if entry.group == "norm":
+                    handle.write(np.repeat(one, remaining // element).tobytes())
+                    continue
+                offset = (len(weight_map) * 7919 * 4) % block_bytes
+                while remaining:
+                    count = min(remaining, block_bytes)
+                    handle.write(doubled[offset:offset + count])
+                    remaining -= count
+    if len(groups) > 1:
+        total = sum(tensor_bytes(e, element) for e in entries)
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = {**config, "torch_dtype": {"F32": "float32", "BF16": "bfloat16"}[dtype]}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 

@@ -28,7 +28,7 @@ from surgery.errors import SurgeryError
 from surgery.merge_config import FITS_DEFAULT, SEED_NAME, MergeSpec
 from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
 from surgery.execution.session import RunSettings, run_options
-from surgery.options import execute, output_options
+from surgery.options import execute, output_options, verify_options
 from surgery.plan import Constant, Copy, Init, Plan, Recipe
 from surgery.seeds import router_seed
 
@@ -372,7 +372,7 @@ attention, norms, lm_head) is {non_ffn}.
 
 # ------------------------------------------------------------------ running
 def run_merge(merge: Merge, out: Path, *, max_shard_size: str, force: bool, dry_run: bool, as_json: bool,
-              verify: bool = False, settings=None) -> bool:
+              verify: bool = False, settings=None, verify_tokens: int = 2048) -> bool:
     from surgery.execution.session import RunSettings
 
     settings = settings or RunSettings()
@@ -385,7 +385,8 @@ def run_merge(merge: Merge, out: Path, *, max_shard_size: str, force: bool, dry_
     if written and verify:
         from surgery.validate import verify_written
 
-        verify_written(out, [m.checkpoint.path for m in merge.members], exact=False, settings=settings)
+        verify_written(out, [m.checkpoint.path for m in merge.members], exact=False, settings=settings,
+                       max_tokens=verify_tokens)
     return written
 
 
@@ -436,12 +437,12 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str,
 @click.option("--router-seed", type=int, default=0, show_default=True, help="Seed of --router-init normal.")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Output dtype (default: the inputs').")
-@click.option("--verify", is_flag=True, help="After writing, run surgery validate against every source.")
+@verify_options
 @run_options
 @output_options
 def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, router_fit,
-            calibration, calibration_tokens, router_seed, dtype, verify, device, memory_budget, max_shard_size, force,
-            dry_run, as_json):
+            calibration, calibration_tokens, router_seed, dtype, verify, verify_tokens, device, memory_budget,
+            max_shard_size, force, dry_run, as_json):
     """Merge domain-trained copies of one seed model into a Mixture-of-Experts (Branch-Train-MiX).
 
     \b
@@ -468,7 +469,7 @@ def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_
     merge = open_merge(spec)
     try:
         run_merge(merge, Path(out), max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json,
-                  verify=verify, settings=settings)
+                  verify=verify, settings=settings, verify_tokens=verify_tokens)
     finally:
         for member in merge.members:
             member.checkpoint.close()

@@ -28,6 +28,17 @@ def output_options(func):
     return func
 
 
+def verify_options(func):
+    """--verify and --verify-tokens, on every command that writes a model."""
+    func = click.option("--verify-tokens", default=2048, show_default=True, type=click.IntRange(2),
+                        help="Tokens of the validation sample --verify runs (the shipped sample text, or pseudo-random "
+                             "ids when the model has no tokenizer).")(func)
+    func = click.option("--verify", is_flag=True,
+                        help="After writing, check the output against its source(s): an exact result layer by layer "
+                             "(exit 2 naming the first layer that differs), any other by its loss change.")(func)
+    return func
+
+
 def execute(plan, out: Path, *, max_shard_size: str, force: bool, dry_run: bool, as_json: bool) -> bool:
     """Print the plan (dry run) or write it. Returns True when something was written."""
     from surgery.units import format_bytes, parse_size

@@ -26,7 +26,7 @@ from surgery import console
 from surgery.errors import SurgeryError
 from surgery.moe_plan import INERT_SHARED_FFN, check_expert_counts, inert_shared_expert, inert_shared_note
 from surgery.execution.session import run_options
-from surgery.options import execute, output_options
+from surgery.options import execute, output_options, verify_options
 from surgery.seeds import router_seed
 
 STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
@@ -359,13 +359,12 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
 @click.option("--save-partition", default=None, help="Write the neuron assignment to FILE (.json or .npz).")
 @click.option("--partition", "partition_file", default=None, help="Reuse a neuron assignment saved with --save-partition.")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp32", "bf16", "fp16"]))
-@click.option("--verify", is_flag=True, help="After writing: check exactness layer by layer (K = N, zero router) or "
-              "report the loss change.")
+@verify_options
 @run_options
 @output_options
 def command(src, out, num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,
             calibration_tokens, router_init, expert_scale, seed, moe_layers, save_partition, partition_file, dtype,
-            verify, device, memory_budget, max_shard_size, force, dry_run, as_json):
+            verify, verify_tokens, device, memory_budget, max_shard_size, force, dry_run, as_json):
     """Split each FFN of the dense model SRC into N experts and write the MoE to OUT."""
     from surgery.moe_plan import open_dense_source
     from surgery.writer import check_output_path
@@ -388,4 +387,4 @@ def command(src, out, num_experts, top_k, strategy, fmt, shared_neurons, shared_
             resolve_expert_scale(options.expert_scale, num_experts, top_k) == num_experts
         from surgery.validate import verify_written
 
-        verify_written(out, [src], exact=exact, settings=options.run)
+        verify_written(out, [src], exact=exact, settings=options.run, max_tokens=verify_tokens)

@@ -31,7 +31,7 @@ from surgery.errors import SurgeryError
 from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, inert_shared_expert, inert_shared_note, moe_tensors,
                                open_dense_source, parse_moe_layers, provenance)
 from surgery.execution.session import run_options
-from surgery.options import execute, output_options
+from surgery.options import execute, output_options, verify_options
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
 from surgery.seeds import router_seed
 
@@ -399,14 +399,12 @@ def calibrated_routers(source, family, options: UpcycleOptions, layers: list[int
 @click.option("--calibration-tokens", default=CALIBRATION_TOKENS, show_default=True, type=int,
               help="Calibration tokens used at most.")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(DTYPES), help="Output dtype.")
-@click.option("--verify", is_flag=True,
-              help="After writing, check layer by layer that the output reproduces SRC (with --noise/--drop-upcycle: "
-                   "report the loss change); exit 2 if it does not.")
+@verify_options
 @run_options
 @output_options
 def command(src, out, num_experts, top_k, fmt, router_init, router_std, seed, granularity, shared_expert,
-            moe_layers, noise, noise_fraction, drop_upcycle, calibration, calibration_tokens, dtype, verify, device,
-            memory_budget, max_shard_size, force, dry_run, as_json):
+            moe_layers, noise, noise_fraction, drop_upcycle, calibration, calibration_tokens, dtype, verify,
+            verify_tokens, device, memory_budget, max_shard_size, force, dry_run, as_json):
     """Upcycle the dense checkpoint SRC into an MoE checkpoint OUT whose experts start as copies of each FFN."""
     options = UpcycleOptions(num_experts, top_k, format=fmt, router_init=router_init, router_std=router_std,
                              seed=seed, granularity=granularity, shared_expert=shared_expert, moe_layers=moe_layers,
@@ -422,4 +420,4 @@ def command(src, out, num_experts, top_k, fmt, router_init, router_std, seed, gr
     if written and verify:
         from surgery.validate import verify_written
 
-        verify_written(out, [src], exact=not options.diverse, settings=options.run)
+        verify_written(out, [src], exact=not options.diverse, settings=options.run, max_tokens=verify_tokens)

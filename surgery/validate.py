@@ -335,7 +335,7 @@ def verify_exact(out_path, reference_path, settings=None, max_tokens: int = VERI
     return report
 
 
-def verify_written(out, sources, *, exact: bool, settings=None) -> dict:
+def verify_written(out, sources, *, exact: bool, settings=None, max_tokens: int = VERIFY_TOKENS) -> dict:
     """`--verify` of every writing command. Exact operations: OUT against its source layer by layer
     (``verify_exact``); the others: validate OUT against every source and report the loss change.
     A failure is a SurgeryError that says the output is kept and the input untouched."""
@@ -345,10 +345,11 @@ def verify_written(out, sources, *, exact: bool, settings=None) -> dict:
     sources = [str(source) for source in sources]
     if exact:
         try:
-            return verify_exact(str(out), sources[0], settings)
+            return verify_exact(str(out), sources[0], settings, max_tokens)
         except SurgeryError as exc:
             raise SurgeryError(f"--verify: {exc} (the output is kept for inspection; the input is untouched)") from None
-    result = validate(str(out), sources, device=settings.device, memory_budget=settings.memory_budget)
+    result = validate(str(out), sources, device=settings.device, memory_budget=settings.memory_budget,
+                      max_tokens=max_tokens)
     print_result(result)
     reference = (result.get("references") or [{}])[0]
     if result.get("loss") is not None and reference.get("loss") is not None:
