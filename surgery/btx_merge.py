@@ -66,6 +66,22 @@ class BlockedMean(Recipe):
 
         return torch.from_numpy(self.compute_array("F32"))
 
+    def compute_rows(self, rows):
+        """Rows `rows` of the mean, with compute_array's arithmetic (each row reads only itself)."""
+        import numpy as np
+        import torch
+
+        total = float(sum(self.weights))
+        result = None
+        for checkpoint, weight in zip(self.checkpoints, self.weights):
+            value = checkpoint.read_rows(self.name, rows).float().numpy()
+            factor = np.float32(weight / total)
+            if result is None:
+                result = np.multiply(value, factor)
+            else:
+                np.add(result, np.multiply(value, factor), out=result)
+        return torch.from_numpy(result)
+
     def compute_array(self, dtype):
         import math
 
@@ -442,7 +458,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str,
 @output_options
 def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, router_fit,
             calibration, calibration_tokens, router_seed, dtype, verify, verify_tokens, device, memory_budget,
-            max_shard_size, force, dry_run, as_json):
+            compute_dtype, max_shard_size, force, dry_run, as_json):
     """Merge domain-trained copies of one seed model into a Mixture-of-Experts (Branch-Train-MiX).
 
     \b
@@ -464,7 +480,7 @@ def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_
         spec = spec_from_options(expert, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration,
                                  dtype, router_seed, calibration_tokens, router_fit)
     spec.router_init = resolve_router_init(spec)
-    settings = RunSettings(device, memory_budget)
+    settings = RunSettings(device, memory_budget, compute_dtype)
     settings.check()
     merge = open_merge(spec)
     try:

@@ -35,6 +35,12 @@ class Recipe:
     def compute(self):
         raise NotImplementedError
 
+    def compute_rows(self, rows):
+        """Rows `rows` (first dimension) of this tensor; recipes that can read only those rows do so."""
+        import torch
+
+        return self.compute()[torch.as_tensor(list(rows), dtype=torch.long)]
+
     def numpy_ready(self, dtype: str) -> bool:
         """Whether `compute_array` can make this tensor in safetensors dtype `dtype` with numpy alone, so
         the writer need not import torch (about 2 s) for it. Known from headers, before any data is read."""
@@ -65,6 +71,9 @@ class Copy(Recipe):
 
     def compute(self):
         return self.checkpoint.read(self.name)
+
+    def compute_rows(self, rows):
+        return self.checkpoint.read_rows(self.name, rows)
 
 
 @dataclass

@@ -58,6 +58,7 @@ class SplitOptions:
     dtype: str = "keep"
     device: str = "auto"
     memory_budget: str | None = None
+    compute_dtype: str = "auto"
 
     def record(self) -> dict:
         """The options as written into the output's metadata (paths as given)."""
@@ -67,7 +68,7 @@ class SplitOptions:
     def run(self):
         from surgery.execution.session import RunSettings
 
-        return RunSettings(self.device, self.memory_budget)
+        return RunSettings(self.device, self.memory_budget, self.compute_dtype)
 
 
 def resolve_expert_scale(text: str, num_experts: int, top_k: int) -> float:
@@ -364,14 +365,14 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
 @output_options
 def command(src, out, num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,
             calibration_tokens, router_init, expert_scale, seed, moe_layers, save_partition, partition_file, dtype,
-            verify, verify_tokens, device, memory_budget, max_shard_size, force, dry_run, as_json):
+            verify, verify_tokens, device, memory_budget, compute_dtype, max_shard_size, force, dry_run, as_json):
     """Split each FFN of the dense model SRC into N experts and write the MoE to OUT."""
     from surgery.moe_plan import open_dense_source
     from surgery.writer import check_output_path
 
     options = SplitOptions(num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,
                            calibration_tokens, router_init, expert_scale, seed, moe_layers, partition_file,
-                           save_partition, dtype, device, memory_budget)
+                           save_partition, dtype, device, memory_budget, compute_dtype)
     source, family = open_dense_source(src)
     with source:
         if not dry_run:

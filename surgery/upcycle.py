@@ -63,12 +63,13 @@ class UpcycleOptions:
     dtype: str = "keep"
     device: str = "auto"
     memory_budget: str | None = None
+    compute_dtype: str = "auto"
 
     @property
     def run(self):
         from surgery.execution.session import RunSettings
 
-        return RunSettings(self.device, self.memory_budget)
+        return RunSettings(self.device, self.memory_budget, self.compute_dtype)
 
     @property
     def copies(self) -> int:
@@ -404,13 +405,13 @@ def calibrated_routers(source, family, options: UpcycleOptions, layers: list[int
 @output_options
 def command(src, out, num_experts, top_k, fmt, router_init, router_std, seed, granularity, shared_expert,
             moe_layers, noise, noise_fraction, drop_upcycle, calibration, calibration_tokens, dtype, verify,
-            verify_tokens, device, memory_budget, max_shard_size, force, dry_run, as_json):
+            verify_tokens, device, memory_budget, compute_dtype, max_shard_size, force, dry_run, as_json):
     """Upcycle the dense checkpoint SRC into an MoE checkpoint OUT whose experts start as copies of each FFN."""
     options = UpcycleOptions(num_experts, top_k, format=fmt, router_init=router_init, router_std=router_std,
                              seed=seed, granularity=granularity, shared_expert=shared_expert, moe_layers=moe_layers,
                              noise=noise, noise_fraction=noise_fraction, drop_upcycle=drop_upcycle,
                              calibration=calibration, calibration_tokens=calibration_tokens, dtype=dtype,
-                             device=device, memory_budget=memory_budget)
+                             device=device, memory_budget=memory_budget, compute_dtype=compute_dtype)
     plan = plan_from_options(src, options, spill_dir=Path(out).resolve().parent)
     try:
         written = execute(plan, out, max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json)

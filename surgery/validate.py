@@ -345,7 +345,9 @@ def verify_written(out, sources, *, exact: bool, settings=None, max_tokens: int 
     sources = [str(source) for source in sources]
     if exact:
         try:
-            return verify_exact(str(out), sources[0], settings, max_tokens)
+            from dataclasses import replace
+
+            return verify_exact(str(out), sources[0], replace(settings, dtype="auto"), max_tokens)  # float32 compare
         except SurgeryError as exc:
             raise SurgeryError(f"--verify: {exc} (the output is kept for inspection; the input is untouched)") from None
     result = validate(str(out), sources, device=settings.device, memory_budget=settings.memory_budget,
@@ -381,7 +383,7 @@ def _is_moe(path) -> bool:
               help="Compute dtype. auto: bfloat16 on CUDA, float32 on CPU (--expect-exact: float32).")
 @click.option("--stream/--no-stream", default=None,
               help="Run one decoder layer at a time (default: only when MODEL does not fit in memory).")
-@run_options
+@run_options(compute_dtype=False)
 @click.option("--expect-exact", is_flag=True,
               help="Exit non-zero unless MODEL reproduces the single reference layer by layer (attention, FFN/MoE, "
                    "layer output, logits) within float noise.")

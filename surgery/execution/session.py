@@ -37,8 +37,16 @@ class RunSettings:
             self.placement()
 
 
-def run_options(func):
-    """--device and --memory-budget, on every command that runs a model."""
+def run_options(func=None, *, compute_dtype: bool = True):
+    """--device, --compute-dtype and --memory-budget, on every command that runs a model (validate has
+    its own --dtype for the compute dtype)."""
+    if func is None:
+        return lambda f: run_options(f, compute_dtype=compute_dtype)
+    if compute_dtype:
+        func = click.option("--compute-dtype", default="auto", show_default=True,
+                            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                            help="dtype the model runs in while calibrating: auto = bfloat16 on a GPU, float32 on "
+                                 "the CPU (bfloat16 is much faster on CPUs with native bfloat16 matmul).")(func)
     func = click.option("--memory-budget", default=None, metavar="SIZE|auto",
                         help="CPU memory for one layer's weights and the calibration hidden states; hidden states "
                              "that do not fit go to a temporary file beside the output [default: auto, 80% of the "

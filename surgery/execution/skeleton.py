@@ -19,7 +19,9 @@ make that possible without re-implementing the model's forward:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 
 from surgery import architectures as arch
 from surgery.errors import SurgeryError
@@ -34,12 +36,20 @@ class _Stop(Exception):
 def _layer_stand_in(inner, forward):
     """An nn.Module in place of a decoder layer; attributes the model's forward reads (e.g. the
     layer's attention type) come from the real (meta) layer."""
+    return _stand_in_class()(inner, forward)
+
+
+@functools.cache
+def _stand_in_class():
+    """The stand-in class, defined once (a class made per call would hold its closures in a reference
+    cycle, and with them hidden states, until the garbage collector runs)."""
     import torch
 
     class StandIn(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, inner, forward):
             super().__init__()
             object.__setattr__(self, "_inner", inner)
+            object.__setattr__(self, "_forward", forward)
 
         def __getattr__(self, name):
             try:
@@ -48,19 +58,23 @@ def _layer_stand_in(inner, forward):
                 return getattr(object.__getattribute__(self, "_inner"), name)
 
         def forward(self, hidden_states, *args, **kwargs):
-            return forward(hidden_states, args, kwargs)
+            return object.__getattribute__(self, "_forward")(hidden_states, args, kwargs)
 
-    return StandIn()
+    return StandIn
 
 
 def experts_implementation(family: arch.Family, config: dict, device: str, dtype) -> str | None:
-    """transformers' expert kernel for this run: on CPU the grouped matmul (about 1.6x faster than the
-    eager loop, exact in float32) where every matrix stride allows it, else the eager loop, which
-    takes any size; on a GPU transformers' own choice."""
+    """transformers' expert kernel for this run: on CPU in float32 the grouped matmul (about 1.6x faster
+    than the eager loop on bench/bench_validate.py's Mixtral, exact in float32) where every matrix stride
+    allows it, else the eager loop, which takes any size; on CPU in bfloat16 the eager loop (its per-expert
+    matmuls use the CPU's bfloat16 kernels: 0.16 s against 0.26 s for 3 experts x 6144 tokens); on a GPU
+    transformers' own choice."""
     if family.kind != "moe" or not device.startswith("cpu"):
         return None
     import torch
 
+    if dtype == torch.bfloat16:
+        return "eager"
     dims = arch.dimensions(family, config)
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = [dims.get("expert_ffn"), dims["hidden"]]
@@ -127,38 +141,30 @@ class Skeleton:
         return module.eval()
 
     # ---------------------------------------------------------------- whole-model passes
+    @contextlib.contextmanager
     def _with_top(self, state: dict):
-        """Context: model-level tensors (embedding, norm, head) assigned for one pass, then meta again."""
-        skeleton = self
+        """Model-level tensors (embedding, norm, head) assigned for one pass, then meta again."""
+        saved = []
+        try:
+            for name, value in state.items():
+                module_name, _, leaf = name.rpartition(".")
+                module = self.model.get_submodule(module_name)
+                saved.append((module, leaf, module._parameters[leaf]))
+                module._parameters[leaf] = self.torch.nn.Parameter(value, requires_grad=False)
+            yield
+        finally:
+            for module, leaf, parameter in reversed(saved):
+                module._parameters[leaf] = parameter
 
-        class Assigned:
-            def __enter__(self):
-                self.saved = []
-                for name, value in state.items():
-                    module_name, _, leaf = name.rpartition(".")
-                    module = skeleton.model.get_submodule(module_name)
-                    self.saved.append((module, leaf, module._parameters[leaf]))
-                    module._parameters[leaf] = skeleton.torch.nn.Parameter(value, requires_grad=False)
-
-            def __exit__(self, *exc):
-                for module, leaf, parameter in reversed(self.saved):
-                    module._parameters[leaf] = parameter
-
-        return Assigned()
-
+    @contextlib.contextmanager
     def _with_layers(self, stand_ins):
-        skeleton = self
-
-        class Swapped:
-            def __enter__(self):
-                for index, stand_in in enumerate(stand_ins):
-                    skeleton.layers[index] = stand_in
-
-            def __exit__(self, *exc):
-                for index, template in enumerate(skeleton.templates):
-                    skeleton.layers[index] = template
-
-        return Swapped()
+        try:
+            for index, stand_in in enumerate(stand_ins):
+                self.layers[index] = stand_in
+            yield
+        finally:
+            for index, template in enumerate(self.templates):
+                self.layers[index] = template
 
     def record(self, embed_state: dict, batch) -> tuple:
         """(hidden states entering layer 0, [(args, kwargs) the model passes to each layer]) for one batch."""

@@ -119,6 +119,27 @@ class ModelWeights:
         """{name: tensor} in `dtype` on `device`, one stored tensor in flight at a time."""
         return {tensor.name: self._assemble(tensor, dtype, device) for tensor in tensors}
 
+    def materialize_rows(self, tensors: list[MemoryTensor], rows, dtype, device) -> dict:
+        """Like ``materialize``, but only rows `rows` are read and written (an embedding looked up by known
+        token ids): the rest of each tensor is allocated, never touched, so it takes no memory on the CPU."""
+        import torch
+
+        rows = sorted({int(row) for row in rows})
+        out = {}
+        for tensor in tensors:
+            (piece,) = tensor.pieces
+            full = torch.empty(tensor.shape, dtype=dtype, device=device)
+            value = self.recipes[piece.name].compute_rows(rows)
+            stored = self._stored_dtype(piece.name)
+            full[torch.as_tensor(rows, dtype=torch.long, device=device)] = value.to(stored).to(device=device, dtype=dtype)
+            out[tensor.name] = full
+        return out
+
+    def _stored_dtype(self, name: str):
+        from surgery.checkpoint import torch_dtype
+
+        return torch_dtype(self.dtypes[name])
+
     def _assemble(self, tensor: MemoryTensor, dtype, device):
         import torch
 
@@ -132,12 +153,8 @@ class ModelWeights:
         return out
 
     def _value(self, name: str, shape: tuple):
-        import torch
-
-        from surgery.checkpoint import torch_dtype
-
         value = self.recipes[name].compute()
-        stored = torch_dtype(self.dtypes[name])
+        stored = self._stored_dtype(name)
         if value.dtype != stored:  # a plan's value, rounded as the writer will round it
             value = value.to(stored)
         if tuple(value.shape) != tuple(shape):
