@@ -86,42 +86,59 @@ def run_validate(directory: Path, tokens: Path, settings: dict) -> tuple[float, 
 
 
 def tolerance_rows(quick: bool) -> list[list]:
-    """Logits max abs difference of an exact MoE rewrite and its dense source per dtype, relative to the
-    largest |logit|: the rounding noise --expect-exact must tolerate (docs/validate.md)."""
+    """The largest relative difference the layer-by-layer comparison (--verify, --expect-exact) sees
+    between an exact MoE rewrite and its dense source, per compute dtype: the rounding noise its
+    tolerance must allow (docs/validate.md); and what it sees for a real error of 1 % and 10 %."""
     import copy
 
     import torch
     import transformers
 
+    from surgery.checkpoint import Checkpoint
+    from surgery.execution.compare import compare_layers
+    from surgery.execution.session import RunSettings
+    from surgery.execution.weights import ModelWeights
+    from surgery.samples import batches
+
     shapes = [(128, 4, 344, 512)] if quick else [(128, 4, 344, 512), (256, 8, 688, 2000), (256, 24, 688, 2000)]
     rows = []
-    for hidden, layers, ffn, vocab in shapes:
-        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                          num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64,
-                                          intermediate_size=ffn, tie_word_embeddings=False)
-        torch.manual_seed(0)
-        dense = transformers.LlamaForCausalLM(config).eval()
-        with torch.no_grad():  # trained-model scale: every matrix ~ N(0, 1/fan_in), norms near 1
-            for name, parameter in dense.named_parameters():
-                if parameter.dim() == 2:
-                    parameter.normal_(0, parameter.shape[1] ** -0.5)
-                else:
-                    parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
-        ids = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(1))
-        variants = [("upcycle 8 experts top-2", moe_rewrite(dense, 8, 2, "upcycle")),
-                    ("split 8 experts top-8", moe_rewrite(dense, 8, 8, "split"))]
-        broken = copy.deepcopy(variants[0][1])
-        with torch.no_grad():
-            broken.model.layers[layers // 2].mlp.experts.down_proj[0] *= 1.1
-        variants.append(("upcycle, one expert of one layer 10% off", broken))
-        for label, moe in variants:
-            cells = [f"hidden {hidden}, {layers} layers", label]
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    work = Path(tempfile.mkdtemp(prefix="bench-tolerance-"))
+    try:
+        for hidden, layers, ffn, vocab in shapes:
+            config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                              num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64,
+                                              intermediate_size=ffn, tie_word_embeddings=False)
+            torch.manual_seed(0)
+            dense = transformers.LlamaForCausalLM(config).eval()
+            with torch.no_grad():  # trained-model scale: every matrix ~ N(0, 1/fan_in), norms near 1
+                for name, parameter in dense.named_parameters():
+                    if parameter.dim() == 2:
+                        parameter.normal_(0, parameter.shape[1] ** -0.5)
+                    else:
+                        parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
+            dense.save_pretrained(work / "dense")
+            ids = torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(1)).tolist()
+            sample = list(batches(ids, 4, 64))
+            variants = [("upcycle 8 experts top-2", moe_rewrite(dense, 8, 2, "upcycle")),
+                        ("split 8 experts top-8", moe_rewrite(dense, 8, 8, "split"))]
+            for error in (0.01, 0.1):
+                broken = copy.deepcopy(variants[0][1])
                 with torch.no_grad():
-                    a = copy.deepcopy(dense).to(dtype)(input_ids=ids).logits.float()
-                    b = copy.deepcopy(moe).to(dtype)(input_ids=ids).logits.float()
-                cells.append(f"{(a - b).abs().max().item() / a.abs().max().item():.2g}")
-            rows.append(cells)
+                    broken.model.layers[layers // 2].mlp.experts.down_proj[0] *= 1 + error
+                variants.append((f"upcycle, one expert of one layer {error:.0%} off", broken))
+            for label, moe in variants:
+                moe.save_pretrained(work / "moe")
+                cells = [f"hidden {hidden}, {layers} layers", label]
+                with Checkpoint.open(work / "moe") as a, Checkpoint.open(work / "dense") as b:
+                    for dtype in ("float32", "bfloat16", "float16"):
+                        report = compare_layers(ModelWeights.from_checkpoint(a), ModelWeights.from_checkpoint(b),
+                                                sample, RunSettings("cpu", dtype=dtype), dtype)
+                        cells.append(f"{report['max_relative']:.2g}")
+                rows.append(cells)
+                shutil.rmtree(work / "moe")
+            shutil.rmtree(work / "dense")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -168,8 +185,9 @@ def main():
                         help="measure the rounding noise of exact MoE rewrites per dtype instead of throughput")
     args = parser.parse_args()
     if args.tolerances:
-        print("\nlogits max abs difference / max |dense logit|, exact MoE rewrite vs its dense source "
-              "(random weights at trained scale, 4x64 random tokens, CPU)\n")
+        print("\nlargest relative difference ‖Δ‖/‖dense‖ over every layer's attention, FFN/MoE and output, the "
+              "embedding and the logits: exact MoE rewrite vs its dense source, both run in the dtype "
+              "(random weights at trained scale, 8x64 random tokens, CPU)\n")
         print(markdown_table(["model", "rewrite", "float32", "bfloat16", "float16"], tolerance_rows(args.quick)))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -34,6 +34,16 @@ def check_expert_counts(num_experts: int, top_k: int) -> None:
         raise SurgeryError(f"--top-k {top_k}: must be between 1 and --num-experts ({num_experts})")
 
 
+def folded_rounding(factors, dtype: str) -> str | None:
+    """`dtype` when a factor folded into weights stored in it is not a power of two (so the stored weights
+    are rounded and an exact rewrite is exact only up to that rounding), else None."""
+    import math
+
+    if dtype in ("F32", "F64"):
+        return None
+    return dtype if any(not math.log2(abs(float(f))).is_integer() for f in factors if f) else None
+
+
 def inert_shared_expert(expected: Expected) -> Recipe:
     """A tensor of the inert shared expert (weights and gate alike: zeros)."""
     return Init("zero", expected.shape)

@@ -330,6 +330,7 @@ class Plan:
     extra_files: dict[str, str] = field(default_factory=dict)  # name -> text written into the output
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
     notes: list[str] = field(default_factory=list)  # shown to the user (e.g. exactness broken on purpose)
+    rounding: str | None = None  # a low-precision dtype whose rounding of folded factors the plan introduces
 
     def __post_init__(self):
         seen = set()

@@ -212,7 +212,7 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
     `spill_dir`: where calibration may spill hidden states (beside the output)."""
     from surgery import architectures as arch
     from surgery.checkpoint import parse_dtype
-    from surgery.moe_plan import dense_ffn_names, moe_tensors, provenance
+    from surgery.moe_plan import dense_ffn_names, folded_rounding, moe_tensors, provenance
     from surgery.partition import files
     from surgery.partition.calibrated import partition_layers
     from surgery.plan import Columns, Concat, Constant, Copy, Init, PadRows, Plan, Rows, Scale
@@ -280,8 +280,13 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
 
     tensors = moe_tensors(target, config, source, family, ffn_recipe, dtype=dtype)
     notes = plan_notes(partitions, layout, target, options, scale, ffn, summary, hits)
+    factors = {factor for layer, p in partitions.items() for j in range(n)
+               for _, factor in neuron_groups(p, j, scale, k, layout.duplicated, holders[layer])}
+    factors |= {2.0} if not layout.duplicated and any(len(p.shared) for p in partitions.values()) else set()
+    stored = dtype or source.info(dense_ffn_names(family, layers[0])["down"]).dtype
     return Plan("split", tensors, config, [source], side_files=source.side_files(),
-                metadata=provenance([source], {"operation": "split", **options.record(), "scale": scale}), notes=notes)
+                metadata=provenance([source], {"operation": "split", **options.record(), "scale": scale}), notes=notes,
+                rounding=folded_rounding(factors, stored))
 
 
 def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -> list[str]:
@@ -388,4 +393,4 @@ def command(src, out, num_experts, top_k, strategy, fmt, shared_neurons, shared_
             resolve_expert_scale(options.expert_scale, num_experts, top_k) == num_experts
         from surgery.validate import verify_written
 
-        verify_written(out, [src], exact=exact, settings=options.run, max_tokens=verify_tokens)
+        verify_written(out, [src], exact=exact, settings=options.run, max_tokens=verify_tokens, rounding=plan.rounding)

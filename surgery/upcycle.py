@@ -28,8 +28,8 @@ from surgery import architectures as arch
 from surgery import console
 from surgery.architectures import Expected
 from surgery.errors import SurgeryError
-from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, inert_shared_expert, inert_shared_note, moe_tensors,
-                               open_dense_source, parse_moe_layers, provenance)
+from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, folded_rounding, inert_shared_expert,
+                               inert_shared_note, moe_tensors, open_dense_source, parse_moe_layers, provenance)
 from surgery.execution.session import run_options
 from surgery.options import execute, output_options, verify_options
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
@@ -167,7 +167,7 @@ def plan_from_options(src, options: UpcycleOptions, spill_dir=None) -> Plan:
     notes += _notes(options, target, down_dtype, recipes.down_factor)
     return Plan("upcycle", tensors, config, [source], side_files=source.side_files(),
                 metadata=provenance([source], asdict(options)),
-                notes=notes)
+                notes=notes, rounding=folded_rounding([recipes.down_factor], down_dtype))
 
 
 class UpcycleRecipes:
@@ -316,7 +316,7 @@ def _notes(options: UpcycleOptions, target, down_dtype: str, down_factor: float)
     if options.dtype != "keep":
         notes.append(f"--dtype {options.dtype} rounds the weights: the result reproduces the source cast to "
                      f"{options.dtype}, not the source itself")
-    if not math.log2(down_factor).is_integer() and down_dtype != "F32":
+    if folded_rounding([down_factor], down_dtype):
         notes.append(f"down_proj of the experts is scaled by {down_factor:g}, not a power of two: in {down_dtype} "
                      "the scaled weights round (relative error up to 2^-9 for BF16, 2^-12 for F16), so the result "
                      "is exact only up to that rounding")
@@ -421,4 +421,5 @@ def command(src, out, num_experts, top_k, fmt, router_init, router_std, seed, gr
     if written and verify:
         from surgery.validate import verify_written
 
-        verify_written(out, [src], exact=not options.diverse, settings=options.run, max_tokens=verify_tokens)
+        verify_written(out, [src], exact=not options.diverse, settings=options.run, max_tokens=verify_tokens,
+                       rounding=plan.rounding)

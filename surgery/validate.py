@@ -246,7 +246,7 @@ def _stream_reason(stream, placement, model_bytes: int, settings) -> str | None:
     return None
 
 
-def compare_exact(model_path, reference_path, batches, settings) -> dict:
+def compare_exact(model_path, reference_path, batches, settings, rounding: str | None = None) -> dict:
     """The layer-by-layer exactness report of MODEL against the reference (see surgery.execution.compare);
     float32 unless a compute dtype was asked for."""
     from dataclasses import replace
@@ -259,10 +259,11 @@ def compare_exact(model_path, reference_path, batches, settings) -> dict:
     with Checkpoint.open(model_path, require_config=True) as model, \
             Checkpoint.open(reference_path, require_config=True) as reference:
         report = compare_layers(ModelWeights.from_checkpoint(model), ModelWeights.from_checkpoint(reference), batches,
-                                replace(settings, dtype=dtype), dtype)
+                                replace(settings, dtype=dtype), dtype, rounding)
     report["reference"] = str(reference_path)
     report["rule"] = (f"every layer's attention, FFN/MoE and output, the embedding and the logits within "
-                      f"{report['tolerance']:.1e} relative (float noise in {report['dtype']})")
+                      f"{report['tolerance']:.1e} relative (float noise in {report['dtype']}"
+                      + (f", and the {rounding} rounding of weights the operation scaled)" if rounding else ")"))
     report["message"] = None if report["passed"] else difference_text(report)
     return report
 
@@ -309,10 +310,12 @@ def validate(model_path, references=(), *, data=None, text=None, tokens=None, ba
     return result
 
 
-def verify_exact(out_path, reference_path, settings=None, max_tokens: int = VERIFY_TOKENS) -> dict:
+def verify_exact(out_path, reference_path, settings=None, max_tokens: int = VERIFY_TOKENS,
+                 rounding: str | None = None) -> dict:
     """What `--verify` runs for an exact operation: OUT against its source, layer by layer, on the
     validation sample (at most `max_tokens` tokens). Prints the comparison; raises SurgeryError naming
-    the first layer that differs."""
+    the first layer that differs. `rounding`: the dtype whose rounding the operation folded into the
+    weights on purpose (surgery.plan.Plan.rounding), tolerated on top of float noise."""
     from surgery.execution.session import RunSettings
 
     settings = settings or RunSettings()
@@ -325,7 +328,7 @@ def verify_exact(out_path, reference_path, settings=None, max_tokens: int = VERI
                          vocab_size=vocab, max_tokens=max_tokens)
 
     batches = list(samples.batches(sample.rows, 8, 256, sample.pad_token_id, max_tokens, vocab))
-    report = compare_exact(out_path, reference_path, batches, settings)
+    report = compare_exact(out_path, reference_path, batches, settings, rounding)
     report["sample"] = {"source": sample.source, "tokens": sum(batch.tokens for batch in batches)}
     from surgery.validate_view import print_exact
 
@@ -335,7 +338,8 @@ def verify_exact(out_path, reference_path, settings=None, max_tokens: int = VERI
     return report
 
 
-def verify_written(out, sources, *, exact: bool, settings=None, max_tokens: int = VERIFY_TOKENS) -> dict:
+def verify_written(out, sources, *, exact: bool, settings=None, max_tokens: int = VERIFY_TOKENS,
+                   rounding: str | None = None) -> dict:
     """`--verify` of every writing command. Exact operations: OUT against its source layer by layer
     (``verify_exact``); the others: validate OUT against every source and report the loss change.
     A failure is a SurgeryError that says the output is kept and the input untouched."""
@@ -347,7 +351,8 @@ def verify_written(out, sources, *, exact: bool, settings=None, max_tokens: int 
         try:
             from dataclasses import replace
 
-            return verify_exact(str(out), sources[0], replace(settings, dtype="auto"), max_tokens)  # float32 compare
+            return verify_exact(str(out), sources[0], replace(settings, dtype="auto"), max_tokens,  # float32 compare
+                                rounding)
         except SurgeryError as exc:
             raise SurgeryError(f"--verify: {exc} (the output is kept for inspection; the input is untouched)") from None
     result = validate(str(out), sources, device=settings.device, memory_budget=settings.memory_budget,

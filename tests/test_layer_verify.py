@@ -99,3 +99,22 @@ def test_the_verify_of_a_corrupted_write_fails_with_exit_2_and_keeps_the_output(
     text = " ".join((out + err).split())
     assert code == 2 and "--verify:" in text and "layer 0: MoE output differs from the dense FFN" in text
     assert "the output is kept for inspection" in text and (tmp_path / "out" / "config.json").exists()
+
+
+def test_a_bfloat16_split_into_6_experts_verifies_within_the_rounding_it_introduces(tmp_path, run_cli):
+    """x6 folded into bfloat16 down projections rounds them (1.9e-3 relative): --verify tolerates that rounding,
+    which the plan declares; a strict --expect-exact, which knows nothing of the plan, names the layer."""
+    source = save_model(tmp_path / "bf16", "llama", seed=5, dtype="bfloat16", intermediate_size=48)
+    code, out, err = run_cli("split", source, tmp_path / "out", "-n", 6, "-k", 6, "--strategy", "random", "--verify")
+    text = " ".join((out + err).split())
+    assert code == 0 and "verify: passed" in text and "(tolerance 3.9e-03)" in text
+    code, text = expect_exact(run_cli, tmp_path / "out", source)
+    assert code == 2 and "layer 0: MoE output differs from the dense FFN" in text
+
+
+def test_folded_factors_that_are_powers_of_two_round_nothing():
+    from surgery.moe_plan import folded_rounding
+
+    assert folded_rounding([2.0, 0.5, 4.0], "BF16") is None
+    assert folded_rounding([6.0], "BF16") == "BF16" and folded_rounding([3.0], "F16") == "F16"
+    assert folded_rounding([6.0], "F32") is None

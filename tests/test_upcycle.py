@@ -426,7 +426,7 @@ def fake_validate(monkeypatch):
     module = types.ModuleType("surgery.validate")
     module.calls, module.exact = [], True
 
-    def verify_written(out, sources, *, exact, settings=None, max_tokens=None):
+    def verify_written(out, sources, *, exact, settings=None, max_tokens=None, rounding=None):
         module.calls.append(("verify_written", str(out), [str(s) for s in sources], exact))
         if exact and not module.exact:
             raise SurgeryError(f"--verify: {out} does not reproduce {sources[0]}: layer 1: MoE output differs from the "

@@ -8,10 +8,12 @@ block's output, the FFN / MoE block's output and the layer's output; then the em
 and the logits of both heads on the reference's last hidden states. The first part that differs
 beyond the tolerance is named, e.g. ``layer 17: MoE output differs from the dense FFN by 3.1e-02``.
 
-Tolerance: float noise relative to the activation scale. The comparison runs in float32 unless
-asked otherwise (1e-5); weights stored in bfloat16 / float16 may carry a rounding of their own
-(a factor that is not a power of two folded into them), so the tolerance is at least 2^-8 /
-2^-11 for such checkpoints. A tensor scaled by 1.01 differs by 1e-2 and fails in every case.
+Tolerance: float noise relative to the activation scale, which does not grow with depth since
+every layer is compared on the same inputs: 1e-5 in float32 (measured noise <= 4e-7), 2^-6 in
+bfloat16 (<= 4.4e-3), 2^-9 in float16 (<= 5.5e-4); bench/bench_validate.py --tolerances. An
+operation that folds a factor that is not a power of two into bfloat16 / float16 weights rounds
+them on purpose (a split into 6 experts: 1.9e-3 in bfloat16); its --verify passes that dtype as
+`rounding`, and the tolerance is then at least 2^-8 / 2^-11.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ COMPUTE_TOLERANCE = {"float32": 1e-5, "bfloat16": 2.0**-6, "float16": 2.0**-9}
 STORED_TOLERANCE = {"BF16": 2.0**-8, "F16": 2.0**-11}  # a rounding of the stored weights themselves
 
 
-def tolerance_for(compute: str, stored: set[str]) -> float:
-    return max([COMPUTE_TOLERANCE[compute]] + [STORED_TOLERANCE.get(dtype, 0.0) for dtype in stored])
+def tolerance_for(compute: str, rounding: str | None = None) -> float:
+    """Float noise of the compute dtype, or the rounding of scaled low-precision weights if larger."""
+    return max(COMPUTE_TOLERANCE[compute], STORED_TOLERANCE.get(rounding, 0.0))
 
 
 class _Sums:
@@ -52,7 +55,8 @@ def _module_names(family) -> dict[str, str]:
     return {"attention": query.rsplit(".", 2)[0], "mlp": family.router_input}
 
 
-def compare_layers(model_weights, reference_weights, batches, settings, dtype: str = "float32") -> dict:
+def compare_layers(model_weights, reference_weights, batches, settings, dtype: str = "float32",
+                   rounding: str | None = None) -> dict:
     """The layer-by-layer report (see the module doc); never raises for a difference (``check`` does)."""
     from surgery import console
     from surgery.execution.placement import Placement
@@ -112,8 +116,7 @@ def compare_layers(model_weights, reference_weights, batches, settings, dtype: s
 
     model.head(hidden, compare)
     hidden.close()
-    stored = {dtype for weights in (model_weights, reference_weights) for dtype in weights.dtypes.values()}
-    tolerance = tolerance_for(placement.dtype_name, stored)
+    tolerance = tolerance_for(placement.dtype_name, rounding)
     report = {"dtype": placement.dtype_name, "tolerance": tolerance, "embedding": embedding.relative,
               "layers": layers, "head": head.relative, "kinds": {"model": model_weights.family.kind,
                                                                  "reference": reference_weights.family.kind}}
