@@ -39,8 +39,11 @@ class _Sums:
         self.norm = 0.0
 
     def add(self, value, reference) -> None:
-        self.delta += float((value.double() - reference.double()).square().sum())
-        self.norm += float(reference.double().square().sum())
+        import torch
+
+        value, reference = value.float(), reference.float()
+        self.delta += float(torch.sum((value - reference).square(), dtype=torch.float64))
+        self.norm += float(torch.sum(reference.square(), dtype=torch.float64))
 
     @property
     def relative(self) -> float:
@@ -60,7 +63,7 @@ def compare_layers(model_weights, reference_weights, batches, settings, dtype: s
     """The layer-by-layer report (see the module doc); never raises for a difference (``check`` does)."""
     from surgery import console
     from surgery.execution.placement import Placement
-    from surgery.execution.runner import LayerRunner, Probe
+    from surgery.execution.runner import LayerRunner, Probe, heads
 
     import torch
 
@@ -103,18 +106,12 @@ def compare_layers(model_weights, reference_weights, batches, settings, dtype: s
             layers.append({"layer": layer, **{part: sums[part].relative for part in sums}})
             advance(1, f"layer {layer}")
     head = _Sums()
-    final = {}
 
-    def keep_reference(index, part, logits, _extra):
-        final[(index, part.start)] = logits.detach().float().cpu()
-
-    reference.head(hidden, keep_reference)
-
-    def compare(index, part, logits, _extra):
+    def compare(index, part, logits, _extras):
         keep = batches[index].attention_mask[part].reshape(-1).bool()
-        head.add(_rows(logits.detach().float().cpu(), keep), _rows(final.pop((index, part.start)), keep))
+        head.add(_rows(logits[0].detach().float(), keep), _rows(logits[1].detach().float(), keep))
 
-    model.head(hidden, compare)
+    heads([(model, hidden), (reference, hidden)], compare)  # both heads on the reference's last hidden states
     hidden.close()
     tolerance = tolerance_for(placement.dtype_name, rounding)
     report = {"dtype": placement.dtype_name, "tolerance": tolerance, "embedding": embedding.relative,

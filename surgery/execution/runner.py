@@ -27,7 +27,7 @@ from surgery.execution.hidden import HiddenStore, MemoryBudget
 from surgery.execution.placement import Placement
 from surgery.execution.weights import ModelWeights
 
-HEAD_CHUNK_BYTES = 256 * 2**20  # logits computed at once (rows x T x vocab x 4 bytes)
+HEAD_CHUNK_BYTES = 64 * 2**20  # logits computed at once per model (rows x T x vocab x 4 bytes)
 
 
 @dataclass
