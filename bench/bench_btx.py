@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, llama_config, make_random_llama, markdown_table, surgery_command, timed, warm
+from common import (REPO, llama_config, make_random_llama, markdown_table, save_word_tokenizer, surgery_command, timed,
+                    warm)
 
 sys.path.insert(0, str(REPO))
 DOMAINS = ("code", "prose", "math")
@@ -272,18 +273,6 @@ def render_quality(rows: dict, seconds: dict, world: Path, settings: dict) -> st
 
 
 # ------------------------------------------------------------------ speed and memory
-def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A whitespace word-level tokenizer with `vocab_size` entries (the random models need one)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(directory))
-
-
 def random_words(path: Path, vocab_size: int, seed: int, words: int = 20000) -> Path:
     """Calibration text for the random speed models: seeded words of their word-level vocabulary."""
     import random

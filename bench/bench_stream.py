@@ -34,23 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (dir_bytes, layout, llama_config, make_synthetic_llama, markdown_table, sized_config,
-                    surgery_command, tensor_bytes, timed)
+from common import (dir_bytes, layout, llama_config, make_synthetic_llama, markdown_table, save_word_tokenizer,
+                    sized_config, surgery_command, tensor_bytes, timed)
 
 TOLERANCE = 0.10
 LIMIT_7B = 4 * 2**30
 SHAPES = {"full": (2048, 5632, 32000), "quick": (1024, 2816, 8000)}
-
-
-def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(directory))
 
 
 def calibration_files(work: Path, vocab: int, tokens: int) -> dict:

@@ -153,6 +153,18 @@ def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT
     return directory
 
 
+def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A whitespace word-level tokenizer with `vocab_size` entries (the random models need one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(directory))
+
+
 def dir_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())
 

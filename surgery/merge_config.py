@@ -50,7 +50,7 @@ MERGEKIT_ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen2_moe"
 
 
 @dataclass
-class Calibration:
+class DomainText:
     """Text that represents one expert's domain, and where it came from."""
 
     text: str
@@ -68,7 +68,7 @@ class MergeSpec:
     format: str = "auto"
     router_init: str = "auto"
     router_fit: str = FITS_DEFAULT  # how calibrated routers are fitted
-    calibration: dict[str, Calibration] = field(default_factory=dict)
+    calibration: dict[str, DomainText] = field(default_factory=dict)
     dtype: str | None = None
     router_seed: int = 0
     calibration_tokens: int = 16384  # per domain, for the embedding and calibrated inits
@@ -116,11 +116,11 @@ def _number(value, where: str) -> float:
     return number
 
 
-def read_calibration(path, base: Path | None = None) -> Calibration:
+def read_calibration(path, base: Path | None = None) -> DomainText:
     from surgery.samples import read_text
 
     path = _resolve(path, base)
-    return Calibration(read_text(path), str(path))
+    return DomainText(read_text(path), str(path))
 
 
 def spec_from_options(experts, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration, dtype,
@@ -240,7 +240,7 @@ def from_mergekit(data: dict, path: Path) -> MergeSpec:
         if isinstance(prompts, str):
             prompts = [prompts]
         if prompts:
-            calibration[name] = Calibration("\n".join(str(p) for p in prompts),
+            calibration[name] = DomainText("\n".join(str(p) for p in prompts),
                                             f"mergekit positive_prompts ({len(prompts)})")
         if entry.get("negative_prompts"):
             notes.append(f"experts[{number}].negative_prompts are ignored: the calibrated router is fitted on every "

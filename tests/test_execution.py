@@ -325,3 +325,22 @@ def test_a_memory_budget_smaller_than_one_layer_is_refused_before_any_output(mod
 def test_a_memory_budget_that_is_not_a_size_is_refused(models, tmp_path, run_cli):
     line = bad_run(run_cli, tmp_path, "split", models("llama"), "--strategy", "random", "--memory-budget", "lots")
     assert "--memory-budget 'lots': expected auto or a size such as 4GiB, 800MB" in line
+
+
+def test_no_calibrating_or_verifying_path_loads_a_whole_model(models, tmp_path, run_cli, monkeypatch):
+    """Calibration, statistics and --verify run layer by layer: transformers' whole-model load is never called."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    ids = calibration_of(tmp_path, random_rows(4, 12, 30))
+    source = models("llama")
+    runs = [("upcycle", "-n", 4, "-k", 2, "--router-init", "calibrated", "--calibration", ids, "--verify"),
+            ("split", "-n", 4, "-k", 2, "--strategy", "sharing-inter", "--router-init", "calibrated", "--calibration", ids),
+            ("split", "-n", 4, "-k", 2, "--strategy", "coactivation", "--calibration", ids),
+            ("split", "-n", 4, "-k", 4, "--strategy", "random", "--verify")]
+    for number, (command, *args) in enumerate(runs):
+        code, _, err = run_cli(command, source, tmp_path / f"out{number}", *args)
+        assert code == 0, err
