@@ -222,11 +222,12 @@ def open_merge(spec: MergeSpec) -> Merge:
 
 
 def resolve_router_init(spec: MergeSpec) -> str:
-    """`auto`: calibrated when every domain expert has calibration text, else zero."""
+    """`auto`: calibrated when every domain expert has calibration text, else normal (a zero router would
+    tie every logit: every token would use the first top-k experts, or whichever an engine's tie-break picks)."""
     if spec.router_init != "auto":
         return spec.router_init
     names = [name for name, _ in spec.experts]
-    return "calibrated" if names and all(name in spec.calibration for name in names) else "zero"
+    return "calibrated" if names and all(name in spec.calibration for name in names) else "normal"
 
 
 # ------------------------------------------------------------------ the plan
@@ -444,7 +445,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str,
               type=click.Choice(["auto", "mixtral", "qwen2_moe", "qwen3_moe"]), help="Output MoE format.")
 @click.option("--router-init", default="auto", show_default=True,
               type=click.Choice(["auto", "zero", "normal", "embedding", "calibrated"]),
-              help="auto: calibrated when every expert has --calibration text, else zero.")
+              help="auto: calibrated when every expert has --calibration text, else normal (a zero router ties every logit).")
 @click.option("--router-fit", default=FITS_DEFAULT, show_default=True, type=click.Choice(["logistic", "class-mean"]),
               help="How calibrated routers are fitted per layer.")
 @click.option("--calibration", multiple=True, metavar="NAME=FILE", help="Text of an expert's domain. Repeat per expert.")

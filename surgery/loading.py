@@ -71,10 +71,15 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
     return model.eval()
 
 
+def has_tokenizer(path) -> bool:
+    """Whether the checkpoint directory holds tokenizer files."""
+    return any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def load_tokenizer(path):
     """The checkpoint's own tokenizer (offline), or None when it has no tokenizer files."""
     path = Path(path)
-    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if not has_tokenizer(path):
         return None
     import transformers
 

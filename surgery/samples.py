@@ -81,9 +81,18 @@ def read_token_ids(path) -> list[list[int]]:
 
 
 def tokenize(tokenizer, text: str) -> list[int]:
+    """The text tokenised in one piece; the tokenizer's "longer than the maximum length" warning is
+    silenced (callers cut the ids into rows of at most the model's length)."""
     if tokenizer is None:
         raise SurgeryError("the model directory has no tokenizer; pass pre-tokenised ids with --tokens")
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def chunk_rows(ids: list[int], seq_len: int, bos_token_id: int | None = None) -> list[list[int]]:

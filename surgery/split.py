@@ -30,7 +30,7 @@ from surgery.options import execute, output_options, verify_options
 from surgery.seeds import router_seed
 
 STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
-ROUTER_INITS = ("zero", "normal", "centroid", "calibrated")
+ROUTER_INITS = ("auto", "zero", "normal", "centroid", "calibrated")
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
 CLUSTER_ON = ("up", "gate", "gate+up")
 NAMED_SCALES = ("auto", "K", "N/K", "N")
@@ -49,7 +49,7 @@ class SplitOptions:
     cluster_on: str = "up"
     calibration: str | None = None  # None: surgery.samples.SAMPLE_TEXT
     calibration_tokens: int = 8192
-    router_init: str = "zero"
+    router_init: str = "auto"
     expert_scale: str = "auto"
     seed: int = 0
     moe_layers: str = "all"
@@ -156,6 +156,34 @@ def shared_count(options: SplitOptions, ffn: int) -> int:
     return count
 
 
+def resolve_router_init(options: SplitOptions, source) -> str | None:
+    """`--router-init auto`, settled before any work; returns the note that says what was chosen and why.
+
+    k = N: the zero router (every weight 1/N: with expert scale N the split is exact). k < N: a zero
+    router ties every logit, so every token would use the same k experts (which ones depends on how an
+    engine breaks ties), and a normal router is little better (docs/split.md); the calibrated router,
+    fitted on --calibration or the shipped sample text, uses every expert and lost least. A model with
+    no tokenizer and no --calibration file cannot read text: the data-free centroid router then.
+    """
+    from surgery.loading import has_tokenizer
+
+    if options.router_init != "auto":
+        return None
+    n, k = options.num_experts, options.top_k
+    if k == n:
+        options.router_init = "zero"
+        return None
+    if options.calibration is not None or has_tokenizer(source.directory):
+        options.router_init = "calibrated"
+        text = options.calibration or "the shipped sample text"
+        return (f"router: calibrated on {text} (--router-init auto at top-{k} of {n}; a zero router would send "
+                f"every token to the same {k} experts)")
+    options.router_init = "centroid"
+    return (f"router: centroid (--router-init auto at top-{k} of {n}: {source.directory.name} has no tokenizer and no "
+            f"--calibration file was given, so the router comes from the weights alone; give --calibration FILE of "
+            f"token ids for a calibrated router)")
+
+
 def needs_calibration(options: SplitOptions) -> bool:
     from surgery.partition import strategy
 
@@ -219,6 +247,7 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
 
     target, dims, layers, scale = _resolve(source, family, options)
     ffn, n, k = dims["ffn"], options.num_experts, options.top_k
+    router_note = resolve_router_init(options, source)
     given = partitions if partitions is not None else given_partitions(options, ffn, layers)
     shared = shared_count(options, ffn) if given is None else 0  # refuses bad sizes before calibration
     needed = needs_calibration(options) if given is None else options.router_init == "calibrated"
@@ -279,7 +308,8 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
         return recipe if count == layout.expert_ffn else PadRows(recipe, layout.expert_ffn, 0)
 
     tensors = moe_tensors(target, config, source, family, ffn_recipe, dtype=dtype)
-    notes = plan_notes(partitions, layout, target, options, scale, ffn, summary, hits)
+    notes = ([router_note] if router_note else []) + plan_notes(partitions, layout, target, options, scale, ffn, summary,
+                                                                 hits)
     factors = {factor for layer, p in partitions.items() for j in range(n)
                for _, factor in neuron_groups(p, j, scale, k, layout.duplicated, holders[layer])}
     factors |= {2.0} if not layout.duplicated and any(len(p.shared) for p in partitions.values()) else set()
@@ -356,7 +386,9 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
 @click.option("--calibration", default=None, help="Calibration text (or token ids .jsonl/.npy/.pt) for sharing-*, "
               "coactivation and --router-init calibrated (default: the shipped sample text).")
 @click.option("--calibration-tokens", type=int, default=8192, show_default=True, help="Calibration tokens used at most.")
-@click.option("--router-init", default="zero", show_default=True, help="zero, normal, centroid or calibrated.")
+@click.option("--router-init", default="auto", show_default=True,
+              help="auto (zero at K = N, where the split is exact; calibrated at K < N, on --calibration or the shipped "
+                   "sample text), zero, normal, centroid or calibrated.")
 @click.option("--expert-scale", default="auto", show_default=True,
               help=f"Factor folded into each expert's down_proj: auto (= {AUTO_SCALE}), K, N/K, N or a number.")
 @click.option("--seed", type=int, default=0, show_default=True)

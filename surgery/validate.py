@@ -94,19 +94,10 @@ def sample_rows(model_path, references, *, data, text, tokens, batch_size, seq_l
 
 
 def _token_rows(tokenizer, text: str, seq_len: int) -> list[list[int]]:
-    """The text tokenised in one piece (the tokenizer's "longer than the maximum length" warning is
-    silenced: the ids are cut into rows of seq_len), BOS prepended to every row when known."""
-    import transformers
-
+    """The text tokenised in one piece, cut into rows of seq_len, BOS prepended to every row when known."""
     from surgery import samples
 
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        ids = samples.tokenize(tokenizer, text)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    return samples.chunk_rows(ids, seq_len, getattr(tokenizer, "bos_token_id", None))
+    return samples.chunk_rows(samples.tokenize(tokenizer, text), seq_len, getattr(tokenizer, "bos_token_id", None))
 
 
 # ------------------------------------------------------------------------------ the pass

@@ -243,6 +243,16 @@ def test_zero_router_sends_no_domain_to_its_own_expert_preferentially(tmp_path, 
     assert all(torch.count_nonzero(t) == 0 for n, t in tensors_of(tmp_path / "out").items() if "gate.weight" in n)
 
 
+def test_auto_router_init_without_text_is_normal_so_no_logits_tie(tmp_path, world, run_cli):
+    code, _, err = run_cli("merge", tmp_path / "out", *expert_args(world))
+    assert code == 0, err
+    checkpoint = Checkpoint.open(tmp_path / "out")
+    options = json.loads(next(iter(checkpoint.metadata.values()))["surgery_options"])
+    routers = [checkpoint.read(f"model.layers.{layer}.block_sparse_moe.gate.weight") for layer in range(2)]
+    assert options["router_init"] == "normal" and not torch.equal(routers[0], routers[1])
+    assert all(len(set(row.tolist())) == row.numel() for router in routers for row in router.T[:4])  # no ties
+
+
 def test_auto_router_init_is_calibrated_when_every_expert_has_text(tmp_path, world, run_cli):
     code, _, err = run_cli("merge", tmp_path / "out", *expert_args(world), *calibration_args(world))
     assert code == 0, err

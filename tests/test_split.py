@@ -305,7 +305,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, run_cli, sources):
     recipes = {t["name"]: t["recipe"] for t in plan["tensors"]}
     assert recipes["model.layers.0.block_sparse_moe.experts.0.w1.weight"].startswith("rows[")
     assert recipes["model.layers.0.block_sparse_moe.experts.0.w2.weight"].startswith(f"{8 ** 0.5:g} * cols[")  # auto scale
-    assert recipes["model.layers.0.block_sparse_moe.gate.weight"] == "init zero"
+    assert recipes["model.layers.0.block_sparse_moe.gate.weight"] == "centroid router rows"  # auto, no tokenizer
 
 
 # ------------------------------------------------------------------ --verify
@@ -322,3 +322,35 @@ def test_verify_reports_the_loss_change_when_the_split_is_not_exact(tmp_path, ru
                                  "--verify")
         text = " ".join((out + err).split())
         assert code == 0 and "verify: loss" in text and f"vs {sources['llama']}" in text and "verify: passed" not in text
+
+
+# ------------------------------------------------------------------ default router
+def test_default_router_is_zero_at_k_equals_n_and_the_split_is_exact(tmp_path, run_cli, sources):
+    split(run_cli, sources["llama"], tmp_path / "out", "-n", 4, "-k", 4, "--strategy", "random")
+    meta = Checkpoint.open(tmp_path / "out").metadata
+    options = json.loads(next(iter(meta.values()))["surgery_options"])
+    assert options["router_init"] == "zero" and max_difference(sources["llama"], tmp_path / "out") <= EXACT
+
+
+def test_default_router_below_k_equals_n_is_calibrated_on_the_given_tokens(tmp_path, run_cli, sources, calibration):
+    err = split(run_cli, sources["llama"], tmp_path / "out", "-n", 4, "-k", 2, "--strategy", "random",
+                "--calibration", calibration)
+    assert f"router: calibrated on {calibration} (--router-init auto at top-2 of 4" in " ".join(err.split())
+
+
+def test_default_router_without_tokenizer_or_calibration_is_the_centroid_router_and_says_why(tmp_path, run_cli,
+                                                                                              sources):
+    err = " ".join(split(run_cli, sources["llama"], tmp_path / "out", "-n", 4, "-k", 2, "--strategy", "random").split())
+    assert "router: centroid (--router-init auto at top-2 of 4: llama has no tokenizer" in err
+    router = Checkpoint.open(tmp_path / "out").read("model.layers.0.block_sparse_moe.gate.weight")
+    assert torch.count_nonzero(router) == router.numel()
+
+
+def test_with_defaults_only_a_split_of_the_demo_model_uses_every_expert_in_every_layer(tmp_path, run_cli):
+    """The default router at top-2 of 8 (calibrated on the shipped sample) leaves no expert unused."""
+    from conftest import DEMO_MODEL
+    from surgery.validate import validate
+
+    split(run_cli, DEMO_MODEL, tmp_path / "out", "-n", 8, "-k", 2, "--strategy", "random")
+    routing = validate(tmp_path / "out", device="cpu", max_tokens=2048)["routing"]
+    assert len(routing) == 4 and all(layer["unused_experts"] == [] for layer in routing)
