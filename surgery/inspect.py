@@ -154,7 +154,7 @@ def tensor_stats(checkpoint: Checkpoint, names: list[str]) -> dict:
 
 
 def print_report(report: Report, show_layers: bool = True) -> None:
-    from rich.table import Table
+    from surgery.validate_view import compact_table
 
     out = console.stdout
     title = report.architecture or "unknown architecture"
@@ -173,32 +173,36 @@ def print_report(report: Report, show_layers: bool = True) -> None:
     ]
     if report.active_parameters is not None and report.active_parameters != report.parameters:
         rows.append(("active per token", f"{format_count(report.active_parameters)} ({report.active_parameters:,})"))
-    table = Table(show_header=False, box=None, padding=(0, 2))
-    for key, value in rows:
-        table.add_row(f"[cyan]{key}[/]", value)
-    out.print(table)
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:  # lines, not a table: a long value wraps as text, never inside a cell
+        out.print(f"  [cyan]{key:<{width}}[/]  {value}")
     if show_layers and report.layers:
         groups = [g for g in GROUP_ORDER if any(g in layer["groups"] for layer in report.layers)]
-        layer_table = Table(title="tensors per layer (count / parameters)", header_style="bold")
-        layer_table.add_column("layer")
+        out.print("tensors per layer (count / parameters); identical consecutive layers on one row")
+        layer_table = compact_table()
+        layer_table.add_column("layers", no_wrap=True)
         for group in groups:
-            layer_table.add_column(group, justify="right")
-        for layer in report.layers:
-            cells = [f"{layer['groups'][g]['tensors']} / {format_count(layer['groups'][g]['parameters'])}"
-                     if g in layer["groups"] else "" for g in groups]
-            layer_table.add_row("global" if layer["layer"] is None else str(layer["layer"]), *cells)
+            layer_table.add_column(group.replace("_", " "), justify="right", no_wrap=True)
+        for label, cells in _layer_rows(report.layers, groups):
+            layer_table.add_row(label, *cells)
         out.print(layer_table)
     if report.tensors is not None:
-        tensor_table = Table(title=f"tensors ({len(report.tensors)})", header_style="bold")
-        for column in ("name", "shape", "dtype", "shard", "offset", "bytes"):
+        wide = out.width >= 120
+        out.print(f"tensors ({len(report.tensors)})" + ("" if wide else "; shard and offset: --json or a terminal of "
+                                                              "120 columns"))
+        tensor_table = compact_table()
+        columns = ("name", "shape", "dtype", "shard", "offset", "bytes") if wide else ("name", "shape", "dtype", "bytes")
+        for column in columns:
             tensor_table.add_column(column, justify="right" if column in ("offset", "bytes") else "left",
-                                    overflow="fold")
+                                    overflow="fold" if column == "name" else None, no_wrap=column != "name")
         for t in report.tensors:
-            tensor_table.add_row(t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], t["shard"],
-                                 str(t["offset"]), str(t["bytes"]))
+            cells = {"name": t["name"], "shape": "×".join(map(str, t["shape"])) or "scalar", "dtype": t["dtype"],
+                     "shard": t["shard"], "offset": str(t["offset"]), "bytes": str(t["bytes"])}
+            tensor_table.add_row(*(cells[column] for column in columns))
         out.print(tensor_table)
     if report.stats is not None:
-        stats_table = Table(title="statistics", header_style="bold")
+        out.print("statistics")
+        stats_table = compact_table()
         for column in ("name", "min", "max", "mean", "std", "NaN", "Inf"):
             stats_table.add_column(column, justify="left" if column == "name" else "right")
         for name, s in report.stats.items():
@@ -217,6 +221,23 @@ def print_report(report: Report, show_layers: bool = True) -> None:
             out.print(f"  - {problem}")
     else:
         out.print("[green]no problems found[/]" + ("" if report.architecture else " (structure not checked without config.json)"))
+
+
+def _layer_rows(layers: list, groups: list) -> list[tuple[str, list[str]]]:
+    """(layers label, cells) with consecutive layers of identical cells merged ("0-31"), globals last."""
+    rows: list[tuple[list[int], list[str]]] = []
+    globals_ = None
+    for layer in layers:
+        cells = [f"{layer['groups'][g]['tensors']} / {format_count(layer['groups'][g]['parameters'])}"
+                 if g in layer["groups"] else "" for g in groups]
+        if layer["layer"] is None:
+            globals_ = cells
+        elif rows and rows[-1][1] == cells and rows[-1][0][-1] == layer["layer"] - 1:
+            rows[-1][0].append(layer["layer"])
+        else:
+            rows.append(([layer["layer"]], cells))
+    out = [(_ranges(numbers), cells) for numbers, cells in rows]
+    return out + ([("global", globals_)] if globals_ is not None else [])
 
 
 def _ranges(values: list[int]) -> str:

@@ -7,6 +7,7 @@ the loading info and refuses any key problem, never trusts remote code, and neve
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -50,12 +51,14 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except TypeError as exc:
-        if "experts_implementation" not in str(exc):
-            raise
-        kwargs.pop("experts_implementation")
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        with quiet_transformers():
+            try:
+                model, info = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            except TypeError as exc:
+                if "experts_implementation" not in str(exc):
+                    raise
+                kwargs.pop("experts_implementation")
+                model, info = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise SurgeryError(f"{path}: transformers cannot load it: {str(exc).splitlines()[0][:300]}") from None
     problems = []
@@ -74,6 +77,29 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
 def has_tokenizer(path) -> bool:
     """Whether the checkpoint directory holds tokenizer files."""
     return any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+@contextlib.contextmanager
+def quiet_transformers(always: bool = False):
+    """transformers' own progress bars ("Loading weights") and warnings stay out of our output, unless -v
+    (`always`: also with -v, for a warning that is wrong for us)."""
+    import transformers
+
+    from surgery import console
+
+    if console.VERBOSITY["level"] >= 1 and not always:
+        yield
+        return
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_tokenizer(path):

@@ -85,14 +85,10 @@ def tokenize(tokenizer, text: str) -> list[int]:
     silenced (callers cut the ids into rows of at most the model's length)."""
     if tokenizer is None:
         raise SurgeryError("the model directory has no tokenizer; pass pre-tokenised ids with --tokens")
-    import transformers
+    from surgery.loading import quiet_transformers
 
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
+    with quiet_transformers(always=True):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def chunk_rows(ids: list[int], seq_len: int, bos_token_id: int | None = None) -> list[list[int]]:

@@ -328,7 +328,8 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
     shared = max(len(p.shared) for p in partitions.values())
     padding = sum(layout.expert_ffn * n - sum(len(e) for e in p.experts) - (len(p.shared) * n if layout.duplicated else 0)
                   for p in partitions.values())
-    padding += sum(layout.shared_ffn - len(p.shared) for p in partitions.values()) if not layout.duplicated else 0
+    if not layout.duplicated and shared:  # a shared expert of real neurons padded to the largest one
+        padding += sum(layout.shared_ffn - len(p.shared) for p in partitions.values())  # (not the inert one)
     text = f"{options.strategy} split into {n} experts of {layout.expert_ffn} neurons (top-{k}), expert scale {scale:g}"
     if summary:
         text += f"; {summary}"
@@ -359,10 +360,11 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
                      f"on calibration tokens")
     active = np.mean([(len(p.shared) + k * np.mean([len(e) for e in p.experts])) / ffn for p in partitions.values()])
     if k < n:
-        notes.append(f"top-{k} of {n}: each token uses about {active:.0%} of the FFN neurons; the MoE approximates the "
-                     f"dense model (--verify reports the loss change)")
+        notes.append(f"top-{k} of {n}: each token uses about {active:.0%} of the FFN neurons (the dense model uses all "
+                     f"of them); --verify measures the loss change")
     elif options.router_init == "zero" and scale == n:
-        notes.append("k = N with a zero router: the MoE reproduces the dense model exactly")
+        notes.append("k = N with a zero router and expert scale N: every expert weighs 1/N, so the MoE computes the dense "
+                     "FFN (exact up to float rounding; --verify checks it layer by layer)")
     else:
         notes.append(f"k = N, but with a {options.router_init} router or expert scale {scale:g} (not {n}) the experts' "
                      f"weights are not 1/N each: the MoE is close to, not exactly, the dense model")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from surgery import console
 from surgery.errors import SurgeryError
 
+MAX_BARS = 32  # experts up to which the routing table draws one bar per expert (one character each)
+
 
 def _number(value, digits: int = 4) -> str:
     if value is None:
@@ -13,41 +15,61 @@ def _number(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def print_result(result: dict) -> None:
+def compact_table(**options):
+    """A rich table that fits an 80-column terminal: a rule under the header, one space between columns."""
+    from rich import box
     from rich.table import Table
 
+    return Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, header_style="bold", **options)
+
+
+def print_result(result: dict) -> None:
+    """The report; long paths and explanations are printed as lines of their own, so every table fits in
+    80 columns with no cell cut or wrapped (--json has everything)."""
     from surgery.routing import load_bars
 
     out = console.stdout
     sample = result["sample"]
     placement = result["device"] + (" (device_map=auto)" if result["device_map"] else "")
-    out.print(f"[bold]{result['model']}[/] on {placement}, {result['dtype']}: {sample['tokens']} tokens in "
-              f"{sample['batches']} batch(es) of {sample['source']}")
-    table = Table(header_style="bold")
-    table.add_column("model", overflow="fold")
+    out.print(f"MODEL: [bold]{result['model']}[/]")
+    for number, reference in enumerate(result["references"], 1):
+        out.print(f"ref {number}: {reference['path']}")
+    out.print(f"sample: {sample['tokens']} tokens in {sample['batches']} batch(es) of {sample['source']}; {placement}, "
+              f"{result['dtype']}" + (", layer by layer" if result.get("layer_by_layer") else ""))
+    table = compact_table()
+    table.add_column("model", no_wrap=True)
     for column in ("loss", "perplexity", "max |Δ logit|", "KL(ref‖model)", "top-1 agree"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_row("MODEL", _number(result["loss"]), _number(result["perplexity"]), "", "", "")
-    for reference in result["references"]:
+    for number, reference in enumerate(result["references"], 1):
         agreement = reference["top1_agreement"]
-        table.add_row(reference["path"], _number(reference["loss"]), _number(reference["perplexity"]),
+        table.add_row(f"ref {number}", _number(reference["loss"]), _number(reference["perplexity"]),
                       _number(reference["max_abs_diff"]), _number(reference["mean_kl"]),
                       "—" if agreement is None else f"{agreement:.2%}")
     out.print(table)
     if result["routing"]:
         first = result["routing"][0]
-        routing = Table(title=f"routing: load per expert (full bar = 2/N, · = unused), entropies in nats "
-                              f"(max ln N = {first['max_entropy']:.3f}), LB = α·N·Σ u·p with α = "
-                              f"{first['load_balancing_alpha']:g}", header_style="bold")
-        for column in ("layer", "load", "share", "unused", "H(load)", "H(router)", "LB", "z-loss"):
-            routing.add_column(column, justify="left" if column == "load" else "right")
+        bars = first["experts"] <= MAX_BARS
+        out.print(f"routing per MoE layer: share = fraction of the top-{first['top_k']} slots per expert "
+                  f"(min–max; balanced {1 / first['experts']:.3f})" + (", load = one bar per expert (full = 2/N, · = unused)"
+                                                                       if bars else "")
+                  + f"; entropies in nats (max ln N = {first['max_entropy']:.3f}); LB = α·N·Σ u·p, α = "
+                  f"{first['load_balancing_alpha']:g}")
+        routing = compact_table()
+        columns = ["layer"] + (["load"] if bars else []) + ["share", "unused", "H(load)", "H(router)", "LB", "z-loss"]
+        for column in columns:
+            routing.add_column(column, justify="left" if column == "load" else "right", no_wrap=True)
         for layer in result["routing"]:
             share = layer["share"]
-            routing.add_row(str(layer["layer"]), load_bars(share), f"{min(share):.2f}–{max(share):.2f}",
-                            ", ".join(map(str, layer["unused_experts"])) or "0",
-                            f"{layer['load_entropy']:.3f}", f"{layer['router_entropy']:.3f}",
-                            f"{layer['load_balancing_loss']:.4g}", f"{layer['router_z_loss']:.4g}")
+            unused = layer["unused_experts"]
+            cells = [str(layer["layer"])] + ([load_bars(share)] if bars else []) + [
+                f"{min(share):.2f}–{max(share):.2f}", str(len(unused)), f"{layer['load_entropy']:.3f}",
+                f"{layer['router_entropy']:.3f}", f"{layer['load_balancing_loss']:.4g}", f"{layer['router_z_loss']:.4g}"]
+            routing.add_row(*cells)
         out.print(routing)
+        unused = {layer["layer"]: layer["unused_experts"] for layer in result["routing"] if layer["unused_experts"]}
+        for layer, experts in unused.items():
+            out.print(f"layer {layer}: unused experts {', '.join(map(str, experts))}")
     timing = result["timing"]
     if timing["tokens_per_second"]:
         out.print(f"[dim]load {timing['load_seconds']:.1f} s, evaluation {timing['eval_seconds']:.1f} s "
@@ -58,11 +80,10 @@ def print_result(result: dict) -> None:
 
 def print_exact(report: dict, title: str = "verify") -> None:
     """The layer-by-layer comparison: relative difference of each part, and the verdict."""
-    from rich.table import Table
-
     out = console.stdout
-    table = Table(title=f"{title}: ‖Δ‖/‖reference‖ per layer on the same inputs ({report['dtype']})",
-                  header_style="bold")
+    out.print(f"{title}: ‖Δ‖/‖reference‖ of each part, every layer of both models on the same inputs "
+              f"({report['dtype']})")
+    table = compact_table()
     for column in ("layer", "attention", "FFN / MoE", "output"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_row("embedding", "", "", _relative(report["embedding"]))

@@ -354,3 +354,29 @@ def test_with_defaults_only_a_split_of_the_demo_model_uses_every_expert_in_every
     split(run_cli, DEMO_MODEL, tmp_path / "out", "-n", 8, "-k", 2, "--strategy", "random")
     routing = validate(tmp_path / "out", device="cpu", max_tokens=2048)["routing"]
     assert len(routing) == 4 and all(layer["unused_experts"] == [] for layer in routing)
+
+
+# ------------------------------------------------------------------ notes say what happened
+def note_lines(err):
+    return [line for line in " ".join(err.split()).split("note: ")[1:]]
+
+
+def test_an_even_qwen2_split_mentions_no_padding_only_the_inert_shared_expert(tmp_path, run_cli, sources):
+    err = split(run_cli, sources["qwen2"], tmp_path / "out", "-n", 4, "-k", 4, "--strategy", "random")
+    text = " ".join(err.split())
+    assert "padded" not in text and "writing an inert all-zero one (8 neurons, gate 0" in text
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["moe_intermediate_size"] * 4 == FFN and config["shared_expert_intermediate_size"] == 8
+
+
+def test_the_active_share_note_is_the_share_of_neurons_the_written_experts_hold(tmp_path, run_cli, sources):
+    err = split(run_cli, sources["llama"], tmp_path / "out", "-n", 4, "-k", 1, "--strategy", "shared-norm",
+                "--router-init", "normal")
+    text = " ".join(err.split())
+    import re
+
+    claimed = int(re.search(r"top-1 of 4: each token uses about (\d+)% of the FFN neurons", text).group(1))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    # shared-norm duplicates its shared neurons into every Mixtral expert: one expert holds shared + routed
+    held = config["intermediate_size"] / FFN
+    assert abs(claimed / 100 - held) <= 0.01

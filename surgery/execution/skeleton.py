@@ -91,6 +91,8 @@ class Skeleton:
         import transformers
         from accelerate import init_empty_weights
 
+        from surgery.loading import quiet_transformers
+
         self.family, self.device, self.dtype, self.label = family, device, dtype, label
         settings = {key: value for key, value in config.items() if key != "model_type"}
         implementation = experts_implementation(family, config, device, dtype)
@@ -101,7 +103,7 @@ class Skeleton:
         except (ValueError, KeyError, TypeError) as exc:
             raise SurgeryError(f"{label}: transformers cannot build this config: {str(exc).splitlines()[0][:200]}") from None
         hf_config.use_cache = False
-        with init_empty_weights(include_buffers=False), _quiet_transformers():
+        with init_empty_weights(include_buffers=False), quiet_transformers():
             self.model = transformers.AutoModelForCausalLM.from_config(hf_config)
         self.model.eval()
         for module in self.model.modules():  # buffers (rotary frequencies) are real: move them to the device
@@ -215,18 +217,3 @@ class Skeleton:
         finally:
             if handle is not None:
                 handle.remove()
-
-
-class _quiet_transformers:
-    """transformers' warnings about configs (e.g. sliding windows it will not use) stay out of our output."""
-
-    def __enter__(self):
-        import transformers
-
-        self.level = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-
-    def __exit__(self, *exc):
-        import transformers
-
-        transformers.logging.set_verbosity(self.level)
