@@ -312,6 +312,10 @@ def speed(args, work: Path) -> str:
             surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, *calibration,
                             "--router-init", "calibrated", "--calibration-tokens", CALIBRATION_TOKENS,
                             "--device", "cpu", "--max-shard-size", "1GB", "--force"),
+        f"surgery merge --router-init calibrated --compute-dtype bfloat16 ({CALIBRATION_TOKENS} tokens per domain)":
+            surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, *calibration,
+                            "--router-init", "calibrated", "--calibration-tokens", CALIBRATION_TOKENS,
+                            "--device", "cpu", "--compute-dtype", "bfloat16", "--max-shard-size", "1GB", "--force"),
         "surgery merge (non-FFN averaged over 4 models)":
             surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, "--router-init",
                             "normal", "--max-shard-size", "1GB", "--force"),
