@@ -343,11 +343,11 @@ def test_layer_tolerances_per_dtype():
 
 
 @pytest.mark.parametrize("expert_ffn, dtype, implementation", [
-    (20, "float32", "grouped_mm"),  # 80-byte strides: transformers' faster grouped matmul
+    (20, "float32", "eager"),  # 80-byte strides: grouped_mm would take them, but was not faster on CPU
     (21, "float32", "eager"),  # 84-byte strides: grouped_mm would refuse them
     (20, "bfloat16", "eager"),  # 40-byte strides
 ])
-def test_cpu_experts_implementation_follows_the_expert_size(tmp_path, expert_ffn, dtype, implementation):
+def test_cpu_experts_run_the_eager_loop_for_any_expert_size(tmp_path, expert_ffn, dtype, implementation):
     directory = save_model(tmp_path / "m", "mixtral", intermediate_size=expert_ffn)
     rows = [list(range(3, 30))]
     ids = tmp_path / "ids.jsonl"

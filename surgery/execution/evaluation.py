@@ -127,28 +127,7 @@ def _load(path, placement, label: str):
                  f"{placement.dtype_name})")
     model = load_model(path, device=placement.device, dtype=placement.dtype, device_map=placement.device_map)
     _refuse_nonfinite(model, path, placement)
-    _faster_experts(model, placement)
     return model
-
-
-def _faster_experts(model, placement) -> None:
-    """On CPU load_model picks the eager experts loop, which works for any expert size; switch to
-    transformers' grouped matmul where the expert sizes allow it (the same rule as layer-by-layer runs)."""
-    from surgery.execution.skeleton import experts_implementation
-
-    if placement.device != "cpu" or getattr(model.config, "_experts_implementation", None) != "eager":
-        return
-    config = model.config.to_dict()
-    try:
-        family = arch.detect_family(config)
-        choice = experts_implementation(family, config, "cpu", placement.dtype)
-    except SurgeryError:
-        return
-    if choice == "grouped_mm":
-        try:
-            model.set_experts_implementation("grouped_mm")
-        except (AttributeError, ValueError, ImportError):
-            return
 
 
 def _refuse_nonfinite(model, path, placement) -> None:
