@@ -464,3 +464,13 @@ def test_verify_with_diversity_reports_the_loss_change_instead(tmp_path, run_cli
 def test_verify_with_the_real_validator_passes_on_a_granular_shared_upcycle(tmp_path, run_cli, source):
     src = source("qwen2")
     upcycle(run_cli, src, tmp_path / "out", "-n", "4", "-k", "2", "-g", "2", "--shared-expert", "--verify")
+
+
+def test_with_defaults_only_an_upcycle_of_the_demo_model_uses_every_expert_in_every_layer(tmp_path, run_cli):
+    """The default normal router breaks every tie: no expert is left unused at top-2 of 8."""
+    from conftest import DEMO_MODEL
+    from surgery.validate import validate
+
+    upcycle(run_cli, DEMO_MODEL, tmp_path / "out", "-n", "8", "-k", "2")
+    routing = validate(tmp_path / "out", device="cpu", max_tokens=2048)["routing"]
+    assert len(routing) == 4 and all(layer["unused_experts"] == [] for layer in routing)
