@@ -103,11 +103,9 @@ def fit_calibrated(merge, plan, tokenizer, settings, spill_dir=None) -> RouterFi
     rows are fitted (``fit_router``: each domain's tokens to its expert) and set in the layer; then
     the layer runs for real, with the fitted router, and its output feeds layer l + 1.
     """
-    import torch
-
     from surgery import architectures as arch
     from surgery.execution.calibration import CalibrationSet
-    from surgery.execution.routers import fit_router, routing_shares
+    from surgery.execution.routers import fit_router, label_groups, routing_shares
     from surgery.execution.session import Collect, router_input_probe, runner_for
     from surgery.execution.weights import ModelWeights
     from surgery.plan import Init
@@ -128,13 +126,11 @@ def fit_calibrated(merge, plan, tokenizer, settings, spill_dir=None) -> RouterFi
             return None
         collect = Collect()
         session.run(hidden, [router_input_probe(target, collect)], stop_after=target.router_input)
-        groups = collect.by_domain(calibration)
-        inputs = torch.cat([groups[e] for e in sorted(groups)])
-        labels = torch.cat([torch.full((len(groups[e]),), e, dtype=torch.long) for e in sorted(groups)])
+        inputs, labels = collect.by_domain(calibration)
         rows = fit_router(merge.spec.router_fit, inputs, rows=num_experts, targets=labels)
         session.set_parameter(router_path(target) + ".weight", rows)
         fit.routers[layer] = rows.float()
-        fit.routing[layer] = routing_shares(groups, rows, merge.spec.top_k)
+        fit.routing[layer] = routing_shares(label_groups(inputs, labels), rows, merge.spec.top_k)
         return None  # the layer then runs plainly, with the fitted router
 
     runner.forward(visit, final_output=False, description="fitting routers")

@@ -344,3 +344,31 @@ def test_no_calibrating_or_verifying_path_loads_a_whole_model(models, tmp_path, 
     for number, (command, *args) in enumerate(runs):
         code, _, err = run_cli(command, source, tmp_path / f"out{number}", *args)
         assert code == 0, err
+
+
+def test_batches_run_in_row_chunks_give_the_same_logits_and_probe_rows(models, monkeypatch):
+    """A batch goes through a layer a few rows at a time (bounded activations); masks are cut with the rows,
+    and probes still receive each batch's real tokens once, in order."""
+    from surgery.execution import runner as runner_module
+    from surgery.execution.runner import Probe
+
+    directory = models("qwen2_moe")
+    with Checkpoint.open(directory) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        whole = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        seen = {"whole": {}, "chunked": {}}
+
+        def run(runner, label):
+            def visit(layer, session, hidden):
+                probe = Probe("mlp", "input", lambda batch, rows: seen[label].setdefault(batch, []).append(rows))
+                return session.run(hidden, [probe]) if layer == 1 else None
+            return runner.forward(visit)[0]
+
+        expected = run(whole, "whole")
+        monkeypatch.setattr(runner_module, "CALL_TOKENS", 1)  # one row per call
+        chunked = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        got = run(chunked, "chunked")
+        for index in range(len(batches())):
+            assert torch.allclose(got.get(index), expected.get(index), atol=1e-5)
+            assert len(seen["chunked"][index]) == 1  # one delivery per batch
+            assert torch.allclose(seen["chunked"][index][0], seen["whole"][index][0], atol=1e-5)

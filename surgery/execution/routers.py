@@ -42,9 +42,11 @@ def fit_router(method: str, inputs, *, rows: int, targets=None, seed: int = 0, s
         return torch.from_numpy(_ridge(inputs.double().numpy(), torch.as_tensor(targets).double().numpy()))
     if method in ("class-mean", "logistic"):
         labels = torch.as_tensor(targets, dtype=torch.long)
-        groups = {int(e): inputs[labels == e] for e in labels.unique().tolist()}
+        if bool((labels[1:] < labels[:-1]).any()):  # grouped by label once (a copy only when not already)
+            order = torch.argsort(labels, stable=True)
+            inputs, labels = inputs[order], labels[order]
         with _threads_for(int(inputs.numel())):
-            return _classifier(groups, rows, method, steps, l2)
+            return _classifier(inputs, labels, rows, method, steps, l2)
     raise SurgeryError(f"router fit {method!r} is not one of {', '.join(METHODS)}")
 
 
@@ -115,14 +117,22 @@ def _threads_for(elements: int):
         torch.set_num_threads(previous)
 
 
-def _classifier(groups: dict, num_experts: int, method: str, steps: int, l2: float):
+def label_groups(inputs, labels) -> dict:
+    """{label: the rows of `inputs` with that label} as views, for inputs grouped by label."""
     import torch
 
+    values, counts = torch.unique_consecutive(labels, return_counts=True)
+    starts = [0] + counts.cumsum(0).tolist()
+    return {int(value): inputs[start:end] for value, start, end in zip(values.tolist(), starts, starts[1:])}
+
+
+def _classifier(features, labels, num_experts: int, method: str, steps: int, l2: float):
+    import torch
+
+    groups = label_groups(features, labels)
     experts = sorted(groups)
-    hidden = next(iter(groups.values())).shape[1]
+    hidden = features.shape[1]
     direction = centred_unit_rows({e: groups[e].mean(0) for e in experts}, num_experts, hidden)
-    features = torch.cat([groups[e] for e in experts])
-    labels = torch.cat([torch.full((len(groups[e]),), e, dtype=torch.long) for e in experts])
     weights = torch.cat([torch.full((len(groups[e]),), 1.0 / (len(groups[e]) * len(experts))) for e in experts])
     active = torch.zeros(num_experts, 1)
     active[experts] = 1.0

@@ -28,6 +28,7 @@ from surgery.execution.placement import Placement
 from surgery.execution.weights import ModelWeights
 
 HEAD_CHUNK_BYTES = 64 * 2**20  # logits computed at once per model (rows x T x vocab x 4 bytes)
+CALL_TOKENS = 512  # tokens of a batch that go through a layer at once (its activations are what a call holds)
 
 
 @dataclass
@@ -237,17 +238,35 @@ class LayerSession:
             parameter = self.module.get_parameter(name)
             parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
 
-    def call(self, index: int, hidden, probes: tuple | list = (), stop_after: str | None = None):
-        """Batch `index` (its hidden states `hidden`, on the device) through this layer, probes attached.
-        Returns the layer's output, or None when `stop_after` stopped the pass."""
+    def _chunks(self, index: int, rows: int):
+        """Row slices of batch `index` run at once: at most CALL_TOKENS tokens, so one call's activations stay
+        small whatever the batch; the arguments the model passes are sliced along the batch rows."""
+        length = int(self.runner.batches[index].input_ids.shape[1])
+        step = max(1, CALL_TOKENS // max(1, length))
         args, kwargs = self.runner._calls[index][self.layer]
-        keep = self.runner.batches[index].attention_mask.reshape(-1).bool().to(self.runner.placement.device)
-        with _hooks(self.module, probes, index, keep, stop_after):
-            try:
-                output = self.module(hidden, *args, **kwargs)
-            except _StopLayer:
-                return None
-        return output[0] if isinstance(output, tuple) else output
+        for start in range(0, rows, step):
+            part = slice(start, min(rows, start + step))
+            whole = part.start == 0 and part.stop == rows
+            yield part, (args, kwargs) if whole else (_rows_of(args, part, rows), _rows_of(kwargs, part, rows))
+
+    def call(self, index: int, hidden, probes: tuple | list = (), stop_after: str | None = None):
+        """Batch `index` (its hidden states `hidden`, on the device) through this layer, probes attached;
+        each probe sees the batch's real tokens once. Returns the layer's output, or None when `stop_after`
+        stopped the pass."""
+        import torch
+
+        mask = self.runner.batches[index].attention_mask.to(self.runner.placement.device).bool()
+        outputs, stopped = [], False
+        with _gathered(probes, index) as gathered:
+            for part, (args, kwargs) in self._chunks(index, int(hidden.shape[0])):
+                with _hooks(self.module, gathered, mask[part].reshape(-1), stop_after):
+                    try:
+                        output = self.module(hidden[part], *args, **kwargs)
+                    except _StopLayer:
+                        stopped = True
+                        continue
+                outputs.append(output[0] if isinstance(output, tuple) else output)
+        return None if stopped else torch.cat(outputs)
 
     def run(self, hidden: HiddenStore, probes: tuple | list = (), outputs: bool = True, stop_after: str | None = None):
         """Every batch through this layer; returns the output hidden states (None when `outputs` is
@@ -273,20 +292,59 @@ class LayerSession:
         runner = self.runner
         out = runner.store("gradient")
         for index, batch in enumerate(runner.batches):
-            keep = batch.attention_mask.reshape(-1).bool().to(runner.placement.device)
-            value = hidden.get(index, runner.placement.device, runner.placement.dtype).requires_grad_(True)
-            args, kwargs = runner._calls[index][self.layer]
-            with torch.enable_grad(), _hooks(self.module, probes, index, keep, None, with_grad=True):
-                result = self.module(value, *args, **kwargs)
-                result = result[0] if isinstance(result, tuple) else result
-                result.backward(grad.get(index, runner.placement.device, result.dtype))
-            out.put(index, value.grad)
+            mask = batch.attention_mask.to(runner.placement.device).bool()
+            value = hidden.get(index, runner.placement.device, runner.placement.dtype)
+            upstream = grad.get(index, runner.placement.device, value.dtype)
+            grads = []
+            with _gathered(probes, index, with_grad=True) as gathered:
+                for part, (args, kwargs) in self._chunks(index, int(value.shape[0])):
+                    piece = value[part].detach().requires_grad_(True)
+                    with torch.enable_grad(), _hooks(self.module, gathered, mask[part].reshape(-1), None,
+                                                     with_grad=True):
+                        result = self.module(piece, *args, **kwargs)
+                        result = result[0] if isinstance(result, tuple) else result
+                        result.backward(upstream[part].to(result.dtype))
+                    grads.append(piece.grad)
+            out.put(index, torch.cat(grads))
         return out
 
 
+def _rows_of(value, part: slice, rows: int):
+    """`value` with every tensor whose first dimension is the batch's rows cut to `part` (masks); other
+    tensors (rotary embeddings, broadcast over rows) are kept whole."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value[part] if value.dim() and value.shape[0] == rows and rows > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_rows_of(item, part, rows) for item in value)
+    if isinstance(value, dict):
+        return {key: _rows_of(item, part, rows) for key, item in value.items()}
+    return value
+
+
 @contextlib.contextmanager
-def _hooks(module, probes, index: int, keep, stop_after: str | None, with_grad: bool = False):
-    """Forward hooks of `probes` on `module`'s submodules for batch `index` (real tokens: `keep`)."""
+def _gathered(probes, index: int, with_grad: bool = False):
+    """Stand-in probes that collect a batch's pieces (one per row chunk); each real probe then receives the
+    whole batch once, in row order, when the block ends."""
+    import torch
+
+    pieces = [[] for _ in probes]
+
+    def collector(number):
+        if with_grad:
+            return lambda _batch, rows, grads: pieces[number].append((rows, grads))
+        return lambda _batch, rows: pieces[number].append((rows,))
+
+    yield [Probe(probe.module, probe.where, collector(number)) for number, probe in enumerate(probes)]
+    for probe, parts in zip(probes, pieces):
+        if parts:
+            probe.consume(index, *(torch.cat([part[i] for part in parts]) for i in range(len(parts[0]))))
+
+
+@contextlib.contextmanager
+def _hooks(module, probes, keep, stop_after: str | None, with_grad: bool = False):
+    """Forward hooks of `probes` on `module`'s submodules for one call (its real tokens: `keep`)."""
     handles = []
 
     def rows(value):
@@ -300,9 +358,9 @@ def _hooks(module, probes, index: int, keep, stop_after: str | None, with_grad: 
             if with_grad:
                 if value.requires_grad:
                     saved = value.detach()
-                    value.register_hook(lambda g: probe.consume(index, rows(saved), rows(g)))
+                    value.register_hook(lambda g: probe.consume(None, rows(saved), rows(g)))
             else:
-                probe.consume(index, rows(value.detach()))
+                probe.consume(None, rows(value.detach()))
 
         if probe.where == "input":
             handles.append(target.register_forward_pre_hook(lambda _m, args, kwargs: see(args[0] if args else next(iter(kwargs.values()))),

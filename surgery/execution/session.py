@@ -78,13 +78,16 @@ class Collect:
 
         return torch.cat([rows for _, rows in self.parts])
 
-    def by_domain(self, calibration) -> dict:
+    def by_domain(self, calibration):
+        """(rows grouped by domain, in domain then batch order; the domain of each row), one copy."""
         import torch
 
-        groups: dict[int, list] = {}
-        for batch, rows in self.parts:
-            groups.setdefault(calibration.domain_of(batch), []).append(rows)
-        return {domain: torch.cat(parts) for domain, parts in groups.items()}
+        parts = sorted(self.parts, key=lambda part: (calibration.domain_of(part[0]), part[0]))
+        labels = torch.cat([torch.full((len(rows),), calibration.domain_of(batch), dtype=torch.long)
+                            for batch, rows in parts])
+        inputs = torch.cat([rows for _, rows in parts])
+        self.parts = []
+        return inputs, labels
 
 
 def router_input_probe(family, consume):
