@@ -51,6 +51,14 @@ def layer_reader(source, family, layer: int):
     return read
 
 
+def session_reader(session, family):
+    """role -> float32 numpy weights of the FFN of the layer a session holds (no copy on the CPU in float32)."""
+    def read(role: str):
+        path = family.spec("ffn", role).template.split("{layer}.", 1)[1]
+        return session.parameter(path).detach().float().cpu().numpy()
+    return read
+
+
 class _Splitter:
     """Partitions one layer at a time and fits its router; what the passes below call per layer."""
 
@@ -66,17 +74,20 @@ class _Splitter:
     def needs(self) -> frozenset:
         return frozenset() if self.module is None else self.module.NEEDS
 
-    def known(self, layer: int):
+    def known(self, layer: int, session=None):
         """The partition of `layer` when no calibration statistic is needed for it, else None."""
         if layer not in self.result.partitions and not self.needs:
-            self.partition(layer)
+            self.partition(layer, session=session)
         return self.result.partitions.get(layer)
 
-    def partition(self, layer: int, importance=None, firing=None):
+    def partition(self, layer: int, importance=None, firing=None, session=None):
+        """Partition `layer`; with a `session` its FFN weights are the ones already in memory (not read again)."""
         from surgery.partition import LayerInputs
 
+        read = session_reader(session, self.family) if session is not None else layer_reader(self.source, self.family,
+                                                                                             layer)
         inputs = LayerInputs(layer=layer, ffn=self.ffn, num_experts=self.options.num_experts, shared_count=self.shared,
-                             seed=self.options.seed, read=layer_reader(self.source, self.family, layer),
+                             seed=self.options.seed, read=read,
                              importance=importance, firing=firing, cluster_on=self.options.cluster_on)
         partition = self.module.split(inputs)
         partition.check(self.ffn, f"strategy {self.options.strategy}: layer {layer}")
@@ -154,13 +165,13 @@ def _forward_pass(runner, splitter: _Splitter, layers: list[int], calibrated: bo
     def visit(layer, session, hidden):
         if layer not in layers:
             return None
-        known = splitter.known(layer)
+        known = splitter.known(layer, session)
         if known is not None:  # data-free or saved partition: the router targets are all this layer needs
             return splitter.targets(session, hidden, layer, session.needs_output) if calibrated else None
         firing = FiringBits()
         out = session.run(hidden, [Probe(down_input_path(splitter.family), "input", firing)],
                           outputs=session.needs_output)
-        splitter.partition(layer, firing=firing.bits())
+        splitter.partition(layer, firing=firing.bits(), session=session)
         if calibrated:
             splitter.targets(session, hidden, layer, outputs=False)
         return out
@@ -208,7 +219,7 @@ def _backward_pass(runner, splitter: _Splitter, layers: list[int], calibration) 
                 probes = [Probe(down_input_path(splitter.family), "input", sums)] if sums else []
                 below = session.backward(inputs[layer], grad, probes)
                 if sums is not None:
-                    splitter.partition(layer, importance=sums.mean(counts))
+                    splitter.partition(layer, importance=sums.mean(counts), session=session)
                     if options.router_init == "calibrated":
                         splitter.targets(session, inputs[layer], layer, outputs=False)
             grad.close()
