@@ -380,3 +380,39 @@ def test_the_active_share_note_is_the_share_of_neurons_the_written_experts_hold(
     # shared-norm duplicates its shared neurons into every Mixtral expert: one expert holds shared + routed
     held = config["intermediate_size"] / FFN
     assert abs(claimed / 100 - held) <= 0.01
+
+
+def test_the_shared_neurons_note_counts_the_shared_expert_written(tmp_path, run_cli, sources):
+    err = " ".join(split(run_cli, sources["qwen2"], tmp_path / "out", "-n", 4, "-k", 2, "--strategy", "shared-norm",
+                         "--router-init", "normal").split())
+    import re
+
+    count = int(re.search(r"(\d+) shared neurons per layer, a qwen2_moe shared expert", err).group(1))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["shared_expert_intermediate_size"] == count > 0
+
+
+def test_the_overlap_note_is_the_largest_number_of_neurons_several_experts_hold(tmp_path, run_cli, sources,
+                                                                               calibration):
+    import re
+
+    path = tmp_path / "p.json"
+    err = " ".join(split(run_cli, sources["llama"], tmp_path / "out", "-n", 4, "-k", 2, "--strategy", "sharing-inner",
+                         "--calibration", calibration, "--save-partition", path).split())
+    claimed = int(re.search(r"experts overlap: up to (\d+) neurons per layer held by several experts", err).group(1))
+    layers = json.loads(path.read_text())["layers"].values()
+    counts = [np.bincount(np.concatenate([np.asarray(e) for e in layer["experts"]]), minlength=FFN) for layer in layers]
+    assert claimed == max(int((c > 1).sum()) for c in counts) > 0
+
+
+def test_the_k_equals_n_notes_say_exact_only_when_verify_confirms_it(tmp_path, run_cli, sources):
+    code, out, err = run_cli("split", sources["llama"], tmp_path / "zero", "-n", 4, "-k", 4, "--strategy", "random",
+                             "--verify")
+    text = " ".join((out + err).split())
+    assert code == 0 and "k = N with a zero router and expert scale N" in text and "verify: passed" in text
+    code, out, err = run_cli("split", sources["llama"], tmp_path / "normal", "-n", 4, "-k", 4, "--strategy", "random",
+                             "--router-init", "normal", "--verify")
+    text = " ".join((out + err).split())
+    assert code == 0 and "k = N, but with a normal router" in text and "verify: passed" not in text
+    code, _, _ = run_cli("validate", tmp_path / "normal", "-r", sources["llama"], "--expect-exact")
+    assert code == 2  # what the note says: not exact

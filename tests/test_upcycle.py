@@ -474,3 +474,13 @@ def test_with_defaults_only_an_upcycle_of_the_demo_model_uses_every_expert_in_ev
     upcycle(run_cli, DEMO_MODEL, tmp_path / "out", "-n", "8", "-k", "2")
     routing = validate(tmp_path / "out", device="cpu", max_tokens=2048)["routing"]
     assert len(routing) == 4 and all(layer["unused_experts"] == [] for layer in routing)
+
+
+def test_the_dtype_note_is_true_the_output_is_the_source_cast(tmp_path, run_cli, source):
+    src = source("llama")
+    err = upcycle(run_cli, src, tmp_path / "out", "-n", "4", "-k", "2", "--dtype", "bf16")
+    assert "--dtype bf16 rounds the weights: the result reproduces the source cast to bf16" in err
+    moe, dense = tensors_of(tmp_path / "out"), tensors_of(src)
+    assert torch.equal(moe["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
+                       dense["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16))
+    assert torch.equal(moe["model.embed_tokens.weight"], dense["model.embed_tokens.weight"].to(torch.bfloat16))
