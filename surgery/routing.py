@@ -15,7 +15,8 @@ For every MoE layer, on the real (unpadded) tokens of the batches:
 
 The hooks only accumulate sums (counts, probabilities, entropies), so memory stays bounded by one
 batch however many batches are measured. Which module is the router is asked of the architecture
-table: the layer module whose name is the router tensor's module name (``gate``).
+table (``router_path``: the router as transformers holds it, ``mlp.gate``). A model run layer by
+layer gets the same sums through one probe per MoE layer (``RoutingSums``).
 """
 
 from __future__ import annotations
