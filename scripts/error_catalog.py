@@ -276,6 +276,13 @@ def calibration_text(content: bytes, strategy: str) -> Callable:
         "split", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--strategy", strategy, "--calibration", path])
 
 
+def calibrated_upcycle(name: str, content: bytes, *extra) -> Callable:
+    """test_execution.py / test_upcycle.py: upcycle with a calibrated router on the file case_dir/name."""
+    return with_file(name, content, lambda d, fx, path: [
+        "upcycle", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--router-init", "calibrated", "--calibration", path,
+        *extra])
+
+
 def partition_for(experts: int, wide: bool) -> Callable:
     """test_split.py: a partition saved for 4 experts of the llama model, reused with -n 2 or on a wider FFN."""
     def run(d, fx):
@@ -405,17 +412,13 @@ def argument_cases() -> list[Case]:
         (A, "calibration file not text", "split (coactivation)", calibration_text(b"\x00\x01binary", "coactivation"),
          "not a text file"),
         (A, "calibration text but the source has no tokenizer", "upcycle",
-         with_file("text.txt", b"some calibration text\n", lambda d, fx, p: [
-             "upcycle", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--router-init", "calibrated", "--calibration", p]),
-         "no tokenizer"),
+         calibrated_upcycle("text.txt", b"some calibration text\n"), "no tokenizer"),
         (A, "calibration text but the source has no tokenizer", "split",
          with_file("calibration.txt", b"some text", lambda d, fx, p: [
              "split", fx.llama(d), d / "out", "-n", 4, "-k", 2, *R, "--router-init", "calibrated", "--calibration", p]),
          "no tokenizer files"),
         (A, "calibration token id beyond the vocabulary", "upcycle",
-         with_file("ids.jsonl", b"[3, 4, 500]\n", lambda d, fx, p: [
-             "upcycle", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--router-init", "calibrated", "--calibration", p]),
-         "token id 500 is out of range for a vocabulary of 96"),
+         calibrated_upcycle("ids.jsonl", b"[3, 4, 500]\n"), "token id 500 is out of range for a vocabulary of 96"),
         (A, "calibration that holds only padding", "split (coactivation)",
          with_file("ids.jsonl", b"[0, 0, 0]\n[0, 0]\n", lambda d, fx, p: [
              "split", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--strategy", "coactivation", "--calibration", p]),
@@ -423,9 +426,7 @@ def argument_cases() -> list[Case]:
         (A, "--device cuda without a GPU", "upcycle",
          upcycle("-n", 4, "-k", 2, "--router-init", "calibrated", "--device", "cuda"), "no CUDA device is available"),
         (A, "--memory-budget smaller than one layer", "upcycle",
-         with_file("ids.jsonl", b"[3, 4, 5, 6]\n", lambda d, fx, p: [
-             "upcycle", fx.llama(d), d / "out", "-n", 4, "-k", 2, "--router-init", "calibrated", "--calibration", p,
-             "--memory-budget", "1KB"]), "is too small to run one layer"),
+         calibrated_upcycle("ids.jsonl", b"[3, 4, 5, 6]\n", "--memory-budget", "1KB"), "is too small to run one layer"),
         (A, "--memory-budget not a size", "split", split("-n", 4, "-k", 2, "--strategy", "random", "--memory-budget", "lots"),
          "expected auto or a size such as 4GiB"),
         (A, "calibrated router without text for every expert", "merge", merge_calibration_missing, "missing for c"),
