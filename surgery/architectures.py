@@ -117,6 +117,9 @@ class Family:
     # (transformers' `mlp`: the post-attention norm output in pre-norm families); calibration
     # captures that input, for dense sources too, where a future router will read it.
     router_input: str = "mlp"
+    # transformers' attention module of a decoder layer: its output (first element) is what a stopped pass
+    # keeps so the layer's full run can reuse it instead of computing attention again
+    attention_module: str = "self_attn"
 
     def spec(self, group: str, role: str) -> Spec:
         pool = {"ffn": self.dense_ffn, "experts": self.experts, "shared_expert": self.shared_expert,

@@ -8,9 +8,10 @@ seed|NAME`` copies one model's instead (mergekit-moe's behaviour). Routers: see
 ``surgery.btx_router``.
 
 Memory: the zero, normal and embedding inits stream (about one tensor in memory, like every
-plan). The calibrated init runs the merged model layer by layer from the plan's recipes
-(``surgery.btx_router.fit_calibrated``): peak memory is one merged decoder layer in the compute
-dtype plus the calibration hidden states; nothing is written before OUT itself.
+plan). The calibrated init writes the merge as a draft beside OUT with its routers deferred, runs the
+draft layer by layer (``surgery.btx_router.fit_calibrated``) and writes the fitted rows into it before
+it becomes OUT: peak memory is one merged decoder layer in the compute dtype plus the calibration
+hidden states, and every weight is read and averaged once.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from surgery.merge_config import FITS_DEFAULT, SEED_NAME, MergeSpec
 from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
 from surgery.execution.session import RunSettings, run_options
 from surgery.options import execute, output_options, verify_options
-from surgery.plan import Constant, Copy, Init, Plan, Recipe
+from surgery.plan import Copy, Init, Plan, Recipe
 from surgery.seeds import router_seed
 
 ROUTER_STD = 0.02
@@ -247,7 +248,7 @@ def non_ffn_recipe(merge: Merge):
     return recipe
 
 
-def router_recipe(merge: Merge, routers: dict | None, embedding_router):
+def router_recipe(merge: Merge, embedding_router):
     init = merge.spec.router_init
     hidden = merge.config["hidden_size"]
     shape = (len(merge.experts), hidden)
@@ -255,8 +256,6 @@ def router_recipe(merge: Merge, routers: dict | None, embedding_router):
     def recipe(layer: int):
         from surgery.btx_router import PendingRouter
 
-        if routers is not None:
-            return Constant(routers[layer], f"router fitted on calibration text ({merge.spec.router_fit})")
         if init == "zero":
             return Init("zero", shape)
         if init == "normal":
@@ -264,7 +263,8 @@ def router_recipe(merge: Merge, routers: dict | None, embedding_router):
         if init == "embedding":
             return embedding_router
         domains = ", ".join(d.name for d in merge.domains())
-        return PendingRouter(f"calibrated on {domains} ({merge.spec.router_fit}; fitted layer by layer before writing)")
+        return PendingRouter(f"calibrated on {domains} ({merge.spec.router_fit}; fitted layer by layer on the "
+                             "written draft)", layer)
 
     return recipe
 
@@ -297,10 +297,10 @@ def _tokenizer(merge: Merge):
     return tokenizer
 
 
-def build_plan(merge: Merge, routers: dict | None = None, routing_text: str | None = None) -> Plan:
+def build_plan(merge: Merge) -> Plan:
     """Every output tensor of the merged MoE with its recipe, from headers only.
 
-    `routers` (layer -> [E, H] tensor) replaces the router init with fitted rows (calibrated).
+    Calibrated routers are Deferred: fitted on the written draft (``_run_calibrated``).
     """
     from surgery.moe_plan import dense_ffn_names, moe_tensors, provenance
 
@@ -308,9 +308,9 @@ def build_plan(merge: Merge, routers: dict | None = None, routing_text: str | No
     non_ffn = non_ffn_recipe(merge)
     embed_name = family.spec("embedding", "embed").name()
     embedding_router = None
-    if merge.spec.router_init == "embedding" and routers is None:
+    if merge.spec.router_init == "embedding":
         embedding_router = _embedding_router(merge, non_ffn(None, embed_name))
-    router = router_recipe(merge, routers, embedding_router)
+    router = router_recipe(merge, embedding_router)
 
     def ffn_recipe(expected):
         if expected.group == "router":
@@ -331,7 +331,7 @@ def build_plan(merge: Merge, routers: dict | None = None, routing_text: str | No
     metadata["surgery_non_ffn"] = json.dumps(non_ffn_description(merge))
     notes = list(merge.notes)
     return Plan("merge", tensors, merge.config, [m.checkpoint for m in merge.members],
-                side_files=reference.side_files(), extra_files={"README.md": model_card(merge, routing_text)},
+                side_files=reference.side_files(), extra_files={"README.md": model_card(merge)},
                 metadata=metadata, notes=notes)
 
 
@@ -409,22 +409,33 @@ def run_merge(merge: Merge, out: Path, *, max_shard_size: str, force: bool, dry_
 
 def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str, force: bool, as_json: bool,
                     settings) -> bool:
-    """Fit every router on the merged model as the plan builds it, layer by layer, then write OUT once."""
-    from surgery.btx_router import fit_calibrated, print_routing, routing_table_text
-    from surgery.writer import check_output_path
+    """Write the merge with its routers deferred, run that draft layer by layer fitting each router, and write
+    the fitted rows into it: every weight is read and computed once."""
+    from surgery.btx_router import PendingRouter, calibration_parts, fit_calibrated, print_routing, routing_table_text
+    from surgery.checkpoint import Checkpoint
+    from surgery.execution.weights import ModelWeights
+    from surgery.writer import Filled, check_output_path
 
     if as_json:
         raise SurgeryError("--json applies to --dry-run only")
     check_output_path(out, plan.sources, force)
+    parts = calibration_parts(merge, _tokenizer(merge))  # a bad calibration text is refused before writing
     names = {d.expert: d.name for d in merge.domains()}
-    console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
-                 f"({', '.join(names.values())}) and fitting {merge.config['num_hidden_layers']} routers")
-    fit = fit_calibrated(merge, plan, _tokenizer(merge), settings, spill_dir=out.resolve().parent)
-    domain_names = [names[e] for e in sorted(names)]
-    expert_names = [m.name for m in merge.experts]
-    print_routing(fit, domain_names, expert_names)
-    final = build_plan(merge, fit.routers, routing_table_text(fit, domain_names, expert_names))
-    return execute(final, out, max_shard_size=max_shard_size, force=force, dry_run=False, as_json=False)
+    routers = {t.name: t.recipe.layer for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
+
+    def fill(draft: Path) -> Filled:
+        console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
+                     f"({', '.join(names.values())}) and fitting {len(routers)} routers")
+        with Checkpoint.open(draft) as checkpoint:
+            fit = fit_calibrated(merge, ModelWeights.from_checkpoint(checkpoint), parts, settings,
+                                 spill_dir=out.resolve().parent)
+        domain_names = [names[e] for e in sorted(names)]
+        expert_names = [m.name for m in merge.experts]
+        print_routing(fit, domain_names, expert_names)
+        card = model_card(merge, routing_table_text(fit, domain_names, expert_names))
+        return Filled({name: fit.routers[layer] for name, layer in routers.items()}, {"README.md": card})
+
+    return execute(plan, out, max_shard_size=max_shard_size, force=force, dry_run=False, as_json=False, fill=fill)
 
 
 # ------------------------------------------------------------------ command line

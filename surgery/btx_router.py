@@ -8,12 +8,13 @@ each domain's tokens to its own expert. The inits:
 * ``embedding``: every layer gets the same rows: the mean input embedding of each expert's
   calibration text, centred over the experts and scaled to unit length (an expert without text,
   e.g. an included seed, gets a zero row);
-* ``calibrated``: the merged model runs layer by layer on every expert's calibration text, built
-  from the plan's recipes one layer at a time (nothing is written first); at each layer the
+* ``calibrated``: the merge is written as a draft with these routers deferred, then the draft runs
+  layer by layer on every expert's calibration text (each layer read once); at each layer the
   router's real input (``Family.router_input``, padding masked) is captured, that layer's router
   rows are fitted so that each domain's tokens go to its own expert (``fit_router``: ``logistic``
   or ``class-mean``), and the layer then runs with the fitted router, so the next layer sees what
-  the merged model feeds it. Each layer runs once (plus the attention part once more).
+  the merged model feeds it. Each layer runs once (its attention output kept from the stopped pass); the fitted
+  rows are written into the draft, which then becomes the output.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 from surgery import console
 from surgery.errors import SurgeryError
-from surgery.plan import Recipe
+from surgery.plan import Deferred, Recipe
 
 
 @dataclass
@@ -57,17 +58,12 @@ class LazyRouter(Recipe):
         return self._compute_fn().clone()
 
 
-class PendingRouter(Recipe):
-    """Placeholder of a calibrated router in the plan; replaced by a Constant once fitted."""
+class PendingRouter(Deferred):
+    """A calibrated router in the plan: written once the draft of the merge has been run and fitted."""
 
-    def __init__(self, text: str):
-        self.text = text
-
-    def describe(self):
-        return self.text
-
-    def compute(self):
-        raise AssertionError("calibrated router used before it was fitted")
+    def __init__(self, text: str, layer: int):
+        super().__init__(text)
+        self.layer = layer
 
 
 # ------------------------------------------------------------------ embedding init
@@ -94,30 +90,32 @@ def embedding_rows(embedding, tokenizer, domains: list[Domain], num_experts: int
 
 
 # ------------------------------------------------------------------ calibrated init
-def fit_calibrated(merge, plan, tokenizer, settings, spill_dir=None) -> RouterFit:
+def calibration_parts(merge, tokenizer) -> list:
+    """[(expert index, CalibrationSet)] of every domain: tokenized (and refused if unusable) before anything is written."""
+    from surgery.execution.calibration import CalibrationSet
+
+    return [(domain.expert, CalibrationSet.from_text(domain.text, tokenizer, merge.config, merge.spec.calibration_tokens,
+                                                     f"calibration text of {domain.name}"))
+            for domain in merge.domains()]
+
+
+def fit_calibrated(merge, weights, parts: list, settings, spill_dir=None) -> RouterFit:
     """Every router of the merged model, fitted in layer order while the model runs layer by layer.
 
-    The merged model is the plan itself (``ModelWeights.from_plan``: averaged attention and norms,
-    the experts' FFNs, each value rounded to the output dtype), so nothing is written first. At
-    layer l every domain's tokens run up to the router's input (the pass stops there); the router
-    rows are fitted (``fit_router``: each domain's tokens to its expert) and set in the layer; then
-    the layer runs for real, with the fitted router, and its output feeds layer l + 1.
+    `weights`: the merged model (the written draft, its routers still zero). At layer l every
+    domain's tokens run up to the router's input (the pass stops there); the router rows are fitted
+    (``fit_router``: each domain's tokens to its expert) and set in the layer; then the layer runs
+    for real, with the fitted router, and its output feeds layer l + 1.
     """
     from surgery import architectures as arch
     from surgery.execution.calibration import CalibrationSet
     from surgery.execution.routers import fit_router, label_groups, routing_shares
     from surgery.execution.session import Collect, router_input_probe, runner_for
-    from surgery.execution.weights import ModelWeights
-    from surgery.plan import Init
     from surgery.routing import router_path
 
     target, config = merge.target, merge.config
-    parts = [(domain.expert, CalibrationSet.from_text(domain.text, tokenizer, config, merge.spec.calibration_tokens,
-                                                      f"calibration text of {domain.name}"))
-             for domain in merge.domains()]
     calibration = CalibrationSet.combine(parts)
-    pending = {t.name: Init("zero", t.shape) for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
-    runner = runner_for(ModelWeights.from_plan(plan, pending), calibration.batches, settings, spill_dir)
+    runner = runner_for(weights, calibration.batches, settings, spill_dir, reuse_attention=True)
     num_experts = len(merge.experts)
     fit = RouterFit(tokens={domain.name: part.tokens for domain, (_, part) in zip(merge.domains(), parts)})
 

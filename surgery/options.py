@@ -39,8 +39,8 @@ def verify_options(func):
     return func
 
 
-def execute(plan, out: Path, *, max_shard_size: str, force: bool, dry_run: bool, as_json: bool) -> bool:
-    """Print the plan (dry run) or write it. Returns True when something was written."""
+def execute(plan, out: Path, *, max_shard_size: str, force: bool, dry_run: bool, as_json: bool, fill=None) -> bool:
+    """Print the plan (dry run) or write it (`fill`: see ``write_plan``). Returns True when something was written."""
     from surgery.units import format_bytes, parse_size
 
     limit = parse_size(max_shard_size)
@@ -61,11 +61,22 @@ def execute(plan, out: Path, *, max_shard_size: str, force: bool, dry_run: bool,
     from surgery.writer import write_plan
 
     started = time.perf_counter()
+    filling = [0.0]
+
+    def timed_fill(draft):
+        begun = time.perf_counter()
+        try:
+            return fill(draft)
+        finally:
+            filling[0] = time.perf_counter() - begun
+
     context = click.get_current_context(silent=True)
     allow_nonfinite = bool(context and context.meta.get("surgery.allow_nonfinite"))
-    shards = write_plan(plan, Path(out), limit, force=force, allow_nonfinite=allow_nonfinite)
-    seconds = time.perf_counter() - started
+    shards = write_plan(plan, Path(out), limit, force=force, allow_nonfinite=allow_nonfinite,
+                        fill=timed_fill if fill else None)
+    seconds = time.perf_counter() - started - filling[0]
     console.info(f"wrote {out}: {len(plan.tensors)} tensors, {format_bytes(plan.total_bytes)} in {len(shards)} "
                  f"shard{'s' if len(shards) != 1 else ''} ({seconds:.1f} s, "
-                 f"{plan.total_bytes / max(seconds, 1e-9) / 1e6:.0f} MB/s)")
+                 f"{plan.total_bytes / max(seconds, 1e-9) / 1e6:.0f} MB/s"
+                 + (f"; {filling[0]:.1f} s running the draft" if fill else "") + ")")
     return True

@@ -280,6 +280,21 @@ class Constant(Recipe):
         return self.tensor.clone()
 
 
+class Deferred(Recipe):
+    """A tensor whose value exists only once the rest of the output is written (a router fitted by running
+    the written model): the writer places it last in its shard, writes the rest, calls the plan's
+    ``fill`` with the draft directory, and writes the value then (``surgery.writer.write_plan``)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def describe(self):
+        return self.text
+
+    def compute(self):
+        raise AssertionError(f"deferred tensor ({self.text}) computed before the draft was filled")
+
+
 @dataclass
 class Apply(Recipe):
     """fn(*inputs): for transformations that are specific to one operation (noise, re-init ...)."""

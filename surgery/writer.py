@@ -6,6 +6,12 @@ Unchanged tensors are copied by the kernel (``os.copy_file_range``) without pass
 Python. Output goes to a temporary directory beside the target, is checked (every shard's header
 re-read and compared with the plan, then opened with ``safetensors.safe_open``) and renamed into
 place only when complete; on any failure or signal the temporary directory is removed.
+
+A plan may hold ``Deferred`` tensors, whose values need the written model itself (routers fitted
+by running it): they go last in their shard, the rest is written, ``fill`` runs on the draft (a
+loadable checkpoint with its config) and returns their values, which are written in place before
+the draft is hashed to the end, checked and renamed. The model is then read once, from the draft,
+instead of being computed twice.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from surgery import __version__, console
 from surgery.checkpoint import INDEX_NAME, SINGLE_NAME, torch_dtype
 from surgery.errors import SurgeryError
-from surgery.plan import Copy, OutputTensor, Plan
+from surgery.plan import Copy, Deferred, OutputTensor, Plan
 from surgery.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, encode_header, read_header
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -40,6 +47,19 @@ class Shard:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class Filled:
+    """What ``fill`` returns for a draft: the value of every Deferred tensor, and side files that
+    replace the plan's (a model card that reports what the fit found)."""
+
+    tensors: dict  # output name -> torch tensor
+    extra_files: dict[str, str] = field(default_factory=dict)
+
+
+def is_deferred(tensor: OutputTensor) -> bool:
+    return isinstance(tensor.recipe, Deferred)
 
 
 def is_byte_copy(tensor: OutputTensor) -> bool:
@@ -58,6 +78,7 @@ def assign_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[Shar
 
     Within a shard, byte copies come first and computed tensors after (each group in plan order):
     the copies need no torch, so torch is imported in the background while the kernel copies.
+    Deferred tensors come last, so the shard can be hashed up to them while it is written.
     """
     groups: list[list[OutputTensor]] = [[]]
     size = 0
@@ -67,7 +88,7 @@ def assign_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[Shar
             size = 0
         groups[-1].append(tensor)
         size += tensor.nbytes
-    groups = [sorted(group, key=lambda tensor: not is_byte_copy(tensor)) for group in groups]  # stable
+    groups = [sorted(group, key=lambda tensor: (is_deferred(tensor), not is_byte_copy(tensor))) for group in groups]
     if len(groups) == 1:
         return [Shard(SINGLE_NAME, groups[0])]
     count = len(groups)
@@ -121,15 +142,18 @@ def _signals_raise():
 
 
 def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-               allow_nonfinite: bool = False) -> list[Shard]:
+               allow_nonfinite: bool = False, fill: Callable[[Path], Filled] | None = None) -> list[Shard]:
     """Execute `plan` into directory `out`; returns the shards written.
 
     Floating-point data is checked for NaN/Inf on the way (each input tensor once): a checkpoint
-    with non-finite weights is refused unless `allow_nonfinite`.
+    with non-finite weights is refused unless `allow_nonfinite`. `fill(draft directory)` gives the
+    values of the plan's Deferred tensors (required when it has any).
     """
     out = Path(out)
     check_output_path(out, plan.sources, force)
     shards = assign_shards(plan.tensors, max_shard_size)
+    if any(is_deferred(t) for t in plan.tensors) and fill is None:
+        raise AssertionError("a plan with deferred tensors needs `fill`")
     temp = out.parent / f".{out.name}.surgery-tmp-{os.getpid()}"
     if temp.exists():
         shutil.rmtree(temp)
@@ -146,15 +170,28 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
             checker = _FiniteCheck(enabled=not allow_nonfinite)
             digests = {}
             hashing: list[tuple[str, _TailHasher]] = []  # shards written, hash maybe still running
+            held: list[_HeldShard] = []  # shards with deferred tensors: hashed up to them
             with console.progress(f"{plan.operation} → {out.name}", plan.total_bytes) as advance:
                 for shard in shards:
-                    hashing.append((shard.file_name, _write_shard(temp / shard.file_name, shard, metadata, advance,
-                                                                  checker)))
+                    written = _write_shard(temp / shard.file_name, shard, metadata, advance, checker)
+                    (held.append(written) if written.offsets else hashing.append((shard.file_name, written.hasher)))
                     while len(hashing) > 1:  # the last shard's hash may finish while the next one is written
                         name, hasher = hashing.pop(0)
                         digests[name] = hasher.result()
                 digests.update((name, hasher.result()) for name, hasher in hashing)
             _write_side_files(plan, temp, shards)
+            extra_files = dict(plan.extra_files)
+            if fill is not None:
+                try:
+                    filled = fill(temp)
+                    for shard in held:
+                        digests[shard.path.name] = shard.complete(filled.tensors, checker)
+                finally:
+                    for shard in held:  # on failure, lets the waiting hashers end
+                        shard.hasher.advance(shard.hasher.written, finished=True)
+                extra_files.update(filled.extra_files)
+            for name, text in extra_files.items():
+                (temp / name).write_text(text)
             verify_written(temp, shards)
             _write_manifest(temp, plan, digests)
             if out.exists():
@@ -339,20 +376,54 @@ class _TailHasher(threading.Thread):
         return self.digest.hexdigest()
 
 
-def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance, checker: _FiniteCheck) -> "_TailHasher":
-    """Write one shard; returns its hasher, which may still be hashing the last bytes written."""
+@dataclass
+class _HeldShard:
+    """A written shard and its hasher, which has hashed up to the shard's deferred tensors (zeros so far)."""
+
+    path: Path
+    hasher: "_TailHasher"
+    offsets: dict[str, tuple[int, OutputTensor]]  # deferred tensor name -> (file offset, tensor)
+
+    def complete(self, values: dict, checker: _FiniteCheck) -> str:
+        """Write each deferred tensor's value in place; returns the shard's sha256."""
+        import torch
+
+        with open(self.path, "r+b") as handle:
+            for name, (offset, tensor) in self.offsets.items():
+                if name not in values:
+                    raise AssertionError(f"fill gave no value for deferred tensor {name}")
+                value = values[name]
+                checker.check_value(value, f"output tensor {name!r} ({tensor.recipe.describe()[:120]})")
+                if tuple(value.shape) != tuple(tensor.shape):
+                    raise AssertionError(f"fill gave {name} shape {list(value.shape)}, plan says {list(tensor.shape)}")
+                data = value.detach().to("cpu", torch_dtype(tensor.dtype)).contiguous().reshape(-1)
+                handle.seek(offset)
+                handle.write(memoryview(data.view(torch.uint8).numpy()))
+            handle.flush()
+            self.hasher.advance(os.fstat(handle.fileno()).st_size, finished=True)
+        return self.hasher.result()
+
+
+def _write_shard(path: Path, shard: Shard, metadata: dict[str, str], advance, checker: _FiniteCheck) -> _HeldShard:
+    """Write one shard; returns it with its hasher, which may still be hashing the last bytes written
+    (or, in a shard with deferred tensors, waits before them)."""
     header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in shard.tensors], metadata)
+    deferred = {t.name: (len(header) + offset, t) for t, offset in zip(shard.tensors, offsets) if is_deferred(t)}
+    hold = min((offset for offset, _ in deferred.values()), default=None)
     with open(path, "wb") as handle:
         hasher = _TailHasher(path)
         hasher.start()
         try:
-            _write_shard_body(handle, header, shard, advance, checker, hasher)
-        finally:
-            hasher.advance(handle.tell(), finished=True)
-    return hasher
+            _write_shard_body(handle, header, shard, advance, checker, hasher, hold)
+        except BaseException:
+            hasher.advance(handle.tell(), finished=True)  # lets the thread end
+            raise
+        hasher.advance(handle.tell() if hold is None else hold, finished=hold is None)
+    return _HeldShard(path, hasher, deferred)
 
 
-def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: _FiniteCheck, hasher: _TailHasher) -> None:
+def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: _FiniteCheck, hasher: _TailHasher,
+                      hold: int | None) -> None:
     path = Path(handle.name)
     handle.write(header)
     read_ahead = _ReadAhead(shard.tensors)
@@ -360,7 +431,10 @@ def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: _Fi
     for position, tensor in enumerate(shard.tensors):
         recipe = tensor.recipe
         read_ahead.before(position)
-        if is_byte_copy(tensor):
+        if is_deferred(tensor):  # zeros until the draft is filled
+            for start in range(0, tensor.nbytes, COPY_CHUNK):
+                handle.write(bytes(min(COPY_CHUNK, tensor.nbytes - start)))
+        elif is_byte_copy(tensor):
             if checker.needed(recipe.checkpoint, recipe.name):
                 scratch = scratch or bytearray(COPY_CHUNK)
                 _copy_checked(handle, recipe, tensor, checker, scratch)
@@ -369,7 +443,7 @@ def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: _Fi
         else:
             _write_tensor(handle, tensor, checker)
         handle.flush()
-        hasher.advance(handle.tell())
+        hasher.advance(handle.tell() if hold is None else min(handle.tell(), hold))
         advance(tensor.nbytes, tensor.name)
     expected = len(header) + shard.nbytes
     if handle.tell() != expected:
@@ -486,8 +560,6 @@ def _write_side_files(plan: Plan, temp: Path, shards: list[Shard]) -> None:
         shutil.copy2(path, temp / path.name)
     if plan.config is not None:
         (temp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-    for name, text in plan.extra_files.items():
-        (temp / name).write_text(text)
     if len(shards) > 1:
         index = {"metadata": {"total_size": plan.total_bytes},
                  "weight_map": {t.name: shard.file_name for shard in shards for t in shard.tensors}}

@@ -121,3 +121,57 @@ def test_a_nonfinite_input_of_a_computed_tensor_is_named_with_its_file(tmp_path)
     with pytest.raises(SurgeryError) as raised:
         writer.write_plan(plan, tmp_path / "out")
     assert str(raised.value).startswith(f"{tmp_path / 'src' / 'model.safetensors'}: tensor 'w' has 1 NaN and 0 Inf")
+
+
+def _deferred_plan(source):
+    from surgery.plan import Deferred
+
+    return _plan(source, [OutputTensor("r", (2, 2), "BF16", Deferred("fitted later")),
+                          OutputTensor("a", (4,), "F32", Scale(Copy(source, "a"), 2.0)),
+                          OutputTensor("b", (4,), "F32", Copy(source, "b"))])
+
+
+def test_a_deferred_tensor_is_written_last_with_the_value_fill_gives_from_the_draft(tmp_path):
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
+    seen = {}
+
+    def fill(draft):
+        seen["a"] = Checkpoint.open(draft).read("a").tolist()  # the draft is a readable checkpoint already
+        return writer.Filled({"r": torch.tensor([[1.5, -2.0], [0.25, 3.0]])}, {"NOTE.md": "fitted\n"})
+
+    writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
+    header = read_header(tmp_path / "out" / "model.safetensors")
+    assert sorted(header.tensors, key=lambda name: header.tensors[name].offset) == ["b", "a", "r"]
+    assert seen["a"] == [2.0] * 4
+    assert load_file(tmp_path / "out" / "model.safetensors")["r"].float().tolist() == [[1.5, -2.0], [0.25, 3.0]]
+    assert (tmp_path / "out" / "NOTE.md").read_text() == "fitted\n"
+
+
+def test_the_manifest_hashes_the_filled_shard(tmp_path):
+    from surgery.verify import sha256_file
+
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
+    writer.write_plan(_deferred_plan(source), tmp_path / "out",
+                      fill=lambda draft: writer.Filled({"r": torch.full((2, 2), 7.0)}))
+    manifest = (tmp_path / "out" / writer.MANIFEST_NAME).read_text()
+    assert sha256_file(tmp_path / "out" / "model.safetensors") in manifest
+
+
+def test_a_nonfinite_deferred_value_is_refused_and_leaves_no_output(tmp_path):
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
+    with pytest.raises(SurgeryError, match="output tensor 'r'.*1 NaN and 0 Inf"):
+        writer.write_plan(_deferred_plan(source), tmp_path / "out",
+                          fill=lambda draft: writer.Filled({"r": torch.tensor([[1.0, float("nan")], [0.0, 0.0]])}))
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_a_failing_fill_leaves_no_output(tmp_path):
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
+
+    def fill(draft):
+        raise SurgeryError("the draft could not be run")
+
+    with pytest.raises(SurgeryError, match="could not be run"):
+        writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]

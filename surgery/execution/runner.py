@@ -68,7 +68,10 @@ def return_freed_memory() -> None:
 
 class LayerRunner:
     def __init__(self, weights: ModelWeights, batches: list, placement: Placement, budget: MemoryBudget,
-                 spill_dir: Path | None = None, keep_layer_inputs: bool = False):
+                 spill_dir: Path | None = None, keep_layer_inputs: bool = False, reuse_attention: bool = False):
+        """`reuse_attention`: a pass stopped inside a layer (``LayerSession.run(stop_after=...)``) keeps the
+        attention output of every batch, and the layer's next full run replays it instead of computing it
+        again (the same values: same inputs, same weights); it costs one more set of hidden states."""
         from surgery.units import format_bytes
 
         return_freed_memory()
@@ -86,7 +89,8 @@ class LayerRunner:
             what = f"layer {layer} needs {format_bytes(size)}" if size >= top else f"the embedding needs {format_bytes(top)}"
             raise SurgeryError(f"{budget.text} is too small to run one layer of {weights.label}: {what} in "
                                f"{placement.dtype_name}")
-        stores = (self.num_layers + 2) if keep_layer_inputs else 2
+        self.reuse_attention = reuse_attention
+        stores = (self.num_layers + 2 if keep_layer_inputs else 2) + (1 if reuse_attention else 0)
         self.spill_dir = None
         if weights_in_ram + stores * hidden_bytes > budget.limit:
             self.spill_dir = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
@@ -227,6 +231,7 @@ class LayerSession:
     def __init__(self, runner: LayerRunner, layer: int, module):
         self.runner, self.layer, self.module = runner, layer, module
         self.needs_output = True  # whether the next layer (or the head) will read this layer's output
+        self._attention: HiddenStore | None = None  # kept by a stopped pass (runner.reuse_attention)
 
     def parameter(self, name: str):
         return self.module.get_parameter(name)
@@ -249,17 +254,20 @@ class LayerSession:
             whole = part.start == 0 and part.stop == rows
             yield part, (args, kwargs) if whole else (_rows_of(args, part, rows), _rows_of(kwargs, part, rows))
 
-    def call(self, index: int, hidden, probes: tuple | list = (), stop_after: str | None = None):
+    def call(self, index: int, hidden, probes: tuple | list = (), stop_after: str | None = None,
+             attention: list | None = None, replay=None):
         """Batch `index` (its hidden states `hidden`, on the device) through this layer, probes attached;
         each probe sees the batch's real tokens once. Returns the layer's output, or None when `stop_after`
-        stopped the pass."""
+        stopped the pass. `attention`: a list that receives the attention output of each row chunk;
+        `replay`: the batch's attention output, used instead of computing it."""
         import torch
 
         mask = self.runner.batches[index].attention_mask.to(self.runner.placement.device).bool()
         outputs, stopped = [], False
         with _gathered(probes, index) as gathered:
             for part, (args, kwargs) in self._chunks(index, int(hidden.shape[0])):
-                with _hooks(self.module, gathered, mask[part].reshape(-1), stop_after):
+                with _hooks(self.module, gathered, mask[part].reshape(-1), stop_after), \
+                        self._attention_kept(attention, None if replay is None else replay[part]):
                     try:
                         output = self.module(hidden[part], *args, **kwargs)
                     except _StopLayer:
@@ -267,6 +275,27 @@ class LayerSession:
                         continue
                 outputs.append(output[0] if isinstance(output, tuple) else output)
         return None if stopped else torch.cat(outputs)
+
+    @contextlib.contextmanager
+    def _attention_kept(self, sink: list | None, replay):
+        """Keep the attention module's output in `sink`, or return `replay` in place of computing it (its
+        second output, the attention weights, is None: the decoder layers discard it)."""
+        if sink is None and replay is None:
+            yield
+            return
+        attention = self.module.get_submodule(self.runner.weights.family.attention_module)
+        if replay is not None:
+            attention.forward = lambda *args, **kwargs: (replay, None)
+            try:
+                yield
+            finally:
+                del attention.forward
+            return
+        handle = attention.register_forward_hook(lambda _m, _args, output: sink.append(output[0].detach()))
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def run(self, hidden: HiddenStore, probes: tuple | list = (), outputs: bool = True, stop_after: str | None = None):
         """Every batch through this layer; returns the output hidden states (None when `outputs` is
@@ -276,12 +305,23 @@ class LayerSession:
 
         runner = self.runner
         out = runner.store("output") if outputs and stop_after is None else None
+        keep = stop_after is not None and runner.reuse_attention
+        kept = runner.store("attention") if keep else None
+        replay, self._attention = (self._attention, None) if stop_after is None else (None, None)
+        placement = runner.placement
         with torch.no_grad():
             for index in range(len(runner.batches)):
-                value = hidden.get(index, runner.placement.device, runner.placement.dtype)
-                result = self.call(index, value, probes, stop_after)
+                value = hidden.get(index, placement.device, placement.dtype)
+                pieces = [] if keep else None
+                result = self.call(index, value, probes, stop_after, attention=pieces,
+                                   replay=None if replay is None else replay.get(index, placement.device, placement.dtype))
                 if out is not None:
                     out.put(index, result)
+                if keep:
+                    kept.put(index, torch.cat(pieces))
+        if replay is not None:
+            replay.close()
+        self._attention = kept
         return out
 
     def backward(self, hidden: HiddenStore, grad: HiddenStore, probes: tuple | list = ()) -> HiddenStore:

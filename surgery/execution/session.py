@@ -57,11 +57,12 @@ def run_options(func=None, *, compute_dtype: bool = True):
     return func
 
 
-def runner_for(weights, batches, settings: RunSettings, spill_dir=None, keep_layer_inputs: bool = False):
+def runner_for(weights, batches, settings: RunSettings, spill_dir=None, keep_layer_inputs: bool = False,
+               reuse_attention: bool = False):
     from surgery.execution.runner import LayerRunner
 
     return LayerRunner(weights, batches, settings.placement(), settings.budget(),
-                       Path(spill_dir) if spill_dir is not None else None, keep_layer_inputs)
+                       Path(spill_dir) if spill_dir is not None else None, keep_layer_inputs, reuse_attention)
 
 
 class Collect:

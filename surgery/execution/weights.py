@@ -68,12 +68,10 @@ class ModelWeights:
         return weights
 
     @classmethod
-    def from_plan(cls, plan, overrides: dict | None = None) -> "ModelWeights":
-        """The plan's output model; `overrides` (stored name -> Recipe) replace recipes that cannot run
-        yet (a router fitted while the model runs)."""
+    def from_plan(cls, plan) -> "ModelWeights":
+        """The plan's output model, before it is written."""
         family = arch.detect_family(plan.config, "the planned config.json")
         recipes = {tensor.name: tensor.recipe for tensor in plan.tensors}
-        recipes.update(overrides or {})
         dtypes = {tensor.name: tensor.dtype for tensor in plan.tensors}
         weights = cls(plan.config, family, recipes, dtypes, f"the planned {plan.operation} output")
         weights.check_complete()
