@@ -187,7 +187,7 @@ class Merge:
 
 def open_merge(spec: MergeSpec) -> Merge:
     """Open every model, refuse incompatible ones, and settle the target format and config."""
-    from surgery.checkpoint import parse_dtype
+    from surgery.checkpoint import parse_dtype, set_config_dtype
     from surgery.moe_plan import open_dense_source
 
     members = []
@@ -212,8 +212,10 @@ def open_merge(spec: MergeSpec) -> Merge:
         notes.append(inert_shared_note(target))
     embed = family.spec("embedding", "embed").name()
     dtype = parse_dtype(spec.dtype) if spec.dtype else reference.checkpoint.info(embed).dtype
-    config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dtype, config.get("dtype"))
-    config.pop("torch_dtype", None)
+    if dtype in ("F32", "BF16", "F16"):
+        set_config_dtype(config, dtype)
+    else:
+        config.pop("torch_dtype", None)
     if spec.router_init in ("embedding", "calibrated"):
         missing = [m.name for m in experts if m.name not in spec.calibration and m.name != SEED_NAME]
         if missing:

@@ -36,6 +36,15 @@ DTYPE_ALIASES = {
 }
 
 
+def set_config_dtype(config: dict, dtype: str | None) -> dict:
+    """Record safetensors dtype `dtype` (F32, BF16, F16) as the model's dtype in `config` (transformers 5's
+    ``dtype`` key; the 4.x ``torch_dtype`` spelling is dropped so the two never disagree). None: unchanged."""
+    if dtype in ("F32", "BF16", "F16"):
+        config["dtype"] = TORCH_DTYPE_NAMES[dtype]
+        config.pop("torch_dtype", None)
+    return config
+
+
 def torch_dtype(dtype: str):
     import torch
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from surgery.checkpoint import Checkpoint, parse_dtype
+from surgery.checkpoint import Checkpoint, parse_dtype, set_config_dtype
 from surgery.options import execute, output_options
 from surgery.plan import Copy, OutputTensor, Plan
 from surgery.safetensors_format import FLOAT_DTYPES
@@ -24,9 +24,7 @@ def build_plan(source: Checkpoint, dtype: str | None = None) -> Plan:
     config = None
     if source.config is not None:
         config = dict(source.config)
-        if target:
-            config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[target]
-            config.pop("torch_dtype", None)
+        set_config_dtype(config, target)
     return Plan("copy", tensors, config, [source], side_files=source.side_files(),
                 metadata={"surgery_sources": json.dumps([str(source.path)]),
                           "surgery_options": json.dumps({"dtype": dtype or "keep"})})

@@ -239,7 +239,7 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
     """The MoE plan. `partitions` (and `calibration`) may be passed in to reuse work (benchmarks);
     `spill_dir`: where calibration may spill hidden states (beside the output)."""
     from surgery import architectures as arch
-    from surgery.checkpoint import parse_dtype
+    from surgery.checkpoint import parse_dtype, set_config_dtype
     from surgery.moe_plan import dense_ffn_names, folded_rounding, moe_tensors, provenance
     from surgery.partition import files
     from surgery.partition.calibrated import partition_layers
@@ -265,9 +265,7 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
     config = arch.moe_config(family, source.config, target, num_experts=n, top_k=k, expert_ffn=layout.expert_ffn,
                              shared_ffn=layout.shared_ffn or None, dense_layers=dense_layers)
     dtype = None if options.dtype in (None, "keep") else parse_dtype(options.dtype)
-    if dtype:
-        config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
-        config.pop("torch_dtype", None)
+    set_config_dtype(config, dtype)
     holders = {layer: p.holders(ffn) for layer, p in partitions.items()}
     hidden = dims["hidden"]
 

@@ -152,9 +152,10 @@ def plan_from_options(src, options: UpcycleOptions, spill_dir=None) -> Plan:
     if options.dtype != "keep":
         from surgery.checkpoint import parse_dtype
 
+        from surgery.checkpoint import set_config_dtype
+
         out_dtype = parse_dtype(options.dtype)
-        config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[out_dtype]
-        config.pop("torch_dtype", None)
+        set_config_dtype(config, out_dtype)
 
     notes = []
     routers = None
