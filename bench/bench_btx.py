@@ -107,6 +107,7 @@ def surgery_merge(world: Path, out: Path, *, init: str, non_ffn: str = "average"
     """`surgery merge` in-process (same code path as the CLI); returns seconds."""
     from surgery import console
     from surgery.btx_merge import open_merge, resolve_router_init, run_merge
+    from surgery.operations.output import OutputOptions
     from surgery.merge_config import spec_from_options
 
     console.VERBOSITY["level"] = -1
@@ -120,7 +121,7 @@ def surgery_merge(world: Path, out: Path, *, init: str, non_ffn: str = "average"
             spec.weights = {**{d: scale for d in DOMAINS}, "seed": 1 - len(DOMAINS) * scale}
     spec.router_init = resolve_router_init(spec)
     started = time.perf_counter()
-    run_merge(open_merge(spec), out, max_shard_size="5GB", force=True, dry_run=False, as_json=False)
+    run_merge(open_merge(spec), out, OutputOptions(force=True))
     return time.perf_counter() - started
 
 

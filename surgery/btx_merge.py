@@ -29,7 +29,7 @@ from surgery.errors import SurgeryError
 from surgery.merge_config import FITS_DEFAULT, SEED_NAME, MergeSpec
 from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
 from surgery.execution.session import RunSettings, run_options
-from surgery.options import execute, output_options, verify_options
+from surgery.operations.output import OutputOptions, PostWriteCheck, output_options, write
 from surgery.plan import Copy, Init, Plan, Recipe
 from surgery.seeds import router_seed
 
@@ -390,27 +390,20 @@ attention, norms, lm_head) is {non_ffn}.
 
 
 # ------------------------------------------------------------------ running
-def run_merge(merge: Merge, out: Path, *, max_shard_size: str, force: bool, dry_run: bool, as_json: bool,
-              verify: bool = False, settings=None, verify_tokens: int = 2048) -> bool:
+def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), settings=None):
+    """Write the merge (calibrated routers: fitted on the written draft); returns a ``Result``."""
     from surgery.execution.session import RunSettings
 
+    output.check()
     settings = settings or RunSettings()
     plan = build_plan(merge)
-    if merge.spec.router_init != "calibrated" or dry_run:
-        written = execute(plan, out, max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json)
-    else:
-        written = _run_calibrated(merge, plan, Path(out), max_shard_size=max_shard_size, force=force, as_json=as_json,
-                                  settings=settings)
-    if written and verify:
-        from surgery.validate import verify_written
-
-        verify_written(out, [m.checkpoint.path for m in merge.members], exact=False, settings=settings,
-                       max_tokens=verify_tokens)
-    return written
+    check = PostWriteCheck([m.checkpoint.path for m in merge.members], exact=False, settings=settings)
+    if merge.spec.router_init != "calibrated" or output.dry_run:
+        return write(plan, out, output, check=check)
+    return _run_calibrated(merge, plan, Path(out), output, check)
 
 
-def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str, force: bool, as_json: bool,
-                    settings) -> bool:
+def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, check: PostWriteCheck):
     """Write the merge with its routers deferred, run that draft layer by layer fitting each router, and write
     the fitted rows into it: every weight is read and computed once."""
     from surgery.btx_router import PendingRouter, calibration_parts, fit_calibrated, print_routing, routing_table_text
@@ -418,9 +411,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str,
     from surgery.execution.weights import ModelWeights
     from surgery.writer import Filled, check_output_path
 
-    if as_json:
-        raise SurgeryError("--json applies to --dry-run only")
-    check_output_path(out, plan.sources, force)
+    check_output_path(out, plan.sources, output.force)
     parts = calibration_parts(merge, _tokenizer(merge))  # a bad calibration text is refused before writing
     names = {d.expert: d.name for d in merge.domains()}
     routers = {t.name: t.recipe.layer for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
@@ -429,7 +420,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str,
         console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
                      f"({', '.join(names.values())}) and fitting {len(routers)} routers")
         with Checkpoint.open(draft) as checkpoint:
-            fit = fit_calibrated(merge, ModelWeights.from_checkpoint(checkpoint), parts, settings,
+            fit = fit_calibrated(merge, ModelWeights.from_checkpoint(checkpoint), parts, check.settings,
                                  spill_dir=out.resolve().parent)
         domain_names = [names[e] for e in sorted(names)]
         expert_names = [m.name for m in merge.experts]
@@ -437,7 +428,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str,
         card = model_card(merge, routing_table_text(fit, domain_names, expert_names))
         return Filled({name: fit.routers[layer] for name, layer in routers.items()}, {"README.md": card})
 
-    return execute(plan, out, max_shard_size=max_shard_size, force=force, dry_run=False, as_json=False, fill=fill)
+    return write(plan, out, output, check=check, fill=fill)
 
 
 # ------------------------------------------------------------------ command line
@@ -453,7 +444,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str,
               help="Averaging weights of the non-FFN tensors (default 1 each; the seed is named 'seed').")
 @click.option("--non-ffn", default="average", show_default=True, metavar="average|seed|NAME",
               help="Average non-FFN tensors over all models, or copy one model's (mergekit's behaviour).")
-@click.option("--top-k", type=int, default=2, show_default=True, help="Experts per token.")
+@click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts per token.")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "mixtral", "qwen2_moe", "qwen3_moe"]), help="Output MoE format.")
 @click.option("--router-init", default="auto", show_default=True,
@@ -467,12 +458,10 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, *, max_shard_size: str,
 @click.option("--router-seed", type=int, default=0, show_default=True, help="Seed of --router-init normal.")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Output dtype (default: the inputs').")
-@verify_options
 @run_options
 @output_options
 def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, router_fit,
-            calibration, calibration_tokens, router_seed, dtype, verify, verify_tokens, device, memory_budget,
-            compute_dtype, max_shard_size, force, dry_run, as_json):
+            calibration, calibration_tokens, router_seed, dtype, device, memory_budget, compute_dtype, output):
     """Merge domain-trained copies of one seed model into a Mixture-of-Experts (Branch-Train-MiX).
 
     \b
@@ -493,13 +482,18 @@ def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_
     else:
         spec = spec_from_options(expert, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration,
                                  dtype, router_seed, calibration_tokens, router_fit)
-    spec.router_init = resolve_router_init(spec)
-    settings = RunSettings(device, memory_budget, compute_dtype)
+    run(spec, out, output, RunSettings(device, memory_budget, compute_dtype))
+
+
+def run(spec: MergeSpec, out, output: OutputOptions = OutputOptions(), settings=None):
+    """Merge as `spec` says into OUT (the command and ``surgery.merge`` both land here); returns a ``Result``."""
+    settings = settings or RunSettings()
     settings.check()
+    output.check()
+    spec.router_init = resolve_router_init(spec)
     merge = open_merge(spec)
     try:
-        run_merge(merge, Path(out), max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json,
-                  verify=verify, settings=settings, verify_tokens=verify_tokens)
+        return run_merge(merge, Path(out), output, settings)
     finally:
         for member in merge.members:
             member.checkpoint.close()

@@ -7,7 +7,7 @@ import json
 import click
 
 from surgery.checkpoint import Checkpoint, parse_dtype, set_config_dtype
-from surgery.options import execute, output_options
+from surgery.operations.output import OutputOptions, output_options, write
 from surgery.plan import Copy, OutputTensor, Plan
 from surgery.safetensors_format import FLOAT_DTYPES
 
@@ -35,9 +35,14 @@ def build_plan(source: Checkpoint, dtype: str | None = None) -> Plan:
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp32", "bf16", "fp16"]),
               help="Cast floating-point tensors.")
-@output_options
-def command(src, out, dtype, max_shard_size, force, dry_run, as_json):
+@output_options(verify=False)
+def command(src, out, dtype, output):
     """Copy SRC to OUT through the streaming writer (re-shard, cast)."""
+    run(src, out, dtype, output)
+
+
+def run(src, out, dtype: str = "keep", output: OutputOptions = OutputOptions()):
+    """Copy SRC to OUT (the command and ``surgery.copy`` both land here); returns a ``Result``."""
+    output.check()
     with Checkpoint.open(src) as source:
-        execute(build_plan(source, dtype), out, max_shard_size=max_shard_size, force=force,
-                dry_run=dry_run, as_json=as_json)
+        return write(build_plan(source, dtype), out, output)

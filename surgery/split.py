@@ -26,7 +26,7 @@ from surgery import console
 from surgery.errors import SurgeryError
 from surgery.moe_plan import INERT_SHARED_FFN, check_expert_counts, inert_shared_expert, inert_shared_note
 from surgery.execution.session import run_options
-from surgery.options import execute, output_options, verify_options
+from surgery.operations.output import OutputOptions, PostWriteCheck, output_options, write
 from surgery.seeds import router_seed
 
 STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
@@ -397,32 +397,29 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
 @click.option("--save-partition", default=None, help="Write the neuron assignment to FILE (.json or .npz).")
 @click.option("--partition", "partition_file", default=None, help="Reuse a neuron assignment saved with --save-partition.")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp32", "bf16", "fp16"]))
-@verify_options
 @run_options
 @output_options
 def command(src, out, num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,
             calibration_tokens, router_init, expert_scale, seed, moe_layers, save_partition, partition_file, dtype,
-            verify, verify_tokens, device, memory_budget, compute_dtype, max_shard_size, force, dry_run, as_json):
+            device, memory_budget, compute_dtype, output):
     """Split each FFN of the dense model SRC into N experts and write the MoE to OUT."""
-    from surgery.moe_plan import open_dense_source
-    from surgery.writer import check_output_path
-
     options = SplitOptions(num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,
                            calibration_tokens, router_init, expert_scale, seed, moe_layers, partition_file,
                            save_partition, dtype, device, memory_budget, compute_dtype)
+    run(src, out, options, output)
+
+
+def run(src, out, options: SplitOptions, output: OutputOptions = OutputOptions()):
+    """Split SRC into OUT (the command and ``surgery.split`` both land here); returns a ``Result``."""
+    from surgery.moe_plan import open_dense_source
+    from surgery.writer import check_output_path
+
+    output.check()
     source, family = open_dense_source(src)
     with source:
-        if not dry_run:
-            check_output_path(Path(out), [source], force)  # before the (possibly long) partitioning
+        if not output.dry_run:
+            check_output_path(Path(out), [source], output.force)  # before the (possibly long) partitioning
         plan = build_plan(source, family, options, spill_dir=Path(out).resolve().parent)
-        notes = [] if dry_run else plan.notes  # when writing: shown once the output is complete
-        plan.notes = plan.notes if dry_run else []
-        wrote = execute(plan, Path(out), max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json)
-        for message in notes:
-            console.note(message)
-    if verify and wrote:
-        exact = top_k == num_experts and options.router_init == "zero" and \
-            resolve_expert_scale(options.expert_scale, num_experts, top_k) == num_experts
-        from surgery.validate import verify_written
-
-        verify_written(out, [src], exact=exact, settings=options.run, max_tokens=verify_tokens, rounding=plan.rounding)
+        exact = options.top_k == options.num_experts and options.router_init == "zero" and \
+            resolve_expert_scale(options.expert_scale, options.num_experts, options.top_k) == options.num_experts
+        return write(plan, Path(out), output, check=PostWriteCheck([src], exact=exact, settings=options.run))

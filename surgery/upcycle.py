@@ -31,7 +31,7 @@ from surgery.errors import SurgeryError
 from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, folded_rounding, inert_shared_expert,
                                inert_shared_note, moe_tensors, open_dense_source, parse_moe_layers, provenance)
 from surgery.execution.session import run_options
-from surgery.options import execute, output_options, verify_options
+from surgery.operations.output import OutputOptions, PostWriteCheck, output_options, write
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
 from surgery.seeds import router_seed
 
@@ -401,26 +401,26 @@ def calibrated_routers(source, family, options: UpcycleOptions, layers: list[int
 @click.option("--calibration-tokens", default=CALIBRATION_TOKENS, show_default=True, type=int,
               help="Calibration tokens used at most.")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(DTYPES), help="Output dtype.")
-@verify_options
 @run_options
 @output_options
 def command(src, out, num_experts, top_k, fmt, router_init, router_std, seed, granularity, shared_expert,
-            moe_layers, noise, noise_fraction, drop_upcycle, calibration, calibration_tokens, dtype, verify,
-            verify_tokens, device, memory_budget, compute_dtype, max_shard_size, force, dry_run, as_json):
+            moe_layers, noise, noise_fraction, drop_upcycle, calibration, calibration_tokens, dtype, device,
+            memory_budget, compute_dtype, output):
     """Upcycle the dense checkpoint SRC into an MoE checkpoint OUT whose experts start as copies of each FFN."""
     options = UpcycleOptions(num_experts, top_k, format=fmt, router_init=router_init, router_std=router_std,
                              seed=seed, granularity=granularity, shared_expert=shared_expert, moe_layers=moe_layers,
                              noise=noise, noise_fraction=noise_fraction, drop_upcycle=drop_upcycle,
                              calibration=calibration, calibration_tokens=calibration_tokens, dtype=dtype,
                              device=device, memory_budget=memory_budget, compute_dtype=compute_dtype)
+    run(src, out, options, output)
+
+
+def run(src, out, options: UpcycleOptions, output: OutputOptions = OutputOptions()):
+    """Upcycle SRC into OUT (the command and ``surgery.upcycle`` both land here); returns a ``Result``."""
+    output.check()
     plan = plan_from_options(src, options, spill_dir=Path(out).resolve().parent)
     try:
-        written = execute(plan, out, max_shard_size=max_shard_size, force=force, dry_run=dry_run, as_json=as_json)
+        return write(plan, out, output, check=PostWriteCheck([src], exact=not options.diverse, settings=options.run))
     finally:
         for source in plan.sources:
             source.close()
-    if written and verify:
-        from surgery.validate import verify_written
-
-        verify_written(out, [src], exact=not options.diverse, settings=options.run, max_tokens=verify_tokens,
-                       rounding=plan.rounding)
