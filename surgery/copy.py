@@ -46,3 +46,9 @@ def run(src, out, dtype: str = "keep", output: OutputOptions = OutputOptions()):
     output.check()
     with Checkpoint.open(src) as source:
         return write(build_plan(source, dtype), out, output)
+
+
+# `surgery.copy(...)`: this module is also the API function (surgery.api.copy)
+from surgery.api import callable_module  # noqa: E402
+
+callable_module(__name__, ["src", "out"], OutputOptions, extra={"dtype": "keep"})

@@ -277,3 +277,9 @@ def command(path, with_tensors, pattern, with_stats, as_json, strict):
         print_report(report)
     if strict and report.problems:
         raise SurgeryError(f"{path}: {len(report.problems)} problem(s) found, first: {report.problems[0]}")
+
+
+# `surgery.inspect(...)`: this module is also the API function (surgery.api.inspect)
+from surgery.api import callable_module  # noqa: E402
+
+callable_module(__name__)

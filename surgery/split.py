@@ -16,13 +16,11 @@ plan is built after reading each layer's FFN once, one layer at a time.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
-from surgery import console
 from surgery.errors import SurgeryError
 from surgery.moe_plan import INERT_SHARED_FFN, check_expert_counts, inert_shared_expert, inert_shared_note
 from surgery.execution.session import run_options
@@ -423,3 +421,9 @@ def run(src, out, options: SplitOptions, output: OutputOptions = OutputOptions()
         exact = options.top_k == options.num_experts and options.router_init == "zero" and \
             resolve_expert_scale(options.expert_scale, options.num_experts, options.top_k) == options.num_experts
         return write(plan, Path(out), output, check=PostWriteCheck([src], exact=exact, settings=options.run))
+
+
+# `surgery.split(...)`: this module is also the API function (surgery.api.split)
+from surgery.api import callable_module  # noqa: E402
+
+callable_module(__name__, ["src", "out", "num_experts", "top_k"], SplitOptions)

@@ -424,3 +424,9 @@ def run(src, out, options: UpcycleOptions, output: OutputOptions = OutputOptions
     finally:
         for source in plan.sources:
             source.close()
+
+
+# `surgery.upcycle(...)`: this module is also the API function (surgery.api.upcycle)
+from surgery.api import callable_module  # noqa: E402
+
+callable_module(__name__, ["src", "out", "num_experts", "top_k"], UpcycleOptions)

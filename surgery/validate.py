@@ -418,3 +418,9 @@ def command(model, references, data, text, tokens, batch_size, seq_len, max_toke
     error = exact_error(result)
     if error is not None:
         raise error
+
+
+# `surgery.validate(...)`: this module is also the API function (surgery.api.validate)
+from surgery.api import callable_module  # noqa: E402
+
+callable_module(__name__)
