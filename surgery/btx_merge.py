@@ -29,7 +29,7 @@ from surgery.errors import SurgeryError
 from surgery.merge_config import FITS_DEFAULT, SEED_NAME, MergeSpec
 from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
 from surgery.execution.session import RunSettings, run_options
-from surgery.operations.output import OutputOptions, PostWriteCheck, output_options, write
+from surgery.operations.output import OutputOptions, PostWriteCheck, dtype_option, output_options, write
 from surgery.plan import Copy, Init, Plan, Recipe
 from surgery.seeds import router_seed
 
@@ -211,7 +211,7 @@ def open_merge(spec: MergeSpec) -> Merge:
     if target.shared_expert:
         notes.append(inert_shared_note(target))
     embed = family.spec("embedding", "embed").name()
-    dtype = parse_dtype(spec.dtype) if spec.dtype else reference.checkpoint.info(embed).dtype
+    dtype = parse_dtype(spec.dtype) if spec.dtype not in (None, "keep") else reference.checkpoint.info(embed).dtype
     if dtype in ("F32", "BF16", "F16"):
         set_config_dtype(config, dtype)
     else:
@@ -456,8 +456,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
 @click.option("--calibration-tokens", type=int, default=16384, show_default=True,
               help="Calibration tokens used per domain.")
 @click.option("--router-seed", type=int, default=0, show_default=True, help="Seed of --router-init normal.")
-@click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="Output dtype (default: the inputs').")
+@dtype_option
 @run_options
 @output_options
 def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, router_fit,

@@ -7,7 +7,7 @@ import json
 import click
 
 from surgery.checkpoint import Checkpoint, parse_dtype, set_config_dtype
-from surgery.operations.output import OutputOptions, output_options, write
+from surgery.operations.output import OutputOptions, dtype_option, output_options, write
 from surgery.plan import Copy, OutputTensor, Plan
 from surgery.safetensors_format import FLOAT_DTYPES
 
@@ -33,8 +33,7 @@ def build_plan(source: Checkpoint, dtype: str | None = None) -> Plan:
 @click.command("copy")
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp32", "bf16", "fp16"]),
-              help="Cast floating-point tensors.")
+@dtype_option
 @output_options(verify=False)
 def command(src, out, dtype, output):
     """Copy SRC to OUT through the streaming writer (re-shard, cast)."""

@@ -82,7 +82,8 @@ class MergeSpec:
         return {"experts": [[name, str(path)] for name, path in self.experts], "seed": self.seed,
                 "include_seed": self.include_seed, "weights": dict(sorted(self.weights.items())),
                 "non_ffn": self.non_ffn, "top_k": self.top_k, "format": self.format,
-                "router_init": self.router_init, "router_fit": self.router_fit, "router_seed": self.router_seed, "dtype": self.dtype,
+                "router_init": self.router_init, "router_fit": self.router_fit, "router_seed": self.router_seed,
+                "dtype": None if self.dtype == "keep" else self.dtype,
                 "calibration": {name: c.source for name, c in sorted(self.calibration.items())},
                 "calibration_tokens": self.calibration_tokens}
 

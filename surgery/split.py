@@ -24,7 +24,7 @@ import click
 from surgery.errors import SurgeryError
 from surgery.moe_plan import INERT_SHARED_FFN, check_expert_counts, inert_shared_expert, inert_shared_note
 from surgery.execution.session import run_options
-from surgery.operations.output import OutputOptions, PostWriteCheck, output_options, write
+from surgery.operations.output import OutputOptions, PostWriteCheck, dtype_option, output_options, write
 from surgery.seeds import router_seed
 
 STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
@@ -394,7 +394,7 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
               "(qwen formats only; other layers stay dense).")
 @click.option("--save-partition", default=None, help="Write the neuron assignment to FILE (.json or .npz).")
 @click.option("--partition", "partition_file", default=None, help="Reuse a neuron assignment saved with --save-partition.")
-@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "fp32", "bf16", "fp16"]))
+@dtype_option
 @run_options
 @output_options
 def command(src, out, num_experts, top_k, strategy, fmt, shared_neurons, shared_fraction, cluster_on, calibration,

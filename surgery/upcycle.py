@@ -31,13 +31,13 @@ from surgery.errors import SurgeryError
 from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, folded_rounding, inert_shared_expert,
                                inert_shared_note, moe_tensors, open_dense_source, parse_moe_layers, provenance)
 from surgery.execution.session import run_options
-from surgery.operations.output import OutputOptions, PostWriteCheck, output_options, write
+from surgery.operations.output import (OUTPUT_DTYPES, OutputOptions, PostWriteCheck, dtype_option, output_options,
+                                      write)
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
 from surgery.seeds import router_seed
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
 ROUTER_INITS = ("normal", "uniform", "zero", "calibrated")
-DTYPES = ("keep", "bf16", "fp16", "fp32")
 # Qwen2-MoE always builds a shared expert; without --shared-expert it is written all-zero (it adds
 # exactly 0). 8 neurons rather than 1 so that tensor-parallel engines can split it 2, 4 or 8 ways.
 SHARED_GATE_AT_ZERO = 0.5  # sigmoid(0): the share of the output a zero-gated shared expert adds
@@ -93,8 +93,8 @@ def check_options(options: UpcycleOptions) -> None:
         raise SurgeryError(f"--format {options.format!r}: expected one of {', '.join(FORMATS)}")
     if options.router_init not in ROUTER_INITS:
         raise SurgeryError(f"--router-init {options.router_init!r}: expected one of {', '.join(ROUTER_INITS)}")
-    if options.dtype not in DTYPES:
-        raise SurgeryError(f"--dtype {options.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if options.dtype not in OUTPUT_DTYPES:
+        raise SurgeryError(f"--dtype {options.dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
     check_expert_counts(n, k)
     if g < 1:
         raise SurgeryError(f"--granularity {g}: must be a positive integer")
@@ -400,7 +400,7 @@ def calibrated_routers(source, family, options: UpcycleOptions, layers: list[int
                    "[default: the shipped sample text].")
 @click.option("--calibration-tokens", default=CALIBRATION_TOKENS, show_default=True, type=int,
               help="Calibration tokens used at most.")
-@click.option("--dtype", default="keep", show_default=True, type=click.Choice(DTYPES), help="Output dtype.")
+@dtype_option
 @run_options
 @output_options
 def command(src, out, num_experts, top_k, fmt, router_init, router_std, seed, granularity, shared_expert,

@@ -40,6 +40,13 @@ class OutputOptions:
 
 
 OUTPUT_FIELDS = tuple(f.name for f in fields(OutputOptions))
+OUTPUT_DTYPES = ("keep", "fp32", "bf16", "fp16")  # --dtype of every writing command
+
+
+def dtype_option(func):
+    """--dtype keep|fp32|bf16|fp16: the output's floating-point dtype (keep: the inputs')."""
+    return click.option("--dtype", default="keep", show_default=True, type=click.Choice(OUTPUT_DTYPES),
+                        help="Output dtype of floating-point tensors (keep: the inputs').")(func)
 
 
 @dataclass(frozen=True)
