@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery import console
 from surgery.compat import Member, check_compatible
 from surgery.errors import SurgeryError

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from surgery import architectures as arch
-from surgery.architectures import Expected, Family
+from surgery import families as arch
+from surgery.families import Expected, Family
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.plan import Copy, Init, OutputTensor, Recipe

@@ -106,7 +106,7 @@ class Layout:
 
 def _resolve(source, family, options: SplitOptions):
     """Check every option against the model before any heavy work; returns the facts the plan needs."""
-    from surgery import architectures as arch
+    from surgery import families as arch
     from surgery.moe_plan import parse_moe_layers
 
     where = source.directory / "config.json"
@@ -238,7 +238,7 @@ def min_holders(holders, top_k: int):
 def build_plan(source, family, options: SplitOptions, *, calibration=None, partitions=None, spill_dir=None):
     """The MoE plan. `partitions` (and `calibration`) may be passed in to reuse work (benchmarks);
     `spill_dir`: where calibration may spill hidden states (beside the output)."""
-    from surgery import architectures as arch
+    from surgery import families as arch
     from surgery.checkpoint import parse_dtype
     from surgery.moe_plan import dense_ffn_names, folded_rounding, moe_tensors, provenance
     from surgery.partition import files

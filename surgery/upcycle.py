@@ -24,9 +24,9 @@ from pathlib import Path
 
 import click
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery import console
-from surgery.architectures import Expected
+from surgery.families import Expected
 from surgery.errors import SurgeryError
 from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, folded_rounding, inert_shared_expert,
                                inert_shared_note, moe_tensors, open_dense_source, parse_moe_layers, provenance)

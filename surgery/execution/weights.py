@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery.errors import SurgeryError
 
 

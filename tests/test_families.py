@@ -1,10 +1,10 @@
-"""The architecture table names and shapes every tensor exactly as transformers saves it."""
+"""The families name and shape every tensor exactly as transformers saves it, and translate configs."""
 
 import json
 
 import pytest
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from tiny_models import CONFIGS, save_model
