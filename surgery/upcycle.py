@@ -35,7 +35,7 @@ from surgery.options import execute, output_options, verify_options
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
 from surgery.seeds import router_seed
 
-FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
+FORMATS = ("auto", *arch.moe_formats())
 ROUTER_INITS = ("normal", "uniform", "zero", "calibrated")
 DTYPES = ("keep", "bf16", "fp16", "fp32")
 # Qwen2-MoE always builds a shared expert; without --shared-expert it is written all-zero (it adds

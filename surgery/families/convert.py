@@ -58,10 +58,8 @@ def moe_config(source: Family, source_config: dict, target: Family, *, num_exper
     keys = target.moe_keys
     config[keys["experts"][0]] = num_experts
     config[keys["top_k"][0]] = top_k
-    if target.name == "mixtral":
-        config["intermediate_size"] = expert_ffn
-    else:
-        config[keys["expert_ffn"][0]] = expert_ffn
+    config[keys["expert_ffn"][0]] = expert_ffn  # may be intermediate_size, where no layer is dense
+    if target.sparse_layers == "qwen":
         config["decoder_sparse_step"] = 1
         config["mlp_only_layers"] = sorted(dense_layers or [])
     if "shared_ffn" in keys:
