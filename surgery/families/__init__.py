@@ -4,14 +4,16 @@ Every difference between architectures is data. ``base`` defines what a family i
 (``Spec`` rows: a role, a group, a tensor-name template with ``{layer}`` / ``{expert}``
 placeholders, a shape in named dimensions, an optional condition on a config key), the row groups
 families share and the shape logic (``dimensions``, ``expected_tensors``, ``is_moe_layer`` ...).
-Each family module (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``mixtral``, ``qwen2_moe``,
-``qwen3_moe``) declares one ``FAMILY``: its rows, its defaults, and for a dense family the MoE
-formats it can become (its ``Conversion``s) and the one ``--format auto`` picks, for an MoE family
-its config keys and settings. ``registry`` finds the family modules by listing this package and
-assembles them; ``convert`` translates a dense config into an MoE one.
+Each family module (``llama``, ``qwen2_moe`` ..., named by the HF ``model_type``) declares one
+``FAMILY``: its rows, its defaults, and for a dense family the MoE formats it can become (its
+``Conversion``s) and the one ``--format auto`` picks, for an MoE family its config keys and
+settings. ``registry`` finds the family modules by listing this package and assembles them;
+``convert`` translates a dense config into an MoE one. Together the families are the table of
+tensor names and shapes every operation consults ("the table" in comments elsewhere).
 
 Adding a family is adding one module here (plus its tiny model in tests/tiny_models.py); no code
-outside this package names a family. Importing this package is cheap: no torch, no transformers.
+outside the family modules names a family (tests/test_families.py scans for it). Importing this
+package is cheap: no torch, no transformers.
 """
 
 from surgery.families.base import (
