@@ -32,7 +32,7 @@ def make_random_llama(directory: Path, config: dict, shard_bytes: int = 2 * 10**
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(REPO))
-    from surgery import architectures as arch
+    from surgery import families as arch
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def make_random_llama(directory: Path, config: dict, shard_bytes: int = 2 * 10**
 
 def _table():
     sys.path.insert(0, str(REPO))
-    from surgery import architectures as arch
+    from surgery import families as arch
 
     return arch
 

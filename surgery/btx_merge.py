@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery import console
 from surgery.compat import Member, check_compatible
 from surgery.errors import SurgeryError
@@ -446,7 +446,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
               help="Average non-FFN tensors over all models, or copy one model's (mergekit's behaviour).")
 @click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts per token.")
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "mixtral", "qwen2_moe", "qwen3_moe"]), help="Output MoE format.")
+              type=click.Choice(["auto", *arch.moe_formats()]), help="Output MoE format.")
 @click.option("--router-init", default="auto", show_default=True,
               type=click.Choice(["auto", "zero", "normal", "embedding", "calibrated"]),
               help="auto: calibrated when every expert has --calibration text, else normal (a zero router ties every logit).")

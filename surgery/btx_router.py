@@ -107,7 +107,7 @@ def fit_calibrated(merge, weights, parts: list, settings, spill_dir=None) -> Rou
     (``fit_router``: each domain's tokens to its expert) and set in the layer; then the layer runs
     for real, with the fitted router, and its output feeds layer l + 1.
     """
-    from surgery import architectures as arch
+    from surgery import families as arch
     from surgery.execution.calibration import CalibrationSet
     from surgery.execution.routers import fit_router, label_groups, routing_shares
     from surgery.execution.session import Collect, router_input_probe, runner_for

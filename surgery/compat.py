@@ -20,7 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery import console
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError

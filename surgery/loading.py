@@ -38,7 +38,7 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
 
     from surgery.checkpoint import Checkpoint
 
-    from surgery.architectures import detect_family
+    from surgery.families import detect_family
 
     path = Path(path)
     with Checkpoint.open(path, require_config=True) as checkpoint:  # our own checks first: clear errors

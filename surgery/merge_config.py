@@ -29,12 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from surgery import families
 from surgery.errors import SurgeryError
 
 ROUTER_INITS = ("auto", "zero", "normal", "embedding", "calibrated")
 ROUTER_FITS = ("logistic", "class-mean")
 FITS_DEFAULT = "logistic"
-FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
+FORMATS = ("auto", *families.moe_formats())
 SEED_NAME = "seed"
 
 OUR_KEYS = {"experts", "seed", "include_seed", "weights", "non_ffn", "top_k", "format", "router_init", "router_fit",
@@ -46,7 +47,9 @@ MERGEKIT_KEYS = {"base_model", "experts", "gate_mode", "experts_per_token", "dty
 MERGEKIT_EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale"}
 MERGEKIT_GATE_MODES = {"hidden": "calibrated", "cheap_embed": "embedding", "random": "normal",
                        "uniform_random": "normal"}
-MERGEKIT_ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
+# mergekit-moe's `architecture:` -> our format: each format's own name, and what mergekit calls it
+MERGEKIT_ARCHITECTURES = {name: fmt for fmt in families.moe_formats()
+                          for name in (*families.FAMILIES[fmt].mergekit_names, fmt)}
 
 
 @dataclass

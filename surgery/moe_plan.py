@@ -1,6 +1,6 @@
 """Pieces every dense -> MoE operation (upcycle, split, merge) shares.
 
-An MoE plan is the target family's expected tensor list (from the architecture table) with a
+An MoE plan is the target family's expected tensor list (from ``surgery.families``) with a
 recipe for each entry. The non-FFN tensors (embeddings, attention, norms, head) come from the
 same role in the dense source; operations only decide the recipes of routers, experts, shared
 experts and dense FFNs. ``moe_tensors`` walks the target's tensors in model order, so every
@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from surgery import architectures as arch
-from surgery.architectures import Expected, Family
+from surgery import families as arch
+from surgery.families import Expected, Family
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.plan import Copy, Init, OutputTensor, Recipe

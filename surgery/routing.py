@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery.errors import SurgeryError
 
 LOAD_BALANCING_ALPHA = 0.01  # BTX (Sukhbaatar et al. 2024) and Switch Transformer

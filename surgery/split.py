@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from surgery import families as arch
 from surgery.errors import SurgeryError
 from surgery.moe_plan import INERT_SHARED_FFN, check_expert_counts, inert_shared_expert, inert_shared_note
 from surgery.execution.session import run_options
@@ -29,7 +30,7 @@ from surgery.seeds import router_seed
 
 STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
 ROUTER_INITS = ("auto", "zero", "normal", "centroid", "calibrated")
-FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
+FORMATS = ("auto", *arch.moe_formats())
 CLUSTER_ON = ("up", "gate", "gate+up")
 NAMED_SCALES = ("auto", "K", "N/K", "N")
 AUTO_SCALE = "sqrt(K*N)"  # measured by bench/bench_split.py: see docs/split.md
@@ -104,7 +105,6 @@ class Layout:
 
 def _resolve(source, family, options: SplitOptions):
     """Check every option against the model before any heavy work; returns the facts the plan needs."""
-    from surgery import architectures as arch
     from surgery.moe_plan import parse_moe_layers
 
     where = source.directory / "config.json"
@@ -236,7 +236,6 @@ def min_holders(holders, top_k: int):
 def build_plan(source, family, options: SplitOptions, *, calibration=None, partitions=None, spill_dir=None):
     """The MoE plan. `partitions` (and `calibration`) may be passed in to reuse work (benchmarks);
     `spill_dir`: where calibration may spill hidden states (beside the output)."""
-    from surgery import architectures as arch
     from surgery.checkpoint import parse_dtype, set_config_dtype
     from surgery.moe_plan import dense_ffn_names, folded_rounding, moe_tensors, provenance
     from surgery.partition import files

@@ -1,6 +1,6 @@
 """Structure check of a checkpoint without loading a model: headers, config.json and a NaN/Inf scan.
 
-- every tensor the architecture table expects for this config.json is present with the shape the
+- every tensor the family (``surgery.families``) expects for this config.json is present with the shape the
   config implies, and no other tensor is present (the comparison ``surgery inspect`` makes);
 - the index is consistent: every listed shard exists and holds exactly the tensors listed for it
   (checked when the checkpoint is opened), ``metadata.total_size`` equals the tensor bytes, and no

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import click
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery import console
-from surgery.architectures import Expected
+from surgery.families import Expected
 from surgery.errors import SurgeryError
 from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, folded_rounding, inert_shared_expert,
                                inert_shared_note, moe_tensors, open_dense_source, parse_moe_layers, provenance)
@@ -36,7 +36,7 @@ from surgery.operations.output import (OUTPUT_DTYPES, OutputOptions, PostWriteCh
 from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
 from surgery.seeds import router_seed
 
-FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
+FORMATS = ("auto", *arch.moe_formats())
 ROUTER_INITS = ("normal", "uniform", "zero", "calibrated")
 # Qwen2-MoE always builds a shared expert; without --shared-expert it is written all-zero (it adds
 # exactly 0). 8 neurons rather than 1 so that tensor-parallel engines can split it 2, 4 or 8 ways.

@@ -111,7 +111,7 @@ def _parameters(path) -> int:
 def _structure_first(path, label: str, notes: list):
     """Header-level structure check before any load (an unsupported architecture is refused here,
     with the supported ones listed). Returns config.json's vocab_size."""
-    from surgery import architectures as arch
+    from surgery import families as arch
     from surgery.checkpoint import Checkpoint
     from surgery.structure import require_structure
 
@@ -357,7 +357,7 @@ def verify_written(out, sources, *, exact: bool, settings=None, max_tokens: int 
 
 
 def _is_moe(path) -> bool:
-    from surgery import architectures as arch
+    from surgery import families as arch
     from surgery.checkpoint import Checkpoint
 
     with Checkpoint.open(path, require_config=True) as checkpoint:

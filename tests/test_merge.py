@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery.checkpoint import Checkpoint
 from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery.checkpoint import Checkpoint
 from surgery.routing import load_bars, routing_statistics
 from surgery.samples import batches

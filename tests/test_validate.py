@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery import validate as validate_module
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError

@@ -23,7 +23,7 @@ import contextlib
 import copy
 import functools
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery.errors import SurgeryError
 
 class _Stop(Exception):

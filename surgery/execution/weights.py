@@ -9,7 +9,7 @@ transformers 5 holds an MoE layer's experts fused in memory (``mlp.experts.gate_
 [E, 2I, H], gate rows first; ``mlp.experts.down_proj`` [E, H, I]) and names Mixtral's router
 ``mlp.gate``: that is the table's fused layout. A per-expert checkpoint or plan is assembled into
 it piece by piece inside one preallocated tensor, so a layer costs its own size plus one stored
-tensor. The names and shapes come from the architecture table; they are checked against the
+tensor. The names and shapes come from the families (``surgery.families``); they are checked against the
 transformers module before any weight is read.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from surgery import architectures as arch
+from surgery import families as arch
 from surgery.errors import SurgeryError
 
 

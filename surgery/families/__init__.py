@@ -1,0 +1,25 @@
+"""The model families: everything about one family lives in one module of this package.
+
+Every difference between architectures is data. ``base`` defines what a family is made of
+(``Spec`` rows: a role, a group, a tensor-name template with ``{layer}`` / ``{expert}``
+placeholders, a shape in named dimensions, an optional condition on a config key), the row groups
+families share and the shape logic (``dimensions``, ``expected_tensors``, ``is_moe_layer`` ...).
+Each family module (``llama``, ``qwen2_moe`` ..., named by the HF ``model_type``) declares one
+``FAMILY``: its rows, its defaults, and for a dense family the MoE formats it can become (its
+``Conversion``s) and the one ``--format auto`` picks, for an MoE family its config keys and
+settings. ``registry`` finds the family modules by listing this package and assembles them;
+``convert`` translates a dense config into an MoE one. Together the families are the table of
+tensor names and shapes every operation consults ("the table" in comments elsewhere).
+
+Adding a family is adding one module here (plus its tiny model in tests/tiny_models.py); no code
+outside the family modules names a family (tests/test_families.py scans for it). Importing this
+package is cheap: no torch, no transformers.
+"""
+
+from surgery.families.base import (
+    BASE_DEFAULTS, DENSE_FFN, FUSED_EXPERTS, FUSED_PARTS, GLOBAL, NORMS, O_BIAS, QK_NORM, QKVO, QWEN_SPARSE_DEFAULTS, L,
+    Conversion, Expected, Family, Spec, config_value, detect_expert_layout, dimensions, expected_tensors,
+    is_moe_layer, per_expert, qkv_bias, shape_of, specs)
+from surgery.families.registry import (
+    CONVERSIONS, DEFAULT_TARGET, FAMILIES, TARGET_SETTINGS, detect_family, family_modules, moe_formats, supported)
+from surgery.families.convert import DROPPED_KEYS, moe_config, moe_target

@@ -1,0 +1,266 @@
+"""What a family is made of, the row groups families share, and the shape logic every family uses.
+
+A family lists its tensors as ``Spec`` rows: a role (``q``, ``gate``, ``router`` ...), the group it
+belongs to (attention, ffn, experts ...), a name template with ``{layer}`` / ``{expert}``
+placeholders, a shape written in named dimensions (derived from config.json by ``dimensions``) and
+an optional condition on a config key. Operations ask for names and shapes; they never spell tensor
+names. The row groups below (``GLOBAL``, ``QKVO``, ``NORMS``, ``DENSE_FFN``, ``FUSED_EXPERTS`` ...)
+are the rows several families share; a family module combines them with its own rows.
+
+Nothing here names a family: what differs between families is data on their ``Family``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+
+
+@dataclass(frozen=True)
+class Spec:
+    role: str
+    group: str
+    template: str
+    shape: tuple[str, ...]
+    when: str | None = None  # config key that must be truthy; "not KEY" for falsy
+
+    def name(self, layer: int | None = None, expert: int | None = None) -> str:
+        return self.template.format(layer=layer, expert=expert)
+
+
+def specs(group: str, prefix: str, rows) -> tuple[Spec, ...]:
+    """``Spec`` rows of one group from (role, name suffix, shape[, when]) tuples."""
+    return tuple(Spec(role, group, prefix + suffix, shape, *rest) for role, suffix, shape, *rest in rows)
+
+
+L = "model.layers.{layer}."
+
+# ------------------------------------------------------------------- rows families share
+GLOBAL = specs("embedding", "", [("embed", "model.embed_tokens.weight", ("vocab", "hidden"))]) + (
+    Spec("final_norm", "norm", "model.norm.weight", ("hidden",)),
+    Spec("lm_head", "head", "lm_head.weight", ("vocab", "hidden"), "not tie_word_embeddings"),
+)
+QKVO = [
+    ("q", "self_attn.q_proj.weight", ("q_dim", "hidden")),
+    ("k", "self_attn.k_proj.weight", ("kv_dim", "hidden")),
+    ("v", "self_attn.v_proj.weight", ("kv_dim", "hidden")),
+    ("o", "self_attn.o_proj.weight", ("hidden", "q_dim")),
+]
+NORMS = specs("norm", L, [
+    ("input_norm", "input_layernorm.weight", ("hidden",)),
+    ("post_attention_norm", "post_attention_layernorm.weight", ("hidden",)),
+])
+
+
+def qkv_bias(key: str) -> list:
+    """q/k/v bias rows, present when config key `key` is true."""
+    return [("q_bias", "self_attn.q_proj.bias", ("q_dim",), key),
+            ("k_bias", "self_attn.k_proj.bias", ("kv_dim",), key),
+            ("v_bias", "self_attn.v_proj.bias", ("kv_dim",), key)]
+
+
+O_BIAS = [("o_bias", "self_attn.o_proj.bias", ("hidden",), "attention_bias")]
+QK_NORM = [("q_norm", "self_attn.q_norm.weight", ("head_dim",)), ("k_norm", "self_attn.k_norm.weight", ("head_dim",))]
+
+DENSE_FFN = specs("ffn", L, [
+    ("gate", "mlp.gate_proj.weight", ("ffn", "hidden")),
+    ("up", "mlp.up_proj.weight", ("ffn", "hidden")),
+    ("down", "mlp.down_proj.weight", ("hidden", "ffn")),
+    ("gate_bias", "mlp.gate_proj.bias", ("ffn",), "mlp_bias"),
+    ("up_bias", "mlp.up_proj.bias", ("ffn",), "mlp_bias"),
+    ("down_bias", "mlp.down_proj.bias", ("hidden",), "mlp_bias"),
+])
+
+
+def per_expert(prefix: str, gate: str, up: str, down: str) -> tuple[Spec, ...]:
+    """The per-expert layout: `prefix` + experts.{expert}. + the gate/up/down module names."""
+    return specs("experts", L + prefix + "experts.{expert}.", [
+        ("gate", gate + ".weight", ("expert_ffn", "hidden")),
+        ("up", up + ".weight", ("expert_ffn", "hidden")),
+        ("down", down + ".weight", ("hidden", "expert_ffn")),
+    ])
+
+
+# transformers 5 keeps experts fused in memory and may save them that way: the fused layout is also
+# the in-memory layout that layer-by-layer execution builds. FUSED_PARTS: which per-expert roles a
+# fused role stacks, in order along its second dimension (gate rows first, then up).
+FUSED_PARTS = {"gate_up": ("gate", "up"), "down": ("down",)}
+FUSED_EXPERTS = specs("experts", L, [
+    ("gate_up", "mlp.experts.gate_up_proj", ("experts", "2*expert_ffn", "hidden")),
+    ("down", "mlp.experts.down_proj", ("experts", "hidden", "expert_ffn")),
+])
+
+BASE_DEFAULTS = {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+# sparse_layers == "qwen": layer l is MoE unless listed in mlp_only_layers, and when (l + 1) % step == 0
+QWEN_SPARSE_DEFAULTS = {"decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+# ------------------------------------------------------------------- the family record
+@dataclass(frozen=True)
+class Conversion:
+    """How a dense family becomes an MoE family: what is refused and which keys are set."""
+
+    refuse_if: tuple[str, ...] = ()  # config keys that must be false in the source
+    set_keys: dict = field(default_factory=dict)  # fixed values written into the target config
+    copy_keys: dict = field(default_factory=dict)  # target key <- source key (after defaults)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # == HF model_type
+    architecture: str  # HF class in config.architectures
+    kind: str  # "dense" or "moe"
+    attention: tuple[Spec, ...]  # every layer: attention + norms
+    dense_ffn: tuple[Spec, ...] = DENSE_FFN  # a dense layer's FFN
+    router: Spec | None = None
+    fused_router: Spec | None = None  # the router's name in the fused (in-memory) layout, when it differs
+    experts: tuple[Spec, ...] = ()  # per-expert layout, {expert} in the template
+    fused_experts: tuple[Spec, ...] = ()
+    shared_expert: tuple[Spec, ...] = ()
+    defaults: dict = field(default_factory=dict)  # config values assumed when a key is absent
+    # dimension -> config key(s), first present wins; an MoE result's config gets the first key of each
+    moe_keys: dict = field(default_factory=dict)
+    sparse_layers: str = "all"  # "all", or "qwen" (mlp_only_layers + decoder_sparse_step)
+    # The router of an MoE layer reads the input of the module holding the layer's FFN or MoE block
+    # (transformers' `mlp`: the post-attention norm output in pre-norm families); calibration
+    # captures that input, for dense sources too, where a future router will read it.
+    router_input: str = "mlp"
+    # transformers' attention module of a decoder layer: its output (first element) is what a stopped pass
+    # keeps so the layer's full run can reuse it instead of computing attention again
+    attention_module: str = "self_attn"
+    # dense families: the MoE formats this family can become (target name -> Conversion), and the
+    # one `--format auto` picks
+    conversions: dict = field(default_factory=dict)
+    default_target: str | None = None
+    # MoE families: config values an MoE result of this format gets (router settings)
+    target_settings: dict = field(default_factory=dict)
+    # MoE families: what mergekit-moe's `architecture:` calls this format besides its own name
+    mergekit_names: tuple[str, ...] = ()
+
+    def spec(self, group: str, role: str) -> Spec:
+        pool = {"ffn": self.dense_ffn, "experts": self.experts, "shared_expert": self.shared_expert,
+                "fused_experts": self.fused_experts, "router": (self.router,) if self.router else ()}.get(group)
+        pool = pool if pool is not None else GLOBAL + self.attention
+        for spec in pool:
+            if spec.role == role:
+                return spec
+        raise KeyError(f"{self.name} has no tensor role {group}/{role}")
+
+
+# ------------------------------------------------------------------- names and shapes
+def config_value(family: Family, config: dict, key: str):
+    return config[key] if config.get(key) is not None else family.defaults.get(key)
+
+
+def _moe_value(family: Family, config: dict, dimension: str):
+    for key in family.moe_keys.get(dimension, ()):
+        if config.get(key) is not None:
+            return config[key]
+    return None
+
+
+def dimensions(family: Family, config: dict, where: Path | str = "config.json") -> dict[str, int]:
+    """Named sizes used by the shape column of the table, derived from config.json and checked."""
+    def need(key):
+        value = config.get(key)
+        if type(value) is not int or value <= 0:
+            raise SurgeryError(f"{where}: {key} must be a positive integer, found {value!r}")
+        return value
+
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    if type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads:
+        raise SurgeryError(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    head_dim = config.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise SurgeryError(f"{where}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) and no head_dim is given")
+        head_dim = hidden // heads
+    dims = {"hidden": hidden, "vocab": need("vocab_size"), "layers": need("num_hidden_layers"),
+            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "q_dim": heads * head_dim, "kv_dim": kv_heads * head_dim, "1": 1}
+    if config.get("intermediate_size") is not None:
+        dims["ffn"] = need("intermediate_size")
+    for dimension in ("experts", "top_k", "expert_ffn", "shared_ffn"):
+        value = _moe_value(family, config, dimension)
+        if value is not None:
+            dims[dimension] = value
+    return dims
+
+
+def shape_of(spec: Spec, dims: dict[str, int]) -> tuple[int, ...]:
+    return tuple(math.prod(int(part) if part.isdigit() else dims[part] for part in term.split("*")) for term in spec.shape)
+
+
+def _applies(spec: Spec, family: Family, config: dict) -> bool:
+    if spec.when is None:
+        return True
+    negate = spec.when.startswith("not ")
+    value = bool(config_value(family, config, spec.when.removeprefix("not ")))
+    return value != negate
+
+
+def is_moe_layer(family: Family, config: dict, layer: int) -> bool:
+    if family.kind != "moe":
+        return False
+    if family.sparse_layers == "all":
+        return True
+    step = config_value(family, config, "decoder_sparse_step") or 1
+    experts = _moe_value(family, config, "experts") or 0
+    return layer not in (config_value(family, config, "mlp_only_layers") or []) and experts > 0 and (layer + 1) % step == 0
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One tensor the table expects: its name, shape and where it belongs."""
+
+    name: str
+    shape: tuple[int, ...]
+    group: str
+    role: str
+    layer: int | None = None
+    expert: int | None = None
+
+
+def expected_tensors(family: Family, config: dict, expert_layout: str = "per_expert",
+                     where: Path | str = "config.json") -> dict[str, Expected]:
+    """Every tensor a checkpoint of this family and config must hold, in model order."""
+    dims = dimensions(family, config, where)
+    out: dict[str, Expected] = {}
+
+    def add(spec: Spec, layer=None, expert=None):
+        if _applies(spec, family, config):
+            name = spec.name(layer, expert)
+            out[name] = Expected(name, shape_of(spec, dims), spec.group, spec.role, layer, expert)
+
+    add(GLOBAL[0])
+    for layer in range(dims["layers"]):
+        for spec in family.attention:
+            add(spec, layer)
+        if is_moe_layer(family, config, layer):
+            add(family.fused_router or family.router if expert_layout == "fused" else family.router, layer)
+            if expert_layout == "fused":
+                for spec in family.fused_experts:
+                    add(spec, layer)
+            else:
+                for expert in range(dims["experts"]):
+                    for spec in family.experts:
+                        add(spec, layer, expert)
+            if family.shared_expert and dims.get("shared_ffn"):
+                for spec in family.shared_expert:
+                    add(spec, layer)
+        else:
+            for spec in family.dense_ffn:
+                add(spec, layer)
+    for spec in GLOBAL[1:]:
+        add(spec)
+    return out
+
+
+def detect_expert_layout(family: Family, names) -> str:
+    """'fused' when the checkpoint stores transformers-5 fused experts, else 'per_expert'."""
+    fused = {spec.template.split("{layer}.")[-1] for spec in family.fused_experts}
+    return "fused" if any(name.split(".", 3)[-1] in fused for name in names) else "per_expert"

@@ -1,0 +1,29 @@
+"""Qwen2-MoE (Qwen2MoeForCausalLM): Qwen2's attention, a shared expert with a sigmoid gate beside
+the routed experts, and dense layers where ``mlp_only_layers`` / ``decoder_sparse_step`` say.
+
+mergekit-moe calls this format ``qwen``.
+"""
+
+from surgery.families import qwen2
+from surgery.families.base import FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, Spec, per_expert, specs
+
+SHARED_EXPERT = specs("shared_expert", L + "mlp.", [
+    ("gate", "shared_expert.gate_proj.weight", ("shared_ffn", "hidden")),
+    ("up", "shared_expert.up_proj.weight", ("shared_ffn", "hidden")),
+    ("down", "shared_expert.down_proj.weight", ("hidden", "shared_ffn")),
+    ("shared_gate", "shared_expert_gate.weight", ("1", "hidden")),
+])
+
+FAMILY = Family(
+    "qwen2_moe", "Qwen2MoeForCausalLM", "moe", qwen2.FAMILY.attention,
+    router=Spec("router", "router", L + "mlp.gate.weight", ("experts", "hidden")),
+    experts=per_expert("mlp.", "gate_proj", "up_proj", "down_proj"),
+    fused_experts=FUSED_EXPERTS,
+    shared_expert=SHARED_EXPERT,
+    defaults={**qwen2.FAMILY.defaults, **QWEN_SPARSE_DEFAULTS},
+    moe_keys={"experts": ("num_experts",), "top_k": ("num_experts_per_tok",),
+              "expert_ffn": ("moe_intermediate_size",), "shared_ffn": ("shared_expert_intermediate_size",)},
+    sparse_layers="qwen",
+    target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False},
+    mergekit_names=("qwen",),
+)

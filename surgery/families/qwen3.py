@@ -1,0 +1,13 @@
+"""Qwen3 (Qwen3ForCausalLM), dense: per-head q/k norms, optional attention biases (``attention_bias``).
+It becomes Qwen3-MoE, which has the same attention but no FFN biases (a source with ``mlp_bias`` is
+refused)."""
+
+from surgery.families.base import BASE_DEFAULTS, L, NORMS, O_BIAS, QK_NORM, QKVO, Conversion, Family, qkv_bias, specs
+
+FAMILY = Family(
+    "qwen3", "Qwen3ForCausalLM", "dense",
+    specs("attention", L, QKVO + qkv_bias("attention_bias") + O_BIAS + QK_NORM) + NORMS,
+    defaults=BASE_DEFAULTS,
+    conversions={"qwen3_moe": Conversion(refuse_if=("mlp_bias",))},
+    default_target="qwen3_moe",
+)

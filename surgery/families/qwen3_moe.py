@@ -1,0 +1,18 @@
+"""Qwen3-MoE (Qwen3MoeForCausalLM): Qwen3's attention, no shared expert, dense layers where
+``mlp_only_layers`` / ``decoder_sparse_step`` say. The expert count is read from ``num_experts``, or
+from ``num_local_experts`` where a config uses that key."""
+
+from surgery.families import qwen3
+from surgery.families.base import FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, Spec, per_expert
+
+FAMILY = Family(
+    "qwen3_moe", "Qwen3MoeForCausalLM", "moe", qwen3.FAMILY.attention,
+    router=Spec("router", "router", L + "mlp.gate.weight", ("experts", "hidden")),
+    experts=per_expert("mlp.", "gate_proj", "up_proj", "down_proj"),
+    fused_experts=FUSED_EXPERTS,
+    defaults={**qwen3.FAMILY.defaults, **QWEN_SPARSE_DEFAULTS},
+    moe_keys={"experts": ("num_experts", "num_local_experts"), "top_k": ("num_experts_per_tok",),
+              "expert_ffn": ("moe_intermediate_size",)},
+    sparse_layers="qwen",
+    target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False},
+)

@@ -1,0 +1,67 @@
+"""The registry: the family modules of this package, found by listing it, and what they declare, assembled.
+
+A family module is any module here other than the machinery (``base``, ``registry``, ``convert``).
+It defines ``FAMILY``, a ``Family`` named like the module (the HF ``model_type``). Adding a family is
+adding such a module (and its tiny test model in tests/tiny_models.py): no list of families is kept
+anywhere else, and the tables below (``CONVERSIONS``, ``DEFAULT_TARGET``, ``TARGET_SETTINGS``) are
+read off the families.
+
+Registry order: dense families, then MoE families, each alphabetical. It is the order of
+``supported()`` in error messages and of ``moe_formats()`` in the --format choices.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+from surgery.families.base import Conversion, Family
+
+MACHINERY = ("base", "registry", "convert")
+
+
+def family_modules() -> list[str]:
+    """Names of the family modules, from the package directory."""
+    return sorted(module.name for module in pkgutil.iter_modules([str(Path(__file__).parent)])
+                  if module.name not in MACHINERY and not module.name.startswith("_"))
+
+
+def _load() -> dict[str, Family]:
+    found = []
+    for module_name in family_modules():
+        family = getattr(importlib.import_module(f"{__package__}.{module_name}"), "FAMILY", None)
+        if not isinstance(family, Family) or family.name != module_name:
+            raise ImportError(f"{__package__}.{module_name} must define FAMILY, a Family named {module_name!r}")
+        found.append(family)
+    return {family.name: family for family in sorted(found, key=lambda f: (f.kind != "dense", f.name))}
+
+
+FAMILIES: dict[str, Family] = _load()
+# (dense source, MoE target) -> how the source's config becomes the target's
+CONVERSIONS: dict[tuple[str, str], Conversion] = {
+    (family.name, target): conversion for family in FAMILIES.values() for target, conversion in family.conversions.items()}
+DEFAULT_TARGET: dict[str, str] = {family.name: family.default_target for family in FAMILIES.values() if family.default_target}
+TARGET_SETTINGS: dict[str, dict] = {family.name: family.target_settings for family in FAMILIES.values() if family.kind == "moe"}
+
+
+def moe_formats() -> tuple[str, ...]:
+    """The MoE formats an operation can write (the --format choices besides auto), in registry order."""
+    return tuple(name for name, family in FAMILIES.items() if family.kind == "moe")
+
+
+def supported() -> str:
+    return ", ".join(f"{f.architecture} ({f.name})" for f in FAMILIES.values())
+
+
+def detect_family(config: dict, where: Path | str = "config.json") -> Family:
+    architectures = config.get("architectures") or []
+    for family in FAMILIES.values():
+        if architectures and architectures[0] == family.architecture:
+            return family
+    model_type = config.get("model_type")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    found = architectures[0] if architectures else model_type
+    raise SurgeryError(f"{where}: architecture {found!r} is not supported (supported: {supported()})")
