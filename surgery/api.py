@@ -64,10 +64,10 @@ def _module(name: str):
 
 
 # ---------------------------------------------------------------- operations
-def copy(src, out, *, dtype: str = "keep", **output):
-    """Copy SRC to OUT through the streaming writer (re-shard with max_shard_size, cast with dtype).
-    Returns a ``Result``."""
-    options = dict(output)
+def copy(src, out, *, dtype: str = "keep", layout: str = "keep", **output):
+    """Copy SRC to OUT through the streaming writer (re-shard with max_shard_size, cast with dtype, convert the
+    expert layout with layout="per-expert" or "fused"). Returns a ``Result``."""
+    options = dict(output, layout=layout)
     written = _output(options)
     _refuse_rest(options, "copy")
     with _silenced():

@@ -396,7 +396,9 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
 
     output.check()
     settings = settings or RunSettings()
-    plan = build_plan(merge)
+    from surgery.layouts import convert
+
+    plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
     check = PostWriteCheck([m.checkpoint.path for m in merge.members], exact=False, settings=settings)
     if merge.spec.router_init != "calibrated" or output.dry_run:
         return write(plan, out, output, check=check)

@@ -34,13 +34,13 @@ def build_plan(source: Checkpoint, dtype: str | None = None) -> Plan:
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @dtype_option
-@output_options(verify=False)
+@output_options(verify=False, layout="keep")
 def command(src, out, dtype, output):
-    """Copy SRC to OUT through the streaming writer (re-shard, cast)."""
+    """Copy SRC to OUT through the streaming writer (re-shard, cast, convert the expert layout)."""
     run(src, out, dtype, output)
 
 
-def run(src, out, dtype: str = "keep", output: OutputOptions = OutputOptions()):
+def run(src, out, dtype: str = "keep", output: OutputOptions = OutputOptions(layout="keep")):
     """Copy SRC to OUT (the command and ``surgery.copy`` both land here); returns a ``Result``."""
     output.check()
     with Checkpoint.open(src) as source:
@@ -50,4 +50,4 @@ def run(src, out, dtype: str = "keep", output: OutputOptions = OutputOptions()):
 # `surgery.copy(...)`: this module is also the API function (surgery.api.copy)
 from surgery.api import callable_module  # noqa: E402
 
-callable_module(__name__, ["src", "out"], OutputOptions, extra={"dtype": "keep"})
+callable_module(__name__, ["src", "out"], OutputOptions, extra={"dtype": "keep", "layout": "keep"})

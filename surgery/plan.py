@@ -60,20 +60,83 @@ def _short(checkpoint: Checkpoint, name: str) -> str:
 
 @dataclass
 class Copy(Recipe):
+    """A stored tensor as it is; with `rows` (a, b), rows a:b of it viewed as 2-D [all but the last dimension,
+    last dimension]: a contiguous byte range, e.g. one expert's gate rows in a fused [E, 2I, H] tensor."""
+
     checkpoint: Checkpoint
     name: str
+    rows: tuple[int, int] | None = None
 
     def inputs(self):
         return [(self.checkpoint, self.name)]
 
     def describe(self):
-        return f"copy {_short(self.checkpoint, self.name)}"
+        part = "" if self.rows is None else f"[rows {self.rows[0]}:{self.rows[1]}]"
+        return f"copy {_short(self.checkpoint, self.name)}{part}"
+
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of what this recipe copies (a block of rows is 2-D)."""
+        shape = tuple(self.checkpoint.info(self.name).shape)
+        return shape if self.rows is None else (self.rows[1] - self.rows[0], shape[-1])
+
+    def byte_span(self) -> tuple[int, int]:
+        """(file offset, byte count) of what this recipe copies."""
+        info = self.checkpoint.info(self.name)
+        if self.rows is None:
+            return info.offset, info.nbytes
+        shape = tuple(info.shape)
+        flat_rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        row_bytes = info.nbytes // flat_rows if flat_rows else 0
+        start, stop = self.rows
+        if not 0 <= start <= stop <= flat_rows:
+            raise SurgeryError(f"{info.file}: tensor {self.name!r} has shape {list(shape)}; cannot take rows "
+                               f"{start}:{stop} of its {flat_rows} rows")
+        return info.offset + start * row_bytes, (stop - start) * row_bytes
 
     def compute(self):
-        return self.checkpoint.read(self.name)
+        if self.rows is None:
+            return self.checkpoint.read(self.name)
+        import torch
+
+        from surgery.checkpoint import torch_dtype
+        from surgery.safetensors_format import pread_exact
+
+        info = self.checkpoint.info(self.name)
+        offset, count = self.byte_span()
+        data = pread_exact(self.checkpoint._fd(info.file), count, offset, info.file, self.name)
+        shape = self.stored_shape()
+        if not count:
+            return torch.empty(shape, dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(data, dtype=torch_dtype(info.dtype)).reshape(shape)
 
     def compute_rows(self, rows):
+        if self.rows is not None:
+            return super().compute_rows(rows)
         return self.checkpoint.read_rows(self.name, rows)
+
+
+@dataclass
+class Joined(Recipe):
+    """The parts' values back to back, as one tensor of `shape`: stacking along a new first dimension, or
+    concatenating along the first, lays the bytes out this way (a fused [E, 2I, H] is expert 0's gate
+    rows, its up rows, expert 1's ...). The writer writes part after part (byte copies stay kernel
+    copies), so the whole tensor is never in memory."""
+
+    items: list[Recipe]
+    shape: tuple[int, ...]
+
+    def parts(self):
+        return list(self.items)
+
+    def describe(self):
+        if not self.items:
+            return "joined()"
+        return f"joined({len(self.items)}: {self.items[0].describe()}, ...)"
+
+    def compute(self):
+        import torch
+
+        return torch.cat([item.compute().reshape(-1) for item in self.items]).reshape(self.shape)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Callable
 from surgery import __version__, console
 from surgery.checkpoint import INDEX_NAME, SINGLE_NAME, torch_dtype
 from surgery.errors import SurgeryError
-from surgery.plan import Copy, Deferred, OutputTensor, Plan
+from surgery.plan import Copy, Deferred, Joined, OutputTensor, Plan
 from surgery.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, encode_header, read_header
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -69,7 +69,10 @@ def is_byte_copy(tensor: OutputTensor) -> bool:
 
 
 def needs_torch(tensor: OutputTensor) -> bool:
-    """Whether writing this tensor imports torch: neither a byte copy nor computable with numpy alone."""
+    """Whether writing this tensor imports torch: neither a byte copy nor computable with numpy alone (a
+    Joined tensor: whether any part does)."""
+    if isinstance(tensor.recipe, Joined):
+        return any(needs_torch(OutputTensor(tensor.name, (), tensor.dtype, part)) for part in tensor.recipe.items)
     return not is_byte_copy(tensor) and not tensor.recipe.numpy_ready(tensor.dtype)
 
 
@@ -434,14 +437,11 @@ def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: _Fi
         if is_deferred(tensor):  # zeros until the draft is filled
             for start in range(0, tensor.nbytes, COPY_CHUNK):
                 handle.write(bytes(min(COPY_CHUNK, tensor.nbytes - start)))
-        elif is_byte_copy(tensor):
-            if checker.needed(recipe.checkpoint, recipe.name):
-                scratch = scratch or bytearray(COPY_CHUNK)
-                _copy_checked(handle, recipe, tensor, checker, scratch)
-            else:
-                _copy_bytes(handle, recipe, tensor)
+        elif isinstance(recipe, Joined):  # part after part: the whole tensor is never in memory
+            for part in recipe.items:
+                scratch = _write_piece(handle, OutputTensor(tensor.name, (), tensor.dtype, part), checker, scratch)
         else:
-            _write_tensor(handle, tensor, checker)
+            scratch = _write_piece(handle, tensor, checker, scratch)
         handle.flush()
         hasher.advance(handle.tell() if hold is None else min(handle.tell(), hold))
         advance(tensor.nbytes, tensor.name)
@@ -450,13 +450,32 @@ def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: _Fi
         raise AssertionError(f"{path}: wrote {handle.tell()} bytes, planned {expected}")
 
 
-def _copy_bytes(handle, recipe: Copy, tensor: OutputTensor) -> None:
+def _write_piece(handle, tensor: OutputTensor, checker: _FiniteCheck, scratch):
+    """One tensor's bytes (or one part of a Joined tensor: its shape is then ()): a kernel copy, a checked copy
+    or a computed value. Returns the copy buffer, reused across calls."""
+    recipe = tensor.recipe
+    if is_byte_copy(tensor):
+        if tensor.shape and tuple(recipe.stored_shape()) != tuple(tensor.shape):
+            info = recipe.checkpoint.info(recipe.name)
+            raise SurgeryError(f"{info.file}: tensor {recipe.name!r} has shape {list(recipe.stored_shape())}, plan "
+                               f"expects {list(tensor.shape)}")
+        if checker.needed(recipe.checkpoint, recipe.name):
+            scratch = scratch or bytearray(COPY_CHUNK)
+            _copy_checked(handle, recipe, checker, scratch)
+        else:
+            _copy_bytes(handle, recipe)
+    elif not tensor.shape:
+        _write_value(handle, tensor, checker, recipe.compute())
+    else:
+        _write_tensor(handle, tensor, checker)
+    return scratch
+
+
+def _copy_bytes(handle, recipe: Copy) -> None:
     info = recipe.checkpoint.info(recipe.name)
-    if tuple(info.shape) != tuple(tensor.shape):
-        raise SurgeryError(f"{info.file}: tensor {recipe.name!r} has shape {list(info.shape)}, plan expects {list(tensor.shape)}")
     handle.flush()
     source_fd = recipe.checkpoint._fd(info.file)
-    remaining, offset = info.nbytes, info.offset
+    offset, remaining = recipe.byte_span()
     out_fd = handle.fileno()
     out_offset = handle.tell()
     try:
@@ -482,23 +501,24 @@ def _copy_bytes(handle, recipe: Copy, tensor: OutputTensor) -> None:
             offset += len(chunk)
 
 
-def _copy_checked(handle, recipe: Copy, tensor: OutputTensor, checker: _FiniteCheck, scratch: bytearray) -> None:
-    """Copy through memory in chunks, checking floating-point data for NaN/Inf on the way."""
+def _copy_checked(handle, recipe: Copy, checker: _FiniteCheck, scratch: bytearray) -> None:
+    """Copy through memory in chunks, checking floating-point data for NaN/Inf on the way (a whole input
+    tensor is then known finite; a block of rows is checked each time it is copied)."""
     from surgery.safetensors_format import pread_into
 
     info = recipe.checkpoint.info(recipe.name)
-    if tuple(info.shape) != tuple(tensor.shape):
-        raise SurgeryError(f"{info.file}: tensor {recipe.name!r} has shape {list(info.shape)}, plan expects {list(tensor.shape)}")
     itemsize = DTYPE_SIZES[info.dtype]
     chunk = COPY_CHUNK - COPY_CHUNK % itemsize
     fd = recipe.checkpoint._fd(info.file)
+    offset, nbytes = recipe.byte_span()
     buffer = memoryview(scratch)  # reused for every chunk: no fresh pages to fault in each time
-    for start in range(0, info.nbytes, chunk):
-        data = buffer[:min(chunk, info.nbytes - start)]
-        pread_into(fd, data, info.offset + start, info.file, recipe.name)
+    for start in range(0, nbytes, chunk):
+        data = buffer[:min(chunk, nbytes - start)]
+        pread_into(fd, data, offset + start, info.file, recipe.name)
         checker.check_bytes(data, info.dtype, f"{info.file}: tensor {recipe.name!r}")
         handle.write(data)
-    checker.done(recipe.checkpoint, recipe.name)
+    if recipe.rows is None:
+        checker.done(recipe.checkpoint, recipe.name)
 
 
 @contextmanager
@@ -540,13 +560,18 @@ def _write_array(handle, tensor: OutputTensor, checker: _FiniteCheck) -> None:
 def _write_tensor(handle, tensor: OutputTensor, checker: _FiniteCheck) -> None:
     if not needs_torch(tensor):
         return _write_array(handle, tensor, checker)
-    import torch
-
     value = tensor.recipe.compute()
-    with _checking_output(tensor, checker) as where:
-        checker.check_value(value, where)
     if tuple(value.shape) != tuple(tensor.shape):
         raise AssertionError(f"recipe for {tensor.name} produced shape {list(value.shape)}, plan says {list(tensor.shape)}")
+    _write_value(handle, tensor, checker, value)
+
+
+def _write_value(handle, tensor: OutputTensor, checker: _FiniteCheck, value) -> None:
+    """A computed value, checked for NaN/Inf, cast to the tensor's dtype and written."""
+    import torch
+
+    with _checking_output(tensor, checker) as where:
+        checker.check_value(value, where)
     target = torch_dtype(tensor.dtype)
     if value.dtype != target:
         value = value.to(target)

@@ -28,6 +28,7 @@ class OutputOptions:
     allow_nonfinite: bool = False  # write tensors that contain NaN/Inf instead of refusing
     verify: bool = False  # after writing, check OUT against its source(s)
     verify_tokens: int = 2048  # tokens of the sample --verify runs
+    layout: str = "per-expert"  # experts of an MoE output: per-expert, fused, or keep (the plan's own)
 
     def check(self) -> None:
         from surgery.units import parse_size
@@ -37,9 +38,12 @@ class OutputOptions:
             raise SurgeryError(f"--verify-tokens {self.verify_tokens}: must be at least 2")
         if self.as_json and not self.dry_run:
             raise SurgeryError("--json applies to --dry-run only")
+        if self.layout not in LAYOUT_CHOICES:
+            raise SurgeryError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUT_CHOICES)}")
 
 
 OUTPUT_FIELDS = tuple(f.name for f in fields(OutputOptions))
+LAYOUT_CHOICES = ("keep", "per-expert", "fused")
 OUTPUT_DTYPES = ("keep", "fp32", "bf16", "fp16")  # --dtype of every writing command
 
 
@@ -58,11 +62,12 @@ class PostWriteCheck:
     settings: object  # RunSettings
 
 
-def output_options(func=None, *, verify: bool = True):
-    """--max-shard-size, --force, --dry-run, --json, --allow-nonfinite (and --verify, --verify-tokens) on a
-    writing command; the command receives them as one ``output`` argument (an ``OutputOptions``)."""
+def output_options(func=None, *, verify: bool = True, layout: str = "per-expert"):
+    """--max-shard-size, --force, --dry-run, --json, --allow-nonfinite, --layout (and --verify, --verify-tokens)
+    on a writing command; the command receives them as one ``output`` argument (an ``OutputOptions``).
+    `layout`: the command's default --layout (copy keeps the source's)."""
     if func is None:
-        return lambda f: output_options(f, verify=verify)
+        return lambda f: output_options(f, verify=verify, layout=layout)
 
     @functools.wraps(func)
     def command(*args, **kwargs):
@@ -77,6 +82,11 @@ def output_options(func=None, *, verify: bool = True):
                                help="After writing, check the output against its source(s): an exact result layer by "
                                     "layer (exit 2 naming the first layer that differs), any other by its loss "
                                     "change.")(command)
+    choices = LAYOUT_CHOICES if layout == "keep" else LAYOUT_CHOICES[1:]
+    command = click.option("--layout", default=layout, show_default=True, type=click.Choice(choices),
+                           help="How an MoE output stores its experts: per-expert tensors (what llama.cpp's "
+                                "converter and vLLM read) or fused as transformers 5 saves them"
+                                + (", or as the source does (keep)" if layout == "keep" else "") + ".")(command)
     command = click.option("--allow-nonfinite", is_flag=True,
                            help="Write tensors that contain NaN/Inf instead of refusing.")(command)
     command = click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")(command)
@@ -92,10 +102,12 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     """Print the plan (dry run) or write it (`fill`: see ``surgery.writer.write_plan``), then run the
     post-write check when ``output.verify``. The plan's notes are printed before a dry run's plan and
     after a real write (where the user sees them last). Returns a ``Result``."""
+    from surgery.layouts import convert
     from surgery.operations.result import Result
     from surgery.units import format_bytes, parse_size
 
     output.check()
+    plan = convert(plan, output.layout)
     out = Path(out)
     limit = parse_size(output.max_shard_size)
     result = Result(plan.operation, out, False, len(plan.tensors), plan.total_bytes, 0, plan.config,
