@@ -119,6 +119,19 @@ class Checkpoint:
             shards, tensors, index, metadata = _open_unindexed(files)
         return cls(path, directory, shards, tensors, config, index, metadata)
 
+    def add_view(self, name: str, stored: str, rows: tuple[int, int]) -> None:
+        """Expose rows a:b of stored tensor `stored` (a contiguous block along its first dimension, e.g. the q
+        rows of a fused qkv_proj) as tensor `name`: readers, row reads and byte copies then treat it as
+        any stored tensor."""
+        info = self.info(stored)
+        start, stop = rows
+        if len(info.shape) < 1 or not 0 <= start <= stop <= info.shape[0]:
+            raise SurgeryError(f"{info.file}: tensor {stored!r} has shape {list(info.shape)}; cannot take rows "
+                               f"{start}:{stop} as {name!r}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        self.tensors[name] = TensorInfo(name, info.dtype, (stop - start,) + tuple(info.shape[1:]), info.file,
+                                        info.offset + start * row_bytes, (stop - start) * row_bytes)
+
     # ---------------------------------------------------------------- reading
     def info(self, name: str) -> TensorInfo:
         try:

@@ -118,6 +118,8 @@ def open_dense_source(path) -> tuple[Checkpoint, Family]:
         raise SurgeryError(f"{source.directory}: {family.architecture} is already an MoE model; expected a dense model "
                            f"({', '.join(f.architecture for f in arch.FAMILIES.values() if f.kind == 'dense')})")
     check_dense_source(source, family)
+    for name, (stored, start, stop) in arch.source_views(family, source.config).items():
+        source.add_view(name, stored, (start, stop))  # roles stored fused (Phi-3's qkv_proj) read as their own
     return source, family
 
 

@@ -106,6 +106,20 @@ class Conversion:
     refuse_if: tuple[str, ...] = ()  # config keys that must be false in the source
     set_keys: dict = field(default_factory=dict)  # fixed values written into the target config
     copy_keys: dict = field(default_factory=dict)  # target key <- source key (after defaults)
+    # config key (a.b for a nested key) -> (the value the target can reproduce, why): refused otherwise
+    require: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FusedSource:
+    """One stored tensor holding several roles back to back along its first dimension (Phi-3's
+    ``qkv_proj``: the q rows, then k, then v). The roles stay ordinary specs of the family (their
+    names are what operations ask for); the checkpoint exposes each as a view of the stored tensor
+    (a contiguous byte range), and structure checks expect the stored tensor instead."""
+
+    group: str  # the roles' group (attention, ffn)
+    template: str  # the stored tensor's name
+    roles: tuple[str, ...]  # in storage order
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,8 @@ class Family:
     target_settings: dict = field(default_factory=dict)
     # MoE families: what mergekit-moe's `architecture:` calls this format besides its own name
     mergekit_names: tuple[str, ...] = ()
+    # roles stored fused in one tensor (checkpoints and transformers' module alike)
+    fused_sources: tuple[FusedSource, ...] = ()
 
     def spec(self, group: str, role: str) -> Spec:
         pool = {"ffn": self.dense_ffn, "experts": self.experts, "shared_expert": self.shared_expert,
@@ -231,10 +247,20 @@ def expected_tensors(family: Family, config: dict, expert_layout: str = "per_exp
     dims = dimensions(family, config, where)
     out: dict[str, Expected] = {}
 
+    fused_by_role = {(fused.group, role): fused for fused in family.fused_sources for role in fused.roles}
+
     def add(spec: Spec, layer=None, expert=None):
-        if _applies(spec, family, config):
+        if not _applies(spec, family, config):
+            return
+        fused = fused_by_role.get((spec.group, spec.role))
+        if fused is None:
             name = spec.name(layer, expert)
             out[name] = Expected(name, shape_of(spec, dims), spec.group, spec.role, layer, expert)
+        elif spec.role == fused.roles[0]:  # the stored tensor, where its first role would be
+            parts = [shape_of(family.spec(fused.group, role), dims) for role in fused.roles]
+            name = fused.template.format(layer=layer)
+            shape = (sum(part[0] for part in parts),) + parts[0][1:]
+            out[name] = Expected(name, shape, spec.group, "+".join(fused.roles), layer, expert)
 
     add(GLOBAL[0])
     for layer in range(dims["layers"]):
@@ -258,6 +284,21 @@ def expected_tensors(family: Family, config: dict, expert_layout: str = "per_exp
     for spec in GLOBAL[1:]:
         add(spec)
     return out
+
+
+def source_views(family: Family, config: dict, where: Path | str = "config.json") -> dict[str, tuple[str, int, int]]:
+    """Every role stored inside a fused tensor: its own name -> (stored name, first row, end row)."""
+    dims = dimensions(family, config, where)
+    views = {}
+    for layer in range(dims["layers"]):
+        for fused in family.fused_sources:
+            row = 0
+            for role in fused.roles:
+                spec = family.spec(fused.group, role)
+                rows = shape_of(spec, dims)[0]
+                views[spec.name(layer)] = (fused.template.format(layer=layer), row, row + rows)
+                row += rows
+    return views
 
 
 def detect_expert_layout(family: Family, names) -> str:

@@ -39,6 +39,11 @@ def moe_target(source: Family, target: str, source_config: dict, where: Path | s
         if config_value(source, source_config, key):
             raise SurgeryError(f"{where}: {key} is true, but {name} has no such weights, so the result could not "
                                f"reproduce the source; choose another --format")
+    for key, (value, reason) in conversion.require.items():
+        found = _nested(source_config, key)
+        if found is not None and found != value:
+            raise SurgeryError(f"{where}: {key} is {found!r}, but {reason} (it needs {value!r}), so the result "
+                               f"could not reproduce the source")
     return FAMILIES[name]
 
 
@@ -71,3 +76,13 @@ def moe_config(source: Family, source_config: dict, target: Family, *, num_exper
         raise SurgeryError(f"format {target.name} makes every layer MoE; --moe-layers must be 'all' "
                            f"(use {_formats_where(lambda f: f.sparse_layers != 'all')} for dense layers)")
     return config
+
+
+def _nested(config: dict, key: str):
+    """config["a"]["b"] for key "a.b" (None where absent)."""
+    value = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value

@@ -52,10 +52,18 @@ def layer_reader(source, family, layer: int):
 
 
 def session_reader(session, family):
-    """role -> float32 numpy weights of the FFN of the layer a session holds (no copy on the CPU in float32)."""
+    """role -> float32 numpy weights of the FFN of the layer a session holds (no copy on the CPU in float32); a
+    role stored fused (Phi-3's gate_up_proj) is its rows of the fused parameter."""
+    from surgery import families as arch
+
+    views = arch.source_views(family, session.runner.weights.config)
+    prefix = f"model.layers.{session.layer}."
+
     def read(role: str):
-        path = family.spec("ffn", role).template.split("{layer}.", 1)[1]
-        return session.parameter(path).detach().float().cpu().numpy()
+        name = family.spec("ffn", role).name(session.layer)
+        stored, start, stop = views.get(name, (name, None, None))
+        value = session.parameter(stored[len(prefix):]).detach()
+        return (value if start is None else value[start:stop]).float().cpu().numpy()
     return read
 
 
