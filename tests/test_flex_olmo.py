@@ -72,6 +72,12 @@ def test_olmo2_becomes_flex_olmo_by_default_and_only():
     assert arch.FAMILIES["flex_olmo"].target_settings["norm_topk_prob"] is True
 
 
+@pytest.mark.parametrize("command", ["upcycle", "split"])
+def test_the_format_help_comes_from_the_registry(run_cli, command):
+    code, out, _ = run_cli(command, "--help")
+    assert code == 0 and "olmo2 -> flex_olmo" in " ".join(out.split())
+
+
 def test_layer_by_layer_execution_equals_the_whole_model(tmp_path):
     """The streaming runner (used by --verify and calibration) computes transformers' numbers, padding included."""
     from surgery.execution.hidden import MemoryBudget
