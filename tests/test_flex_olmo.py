@@ -128,6 +128,14 @@ def test_normalised_top_k_is_what_makes_the_upcycle_exact(tmp_path, run_cli, olm
     assert max_difference(olmo2, tmp_path / "out") > 1e-3
 
 
+def test_attention_biases_carry_over_since_flex_olmo_has_the_same_attention(tmp_path, run_cli):
+    src = save_model(tmp_path / "src", "olmo2", seed=4, attention_bias=True)
+    surgery(run_cli, "upcycle", src, tmp_path / "out", "-n", 4, "-k", 2)
+    assert config_of(tmp_path / "out")["attention_bias"] is True
+    assert "model.layers.1.self_attn.o_proj.bias" in tensors_of(tmp_path / "out")
+    assert max_difference(src, tmp_path / "out") <= EXACT
+
+
 def test_olmo2_rms_norm_eps_is_written_out_where_the_source_config_omits_it(tmp_path, run_cli, olmo2):
     """A config without rms_norm_eps means 1e-5 to OLMo 2 but 1e-6 to FlexOlmo: the result states 1e-5."""
     import shutil
