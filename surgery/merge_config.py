@@ -11,7 +11,7 @@ Two YAML dialects are read:
     include_seed: false
     non_ffn: average             # average | seed | an expert's name
     top_k: 2
-    format: auto                 # auto | mixtral | qwen2_moe | qwen3_moe
+    format: auto                 # auto or an MoE format (the --format choices)
     router_init: calibrated      # auto | zero | normal | embedding | calibrated
     dtype: bf16                  # optional; default: the inputs' dtype
 

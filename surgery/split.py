@@ -374,8 +374,7 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
 @click.option("--strategy", default=None,
               help="How neurons are divided: random, clustering, sharing-inner, sharing-inter, shared-norm, coactivation.")
 @click.option("--format", "fmt", default="auto", show_default=True,
-              help="Output format: auto (mixtral for llama/mistral, qwen2_moe for qwen2, qwen3_moe for qwen3), "
-                   "mixtral, qwen2_moe, qwen3_moe.")
+              help=f"Output format: auto ({arch.auto_formats()}), {', '.join(arch.moe_formats())}.")
 @click.option("--shared-neurons", type=int, default=None, help="Neurons shared by every token (default: 0; "
               "sharing-inter and shared-norm: the size of one expert).")
 @click.option("--shared-fraction", type=float, default=None, help="Shared neurons as a fraction of the FFN.")

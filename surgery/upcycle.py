@@ -376,7 +376,7 @@ def calibrated_routers(source, family, options: UpcycleOptions, layers: list[int
 @click.option("--num-experts", "-n", type=int, required=True, help="Experts per MoE layer (N).")
 @click.option("--top-k", "-k", type=int, required=True, help="Experts each token uses (K <= N).")
 @click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(FORMATS),
-              help="Target format; auto: Llama/Mistral -> mixtral, Qwen2 -> qwen2_moe, Qwen3 -> qwen3_moe.")
+              help=f"Target format; auto: {arch.auto_formats()}.")
 @click.option("--router-init", default="normal", show_default=True, type=click.Choice(ROUTER_INITS),
               help="Router rows: normal(0, std), uniform(+-1/sqrt(hidden)), zero, or k-means centroids of the "
                    "router inputs on calibration text.")

@@ -21,12 +21,15 @@ CONFIGS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(intermediate_size=44)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=44, head_dim=8)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(intermediate_size=44, pad_token_id=0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(intermediate_size=44)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=20, num_local_experts=4, num_experts_per_tok=2)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(intermediate_size=44, moe_intermediate_size=12,
                                                                shared_expert_intermediate_size=20, num_experts=4,
                                                                num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(intermediate_size=44, moe_intermediate_size=12,
                                                                num_experts=4, num_experts_per_tok=2, head_dim=8)),
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(intermediate_size=20, num_experts=4,
+                                                                num_experts_per_tok=2, pad_token_id=0)),
 }
 
 

@@ -21,5 +21,6 @@ from surgery.families.base import (
     Conversion, Expected, Family, FusedSource, Spec, config_value, detect_expert_layout, dimensions, expected_tensors,
     is_moe_layer, per_expert, qkv_bias, shape_of, source_views, specs)
 from surgery.families.registry import (
-    CONVERSIONS, DEFAULT_TARGET, FAMILIES, TARGET_SETTINGS, detect_family, family_modules, moe_formats, supported)
+    CONVERSIONS, DEFAULT_TARGET, FAMILIES, TARGET_SETTINGS, auto_formats, detect_family, family_modules, moe_formats,
+    supported)
 from surgery.families.convert import DROPPED_KEYS, moe_config, moe_target

@@ -51,6 +51,14 @@ def moe_formats() -> tuple[str, ...]:
     return tuple(name for name, family in FAMILIES.items() if family.kind == "moe")
 
 
+def auto_formats() -> str:
+    """What ``--format auto`` picks, for help texts: 'llama/mistral -> mixtral, qwen2 -> qwen2_moe, ...'."""
+    sources: dict[str, list[str]] = {}
+    for source, target in DEFAULT_TARGET.items():
+        sources.setdefault(target, []).append(source)
+    return ", ".join(f"{'/'.join(names)} -> {target}" for target, names in sources.items())
+
+
 def supported() -> str:
     return ", ".join(f"{f.architecture} ({f.name})" for f in FAMILIES.values())
 
