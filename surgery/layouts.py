@@ -36,6 +36,8 @@ def convert(plan: Plan, layout: str) -> Plan:
             raise SurgeryError(f"--layout fused: the output is a {family.architecture}, which has no experts to fuse")
         return plan
     current, wanted = arch.detect_expert_layout(family, names), LAYOUTS[layout]
+    if wanted not in family.stored_layouts:  # GraniteMoE has no per-expert layout: always fused
+        wanted = family.stored_layouts[0]
     if current == wanted:
         return plan
     groups = _fused_groups(family, plan.config)

@@ -37,7 +37,7 @@ def model_family(model):
 def router_path(family) -> str:
     """The router's module path inside a decoder layer as transformers holds it (``mlp.gate``)."""
     spec = family.fused_router or family.router
-    return spec.template.split("{layer}.", 1)[1].removesuffix(".weight")
+    return family.memory_name(spec.template.split("{layer}.", 1)[1]).removesuffix(".weight")
 
 
 def router_modules(model) -> dict[int, object]:

@@ -171,7 +171,7 @@ def _layer_layout(family: arch.Family, config: dict, layer: int, stored_layout: 
     memory = [e for e in arch.expected_tensors(family, config, "fused").values() if e.layer == layer]
     out = []
     for entry in memory:
-        name = entry.name[len(prefix):]
+        name = family.memory_name(entry.name[len(prefix):])
         if entry.group == "router":
             stored = (family.fused_router or family.router) if stored_layout == "fused" else family.router
             out.append(MemoryTensor(name, entry.shape, (Piece((), stored.name(layer)),)))

@@ -155,6 +155,16 @@ class Family:
     mergekit_names: tuple[str, ...] = ()
     # roles stored fused in one tensor (checkpoints and transformers' module alike)
     fused_sources: tuple[FusedSource, ...] = ()
+    # MoE families: the layouts its checkpoints may store experts in ("per_expert", "fused"); a family
+    # that stores them fused only (GraniteMoE) still names per-expert roles, which plans are built from
+    stored_layouts: tuple[str, ...] = ("per_expert", "fused")
+    # layer-relative stored name -> transformers' in-memory name, where they differ (GraniteMoE keeps its
+    # original ``input_linear`` names on disk; its module holds ``experts.gate_up_proj``)
+    memory_names: dict = field(default_factory=dict)
+
+    def memory_name(self, relative: str) -> str:
+        """transformers' in-memory name of a stored tensor, relative to its decoder layer."""
+        return self.memory_names.get(relative, relative)
 
     def spec(self, group: str, role: str) -> Spec:
         pool = {"ffn": self.dense_ffn, "experts": self.experts, "shared_expert": self.shared_expert,
