@@ -1,0 +1,17 @@
+"""Granite (GraniteForCausalLM), dense: Llama's tensors with four scalar multipliers.
+
+``embedding_multiplier`` scales the embeddings, ``attention_multiplier`` replaces 1/sqrt(head_dim),
+``residual_multiplier`` scales each block's output before the residual add and ``logits_scaling``
+divides the logits. GraniteMoE reads the same four keys, so they are carried verbatim and the MoE
+reproduces the source. GraniteMoE has no FFN biases: a source with ``mlp_bias`` is refused.
+"""
+
+from surgery.families.base import BASE_DEFAULTS, L, NORMS, O_BIAS, QKVO, Conversion, Family, qkv_bias, specs
+
+FAMILY = Family(
+    "granite", "GraniteForCausalLM", "dense",
+    specs("attention", L, QKVO + qkv_bias("attention_bias") + O_BIAS) + NORMS,
+    defaults=BASE_DEFAULTS,
+    conversions={"granitemoe": Conversion(refuse_if=("mlp_bias",))},
+    default_target="granitemoe",
+)
