@@ -86,7 +86,8 @@ def output_options(func=None, *, verify: bool = True, layout: str = "per-expert"
     command = click.option("--layout", default=layout, show_default=True, type=click.Choice(choices),
                            help="How an MoE output stores its experts: per-expert tensors (what llama.cpp's "
                                 "converter and vLLM read) or fused as transformers 5 saves them"
-                                + (", or as the source does (keep)" if layout == "keep" else "") + ".")(command)
+                                + (", or as the source does (keep)" if layout == "keep" else "")
+                                + f"; {_fused_only()} store them fused only.")(command)
     command = click.option("--allow-nonfinite", is_flag=True,
                            help="Write tensors that contain NaN/Inf instead of refusing.")(command)
     command = click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")(command)
@@ -96,6 +97,12 @@ def output_options(func=None, *, verify: bool = True, layout: str = "per-expert"
     command = click.option("--max-shard-size", default="5GB", show_default=True,
                            help="Largest shard, in bytes: 500MB, 5GB, 2GiB ...")(command)
     return command
+
+
+def _fused_only() -> str:
+    from surgery.families import FAMILIES
+
+    return ", ".join(name for name, family in FAMILIES.items() if family.stored_layouts == ("fused",)) or "no formats"
 
 
 def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = None, fill=None):
