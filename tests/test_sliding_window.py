@@ -157,7 +157,7 @@ QWEN3_REFUSAL = ("layers 2-3 of 4 attend through a sliding window of 4 and layer
 
 @pytest.mark.parametrize("drop, cause", [
     (("layer_types",), "use_sliding_window is true and max_window_layers is 2, so"),
-    ((), "layer_types makes"),
+    ((), "layer_types says"),
 ], ids=["layer_types-absent", "layer_types-written"])
 def test_qwen3_with_only_some_layers_sliding_is_refused_before_writing(tmp_path, run_cli, source, drop, cause):
     src = source("qwen3", drop=drop, max_window_layers=2, **ON)

@@ -62,10 +62,10 @@ def _layers(layers) -> str:
 
 
 def _sliding_cause(source: Family, source_config: dict) -> str:
-    """The source keys that decide which of its layers slide, as '... so' / '... makes'."""
+    """The source keys that decide which of its layers slide, as '... so' / 'layer_types says'."""
     rule = source.sliding
     if rule.per_layer and source_config.get("layer_types") is not None:
-        return "layer_types makes"
+        return "layer_types says"
     settings = sliding_settings(source, source_config)
     said = [f"{rule.switch} is true"] if rule.switch else []
     said += [f"{key} is {settings[key]!r}" for key in (rule.derived_from if rule.per_layer else ())]
