@@ -258,5 +258,6 @@ def test_a_sliding_layer_without_a_window_in_effect_is_refused():
 
 def test_layer_types_of_the_wrong_length_are_refused():
     config = {"num_hidden_layers": LAYERS, **ON, "layer_types": ALTERNATE[:3]}
-    with pytest.raises(SurgeryError, match=r"layer_types must list one attention kind per layer \(num_hidden_layers 4\)"):
+    with pytest.raises(SurgeryError,
+                       match=r"layer_types must list one attention kind per layer \(num_hidden_layers 4\)"):
         arch.moe_target(arch.FAMILIES["qwen3"], "auto", config)
