@@ -207,7 +207,8 @@ def open_merge(spec: MergeSpec) -> Merge:
     target = arch.moe_target(family, spec.format, reference.checkpoint.config, where)
     dims = arch.dimensions(family, reference.checkpoint.config, where)
     config = arch.moe_config(family, reference.checkpoint.config, target, num_experts=len(experts), top_k=spec.top_k,
-                             expert_ffn=dims["ffn"], shared_ffn=INERT_SHARED_FFN if target.shared_expert else None)
+                             expert_ffn=dims["ffn"], shared_ffn=INERT_SHARED_FFN if target.shared_expert else None,
+                             where=where)
     if target.shared_expert:
         notes.append(inert_shared_note(target))
     embed = family.spec("embedding", "embed").name()

@@ -260,7 +260,8 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
     layout = layout_for(partitions, target)
     dense_layers = [layer for layer in range(dims["layers"]) if layer not in layers]
     config = arch.moe_config(family, source.config, target, num_experts=n, top_k=k, expert_ffn=layout.expert_ffn,
-                             shared_ffn=layout.shared_ffn or None, dense_layers=dense_layers)
+                             shared_ffn=layout.shared_ffn or None, dense_layers=dense_layers,
+                             where=source.directory / "config.json")
     dtype = None if options.dtype in (None, "keep") else parse_dtype(options.dtype)
     set_config_dtype(config, dtype)
     holders = {layer: p.holders(ffn) for layer, p in partitions.items()}

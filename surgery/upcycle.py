@@ -147,7 +147,7 @@ def plan_from_options(src, options: UpcycleOptions, spill_dir=None) -> Plan:
         raise SurgeryError(f"--shared-expert: format {target.name} has no shared expert (use --format qwen2_moe)")
     shared_ffn = (ffn if options.shared_expert else INERT_SHARED_FFN) if target.shared_expert else None
     config = arch.moe_config(family, source.config, target, num_experts=options.num_experts, top_k=options.top_k,
-                             expert_ffn=ffn // g, shared_ffn=shared_ffn, dense_layers=dense_layers)
+                             expert_ffn=ffn // g, shared_ffn=shared_ffn, dense_layers=dense_layers, where=where)
     out_dtype = None
     if options.dtype != "keep":
         from surgery.checkpoint import parse_dtype

@@ -3,7 +3,9 @@
 Every difference between architectures is data. ``base`` defines what a family is made of
 (``Spec`` rows: a role, a group, a tensor-name template with ``{layer}`` / ``{expert}``
 placeholders, a shape in named dimensions, an optional condition on a config key), the row groups
-families share and the shape logic (``dimensions``, ``expected_tensors``, ``is_moe_layer`` ...).
+families share, the shape logic (``dimensions``, ``expected_tensors``, ``is_moe_layer`` ...) and the
+reading of sliding-window keys (``SlidingWindow``, ``layer_windows``: which layers transformers makes
+slide).
 Each family module (``llama``, ``qwen2_moe`` ..., named by the HF ``model_type``) declares one
 ``FAMILY``: its rows, its defaults, and for a dense family the MoE formats it can become (its
 ``Conversion``s) and the one ``--format auto`` picks, for an MoE family its config keys and
@@ -17,9 +19,10 @@ package is cheap: no torch, no transformers.
 """
 
 from surgery.families.base import (
-    BASE_DEFAULTS, DENSE_FFN, FUSED_EXPERTS, FUSED_PARTS, GLOBAL, NORMS, O_BIAS, QK_NORM, QKVO, QWEN_SPARSE_DEFAULTS, L,
-    Conversion, Expected, Family, FusedSource, Spec, config_value, detect_expert_layout, dimensions, expected_tensors,
-    is_moe_layer, per_expert, qkv_bias, shape_of, source_views, specs)
+    BASE_DEFAULTS, DENSE_FFN, FUSED_EXPERTS, FUSED_PARTS, GLOBAL, NORMS, O_BIAS, QK_NORM, QKVO, QWEN_SPARSE_DEFAULTS,
+    SLIDING_FROM_MAX_WINDOW_LAYERS, L, Conversion, Expected, Family, FusedSource, SlidingWindow, Spec, config_value,
+    detect_expert_layout, dimensions, expected_tensors, is_moe_layer, layer_windows, per_expert, qkv_bias, shape_of,
+    source_views, specs, windows_config)
 from surgery.families.registry import (
     CONVERSIONS, DEFAULT_TARGET, FAMILIES, TARGET_SETTINGS, auto_formats, detect_family, family_modules, moe_formats,
     supported)

@@ -6,6 +6,13 @@ keys are set and copied; an MoE family's ``target_settings`` and ``moe_keys`` sa
 holds. Every other key of the source config is carried over verbatim (rope settings in either the
 4.x ``rope_theta`` / ``rope_scaling`` or the 5.x ``rope_parameters`` form, ``rms_norm_eps``,
 ``head_dim``, token ids ...).
+
+Sliding-window attention is translated, not carried: the families' ``sliding`` rules say which layers
+transformers makes slide, with which window, for a config of theirs. Where the target would read the
+carried keys otherwise than the source does (Qwen2-MoE derives ``layer_types`` differently from
+Qwen2, Mixtral has no window where Mistral's default is 4096), the keys are rewritten so that the
+same layers slide with the same window; where the target cannot say it (Qwen3-MoE slides every layer
+or none), the source is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from surgery.errors import SurgeryError
-from surgery.families.base import Family, config_value
+from surgery.families.base import (
+    Family, config_value, layer_count, layer_windows, sliding_settings, windows_config)
 from surgery.families.registry import FAMILIES, moe_formats
 
 # Keys never carried from a dense source into an MoE config: identity and bookkeeping.
@@ -44,12 +52,62 @@ def moe_target(source: Family, target: str, source_config: dict, where: Path | s
         if found is not None and found != value:
             raise SurgeryError(f"{where}: {key} is {found!r}, but {reason} (it needs {value!r}), so the result "
                                f"could not reproduce the source")
+    _sliding_keys(source, source_config, FAMILIES[name], _carried(source, source_config, FAMILIES[name]), where)
     return FAMILIES[name]
 
 
-def moe_config(source: Family, source_config: dict, target: Family, *, num_experts: int, top_k: int,
-               expert_ffn: int, shared_ffn: int | None = None, dense_layers: list[int] | None = None) -> dict:
-    """config.json for the MoE result: the source's keys verbatim, plus the target's MoE keys."""
+def _layers(layers) -> str:
+    """'layer 3', 'layers 1-3', 'layers 0, 2'."""
+    layers = sorted(layers)
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}-{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
+def _sliding_cause(source: Family, source_config: dict) -> str:
+    """The source keys that decide which of its layers slide, as '... so' / 'layer_types says'."""
+    rule = source.sliding
+    if rule.per_layer and source_config.get("layer_types") is not None:
+        return "layer_types says"
+    settings = sliding_settings(source, source_config)
+    said = [f"{rule.switch} is true"] if rule.switch else []
+    said += [f"{key} is {settings[key]!r}" for key in (rule.derived_from if rule.per_layer else ())]
+    return " and ".join(said or ["sliding_window is set"]) + ", so"
+
+
+def _sliding_keys(source: Family, source_config: dict, target: Family, config: dict, where: Path | str) -> dict:
+    """The keys that make `target`, built from `config`, slide the layers the source slides with its window
+    (empty when it already does), or a refusal where the target's config cannot say that."""
+    windows = layer_windows(source, source_config, where)
+    window = next(iter(windows.values()), 1)
+    if type(window) is not int or window <= 0:  # every sliding layer of a source has the same window
+        switch = source.sliding.switch
+        if switch and not sliding_settings(source, source_config)[switch]:
+            raise SurgeryError(f"{where}: layer_types makes {_layers(windows)} attend through a sliding window, but "
+                               f"{switch} is false, so no window is in effect and transformers cannot run the model")
+        raise SurgeryError(f"{where}: sliding_window must be a positive integer, found {window!r}")
+    if layer_windows(target, config, where) == windows:
+        return {}
+    layers = layer_count(source_config, where)  # one of the two has a sliding layer: the count was read
+    keys = windows_config(target, windows, layers)
+    if keys is not None and layer_windows(target, {**config, **keys}, where) == windows:
+        return keys
+    sizes = sorted(set(windows.values()))
+    full = [layer for layer in range(layers) if layer not in windows]
+    rest = f" and {_layers(full)} {'attends' if len(full) == 1 else 'attend'} fully" if full else ""
+    rule = target.sliding
+    why = (f"{target.name} has no sliding-window attention" if rule is None else
+           f"{target.name} applies one sliding window to every layer or to none" if not rule.per_layer else
+           f"{target.name} has one sliding_window for all its sliding layers")
+    raise SurgeryError(f"{where}: {_sliding_cause(source, source_config)} {_layers(windows)} of {layers} "
+                       f"{'attends' if len(windows) == 1 else 'attend'} through a sliding window of "
+                       f"{' / '.join(map(str, sizes))}{rest}, but {why}, so the result could not reproduce the source")
+
+
+def _carried(source: Family, source_config: dict, target: Family) -> dict:
+    """The source's keys verbatim, the target's identity and settings, the conversion's keys."""
     conversion = source.conversions[target.name]
     config = {key: value for key, value in source_config.items() if key not in DROPPED_KEYS}
     config["architectures"] = [target.architecture]
@@ -58,6 +116,16 @@ def moe_config(source: Family, source_config: dict, target: Family, *, num_exper
     config.update(conversion.set_keys)
     for target_key, source_key in conversion.copy_keys.items():
         config[target_key] = config_value(source, source_config, source_key)
+    return config
+
+
+def moe_config(source: Family, source_config: dict, target: Family, *, num_experts: int, top_k: int,
+               expert_ffn: int, shared_ffn: int | None = None, dense_layers: list[int] | None = None,
+               where: Path | str = "config.json") -> dict:
+    """config.json for the MoE result: the source's keys verbatim, the sliding-window keys translated,
+    plus the target's MoE keys."""
+    config = _carried(source, source_config, target)
+    config.update(_sliding_keys(source, source_config, target, config, where))
     if "tie_word_embeddings" not in config:
         config["tie_word_embeddings"] = config_value(source, source_config, "tie_word_embeddings")
     keys = target.moe_keys

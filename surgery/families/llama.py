@@ -2,6 +2,7 @@
 
 ``attention_bias`` adds q/k/v/o biases and ``mlp_bias`` FFN biases. It becomes Mixtral (auto) or
 Qwen2-MoE; neither has an o_proj bias or FFN biases, so a source with either flag is refused.
+Llama has no sliding-window attention (whatever sliding keys its config holds): its MoE config gets none.
 """
 
 from surgery.families.base import BASE_DEFAULTS, L, NORMS, O_BIAS, QKVO, Conversion, Family, qkv_bias, specs

@@ -2,11 +2,12 @@
 
 Per-expert weights are saved under ``block_sparse_moe`` as w1 (gate), w3 (up), w2 (down); in the
 fused layout (and in memory) the router is ``mlp.gate``. The expert size is the config's
-``intermediate_size``, since no layer keeps a dense FFN.
+``intermediate_size``, since no layer keeps a dense FFN. ``sliding_window`` (none where absent)
+applies to every layer.
 """
 
 from surgery.families import mistral
-from surgery.families.base import FUSED_EXPERTS, L, Family, Spec, per_expert
+from surgery.families.base import FUSED_EXPERTS, L, Family, SlidingWindow, Spec, per_expert
 
 FAMILY = Family(
     "mixtral", "MixtralForCausalLM", "moe", mistral.FAMILY.attention,
@@ -19,4 +20,5 @@ FAMILY = Family(
     moe_keys={"experts": ("num_local_experts",), "top_k": ("num_experts_per_tok",),
               "expert_ffn": ("intermediate_size",)},
     target_settings={"router_aux_loss_coef": 0.001, "output_router_logits": False, "router_jitter_noise": 0.0},
+    sliding=SlidingWindow(defaults={"sliding_window": None}),
 )

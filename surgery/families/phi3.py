@@ -10,7 +10,8 @@ only part of each head (``partial_rotary_factor`` 0.75), which Mixtral's attenti
 PhiMoE (its own MoE) normalises with LayerNorm with bias, which no RMSNorm target reproduces.
 """
 
-from surgery.families.base import BASE_DEFAULTS, DENSE_FFN, L, NORMS, QKVO, Conversion, Family, FusedSource, specs
+from surgery.families.base import (BASE_DEFAULTS, DENSE_FFN, L, NORMS, QKVO, Conversion, Family, FusedSource,
+                                   SlidingWindow, specs)
 
 FAMILY = Family(
     "phi3", "Phi3ForCausalLM", "dense",
@@ -24,4 +25,5 @@ FAMILY = Family(
             1.0, "mixtral's attention rotates every dimension of each head")}),
     },
     default_target="mixtral",
+    sliding=SlidingWindow(defaults={"sliding_window": None}),  # one window for every layer, none where null
 )

@@ -2,10 +2,16 @@
 the routed experts, and dense layers where ``mlp_only_layers`` / ``decoder_sparse_step`` say.
 
 mergekit-moe calls this format ``qwen``.
+
+Sliding window: with ``use_sliding_window`` on, the layers ``layer_types`` marks slide; absent, the
+even layers below ``max_window_layers`` (transformers' Qwen2MoeConfig). Off, the window is 0. Its
+attention applies the window through the mask only: transformers' flash-attention path does not
+receive it (as of 5.24), unlike Qwen2's.
 """
 
 from surgery.families import qwen2
-from surgery.families.base import FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, Spec, per_expert, specs
+from surgery.families.base import (
+    FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, SlidingWindow, Spec, per_expert, specs)
 
 SHARED_EXPERT = specs("shared_expert", L + "mlp.", [
     ("gate", "shared_expert.gate_proj.weight", ("shared_ffn", "hidden")),
@@ -26,4 +32,8 @@ FAMILY = Family(
     sparse_layers="qwen",
     target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False},
     mergekit_names=("qwen",),
+    sliding=SlidingWindow(
+        defaults={"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28},
+        switch="use_sliding_window", off_value=0, per_layer=True, derived_from=("max_window_layers",),
+        derive=lambda layer, s: layer % 2 == 0 and layer < s["max_window_layers"] and bool(s["use_sliding_window"])),
 )

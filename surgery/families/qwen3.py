@@ -1,8 +1,14 @@
 """Qwen3 (Qwen3ForCausalLM), dense: per-head q/k norms, optional attention biases (``attention_bias``).
 It becomes Qwen3-MoE, which has the same attention but no FFN biases (a source with ``mlp_bias`` is
-refused)."""
+refused).
 
-from surgery.families.base import BASE_DEFAULTS, L, NORMS, O_BIAS, QK_NORM, QKVO, Conversion, Family, qkv_bias, specs
+Sliding window: as Qwen2 (``layer_types``, or layers from ``max_window_layers`` on). Qwen3-MoE slides
+every layer or none, so a source where only some layers slide is refused.
+"""
+
+from surgery.families.base import (
+    BASE_DEFAULTS, L, NORMS, O_BIAS, QK_NORM, QKVO, SLIDING_FROM_MAX_WINDOW_LAYERS, Conversion, Family, qkv_bias,
+    specs)
 
 FAMILY = Family(
     "qwen3", "Qwen3ForCausalLM", "dense",
@@ -10,4 +16,5 @@ FAMILY = Family(
     defaults=BASE_DEFAULTS,
     conversions={"qwen3_moe": Conversion(refuse_if=("mlp_bias",))},
     default_target="qwen3_moe",
+    sliding=SLIDING_FROM_MAX_WINDOW_LAYERS,
 )
