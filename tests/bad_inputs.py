@@ -208,7 +208,7 @@ CORPUS = [
     ("index not JSON", index_not_json, True, "model.safetensors.index.json: not valid JSON", ALL),
     ("config missing", config_missing, False, "config.json: no such file", ("upcycle", "split", "merge", "validate")),
     ("config not JSON", config_not_json, False, "config.json: not valid JSON", ALL),
-    ("architecture unknown", architecture_unknown, False, "'GPT2LMHeadModel' is not supported (supported: LlamaForCausalLM", ("inspect", "upcycle", "split", "merge", "validate")),
+    ("architecture unknown", architecture_unknown, False, "'GPT2LMHeadModel' is not supported (supported: ", ("inspect", "upcycle", "split", "merge", "validate")),
     ("hidden size disagrees with tensor shapes", hidden_size_disagrees, False, "config.json implies", ("upcycle", "split", "merge", "validate")),
     ("head counts that do not divide", heads_do_not_divide, False, "must be a multiple of num_key_value_heads (3)", ("inspect", "upcycle", "split", "merge", "validate")),
     ("pickle checkpoint (pytorch_model.bin)", pickle_bin, False, "pickle checkpoints are refused", ALL),
