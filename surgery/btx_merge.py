@@ -30,7 +30,8 @@ from surgery.merge_config import FITS_DEFAULT, SEED_NAME, MergeSpec
 from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_expert, inert_shared_note
 from surgery.execution.session import RunSettings, run_options
 from surgery.operations.output import OutputOptions, PostWriteCheck, dtype_option, output_options, write
-from surgery.plan import Copy, Init, Plan, Recipe
+from surgery.plan import Plan
+from surgery.recipes import Copy, Init, Recipe
 from surgery.seeds import router_seed
 
 ROUTER_STD = 0.02
@@ -57,7 +58,7 @@ class BlockedMean(Recipe):
         return "mean(" + ", ".join(f"{w:g}*{c.label or c.directory}" for w, c in zip(self.weights, self.checkpoints)) + ")"
 
     def numpy_ready(self, dtype):
-        from surgery.plan import NUMPY_FLOATS
+        from surgery.recipes import NUMPY_FLOATS
 
         stored = {checkpoint.info(self.name).dtype for checkpoint in self.checkpoints}
         return dtype in NUMPY_FLOATS and stored <= {*NUMPY_FLOATS, "BF16"}  # float8 needs torch (_as_float32)
@@ -88,7 +89,7 @@ class BlockedMean(Recipe):
 
         import numpy as np
 
-        from surgery.plan import NUMPY_FLOATS
+        from surgery.recipes import NUMPY_FLOATS
 
         shape = tuple(self.checkpoints[0].info(self.name).shape)
         total = float(sum(self.weights))
@@ -120,7 +121,7 @@ class BlockedMean(Recipe):
 
 def _raw_numpy(stored: str) -> str:
     """The numpy dtype that holds stored values as they are: the float itself, else raw bits."""
-    from surgery.plan import NUMPY_FLOATS
+    from surgery.recipes import NUMPY_FLOATS
     from surgery.safetensors_format import DTYPE_SIZES
 
     return NUMPY_FLOATS.get(stored) or {1: "uint8", 2: "uint16"}[DTYPE_SIZES[stored]]

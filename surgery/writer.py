@@ -31,7 +31,8 @@ from typing import Callable
 from surgery import __version__, console
 from surgery.checkpoint import INDEX_NAME, SINGLE_NAME, torch_dtype
 from surgery.errors import SurgeryError
-from surgery.plan import Copy, Deferred, Joined, OutputTensor, Plan
+from surgery.plan import OutputTensor, Plan
+from surgery.recipes import Copy, Deferred, Joined
 from surgery.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, encode_header, read_header
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9

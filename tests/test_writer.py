@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from surgery import writer
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.plan import Copy, OutputTensor, Plan, Rows, Scale
+from surgery.plan import OutputTensor, Plan
+from surgery.recipes import Copy, Rows, Scale
 from surgery.safetensors_format import read_header
 from tiny_models import save_model
 
@@ -124,7 +125,7 @@ def test_a_nonfinite_input_of_a_computed_tensor_is_named_with_its_file(tmp_path)
 
 
 def _deferred_plan(source):
-    from surgery.plan import Deferred
+    from surgery.recipes import Deferred
 
     return _plan(source, [OutputTensor("r", (2, 2), "BF16", Deferred("fitted later")),
                           OutputTensor("a", (4,), "F32", Scale(Copy(source, "a"), 2.0)),
