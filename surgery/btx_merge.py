@@ -412,7 +412,8 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     from surgery.btx_router import PendingRouter, calibration_parts, fit_calibrated, print_routing, routing_table_text
     from surgery.checkpoint import Checkpoint
     from surgery.execution.weights import ModelWeights
-    from surgery.writer import Filled, check_output_path
+    from surgery.io.deferred import Filled
+    from surgery.writer import check_output_path
 
     check_output_path(out, plan.sources, output.force)
     parts = calibration_parts(merge, _tokenizer(merge))  # a bad calibration text is refused before writing
