@@ -223,7 +223,7 @@ class WeightedMean(Recipe):
 
     def compute(self):
         """x_0 * (w_0/W), then + x_i * (w_i/W) in order: each product and each sum rounded to float32
-        once (no fused multiply-add), the arithmetic numpy does too (btx_merge.BlockedMean)."""
+        once (no fused multiply-add), the arithmetic numpy does too (merge_mean.BlockedMean)."""
         import torch
 
         total = float(sum(self.weights))
