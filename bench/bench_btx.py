@@ -106,7 +106,8 @@ def surgery_merge(world: Path, out: Path, *, init: str, non_ffn: str = "average"
                   top_k: int = 2, fit: str = "logistic", weights=()) -> float:
     """`surgery merge` in-process (same code path as the CLI); returns seconds."""
     from surgery import console
-    from surgery.btx_merge import open_merge, resolve_router_init, run_merge
+    from surgery.btx_merge import run_merge
+    from surgery.merge_model import open_merge, resolve_router_init
     from surgery.operations.output import OutputOptions
     from surgery.merge_config import spec_from_options
 

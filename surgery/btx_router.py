@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from surgery import console
 from surgery.errors import SurgeryError
-from surgery.plan import Deferred, Recipe
+from surgery.recipes import Deferred, Recipe
 
 
 @dataclass

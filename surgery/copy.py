@@ -8,7 +8,8 @@ import click
 
 from surgery.checkpoint import Checkpoint, parse_dtype, set_config_dtype
 from surgery.operations.output import OutputOptions, dtype_option, output_options, write
-from surgery.plan import Copy, OutputTensor, Plan
+from surgery.plan import OutputTensor, Plan
+from surgery.recipes import Copy
 from surgery.safetensors_format import FLOAT_DTYPES
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from surgery import families as arch
 from surgery.errors import SurgeryError
-from surgery.plan import Copy, Joined, OutputTensor, Plan
+from surgery.plan import OutputTensor, Plan
+from surgery.recipes import Copy, Joined
 
 LAYOUTS = {"per-expert": "per_expert", "fused": "fused"}  # --layout value -> families' layout name
 

@@ -16,7 +16,8 @@ from surgery import families as arch
 from surgery.families import Expected, Family
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.plan import Copy, Init, OutputTensor, Recipe
+from surgery.plan import OutputTensor
+from surgery.recipes import Copy, Init, Recipe
 
 MOE_GROUPS = ("router", "experts", "shared_expert", "ffn")
 

@@ -74,7 +74,7 @@ class RoutingSums:
                          if arch.is_moe_layer(family, config, layer)}
 
     def probes(self, layer: int) -> list:
-        from surgery.execution.runner import Probe
+        from surgery.execution.probes import Probe
 
         if layer not in self.sums:
             return []

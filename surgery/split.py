@@ -240,7 +240,8 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
     from surgery.moe_plan import dense_ffn_names, folded_rounding, moe_tensors, provenance
     from surgery.partition import files
     from surgery.partition.calibrated import partition_layers
-    from surgery.plan import Columns, Concat, Constant, Copy, Init, PadRows, Plan, Rows, Scale
+    from surgery.plan import Plan
+    from surgery.recipes import Columns, Concat, Constant, Copy, Init, PadRows, Rows, Scale
 
     target, dims, layers, scale = _resolve(source, family, options)
     ffn, n, k = dims["ffn"], options.num_experts, options.top_k

@@ -33,7 +33,8 @@ from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_n
 from surgery.execution.session import run_options
 from surgery.operations.output import (OUTPUT_DTYPES, OutputOptions, PostWriteCheck, dtype_option, output_options,
                                       write)
-from surgery.plan import Apply, Columns, Constant, Copy, Init, Plan, Recipe, Rows, Scale
+from surgery.plan import Plan
+from surgery.recipes import Apply, Columns, Constant, Copy, Init, Recipe, Rows, Scale
 from surgery.seeds import router_seed
 
 FORMATS = ("auto", *arch.moe_formats())

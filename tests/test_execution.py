@@ -350,7 +350,7 @@ def test_batches_run_in_row_chunks_give_the_same_logits_and_probe_rows(models, m
     """A batch goes through a layer a few rows at a time (bounded activations); masks are cut with the rows,
     and probes still receive each batch's real tokens once, in order."""
     from surgery.execution import runner as runner_module
-    from surgery.execution.runner import Probe
+    from surgery.execution.probes import Probe
 
     directory = models("qwen2_moe")
     with Checkpoint.open(directory) as checkpoint:

@@ -87,14 +87,14 @@ def test_a_granular_upcycle_without_its_down_projection_scale_is_caught(tmp_path
 
 def test_the_verify_of_a_corrupted_write_fails_with_exit_2_and_keeps_the_output(tmp_path, run_cli, sources, monkeypatch):
     """The writer itself corrupting an expert (simulated) is what --verify exists to catch."""
-    from surgery import plan as plan_module
+    from surgery import recipes as recipes_module
 
-    original = plan_module.Scale.compute
+    original = recipes_module.Scale.compute
 
     def wrong(self):
         return original(self) * 1.01
 
-    monkeypatch.setattr(plan_module.Scale, "compute", wrong)  # every scaled down_proj of a granular upcycle
+    monkeypatch.setattr(recipes_module.Scale, "compute", wrong)  # every scaled down_proj of a granular upcycle
     code, out, err = run_cli("upcycle", sources["llama"], tmp_path / "out", "-n", 4, "-k", 2, "-g", 2, "--verify")
     text = " ".join((out + err).split())
     assert code == 2 and "--verify:" in text and "layer 0: MoE output differs from the dense FFN" in text

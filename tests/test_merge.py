@@ -426,8 +426,8 @@ def test_unknown_yaml_keys_are_refused_with_the_key_named(tmp_path, world, run_c
 
 
 def test_blocked_mean_equals_the_plan_weighted_mean_bit_exactly(world):
-    from surgery.btx_merge import BlockedMean
-    from surgery.plan import Copy, WeightedMean
+    from surgery.merge_mean import BlockedMean
+    from surgery.recipes import Copy, WeightedMean
 
     checkpoints = [Checkpoint.open(world[name]) for name in ("a", "b", "seed")]
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.self_attn.o_proj.weight"):
@@ -437,8 +437,8 @@ def test_blocked_mean_equals_the_plan_weighted_mean_bit_exactly(world):
 
 
 def test_blocked_mean_of_bf16_models_equals_the_plan_weighted_mean(tmp_path):
-    from surgery.btx_merge import BlockedMean
-    from surgery.plan import Copy, WeightedMean
+    from surgery.merge_mean import BlockedMean
+    from surgery.recipes import Copy, WeightedMean
 
     checkpoints = [Checkpoint.open(save_model(tmp_path / str(seed), "llama", seed=seed, dtype="bfloat16"))
                    for seed in (1, 2)]

@@ -12,7 +12,11 @@ from safetensors.torch import load_file, save_file
 from surgery import writer
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.plan import Copy, OutputTensor, Plan, Rows, Scale
+from surgery.io.deferred import Filled
+from surgery.io.read_ahead import ReadAhead
+from surgery.io.sharding import assign_shards
+from surgery.plan import OutputTensor, Plan
+from surgery.recipes import Copy, Rows, Scale
 from surgery.safetensors_format import read_header
 from tiny_models import save_model
 
@@ -43,7 +47,7 @@ def test_shards_keep_plan_order_across_shards(tmp_path):
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
     tensors = [OutputTensor("a", (4,), "F32", Scale(Copy(source, "a"), 2.0)),
                OutputTensor("b", (4,), "F32", Copy(source, "b"))]
-    shards = writer.assign_shards(tensors, max_shard_size=16)
+    shards = assign_shards(tensors, max_shard_size=16)
     assert [[t.name for t in shard.tensors] for shard in shards] == [["a"], ["b"]]
 
 
@@ -61,9 +65,9 @@ def test_read_ahead_advises_the_inputs_of_the_next_tensors_up_to_the_budget(tmp_
     source = _source(tmp_path / "src", {name: torch.ones(256) for name in names})  # 1 KiB each
     tensors = [OutputTensor(name, (256,), "F32", Copy(source, name)) for name in names]
     advised = []
-    monkeypatch.setattr(writer, "READ_AHEAD_BYTES", 2048)
+    monkeypatch.setattr("surgery.io.read_ahead.READ_AHEAD_BYTES", 2048)
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append((offset, length)))
-    read_ahead = writer._ReadAhead(tensors)
+    read_ahead = ReadAhead(tensors)
     offsets = [source.info(name).offset for name in names]
 
     read_ahead.before(0)
@@ -79,9 +83,9 @@ def test_read_ahead_advises_the_inputs_of_the_next_tensors_up_to_the_budget(tmp_
 def test_read_ahead_can_be_turned_off(tmp_path, monkeypatch):
     source = _source(tmp_path / "src", {"a": torch.ones(4)})
     advised = []
-    monkeypatch.setattr(writer, "READ_AHEAD_BYTES", 0)
+    monkeypatch.setattr("surgery.io.read_ahead.READ_AHEAD_BYTES", 0)
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: advised.append(args))
-    writer._ReadAhead([OutputTensor("a", (4,), "F32", Copy(source, "a"))]).before(0)
+    ReadAhead([OutputTensor("a", (4,), "F32", Copy(source, "a"))]).before(0)
     assert advised == []
 
 
@@ -124,7 +128,7 @@ def test_a_nonfinite_input_of_a_computed_tensor_is_named_with_its_file(tmp_path)
 
 
 def _deferred_plan(source):
-    from surgery.plan import Deferred
+    from surgery.recipes import Deferred
 
     return _plan(source, [OutputTensor("r", (2, 2), "BF16", Deferred("fitted later")),
                           OutputTensor("a", (4,), "F32", Scale(Copy(source, "a"), 2.0)),
@@ -137,7 +141,7 @@ def test_a_deferred_tensor_is_written_last_with_the_value_fill_gives_from_the_dr
 
     def fill(draft):
         seen["a"] = Checkpoint.open(draft).read("a").tolist()  # the draft is a readable checkpoint already
-        return writer.Filled({"r": torch.tensor([[1.5, -2.0], [0.25, 3.0]])}, {"NOTE.md": "fitted\n"})
+        return Filled({"r": torch.tensor([[1.5, -2.0], [0.25, 3.0]])}, {"NOTE.md": "fitted\n"})
 
     writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
     header = read_header(tmp_path / "out" / "model.safetensors")
@@ -152,7 +156,7 @@ def test_the_manifest_hashes_the_filled_shard(tmp_path):
 
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
     writer.write_plan(_deferred_plan(source), tmp_path / "out",
-                      fill=lambda draft: writer.Filled({"r": torch.full((2, 2), 7.0)}))
+                      fill=lambda draft: Filled({"r": torch.full((2, 2), 7.0)}))
     manifest = (tmp_path / "out" / writer.MANIFEST_NAME).read_text()
     assert sha256_file(tmp_path / "out" / "model.safetensors") in manifest
 
@@ -161,7 +165,7 @@ def test_a_nonfinite_deferred_value_is_refused_and_leaves_no_output(tmp_path):
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
     with pytest.raises(SurgeryError, match="output tensor 'r'.*1 NaN and 0 Inf"):
         writer.write_plan(_deferred_plan(source), tmp_path / "out",
-                          fill=lambda draft: writer.Filled({"r": torch.tensor([[1.0, float("nan")], [0.0, 0.0]])}))
+                          fill=lambda draft: Filled({"r": torch.tensor([[1.0, float("nan")], [0.0, 0.0]])}))
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
 

@@ -5,6 +5,9 @@
 * ``weights``: a model's weights in transformers' in-memory layout, from a checkpoint or a plan;
 * ``skeleton``: transformers' own model on the meta device, and how the runner uses it;
 * ``runner``: every batch through one decoder layer at a time (``LayerRunner``), with probes;
+* ``probes``: what a pass through a layer lets its caller see (``Probe``) and the hooks that deliver it;
+* ``layer_calls``: the per-layer arguments recorded for each batch, shared between batches and cut
+  to row chunks;
 * ``hidden``: the hidden states between layers and the memory budget that places them;
 * ``session``: what every command that runs a model shares (--device, --compute-dtype,
   --memory-budget, collecting probes);

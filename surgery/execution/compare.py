@@ -63,7 +63,8 @@ def compare_layers(model_weights, reference_weights, batches, settings, dtype: s
     """The layer-by-layer report (see the module doc); never raises for a difference (``check`` does)."""
     from surgery import console
     from surgery.execution.placement import Placement
-    from surgery.execution.runner import LayerRunner, Probe, heads
+    from surgery.execution.probes import Probe
+    from surgery.execution.runner import LayerRunner, heads
 
     import torch
 

@@ -17,36 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from surgery import console
 from surgery.errors import SurgeryError
 from surgery.execution.hidden import HiddenStore, MemoryBudget
+from surgery.execution.layer_calls import rows_of, shared
 from surgery.execution.placement import Placement
+from surgery.execution.probes import StopLayer, gathered_probes, probe_hooks
 from surgery.execution.weights import ModelWeights
 
 HEAD_CHUNK_BYTES = 64 * 2**20  # logits computed at once per model (rows x T x vocab x 4 bytes)
 CALL_TOKENS = 512  # tokens of a batch that go through a layer at once (its activations are what a call holds)
-
-
-@dataclass
-class Probe:
-    """What to see in each batch's pass through a layer, on real (unpadded) tokens only.
-
-    `module`: a path inside the decoder layer ("" = the layer itself); `where`: its "input" or
-    "output"; `consume(batch, rows)` receives a [real tokens, features] tensor on the device. In a
-    backward pass `consume(batch, rows, grad_rows)` also receives the loss gradient of that tensor.
-    """
-
-    module: str
-    where: str
-    consume: Callable
-
-
-class _StopLayer(Exception):
-    """Raised once a capture-only pass has seen what it needs."""
 
 
 MMAP_THRESHOLD = 2**20  # bytes: larger allocations get their own mapping, returned to the system when freed
@@ -137,7 +120,7 @@ class LayerRunner:
         for index, batch in enumerate(self.batches):
             hidden, batch_calls = self.skeleton.record(state, batch)
             out.put(index, hidden)
-            calls.append(_shared(batch_calls, calls))
+            calls.append(shared(batch_calls, calls))
         self._calls = calls
         del state
         return out
@@ -252,7 +235,7 @@ class LayerSession:
         for start in range(0, rows, step):
             part = slice(start, min(rows, start + step))
             whole = part.start == 0 and part.stop == rows
-            yield part, (args, kwargs) if whole else (_rows_of(args, part, rows), _rows_of(kwargs, part, rows))
+            yield part, (args, kwargs) if whole else (rows_of(args, part, rows), rows_of(kwargs, part, rows))
 
     def call(self, index: int, hidden, probes: tuple | list = (), stop_after: str | None = None,
              attention: list | None = None, replay=None):
@@ -264,13 +247,13 @@ class LayerSession:
 
         mask = self.runner.batches[index].attention_mask.to(self.runner.placement.device).bool()
         outputs, stopped = [], False
-        with _gathered(probes, index) as gathered:
+        with gathered_probes(probes, index) as gathered:
             for part, (args, kwargs) in self._chunks(index, int(hidden.shape[0])):
-                with _hooks(self.module, gathered, mask[part].reshape(-1), stop_after), \
+                with probe_hooks(self.module, gathered, mask[part].reshape(-1), stop_after), \
                         self._attention_kept(attention, None if replay is None else replay[part]):
                     try:
                         output = self.module(hidden[part], *args, **kwargs)
-                    except _StopLayer:
+                    except StopLayer:
                         stopped = True
                         continue
                 outputs.append(output[0] if isinstance(output, tuple) else output)
@@ -336,10 +319,10 @@ class LayerSession:
             value = hidden.get(index, runner.placement.device, runner.placement.dtype)
             upstream = grad.get(index, runner.placement.device, value.dtype)
             grads = []
-            with _gathered(probes, index, with_grad=True) as gathered:
+            with gathered_probes(probes, index, with_grad=True) as gathered:
                 for part, (args, kwargs) in self._chunks(index, int(value.shape[0])):
                     piece = value[part].detach().requires_grad_(True)
-                    with torch.enable_grad(), _hooks(self.module, gathered, mask[part].reshape(-1), None,
+                    with torch.enable_grad(), probe_hooks(self.module, gathered, mask[part].reshape(-1), None,
                                                      with_grad=True):
                         result = self.module(piece, *args, **kwargs)
                         result = result[0] if isinstance(result, tuple) else result
@@ -347,112 +330,6 @@ class LayerSession:
                     grads.append(piece.grad)
             out.put(index, torch.cat(grads))
         return out
-
-
-def _rows_of(value, part: slice, rows: int):
-    """`value` with every tensor whose first dimension is the batch's rows cut to `part` (masks); other
-    tensors (rotary embeddings, broadcast over rows) are kept whole."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value[part] if value.dim() and value.shape[0] == rows and rows > 1 else value
-    if isinstance(value, tuple):
-        return tuple(_rows_of(item, part, rows) for item in value)
-    if isinstance(value, dict):
-        return {key: _rows_of(item, part, rows) for key, item in value.items()}
-    return value
-
-
-@contextlib.contextmanager
-def _gathered(probes, index: int, with_grad: bool = False):
-    """Stand-in probes that collect a batch's pieces (one per row chunk); each real probe then receives the
-    whole batch once, in row order, when the block ends."""
-    import torch
-
-    pieces = [[] for _ in probes]
-
-    def collector(number):
-        if with_grad:
-            return lambda _batch, rows, grads: pieces[number].append((rows, grads))
-        return lambda _batch, rows: pieces[number].append((rows,))
-
-    yield [Probe(probe.module, probe.where, collector(number)) for number, probe in enumerate(probes)]
-    for probe, parts in zip(probes, pieces):
-        if parts:
-            probe.consume(index, *(torch.cat([part[i] for part in parts]) for i in range(len(parts[0]))))
-
-
-@contextlib.contextmanager
-def _hooks(module, probes, keep, stop_after: str | None, with_grad: bool = False):
-    """Forward hooks of `probes` on `module`'s submodules for one call (its real tokens: `keep`)."""
-    handles = []
-
-    def rows(value):
-        return value.reshape(-1, value.shape[-1])[keep]
-
-    def attach(probe):
-        target = module.get_submodule(probe.module) if probe.module else module
-
-        def see(value):
-            value = value[0] if isinstance(value, tuple) else value
-            if with_grad:
-                if value.requires_grad:
-                    saved = value.detach()
-                    value.register_hook(lambda g: probe.consume(None, rows(saved), rows(g)))
-            else:
-                probe.consume(None, rows(value.detach()))
-
-        if probe.where == "input":
-            handles.append(target.register_forward_pre_hook(lambda _m, args, kwargs: see(args[0] if args else next(iter(kwargs.values()))),
-                                                            with_kwargs=True))
-        else:
-            handles.append(target.register_forward_hook(lambda _m, _args, output: see(output)))
-
-    for probe in probes:
-        attach(probe)
-    if stop_after is not None:
-        def stop(_m, _args):
-            raise _StopLayer
-        handles.append(module.get_submodule(stop_after).register_forward_pre_hook(stop))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _shared(calls: list, earlier: list) -> list:
-    """The batch's per-layer arguments, with tensors equal to ones already kept replaced by those
-    (position embeddings and masks repeat from batch to batch)."""
-    import torch
-
-    pool = {}
-    for previous in earlier[-1:]:
-        for args, kwargs in previous:
-            for value in _tensors(args, kwargs):
-                pool.setdefault((tuple(value.shape), value.dtype), []).append(value)
-
-    def share(value):
-        if isinstance(value, torch.Tensor):
-            for candidate in pool.get((tuple(value.shape), value.dtype), []):
-                if candidate is value or torch.equal(candidate, value):
-                    return candidate
-            return value
-        if isinstance(value, tuple):
-            return tuple(share(item) for item in value)
-        return value
-
-    return [(tuple(share(a) for a in args), {k: share(v) for k, v in kwargs.items()}) for args, kwargs in calls]
-
-
-def _tensors(args, kwargs):
-    import torch
-
-    for value in list(args) + list(kwargs.values()):
-        items = value if isinstance(value, tuple) else (value,)
-        for item in items:
-            if isinstance(item, torch.Tensor):
-                yield item
 
 
 def _refuse_nonfinite(value, name: str, label: str) -> None:

@@ -93,6 +93,6 @@ class Collect:
 
 def router_input_probe(family, consume):
     """A probe on what the router of an MoE layer reads (for a dense model: where it will read)."""
-    from surgery.execution.runner import Probe
+    from surgery.execution.probes import Probe
 
     return Probe(family.router_input, "input", consume)

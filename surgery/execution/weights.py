@@ -54,7 +54,7 @@ class ModelWeights:
     # ---------------------------------------------------------------- sources
     @classmethod
     def from_checkpoint(cls, checkpoint) -> "ModelWeights":
-        from surgery.plan import Copy
+        from surgery.recipes import Copy
 
         where = checkpoint.directory / "config.json"
         if checkpoint.config is None:

@@ -124,7 +124,7 @@ class _Splitter:
     def targets(self, session, hidden, layer: int, outputs: bool):
         """Router targets of `layer` gathered on one pass of the session (the partition must be known)."""
         from surgery.execution.neurons import ExpertMass, down_input_path, membership
-        from surgery.execution.runner import Probe
+        from surgery.execution.probes import Probe
         from surgery.execution.session import Collect, router_input_probe
 
         inputs, masses = Collect(), ExpertMass(membership(self.result.partitions[layer], self.ffn))
@@ -168,7 +168,7 @@ def partition_layers(source, family, options, layers: list[int], ffn: int, share
 
 def _forward_pass(runner, splitter: _Splitter, layers: list[int], calibrated: bool) -> None:
     from surgery.execution.neurons import FiringBits, down_input_path
-    from surgery.execution.runner import Probe
+    from surgery.execution.probes import Probe
 
     def visit(layer, session, hidden):
         if layer not in layers:
@@ -193,7 +193,7 @@ def _backward_pass(runner, splitter: _Splitter, layers: list[int], calibration) 
     import torch
 
     from surgery.execution.neurons import ImportanceSums, down_input_path, next_token_loss, token_clusters
-    from surgery.execution.runner import Probe
+    from surgery.execution.probes import Probe
     from surgery.samples import Batch
     from surgery.seeds import sklearn_state
 

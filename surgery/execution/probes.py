@@ -1,0 +1,89 @@
+"""Probes: what a pass of the batches through one decoder layer lets its caller see.
+
+A ``Probe`` names a module inside the layer, its input or output, and who consumes the rows (real
+tokens only; in a backward pass with their gradients). ``probe_hooks`` attaches probes to the layer's
+modules for one call (and can stop the pass, ``StopLayer``, once a module's input has been seen);
+``gathered_probes`` collects the row chunks of a batch so that each probe receives the batch once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class Probe:
+    """What to see in each batch's pass through a layer, on real (unpadded) tokens only.
+
+    `module`: a path inside the decoder layer ("" = the layer itself); `where`: its "input" or
+    "output"; `consume(batch, rows)` receives a [real tokens, features] tensor on the device. In a
+    backward pass `consume(batch, rows, grad_rows)` also receives the loss gradient of that tensor.
+    """
+
+    module: str
+    where: str
+    consume: Callable
+
+
+class StopLayer(Exception):
+    """Raised once a capture-only pass has seen what it needs."""
+
+
+@contextlib.contextmanager
+def gathered_probes(probes, index: int, with_grad: bool = False):
+    """Stand-in probes that collect a batch's pieces (one per row chunk); each real probe then receives the
+    whole batch once, in row order, when the block ends."""
+    import torch
+
+    pieces = [[] for _ in probes]
+
+    def collector(number):
+        if with_grad:
+            return lambda _batch, rows, grads: pieces[number].append((rows, grads))
+        return lambda _batch, rows: pieces[number].append((rows,))
+
+    yield [Probe(probe.module, probe.where, collector(number)) for number, probe in enumerate(probes)]
+    for probe, parts in zip(probes, pieces):
+        if parts:
+            probe.consume(index, *(torch.cat([part[i] for part in parts]) for i in range(len(parts[0]))))
+
+
+@contextlib.contextmanager
+def probe_hooks(module, probes, keep, stop_after: str | None, with_grad: bool = False):
+    """Forward hooks of `probes` on `module`'s submodules for one call (its real tokens: `keep`)."""
+    handles = []
+
+    def rows(value):
+        return value.reshape(-1, value.shape[-1])[keep]
+
+    def attach(probe):
+        target = module.get_submodule(probe.module) if probe.module else module
+
+        def see(value):
+            value = value[0] if isinstance(value, tuple) else value
+            if with_grad:
+                if value.requires_grad:
+                    saved = value.detach()
+                    value.register_hook(lambda g: probe.consume(None, rows(saved), rows(g)))
+            else:
+                probe.consume(None, rows(value.detach()))
+
+        if probe.where == "input":
+            handles.append(target.register_forward_pre_hook(lambda _m, args, kwargs: see(args[0] if args else next(iter(kwargs.values()))),
+                                                            with_kwargs=True))
+        else:
+            handles.append(target.register_forward_hook(lambda _m, _args, output: see(output)))
+
+    for probe in probes:
+        attach(probe)
+    if stop_after is not None:
+        def stop(_m, _args):
+            raise StopLayer
+        handles.append(module.get_submodule(stop_after).register_forward_pre_hook(stop))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,54 @@
+"""Deferred tensors: values that need the written model itself, written into the draft afterwards.
+
+``Filled`` is what a plan's ``fill`` returns for the draft (each Deferred tensor's value and side files
+that replace the plan's); ``HeldShard`` is a written shard whose hasher waits before its deferred tensors
+(zeros so far) until ``complete`` writes their values in place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgery.checkpoint import torch_dtype
+from surgery.io.finite import FiniteCheck
+from surgery.io.hashing import TailHasher
+from surgery.plan import OutputTensor
+
+
+@dataclass
+class Filled:
+    """What ``fill`` returns for a draft: the value of every Deferred tensor, and side files that
+    replace the plan's (a model card that reports what the fit found)."""
+
+    tensors: dict  # output name -> torch tensor
+    extra_files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class HeldShard:
+    """A written shard and its hasher, which has hashed up to the shard's deferred tensors (zeros so far)."""
+
+    path: Path
+    hasher: "TailHasher"
+    offsets: dict[str, tuple[int, OutputTensor]]  # deferred tensor name -> (file offset, tensor)
+
+    def complete(self, values: dict, checker: FiniteCheck) -> str:
+        """Write each deferred tensor's value in place; returns the shard's sha256."""
+        import torch
+
+        with open(self.path, "r+b") as handle:
+            for name, (offset, tensor) in self.offsets.items():
+                if name not in values:
+                    raise AssertionError(f"fill gave no value for deferred tensor {name}")
+                value = values[name]
+                checker.check_value(value, f"output tensor {name!r} ({tensor.recipe.describe()[:120]})")
+                if tuple(value.shape) != tuple(tensor.shape):
+                    raise AssertionError(f"fill gave {name} shape {list(value.shape)}, plan says {list(tensor.shape)}")
+                data = value.detach().to("cpu", torch_dtype(tensor.dtype)).contiguous().reshape(-1)
+                handle.seek(offset)
+                handle.write(memoryview(data.view(torch.uint8).numpy()))
+            handle.flush()
+            self.hasher.advance(os.fstat(handle.fileno()).st_size, finished=True)
+        return self.hasher.result()

@@ -1,0 +1,127 @@
+"""One tensor's bytes into a shard being written: a kernel copy, a checked copy or a computed value.
+
+``write_piece`` picks the way: an unchanged tensor is copied by the kernel (``os.copy_file_range``), or
+through memory in chunks when its NaN/Inf check is due; a computed one is made with numpy where the
+recipe allows (no torch), else with torch, checked, cast to the output dtype and written.
+"""
+
+from __future__ import annotations
+
+import os
+
+from surgery.checkpoint import torch_dtype
+from surgery.errors import SurgeryError
+from surgery.io import COPY_CHUNK
+from surgery.io.finite import FiniteCheck, checking_output
+from surgery.io.sharding import is_byte_copy, needs_torch
+from surgery.plan import OutputTensor
+from surgery.recipes import Copy
+from surgery.safetensors_format import DTYPE_SIZES
+
+
+def write_piece(handle, tensor: OutputTensor, checker: FiniteCheck, scratch):
+    """One tensor's bytes (or one part of a Joined tensor: its shape is then ()): a kernel copy, a checked copy
+    or a computed value. Returns the copy buffer, reused across calls."""
+    recipe = tensor.recipe
+    if is_byte_copy(tensor):
+        if tensor.shape and tuple(recipe.stored_shape()) != tuple(tensor.shape):
+            info = recipe.checkpoint.info(recipe.name)
+            raise SurgeryError(f"{info.file}: tensor {recipe.name!r} has shape {list(recipe.stored_shape())}, plan "
+                               f"expects {list(tensor.shape)}")
+        if checker.needed(recipe.checkpoint, recipe.name):
+            scratch = scratch or bytearray(COPY_CHUNK)
+            _copy_checked(handle, recipe, checker, scratch)
+        else:
+            _copy_bytes(handle, recipe)
+    elif not tensor.shape:
+        _write_value(handle, tensor, checker, recipe.compute())
+    else:
+        _write_tensor(handle, tensor, checker)
+    return scratch
+
+
+def _copy_bytes(handle, recipe: Copy) -> None:
+    info = recipe.checkpoint.info(recipe.name)
+    handle.flush()
+    source_fd = recipe.checkpoint._fd(info.file)
+    offset, remaining = recipe.byte_span()
+    out_fd = handle.fileno()
+    out_offset = handle.tell()
+    try:
+        while remaining:
+            copied = os.copy_file_range(source_fd, out_fd, min(remaining, 1 << 30), offset, out_offset)
+            if copied == 0:
+                raise SurgeryError(f"{info.file}: tensor {recipe.name!r}: file ended early (truncated?)")
+            remaining -= copied
+            offset += copied
+            out_offset += copied
+        handle.seek(out_offset)
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (18, 22, 38, 95, 1):  # EXDEV EINVAL ENOSYS EOPNOTSUPP EPERM
+            raise
+        handle.seek(out_offset)
+        while remaining:  # plain chunked copy where the kernel cannot do it
+            count = min(remaining, COPY_CHUNK)
+            chunk = os.pread(source_fd, count, offset)
+            if not chunk:
+                raise SurgeryError(f"{info.file}: tensor {recipe.name!r}: file ended early (truncated?)")
+            handle.write(chunk)
+            remaining -= len(chunk)
+            offset += len(chunk)
+
+
+def _copy_checked(handle, recipe: Copy, checker: FiniteCheck, scratch: bytearray) -> None:
+    """Copy through memory in chunks, checking floating-point data for NaN/Inf on the way (a whole input
+    tensor is then known finite; a block of rows is checked each time it is copied)."""
+    from surgery.safetensors_format import pread_into
+
+    info = recipe.checkpoint.info(recipe.name)
+    itemsize = DTYPE_SIZES[info.dtype]
+    chunk = COPY_CHUNK - COPY_CHUNK % itemsize
+    fd = recipe.checkpoint._fd(info.file)
+    offset, nbytes = recipe.byte_span()
+    buffer = memoryview(scratch)  # reused for every chunk: no fresh pages to fault in each time
+    for start in range(0, nbytes, chunk):
+        data = buffer[:min(chunk, nbytes - start)]
+        pread_into(fd, data, offset + start, info.file, recipe.name)
+        checker.check_bytes(data, info.dtype, f"{info.file}: tensor {recipe.name!r}")
+        handle.write(data)
+    if recipe.rows is None:
+        checker.done(recipe.checkpoint, recipe.name)
+
+
+def _write_array(handle, tensor: OutputTensor, checker: FiniteCheck) -> None:
+    """A tensor computed with numpy (recipe.numpy_ready): checked and written without torch."""
+    import numpy as np
+
+    array = np.ascontiguousarray(tensor.recipe.compute_array(tensor.dtype))
+    if tuple(array.shape) != tuple(tensor.shape) or array.nbytes != tensor.nbytes:
+        raise AssertionError(f"recipe for {tensor.name} produced {array.dtype} {list(array.shape)}, plan says "
+                             f"{tensor.dtype} {list(tensor.shape)}")
+    data = memoryview(array.reshape(-1)).cast("B")
+    with checking_output(tensor, checker) as where:
+        checker.check_bytes(data, tensor.dtype, where)
+    handle.write(data)
+
+
+def _write_tensor(handle, tensor: OutputTensor, checker: FiniteCheck) -> None:
+    if not needs_torch(tensor):
+        return _write_array(handle, tensor, checker)
+    value = tensor.recipe.compute()
+    if tuple(value.shape) != tuple(tensor.shape):
+        raise AssertionError(f"recipe for {tensor.name} produced shape {list(value.shape)}, plan says {list(tensor.shape)}")
+    _write_value(handle, tensor, checker, value)
+
+
+def _write_value(handle, tensor: OutputTensor, checker: FiniteCheck, value) -> None:
+    """A computed value, checked for NaN/Inf, cast to the tensor's dtype and written."""
+    import torch
+
+    with checking_output(tensor, checker) as where:
+        checker.check_value(value, where)
+    target = torch_dtype(tensor.dtype)
+    if value.dtype != target:
+        value = value.to(target)
+    value = value.contiguous()
+    if value.numel():
+        handle.write(memoryview(value.view(torch.uint8).numpy()) if value.dim() else value.reshape(1).view(torch.uint8).numpy())

@@ -1,0 +1,168 @@
+"""The plan of a ``surgery merge``: every output tensor of the merged MoE with its recipe, from headers only.
+
+``build_plan`` gives each expert FFN tensor a copy of its model's dense FFN, every other tensor the
+recipe of ``non_ffn_recipe`` (a blocked weighted mean, or one model's copy) and each router the recipe
+of ``router_recipe`` for ``--router-init`` (calibrated routers are deferred until the draft is written).
+``model_card`` is the README written beside the weights, with the provenance of every expert.
+"""
+
+from __future__ import annotations
+
+import json
+
+from surgery import families as arch
+from surgery.errors import SurgeryError
+from surgery.merge_config import SEED_NAME
+from surgery.merge_mean import BlockedMean
+from surgery.merge_model import Merge, reference_tokenizer
+from surgery.moe_plan import inert_shared_expert
+from surgery.plan import Plan
+from surgery.recipes import Copy, Init
+from surgery.seeds import router_seed
+
+ROUTER_STD = 0.02
+
+
+def non_ffn_recipe(merge: Merge):
+    """Weighted mean over every model with a positive weight, or a copy of one model (--non-ffn)."""
+    choice = merge.spec.non_ffn
+    if choice != "average":
+        member = merge.member(choice)
+        return lambda expected, name: Copy(member.checkpoint, name)
+    averaged = [m for m in merge.members if merge.weights[m.name] != 0]
+
+    def recipe(expected, name):
+        if len(averaged) == 1:
+            return Copy(averaged[0].checkpoint, name)
+        return BlockedMean([m.checkpoint for m in averaged], name, [merge.weights[m.name] for m in averaged])
+
+    return recipe
+
+
+def router_recipe(merge: Merge, embedding_router):
+    init = merge.spec.router_init
+    hidden = merge.config["hidden_size"]
+    shape = (len(merge.experts), hidden)
+
+    def recipe(layer: int):
+        from surgery.btx_router import PendingRouter
+
+        if init == "zero":
+            return Init("zero", shape)
+        if init == "normal":
+            return Init("normal", shape, seed=router_seed(merge.spec.router_seed, layer), std=ROUTER_STD)
+        if init == "embedding":
+            return embedding_router
+        domains = ", ".join(d.name for d in merge.domains())
+        return PendingRouter(f"calibrated on {domains} ({merge.spec.router_fit}; fitted layer by layer on the "
+                             "written draft)", layer)
+
+    return recipe
+
+
+def _embedding_router(merge: Merge, embed_recipe):
+    from surgery.btx_router import LazyRouter
+
+    cache = {}
+
+    def compute():
+        if "rows" not in cache:
+            from surgery.btx_router import embedding_rows
+
+            tokenizer = reference_tokenizer(merge)
+            cache["rows"] = embedding_rows(embed_recipe.compute(), tokenizer, merge.domains(), len(merge.experts),
+                                           merge.spec.calibration_tokens)
+        return cache["rows"]
+
+    names = ", ".join(d.name for d in merge.domains())
+    return LazyRouter(f"mean input embedding of calibration text ({names})", compute)
+
+
+def build_plan(merge: Merge) -> Plan:
+    """Every output tensor of the merged MoE with its recipe, from headers only.
+
+    Calibrated routers are Deferred: fitted on the written draft (``btx_merge._run_calibrated``).
+    """
+    from surgery.moe_plan import dense_ffn_names, moe_tensors, provenance
+
+    family, target = merge.source_family, merge.target
+    non_ffn = non_ffn_recipe(merge)
+    embed_name = family.spec("embedding", "embed").name()
+    embedding_router = None
+    if merge.spec.router_init == "embedding":
+        embedding_router = _embedding_router(merge, non_ffn(None, embed_name))
+    router = router_recipe(merge, embedding_router)
+
+    def ffn_recipe(expected):
+        if expected.group == "router":
+            return router(expected.layer)
+        if expected.group == "shared_expert":  # qwen2_moe always has one
+            return inert_shared_expert(expected)
+        if expected.group == "experts":
+            member = merge.experts[expected.expert]
+            return Copy(member.checkpoint, dense_ffn_names(family, expected.layer)[expected.role])
+        raise SurgeryError(f"{target.name}: merge cannot fill {expected.group} tensor {expected.name}")
+
+    reference = merge.reference.checkpoint
+    tensors = moe_tensors(target, merge.config, reference, family, ffn_recipe, merge.dtype, non_ffn)
+    options = merge.spec.to_options()
+    options["router_init"] = merge.spec.router_init
+    metadata = provenance([m.checkpoint for m in merge.members], options)
+    metadata["surgery_experts"] = json.dumps(expert_provenance(merge))
+    metadata["surgery_non_ffn"] = json.dumps(non_ffn_description(merge))
+    notes = list(merge.notes)
+    return Plan("merge", tensors, merge.config, [m.checkpoint for m in merge.members],
+                side_files=reference.side_files(), extra_files={"README.md": model_card(merge)},
+                metadata=metadata, notes=notes)
+
+
+def expert_provenance(merge: Merge) -> list[dict]:
+    return [{"expert": index, "name": member.name, "source": str(member.checkpoint.path),
+             "weight": merge.weights[member.name], "role": "seed (generalist)" if member.name == SEED_NAME else "domain"}
+            for index, member in enumerate(merge.experts)]
+
+
+def non_ffn_description(merge: Merge) -> dict:
+    if merge.spec.non_ffn != "average":
+        return {"method": "copy", "from": merge.spec.non_ffn}
+    total = sum(merge.weights.values())
+    return {"method": "weighted mean (float32)",
+            "weights": {m.name: merge.weights[m.name] / total for m in merge.members if merge.weights[m.name] != 0}}
+
+
+def model_card(merge: Merge, routing_text: str | None = None) -> str:
+    spec, config = merge.spec, merge.config
+    expert_ffn = arch.dimensions(merge.source_family, merge.reference.checkpoint.config)["ffn"]
+    rows = "\n".join(f"| {e['expert']} | {e['name']} | `{e['source']}` | {e['weight']:g} | {e['role']} |"
+                     for e in expert_provenance(merge))
+    described = non_ffn_description(merge)
+    if described["method"] == "copy":
+        non_ffn = f"copied from **{described['from']}** (mergekit-moe's behaviour)"
+    else:
+        non_ffn = "weighted mean in float32 of " + ", ".join(f"{name} ({w:.3g})" for name, w in described["weights"].items())
+    calibration = "".join(f"\n- {name}: {c.source}" for name, c in sorted(spec.calibration.items()))
+    text = f"""# Branch-Train-MiX merge
+
+Written by `surgery merge` (Branch-Train-MiX, Sukhbaatar et al. 2024): the FFN of layer l of each
+model below is expert e of MoE layer l, copied bit for bit; every other tensor (embeddings,
+attention, norms, lm_head) is {non_ffn}.
+
+- format: `{merge.target.architecture}` ({merge.target.name}), {len(merge.experts)} experts, top-{spec.top_k}
+- layers: {config['num_hidden_layers']}, hidden size {config['hidden_size']}, expert FFN size {expert_ffn}
+- router init: {spec.router_init}{f" ({spec.router_fit})" if spec.router_init == "calibrated" else ""}
+- dtype: {config.get('dtype')}
+
+| expert | name | source | averaging weight | role |
+|---|---|---|---|---|
+{rows}
+"""
+    if spec.seed and not spec.include_seed:
+        text += f"\nThe seed (`{merge.member(SEED_NAME).checkpoint.path}`) takes part in the average only.\n"
+    if calibration:
+        text += f"\nCalibration text:{calibration}\n"
+    if routing_text:
+        text += ("\n## Routing on the calibration text\n\nMean routing weight (softmax, top-k, renormalised) "
+                 "that each expert receives on each domain's tokens, per layer:\n\n" + routing_text)
+    text += ("\nThe router is a starting point: BTX fine-tunes the merged model (routers with a load-balancing "
+             "loss) afterwards.\n")
+    return text
