@@ -6,7 +6,6 @@ once (one tensor in memory at a time).
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -114,7 +113,7 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
         bytes_on_disk=sum(shard.stat().st_size for shard in checkpoint.shards),
         parameters=total, active_parameters=active, moe=moe, layers=layers, problems=problems)
     if config is None:
-        report.warnings.append(f"no config.json beside the checkpoint: architecture and shapes not checked")
+        report.warnings.append("no config.json beside the checkpoint: architecture and shapes not checked")
     selected = [info for name, info in checkpoint.tensors.items() if not pattern or re.search(pattern, name)]
     if with_tensors or pattern:
         report.tensors = [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype, "shard": i.file.name,

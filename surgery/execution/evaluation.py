@@ -13,7 +13,6 @@ import contextlib
 import gc
 import time
 
-from surgery import families as arch
 from surgery import console
 from surgery.errors import SurgeryError
 from surgery.execution.metrics import CompareSums, LossSums
