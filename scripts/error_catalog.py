@@ -191,8 +191,24 @@ class Fixtures:
             "qwen3-sliding": lambda d: save_model(d, "qwen3", use_sliding_window=True, sliding_window=4,
                                                   max_window_layers=1),
             "nonfinite": self._nonfinite,
+            # Phi-4-mini style: rotary on 3/4 of each head (tests/test_phi3.py)
+            "phi3-partial-rotary": lambda d: save_model(d, "phi3", head_dim=8, rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
+            "mixtral-fused-bad-shape": self._fused_bad_shape,
         }
         return self._get(name, builders[name])
+
+    def _fused_bad_shape(self, directory: Path) -> Path:
+        """A Mixtral saved fused by transformers 5 whose layer-0 gate_up_proj lost its last up row."""
+        from safetensors.torch import load_file, save_file
+        from tiny_models import build_model
+
+        build_model("mixtral").save_pretrained(directory, save_original_format=False)
+        tensors = load_file(directory / "model.safetensors")
+        name = "model.layers.0.mlp.experts.gate_up_proj"
+        tensors[name] = tensors[name][:, :-1].contiguous()
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        return directory
 
     def _nonfinite(self, directory: Path) -> Path:
         from bad_inputs import nonfinite_weight
@@ -391,6 +407,15 @@ def argument_cases() -> list[Case]:
         (A, "source sliding window the format cannot reproduce", "upcycle",
          upcycle("-n", 4, "-k", 2, source="qwen3-sliding"),
          "but qwen3_moe applies one sliding window to every layer or to none, so the result could not reproduce"),
+        (A, "source rope the format cannot reproduce (partial rotary)", "upcycle",
+         upcycle("-n", 4, "-k", 2, source="phi3-partial-rotary"),
+         "rope_parameters.partial_rotary_factor is 0.75, but mixtral's attention rotates every dimension"),
+        (A, "--layout fused for a dense output", "copy",
+         in_process(lambda d, fx: ["copy", fx.llama(d), d / "out", "--layout", "fused"]),
+         "--layout fused: the output is a LlamaForCausalLM, which has no experts to fuse"),
+        (A, "fused expert tensor of the wrong shape", "copy",
+         in_process(lambda d, fx: ["copy", fx.model("mixtral-fused-bad-shape"), d / "out", "--layout", "per-expert"]),
+         "model.layers.0.mlp.experts.gate_up_proj"),
         (A, "source is already an MoE model", "upcycle", upcycle("-n", 4, "-k", 2, source="mixtral"),
          "already an MoE model"),
         (A, "--noise-fraction outside [0, 1]", "upcycle", upcycle("-n", 4, "-k", 2, "--noise", 0.1, "--noise-fraction", 1.5),

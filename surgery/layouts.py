@@ -96,6 +96,9 @@ def _to_per_expert(tensors: list[OutputTensor], groups) -> list[OutputTensor]:
         recipe = tensor.recipe
         if not isinstance(recipe, Copy) or recipe.rows is not None:
             raise AssertionError(f"{fused.name}: only a stored fused tensor can be split into experts")
+        if tuple(recipe.stored_shape()) != tuple(fused.shape):
+            raise SurgeryError(f"{recipe.checkpoint.info(recipe.name).file}: tensor {recipe.name!r} has shape "
+                               f"{list(recipe.stored_shape())}, config.json implies {list(fused.shape)}")
         pieces, row = [], 0
         for part in parts:  # each part is a block of rows of the fused tensor viewed as 2-D
             rows = part.shape[0]
