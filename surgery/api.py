@@ -77,23 +77,21 @@ def copy(src, out, *, dtype: str = "keep", layout: str = "keep", **output):
 def upcycle(src, out, num_experts: int, top_k: int, **options):
     """Dense -> MoE: each FFN becomes `num_experts` experts (exact for any router; see docs/upcycle.md).
     Keywords: ``UpcycleOptions`` fields and ``OutputOptions`` fields. Returns a ``Result``."""
-    module = _module("upcycle")
-    options = dict(options)
-    output = _output(options)
-    settings = _take(options, module.UpcycleOptions, num_experts=num_experts, top_k=top_k)
-    _refuse_rest(options, "upcycle")
-    with _silenced():
-        return module.run(src, out, settings, output)
+    return _dense_to_moe("upcycle", "UpcycleOptions", src, out, num_experts, top_k, options)
 
 
 def split(src, out, num_experts: int, top_k: int, **options):
     """Dense -> MoE: each FFN's neurons are partitioned into `num_experts` experts (docs/split.md).
     Keywords: ``SplitOptions`` fields and ``OutputOptions`` fields. Returns a ``Result``."""
-    module = _module("split")
+    return _dense_to_moe("split", "SplitOptions", src, out, num_experts, top_k, options)
+
+
+def _dense_to_moe(operation: str, options_class: str, src, out, num_experts: int, top_k: int, options: dict):
+    module = _module(operation)
     options = dict(options)
     output = _output(options)
-    settings = _take(options, module.SplitOptions, num_experts=num_experts, top_k=top_k)
-    _refuse_rest(options, "split")
+    settings = _take(options, getattr(module, options_class), num_experts=num_experts, top_k=top_k)
+    _refuse_rest(options, operation)
     with _silenced():
         return module.run(src, out, settings, output)
 

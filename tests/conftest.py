@@ -28,3 +28,17 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    """Calibration token ids for the tiny models (they have no tokenizer): 8 rows of 40 seeded ids."""
+    import json
+
+    import torch
+
+    generator = torch.Generator().manual_seed(3)
+    path = tmp_path / "calibration.jsonl"
+    path.write_text("".join(json.dumps(torch.randint(3, 96, (40,), generator=generator).tolist()) + "\n"
+                            for _ in range(8)))
+    return path

@@ -48,13 +48,9 @@ def test_the_multipliers_are_carried(tmp_path, run_cli, granite):
     assert {key: config[key] for key in MULTIPLIERS} == {key: source[key] for key in MULTIPLIERS}
 
 
-def test_calibrated_upcycle_reproduces_the_source(tmp_path, run_cli, granite):
-    ids = tmp_path / "ids.jsonl"
-    generator = torch.Generator().manual_seed(0)
-    ids.write_text("".join(json.dumps(torch.randint(3, 96, (40,), generator=generator).tolist()) + "\n"
-                           for _ in range(8)))
+def test_calibrated_upcycle_reproduces_the_source(tmp_path, run_cli, granite, token_file):
     code, _, err = run_cli("upcycle", granite, tmp_path / "out", "-n", "4", "-k", "2", "--router-init", "calibrated",
-                           "--calibration", ids)
+                           "--calibration", token_file)
     assert code == 0, err
     assert_reproduces(tmp_path / "out", granite)
 

@@ -1,7 +1,5 @@
 """Phi-3 (fused qkv_proj and gate_up_proj) as a source: every operation reads its roles as views of the fused tensors."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,14 +28,6 @@ def phi3(tmp_path_factory):
     return save_model(tmp_path_factory.mktemp("phi3") / "src", "phi3")
 
 
-@pytest.fixture
-def token_file(tmp_path):
-    """Calibration token ids (the tiny model has no tokenizer)."""
-    generator = torch.Generator().manual_seed(3)
-    path = tmp_path / "calibration.jsonl"
-    path.write_text("".join(json.dumps(torch.randint(3, 96, (40,), generator=generator).tolist()) + "\n"
-                            for _ in range(8)))
-    return path
 
 
 def test_upcycle_writes_mixtral_whose_q_k_v_and_w1_w3_are_the_fused_rows(tmp_path, run_cli, phi3):

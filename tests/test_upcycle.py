@@ -213,15 +213,6 @@ def test_bf16_granularity_that_is_not_a_power_of_two_warns_about_rounding(tmp_pa
 
 
 # ------------------------------------------------------------------------------ calibrated router
-@pytest.fixture
-def token_file(tmp_path):
-    generator = torch.Generator().manual_seed(3)
-    path = tmp_path / "calibration.jsonl"
-    path.write_text("".join(json.dumps(torch.randint(3, 96, (40,), generator=generator).tolist()) + "\n"
-                            for _ in range(8)))
-    return path
-
-
 def test_calibrated_router_is_exact_and_deterministic(tmp_path, run_cli, source, token_file):
     src = source("qwen2")
     options = ["-n", "4", "-k", "2", "-g", "2", "--router-init", "calibrated", "--calibration", token_file]
