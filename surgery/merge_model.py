@@ -14,7 +14,7 @@ from surgery import families as arch
 from surgery.compat import Member, check_compatible
 from surgery.errors import SurgeryError
 from surgery.merge_config import SEED_NAME, MergeSpec
-from surgery.moe_plan import INERT_SHARED_FFN, inert_shared_note
+from surgery.moe_plan import inert_shared_ffn, inert_shared_note
 
 
 @dataclass
@@ -68,9 +68,9 @@ def open_merge(spec: MergeSpec) -> Merge:
     target = arch.moe_target(family, spec.format, reference.checkpoint.config, where)
     dims = arch.dimensions(family, reference.checkpoint.config, where)
     config = arch.moe_config(family, reference.checkpoint.config, target, num_experts=len(experts), top_k=spec.top_k,
-                             expert_ffn=dims["ffn"], shared_ffn=INERT_SHARED_FFN if target.shared_expert else None,
+                             expert_ffn=dims["ffn"], shared_ffn=inert_shared_ffn(target),
                              where=where)
-    if target.shared_expert:
+    if inert_shared_ffn(target):
         notes.append(inert_shared_note(target))
     embed = family.spec("embedding", "embed").name()
     dtype = parse_dtype(spec.dtype) if spec.dtype not in (None, "keep") else reference.checkpoint.info(embed).dtype

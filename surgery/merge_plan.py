@@ -96,7 +96,7 @@ def build_plan(merge: Merge) -> Plan:
     def ffn_recipe(expected):
         if expected.group == "router":
             return router(expected.layer)
-        if expected.group == "shared_expert":  # qwen2_moe always has one
+        if expected.group == "shared_expert":  # a format that always has one (qwen2_moe): inert
             return inert_shared_expert(expected)
         if expected.group == "experts":
             member = merge.experts[expected.expert]

@@ -17,7 +17,7 @@ from surgery.families import Expected, Family
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.plan import OutputTensor
-from surgery.recipes import Copy, Init, Recipe
+from surgery.recipes import Copy, Init, Joined, Recipe
 
 MOE_GROUPS = ("router", "experts", "shared_expert", "ffn")
 
@@ -43,6 +43,12 @@ def folded_rounding(factors, dtype: str) -> str | None:
     if dtype in ("F32", "F64"):
         return None
     return dtype if any(not math.log2(abs(float(f))).is_integer() for f in factors if f) else None
+
+
+def inert_shared_ffn(target: Family) -> int | None:
+    """Neurons of the inert shared expert an operation with nothing to share writes: INERT_SHARED_FFN for a
+    format that always has a shared expert, else None (no shared expert)."""
+    return INERT_SHARED_FFN if target.shared_expert and target.shared_required else None
 
 
 def inert_shared_expert(expected: Expected) -> Recipe:
@@ -77,8 +83,15 @@ def moe_tensors(target: Family, target_config: dict, source: Checkpoint, source_
     """
     fallback_dtype = source.info(source_family.spec("embedding", "embed").name()).dtype
     out = []
+    dims = arch.dimensions(target, target_config)
     for expected in arch.expected_tensors(target, target_config).values():
-        if expected.group in MOE_GROUPS:
+        if expected.group in MOE_GROUPS and "+" in expected.role:  # roles the target stores fused (Joined)
+            parts = [ffn_recipe(Expected(spec.name(expected.layer), arch.shape_of(spec, dims), expected.group, role,
+                                         expected.layer)) for role in expected.role.split("+")
+                     for spec in [target.spec(expected.group, role)]]
+            recipe = Joined(parts, expected.shape)
+            stored = _input_dtype(recipe) or fallback_dtype
+        elif expected.group in MOE_GROUPS:
             recipe = ffn_recipe(expected)
             stored = _input_dtype(recipe) or fallback_dtype
         else:

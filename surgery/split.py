@@ -23,7 +23,7 @@ import click
 
 from surgery import families as arch
 from surgery.errors import SurgeryError
-from surgery.moe_plan import INERT_SHARED_FFN, check_expert_counts, inert_shared_expert
+from surgery.moe_plan import check_expert_counts, inert_shared_expert, inert_shared_ffn
 from surgery.execution.session import run_options
 from surgery.operations.output import OutputOptions, PostWriteCheck, dtype_option, output_options, write
 from surgery.seeds import router_seed
@@ -213,7 +213,7 @@ def layout_for(partitions: dict, target) -> Layout:
     duplicated = not target.shared_expert
     largest_shared = max(len(p.shared) for p in partitions.values())
     expert_ffn = max(p.largest_expert + (len(p.shared) if duplicated else 0) for p in partitions.values())
-    return Layout(expert_ffn, 0 if duplicated else largest_shared or INERT_SHARED_FFN, duplicated)
+    return Layout(expert_ffn, 0 if duplicated else largest_shared or inert_shared_ffn(target) or 0, duplicated)
 
 
 def neuron_groups(partition, expert: int, scale: float, top_k: int, duplicated: bool, holders) -> list[tuple[list, float]]:
@@ -288,9 +288,10 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
             if not neurons:
                 return inert_shared_expert(expected)
             if expected.role == "shared_gate":
-                return Init("zero", expected.shape)  # sigmoid(0) = 0.5, made up for by down_proj x 2
-            if expected.role == "down":
-                recipe = Scale(Columns(source, names["down"], neurons), 2.0)  # sigmoid(0) = 0.5
+                return Init("zero", expected.shape)  # sigmoid(0) = 0.5, made up for by down_proj / 0.5
+            if expected.role == "down":  # the model adds target.shared_scale of the shared output
+                columns = Columns(source, names["down"], neurons)
+                recipe = columns if target.shared_scale == 1.0 else Scale(columns, 1.0 / target.shared_scale)
                 return recipe if len(neurons) == size else PadRows(recipe, size, -1)
             recipe = Rows(source, names[expected.role], neurons)
             return recipe if len(neurons) == size else PadRows(recipe, size, 0)
@@ -311,7 +312,7 @@ def build_plan(source, family, options: SplitOptions, *, calibration=None, parti
                                                                  hits)
     factors = {factor for layer, p in partitions.items() for j in range(n)
                for _, factor in neuron_groups(p, j, scale, k, layout.duplicated, holders[layer])}
-    factors |= {2.0} if not layout.duplicated and any(len(p.shared) for p in partitions.values()) else set()
+    factors |= {1.0 / target.shared_scale} if not layout.duplicated and any(len(p.shared) for p in partitions.values()) else set()
     stored = dtype or source.info(dense_ffn_names(family, layers[0])["down"]).dtype
     return Plan("split", tensors, config, [source], side_files=source.side_files(),
                 metadata=provenance([source], {"operation": "split", **options.record(), "scale": scale}), notes=notes,

@@ -27,7 +27,7 @@ import click
 from surgery import families as arch
 from surgery.families import Expected
 from surgery.errors import SurgeryError
-from surgery.moe_plan import (INERT_SHARED_FFN, check_expert_counts, dense_ffn_names, folded_rounding, inert_shared_expert,
+from surgery.moe_plan import (check_expert_counts, dense_ffn_names, folded_rounding, inert_shared_expert, inert_shared_ffn,
                                inert_shared_note, moe_tensors, open_dense_source, parse_moe_layers, provenance)
 from surgery.execution.session import run_options
 from surgery.operations.output import (OUTPUT_DTYPES, OutputOptions, PostWriteCheck, dtype_option, output_options,
@@ -40,7 +40,7 @@ FORMATS = ("auto", *arch.moe_formats())
 ROUTER_INITS = ("normal", "uniform", "zero", "calibrated")
 # Qwen2-MoE always builds a shared expert; without --shared-expert it is written all-zero (it adds
 # exactly 0). 8 neurons rather than 1 so that tensor-parallel engines can split it 2, 4 or 8 ways.
-SHARED_GATE_AT_ZERO = 0.5  # sigmoid(0): the share of the output a zero-gated shared expert adds
+SHARED_HALF = 0.5  # with --shared-expert, the routed experts and the shared expert each add half the dense FFN
 CALIBRATION_TOKENS = 2048
 
 
@@ -144,8 +144,11 @@ def plan_from_options(src, options: UpcycleOptions, spill_dir=None) -> Plan:
     moe_layers = parse_moe_layers(options.moe_layers, layers)
     dense_layers = [layer for layer in range(layers) if layer not in moe_layers]
     if options.shared_expert and not target.shared_expert:
-        raise SurgeryError(f"--shared-expert: format {target.name} has no shared expert (use --format qwen2_moe)")
-    shared_ffn = (ffn if options.shared_expert else INERT_SHARED_FFN) if target.shared_expert else None
+        with_shared = ", ".join(name for name, f in arch.FAMILIES.items() if f.shared_expert and name in family.conversions)
+        raise SurgeryError(f"--shared-expert: format {target.name} has no shared expert"
+                           + (f" (use --format {with_shared})" if with_shared else f" (no format {family.name} can "
+                              "become has one)"))
+    shared_ffn = ffn if options.shared_expert and target.shared_expert else inert_shared_ffn(target)
     config = arch.moe_config(family, source.config, target, num_experts=options.num_experts, top_k=options.top_k,
                              expert_ffn=ffn // g, shared_ffn=shared_ffn, dense_layers=dense_layers, where=where)
     out_dtype = None
@@ -164,24 +167,28 @@ def plan_from_options(src, options: UpcycleOptions, spill_dir=None) -> Plan:
 
         routers, balance = calibrated_routers(source, family, options, moe_layers, hidden, spill_dir)
         notes.append(balance)
-    recipes = UpcycleRecipes(source, family, options, hidden=hidden, expert_ffn=ffn // g, routers=routers)
+    recipes = UpcycleRecipes(source, family, options, hidden=hidden, expert_ffn=ffn // g, routers=routers, target=target)
     tensors = moe_tensors(target, config, source, family, recipes, dtype=out_dtype)
     down_dtype = out_dtype or source.info(dense_ffn_names(family, moe_layers[0])["down"]).dtype
     notes += _notes(options, target, down_dtype, recipes.down_factor)
     return Plan("upcycle", tensors, config, [source], side_files=source.side_files(),
                 metadata=provenance([source], asdict(options)),
-                notes=notes, rounding=folded_rounding([recipes.down_factor], down_dtype))
+                notes=notes, rounding=folded_rounding([recipes.down_factor, recipes.shared_factor], down_dtype))
 
 
 class UpcycleRecipes:
     """ffn_recipe for moe_tensors: routers, experts, shared expert and dense FFN layers."""
 
-    def __init__(self, source, family, options: UpcycleOptions, *, hidden: int, expert_ffn: int, routers=None):
+    def __init__(self, source, family, options: UpcycleOptions, *, hidden: int, expert_ffn: int, routers=None,
+                 target=None):
         self.source, self.family, self.options = source, family, options
         self.hidden, self.expert_ffn, self.routers = hidden, expert_ffn, routers
         # Output scale of every routed expert: G to undo the shard split, 1/2 when a shared expert
         # carries the other half of the FFN. Put wholly on down_proj: the output is linear in it.
-        self.down_factor = options.granularity * (SHARED_GATE_AT_ZERO if options.shared_expert else 1.0)
+        self.down_factor = options.granularity * (SHARED_HALF if options.shared_expert else 1.0)
+        # The shared expert carries the dense FFN's other half: the model adds target.shared_scale of its output
+        # (a zero gate's sigmoid, or all of it without a gate), so its down_proj is scaled by half / that.
+        self.shared_factor = SHARED_HALF / target.shared_scale if target is not None else 1.0
         self._dense_stats: dict[str, tuple[float, float]] = {}
 
     def __call__(self, expected: Expected) -> Recipe:
@@ -257,7 +264,8 @@ class UpcycleRecipes:
     def shared_expert(self, expected: Expected) -> Recipe:
         if expected.role == "shared_gate" or not self.options.shared_expert:
             return inert_shared_expert(expected)
-        return Copy(self.source, dense_ffn_names(self.family, expected.layer)[expected.role])
+        recipe = Copy(self.source, dense_ffn_names(self.family, expected.layer)[expected.role])
+        return Scale(recipe, self.shared_factor) if expected.role == "down" and self.shared_factor != 1.0 else recipe
 
 
 @dataclass
@@ -314,7 +322,7 @@ def _notes(options: UpcycleOptions, target, down_dtype: str, down_factor: float)
             parts.append(f"--noise adds N(0, {options.noise:g}*std) to {options.noise_share:.0%} of each expert's neurons")
         notes.append("; ".join(parts) + ": exactness is broken on purpose, the result no longer reproduces the "
                      "source and needs training")
-    if target.shared_expert and not options.shared_expert:
+    if inert_shared_ffn(target) and not options.shared_expert:
         notes.append(inert_shared_note(target) + ". Use --shared-expert to make the dense FFN the shared expert")
     if options.dtype != "keep":
         notes.append(f"--dtype {options.dtype} rounds the weights: the result reproduces the source cast to "

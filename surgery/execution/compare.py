@@ -52,10 +52,18 @@ class _Sums:
         return math.sqrt(self.delta / self.norm)
 
 
-def _module_names(family) -> dict[str, str]:
-    """{'attention': ..., 'mlp': ...}: the layer's sub-blocks, from the table's tensor names."""
+def _module_names(family) -> dict[str, tuple[str, ...]]:
+    """{'attention': (...), 'mlp': (...)}: the modules whose outputs make each sub-block of a layer (the FFN
+    part is the MoE block plus any module the layer adds beside it, such as a shared expert)."""
     query = family.spec("attention", "q").template.split("{layer}.", 1)[1]
-    return {"attention": query.rsplit(".", 2)[0], "mlp": family.router_input}
+    return {"attention": (query.rsplit(".", 2)[0],), "mlp": (family.router_input, *family.extra_ffn_modules)}
+
+
+def _present(module, path: str) -> bool:
+    try:
+        return module.get_submodule(path) is not None
+    except AttributeError:  # e.g. no shared expert in this model
+        return False
 
 
 def compare_layers(model_weights, reference_weights, batches, settings, dtype: str = "float32",
@@ -85,19 +93,21 @@ def compare_layers(model_weights, reference_weights, batches, settings, dtype: s
     with console.progress("comparing layers", model.num_layers, unit_bytes=False) as advance:
         for layer in range(model.num_layers):
             sums = {part: _Sums() for part in ("attention", "mlp", "output")}
-            seen = {"model": {}, "reference": {}}
             with model.layer(layer) as mine, reference.layer(layer) as theirs:
-                def probes(side):
-                    return [Probe(names[side][part], "output",
-                                  lambda batch, rows, part=part: seen[side].__setitem__(part, rows))
-                            for part in ("attention", "mlp")]
+                def probes(side, session):
+                    def add(part, rows):  # a part made of several modules is the sum of their outputs
+                        seen[side][part] = rows if part not in seen[side] else seen[side][part] + rows
+                    return [Probe(path, "output", lambda batch, rows, part=part: add(part, rows))
+                            for part in ("attention", "mlp") for path in names[side][part]
+                            if _present(session.module, path)]
                 out = reference.store("output")
                 with torch.no_grad():
                     for index, batch in enumerate(batches):
+                        seen = {"model": {}, "reference": {}}
                         keep = batch.attention_mask.reshape(-1).bool().to(placement.device)
                         value = hidden.get(index, placement.device, placement.dtype)
-                        expected = theirs.call(index, value, probes("reference"))
-                        got = mine.call(index, value, probes("model"))
+                        expected = theirs.call(index, value, probes("reference", theirs))
+                        got = mine.call(index, value, probes("model", mine))
                         for part in ("attention", "mlp"):
                             sums[part].add(seen["model"][part], seen["reference"][part])
                         sums["output"].add(_rows(got, keep), _rows(expected, keep))

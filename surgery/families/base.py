@@ -187,6 +187,13 @@ class Family:
     mergekit_names: tuple[str, ...] = ()
     # roles stored fused in one tensor (checkpoints and transformers' module alike)
     fused_sources: tuple[FusedSource, ...] = ()
+    # MoE families with a shared expert: the share of its output the model adds when its gate weights are
+    # zero (Qwen2-MoE: sigmoid(0) = 0.5) or always (no gate: 1.0), and whether the format always has one
+    shared_scale: float = 0.5
+    shared_required: bool = True
+    # modules beside ``router_input`` whose outputs the decoder layer adds to it (GraniteMoeShared's
+    # ``shared_mlp``): the layer's FFN part, as a layer-by-layer comparison measures it
+    extra_ffn_modules: tuple[str, ...] = ()
     # MoE families: the layouts its checkpoints may store experts in ("per_expert", "fused"); a family
     # that stores them fused only (GraniteMoE) still names per-expert roles, which plans are built from
     stored_layouts: tuple[str, ...] = ("per_expert", "fused")

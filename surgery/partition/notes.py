@@ -22,12 +22,14 @@ def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -
     notes.append(text)
     if shared:
         where = ("duplicated into every routed expert (down columns unscaled: counted once)" if layout.duplicated
-                 else f"a {target.name} shared expert (gate 0: sigmoid 0.5, down_proj x2)")
+                 else f"a {target.name} shared expert" + (
+                     f" (gate 0: sigmoid 0.5, down_proj x{1 / target.shared_scale:g})" if target.shared_scale != 1.0
+                     else " (no gate: added whole)"))
         notes.append(f"{shared} shared neurons per layer, {where}")
     if padding:
         notes.append(f"uneven expert sizes {sizes[0]}-{sizes[-1]} (+{shared if layout.duplicated else 0} shared): "
                      f"padded with {padding} zero neurons in all (exact: a zero neuron adds nothing)")
-    if not layout.duplicated and not shared:
+    if not layout.duplicated and not shared and layout.shared_ffn:
         notes.append(inert_shared_note(target))
     overlap = [p.stats.get("neurons_in_several_experts", 0) for p in partitions.values()]
     if any(overlap):
