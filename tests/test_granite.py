@@ -92,3 +92,44 @@ def test_copy_keeps_granitemoe_fused_whatever_layout_is_asked(tmp_path, run_cli)
     build_model("granitemoe").save_pretrained(tmp_path / "moe")
     assert run_cli("copy", tmp_path / "moe", tmp_path / "out", "--layout", "per-expert")[0] == 0
     assert set(tensors(tmp_path / "out")) == set(tensors(tmp_path / "moe"))
+
+
+# ------------------------------------------------------------------ GraniteMoeShared: a shared expert without a gate
+def test_the_dense_ffn_as_a_gateless_shared_expert_is_halved_with_the_routed_experts(tmp_path, run_cli, granite):
+    code, _, err = run_cli("upcycle", granite, tmp_path / "out", "-n", "4", "-k", "2", "--format", "granitemoeshared",
+                           "--shared-expert", "--verify")
+    assert code == 0, err
+    out, source = tensors(tmp_path / "out"), tensors(granite)
+    gate, up = source["model.layers.0.mlp.gate_proj.weight"], source["model.layers.0.mlp.up_proj.weight"]
+    down = source["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(out["model.layers.0.shared_mlp.input_linear.weight"], torch.cat([gate, up]))
+    assert torch.equal(out["model.layers.0.shared_mlp.output_linear.weight"], down * 0.5)
+    assert torch.equal(out["model.layers.0.block_sparse_moe.output_linear.weight"][2], down * 0.5)
+    assert_reproduces(tmp_path / "out", granite)
+
+
+def test_without_a_shared_expert_granitemoeshared_gets_none(tmp_path, run_cli, granite):
+    code, _, err = run_cli("upcycle", granite, tmp_path / "out", "-n", "4", "-k", "2", "--format", "granitemoeshared")
+    assert code == 0, err
+    assert "shared expert" not in err
+    assert not any("shared_mlp" in name for name in tensors(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["shared_intermediate_size"] == 0
+    assert_reproduces(tmp_path / "out", granite)
+
+
+def test_shared_neurons_of_a_split_become_the_gateless_shared_expert_unscaled(tmp_path, run_cli, granite):
+    code, _, err = run_cli("split", granite, tmp_path / "out", "-n", "4", "-k", "4", "--strategy", "random",
+                           "--router-init", "zero", "--format", "granitemoeshared", "--shared-neurons", "8", "--verify")
+    assert code == 0, err
+    assert "8 shared neurons per layer, a granitemoeshared shared expert (no gate: added whole)" in err
+    assert tensors(tmp_path / "out")["model.layers.0.shared_mlp.output_linear.weight"].shape == (32, 8)
+    assert_reproduces(tmp_path / "out", granite)
+
+
+def test_a_granitemoeshared_checkpoint_is_read_and_run(tmp_path, run_cli):
+    build_model("granitemoeshared").save_pretrained(tmp_path / "moe")
+    code, out, err = run_cli("inspect", tmp_path / "moe", "--strict")
+    assert code == 0, err
+    code, out, err = run_cli("validate", tmp_path / "moe", "--reference", tmp_path / "moe", "--expect-exact",
+                             "--max-tokens", "64")
+    assert code == 0, err

@@ -29,6 +29,9 @@ CONFIGS = {
                                                                     num_experts_per_tok=2, embedding_multiplier=2.0,
                                                                     attention_multiplier=0.3, residual_multiplier=0.7,
                                                                     logits_scaling=1.5)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", dict(
+        intermediate_size=20, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=16,
+        embedding_multiplier=2.0, attention_multiplier=0.3, residual_multiplier=0.7, logits_scaling=1.5)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=20, num_local_experts=4, num_experts_per_tok=2)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(intermediate_size=44, moe_intermediate_size=12,
                                                                shared_expert_intermediate_size=20, num_experts=4,
