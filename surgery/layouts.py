@@ -28,8 +28,9 @@ def convert(plan: Plan, layout: str) -> Plan:
     """`plan` writing its experts in `layout` (keep, per-expert or fused); the plan itself when it already does."""
     if layout == "keep" or plan.config is None:
         return plan
-    if layout not in LAYOUTS:
-        raise SurgeryError(f"--layout {layout!r}: expected one of keep, {', '.join(LAYOUTS)}")
+    from surgery.operations.output import check_choice
+
+    check_choice("--layout", layout, ("keep", *LAYOUTS))
     family = arch.detect_family(plan.config, "the output's config.json")
     names = [tensor.name for tensor in plan.tensors]
     if family.kind != "moe" or not family.fused_experts:

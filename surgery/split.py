@@ -25,7 +25,8 @@ from surgery import families as arch
 from surgery.errors import SurgeryError
 from surgery.moe_plan import check_expert_counts, inert_shared_expert, inert_shared_ffn
 from surgery.execution.session import run_options
-from surgery.operations.output import OutputOptions, PostWriteCheck, dtype_option, output_options, write
+from surgery.operations.output import (OutputOptions, PostWriteCheck, check_choice, dtype_option, output_options,
+                                      write)
 from surgery.seeds import router_seed
 
 STRATEGY_NAMES = ("random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation")
@@ -114,10 +115,8 @@ def _resolve(source, family, options: SplitOptions):
     check_expert_counts(n, k)
     if n > ffn:
         raise SurgeryError(f"--num-experts {n}: more experts than the FFN has neurons (intermediate_size {ffn})")
-    if options.router_init not in ROUTER_INITS:
-        raise SurgeryError(f"--router-init {options.router_init!r}: expected one of {', '.join(ROUTER_INITS)}")
-    if options.cluster_on not in CLUSTER_ON:
-        raise SurgeryError(f"--cluster-on {options.cluster_on!r}: expected one of {', '.join(CLUSTER_ON)}")
+    check_choice("--router-init", options.router_init, ROUTER_INITS)
+    check_choice("--cluster-on", options.cluster_on, CLUSTER_ON)
     if options.strategy is None and options.partition is None:
         raise SurgeryError("--strategy is required (or --partition FILE to reuse a saved split)")
     if options.strategy is not None and options.strategy not in STRATEGY_NAMES:

@@ -30,8 +30,8 @@ from surgery.errors import SurgeryError
 from surgery.moe_plan import (check_expert_counts, dense_ffn_names, folded_rounding, inert_shared_expert, inert_shared_ffn,
                                inert_shared_note, moe_tensors, open_dense_source, parse_moe_layers, provenance)
 from surgery.execution.session import run_options
-from surgery.operations.output import (OUTPUT_DTYPES, OutputOptions, PostWriteCheck, dtype_option, output_options,
-                                      write)
+from surgery.operations.output import (OUTPUT_DTYPES, OutputOptions, PostWriteCheck, check_choice, dtype_option,
+                                      output_options, write)
 from surgery.plan import Plan
 from surgery.recipes import Apply, Columns, Constant, Copy, Init, Recipe, Rows, Scale
 from surgery.seeds import router_seed
@@ -89,12 +89,9 @@ class UpcycleOptions:
 def check_options(options: UpcycleOptions) -> None:
     """Refuse option values that cannot work, whatever the source (one-line SurgeryError)."""
     n, k, g = options.num_experts, options.top_k, options.granularity
-    if options.format not in FORMATS:
-        raise SurgeryError(f"--format {options.format!r}: expected one of {', '.join(FORMATS)}")
-    if options.router_init not in ROUTER_INITS:
-        raise SurgeryError(f"--router-init {options.router_init!r}: expected one of {', '.join(ROUTER_INITS)}")
-    if options.dtype not in OUTPUT_DTYPES:
-        raise SurgeryError(f"--dtype {options.dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+    check_choice("--format", options.format, FORMATS)
+    check_choice("--router-init", options.router_init, ROUTER_INITS)
+    check_choice("--dtype", options.dtype, OUTPUT_DTYPES)
     check_expert_counts(n, k)
     if g < 1:
         raise SurgeryError(f"--granularity {g}: must be a positive integer")

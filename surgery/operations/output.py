@@ -38,8 +38,13 @@ class OutputOptions:
             raise SurgeryError(f"--verify-tokens {self.verify_tokens}: must be at least 2")
         if self.as_json and not self.dry_run:
             raise SurgeryError("--json applies to --dry-run only")
-        if self.layout not in LAYOUT_CHOICES:
-            raise SurgeryError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUT_CHOICES)}")
+        check_choice("--layout", self.layout, LAYOUT_CHOICES)
+
+
+def check_choice(option: str, value, choices) -> None:
+    """The one refusal of an option value outside its choices (the Python API passes values click never saw)."""
+    if value not in choices:
+        raise SurgeryError(f"{option} {value!r}: expected one of {', '.join(map(str, choices))}")
 
 
 OUTPUT_FIELDS = tuple(f.name for f in fields(OutputOptions))
