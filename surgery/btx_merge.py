@@ -61,7 +61,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     names = {d.expert: d.name for d in merge.domains()}
     routers = {t.name: t.recipe.layer for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
 
-    def fill(draft: Path) -> Filled:
+    def fill(draft: Path, patch) -> Filled:
         console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
                      f"({', '.join(names.values())}) and fitting {len(routers)} routers")
         with Checkpoint.open(draft) as checkpoint:

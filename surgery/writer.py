@@ -91,12 +91,14 @@ def _signals_raise():
 
 
 def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
-               allow_nonfinite: bool = False, fill: Callable[[Path], Filled] | None = None) -> list[Shard]:
+               allow_nonfinite: bool = False, fill: Callable[[Path, Callable], Filled] | None = None) -> list[Shard]:
     """Execute `plan` into directory `out`; returns the shards written.
 
     Floating-point data is checked for NaN/Inf on the way (each input tensor once): a checkpoint
-    with non-finite weights is refused unless `allow_nonfinite`. `fill(draft directory)` gives the
-    values of the plan's Deferred tensors (required when it has any).
+    with non-finite weights is refused unless `allow_nonfinite`. `fill(draft directory, patch)` gives the
+    values of the plan's Deferred tensors (required when it has any): ``patch(name, value)`` writes one
+    into the draft at once (so a fill that computes them layer by layer holds one layer), the rest come
+    back in ``Filled.tensors``.
     """
     out = Path(out)
     check_output_path(out, plan.sources, force)
@@ -132,7 +134,8 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
             extra_files = dict(plan.extra_files)
             if fill is not None:
                 try:
-                    filled = fill(temp)
+                    by_name = {name: shard for shard in held for name in shard.offsets}
+                    filled = fill(temp, lambda name, value: by_name[name].write(name, value, checker))
                     for shard in held:
                         digests[shard.path.name] = shard.complete(filled.tensors, checker)
                 finally:

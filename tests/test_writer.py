@@ -139,7 +139,7 @@ def test_a_deferred_tensor_is_written_last_with_the_value_fill_gives_from_the_dr
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
     seen = {}
 
-    def fill(draft):
+    def fill(draft, patch):
         seen["a"] = Checkpoint.open(draft).read("a").tolist()  # the draft is a readable checkpoint already
         return Filled({"r": torch.tensor([[1.5, -2.0], [0.25, 3.0]])}, {"NOTE.md": "fitted\n"})
 
@@ -156,7 +156,7 @@ def test_the_manifest_hashes_the_filled_shard(tmp_path):
 
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
     writer.write_plan(_deferred_plan(source), tmp_path / "out",
-                      fill=lambda draft: Filled({"r": torch.full((2, 2), 7.0)}))
+                      fill=lambda draft, patch: Filled({"r": torch.full((2, 2), 7.0)}))
     manifest = (tmp_path / "out" / writer.MANIFEST_NAME).read_text()
     assert sha256_file(tmp_path / "out" / "model.safetensors") in manifest
 
@@ -165,7 +165,7 @@ def test_a_nonfinite_deferred_value_is_refused_and_leaves_no_output(tmp_path):
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
     with pytest.raises(SurgeryError, match="output tensor 'r'.*1 NaN and 0 Inf"):
         writer.write_plan(_deferred_plan(source), tmp_path / "out",
-                          fill=lambda draft: Filled({"r": torch.tensor([[1.0, float("nan")], [0.0, 0.0]])}))
+                          fill=lambda draft, patch: Filled({"r": torch.tensor([[1.0, float("nan")], [0.0, 0.0]])}))
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
 
@@ -173,9 +173,23 @@ def test_a_nonfinite_deferred_value_is_refused_and_leaves_no_output(tmp_path):
 def test_a_failing_fill_leaves_no_output(tmp_path):
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
 
-    def fill(draft):
+    def fill(draft, patch):
         raise SurgeryError("the draft could not be run")
 
     with pytest.raises(SurgeryError, match="could not be run"):
         writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_a_fill_may_write_deferred_values_as_it_computes_them(tmp_path):
+    from surgery.verify import sha256_file
+
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
+
+    def fill(draft, patch):
+        patch("r", torch.full((2, 2), 3.0))  # written now, not returned
+        return Filled({})
+
+    writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
+    assert load_file(tmp_path / "out" / "model.safetensors")["r"].float().tolist() == [[3.0, 3.0], [3.0, 3.0]]
+    assert sha256_file(tmp_path / "out" / "model.safetensors") in (tmp_path / "out" / writer.MANIFEST_NAME).read_text()

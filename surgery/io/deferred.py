@@ -8,6 +8,7 @@ that replace the plan's); ``HeldShard`` is a written shard whose hasher waits be
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,22 +34,36 @@ class HeldShard:
     path: Path
     hasher: "TailHasher"
     offsets: dict[str, tuple[int, OutputTensor]]  # deferred tensor name -> (file offset, tensor)
+    written: set = field(default_factory=set)  # deferred tensors already written (``write``)
 
-    def complete(self, values: dict, checker: FiniteCheck) -> str:
-        """Write each deferred tensor's value in place; returns the shard's sha256."""
+    def write(self, name: str, value, checker: FiniteCheck, handle=None) -> None:
+        """Write deferred tensor `name`'s value in place (checked for NaN/Inf, cast to its dtype)."""
         import torch
 
+        offset, tensor = self.offsets[name]
+        checker.check_value(value, f"output tensor {name!r} ({tensor.recipe.describe()[:120]})")
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise AssertionError(f"fill gave {name} shape {list(value.shape)}, plan says {list(tensor.shape)}")
+        data = value.detach().to("cpu", torch_dtype(tensor.dtype)).contiguous().reshape(-1)
+        with open(self.path, "r+b") if handle is None else _kept(handle) as out:
+            out.seek(offset)
+            out.write(memoryview(data.view(torch.uint8).numpy()))
+        self.written.add(name)
+
+    def complete(self, values: dict, checker: FiniteCheck) -> str:
+        """Write each deferred tensor not written yet from `values`; returns the shard's sha256."""
         with open(self.path, "r+b") as handle:
-            for name, (offset, tensor) in self.offsets.items():
+            for name in self.offsets:
+                if name in self.written:
+                    continue
                 if name not in values:
                     raise AssertionError(f"fill gave no value for deferred tensor {name}")
-                value = values[name]
-                checker.check_value(value, f"output tensor {name!r} ({tensor.recipe.describe()[:120]})")
-                if tuple(value.shape) != tuple(tensor.shape):
-                    raise AssertionError(f"fill gave {name} shape {list(value.shape)}, plan says {list(tensor.shape)}")
-                data = value.detach().to("cpu", torch_dtype(tensor.dtype)).contiguous().reshape(-1)
-                handle.seek(offset)
-                handle.write(memoryview(data.view(torch.uint8).numpy()))
+                self.write(name, values[name], checker, handle)
             handle.flush()
             self.hasher.advance(os.fstat(handle.fileno()).st_size, finished=True)
         return self.hasher.result()
+
+
+@contextmanager
+def _kept(handle):
+    yield handle

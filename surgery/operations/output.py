@@ -139,10 +139,10 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     started = time.perf_counter()
     filling = [0.0]
 
-    def timed_fill(draft):
+    def timed_fill(draft, patch):
         begun = time.perf_counter()
         try:
-            return fill(draft)
+            return fill(draft, patch)
         finally:
             filling[0] = time.perf_counter() - begun
 
