@@ -29,6 +29,7 @@ from surgery.merge_plan import build_plan, model_card
 from surgery.execution.session import RunSettings, run_options
 from surgery.operations.output import OutputOptions, PostWriteCheck, dtype_option, output_options, write
 from surgery.plan import Plan
+from surgery.recipes import Deferred
 
 
 # ------------------------------------------------------------------ running
@@ -42,18 +43,20 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
 
     plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
     check = PostWriteCheck([m.checkpoint.path for m in merge.members], exact=False, settings=settings)
-    if merge.spec.router_init != "calibrated" or output.dry_run:
+    if not any(isinstance(t.recipe, Deferred) for t in plan.tensors) or output.dry_run:
         return write(plan, out, output, check=check)
     return _run_calibrated(merge, plan, Path(out), output, check)
 
 
 def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, check: PostWriteCheck):
-    """Write the merge with its routers deferred, run that draft layer by layer fitting each router, and write
-    the fitted rows into it: every weight is read and computed once."""
+    """Write the merge with its data-fitted tensors deferred, then fill them in on the draft: RegMean's linear
+    layers (each model run on its own text), then the routers (the merged draft run layer by layer). Every
+    weight is read and computed once."""
     from surgery.btx_router import PendingRouter, calibration_parts, fit_calibrated, print_routing, routing_table_text
     from surgery.checkpoint import Checkpoint
     from surgery.execution.weights import ModelWeights
     from surgery.io.deferred import Filled
+    from surgery.merge_regmean import RegMeanTensor, fit_regmean
     from surgery.writer import check_output_path
 
     check_output_path(out, plan.sources, output.force)
@@ -62,6 +65,10 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     routers = {t.name: t.recipe.layer for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
 
     def fill(draft: Path, patch) -> Filled:
+        if any(isinstance(t.recipe, RegMeanTensor) for t in plan.tensors):
+            fit_regmean(merge, plan, parts, check.settings, patch, spill_dir=out.resolve().parent)
+        if not routers:
+            return Filled({})
         console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
                      f"({', '.join(names.values())}) and fitting {len(routers)} routers")
         with Checkpoint.open(draft) as checkpoint:
@@ -87,8 +94,10 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
 @click.option("--include-seed", is_flag=True, help="Add the seed's FFN as one more (generalist) expert.")
 @click.option("--weights", multiple=True, metavar="NAME=W,...",
               help="Averaging weights of the non-FFN tensors (default 1 each; the seed is named 'seed').")
-@click.option("--non-ffn", default="average", show_default=True, metavar="average|seed|NAME",
-              help="Average non-FFN tensors over all models, or copy one model's (mergekit's behaviour).")
+@click.option("--non-ffn", default="average", show_default=True, metavar="average|regmean|seed|NAME",
+              help="Average non-FFN tensors over all models; regmean: fit the attention and head weights to each "
+                   "model's own inputs on its calibration text (RegMean), average the rest; or copy one model's "
+                   "(mergekit's behaviour).")
 @click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts per token.")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", *arch.moe_formats()]), help="Output MoE format.")

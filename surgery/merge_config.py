@@ -9,7 +9,7 @@ Two YAML dialects are read:
       - {name: prose, path: ./prose, calibration: prose.txt}
     seed: ./seed                 # or {path: ./seed, weight: 0.5, calibration: mixed.txt}
     include_seed: false
-    non_ffn: average             # average | seed | an expert's name
+    non_ffn: average             # average | regmean | seed | an expert's name
     top_k: 2
     format: auto                 # auto or an MoE format (the --format choices)
     router_init: calibrated      # auto | zero | normal | embedding | calibrated
@@ -317,9 +317,13 @@ def check_spec(spec: MergeSpec, where: str = "options") -> None:
         raise SurgeryError(f"{where}: --weights add up to 0; at least one model needs a positive weight")
     if spec.include_seed and not spec.seed:
         raise SurgeryError(f"{where}: --include-seed needs --seed PATH")
-    if spec.non_ffn not in ("average", SEED_NAME) and spec.non_ffn not in names:
-        raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn!r}: expected average, seed or an expert name "
+    if spec.non_ffn not in ("average", "regmean", SEED_NAME) and spec.non_ffn not in names:
+        raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn!r}: expected average, regmean, seed or an expert name "
                            f"({', '.join(names)})")
+    missing = [name for name in names if name not in spec.calibration]
+    if spec.non_ffn == "regmean" and missing:
+        raise SurgeryError(f"{where}: --non-ffn regmean fits the shared layers to each expert's own inputs and needs "
+                           f"--calibration text for every expert (missing: {', '.join(missing)})")
     if spec.non_ffn == SEED_NAME and not spec.seed:
         raise SurgeryError(f"{where}: --non-ffn seed needs --seed PATH")
     if spec.router_init not in ROUTER_INITS:

@@ -24,16 +24,23 @@ ROUTER_STD = 0.02
 
 
 def non_ffn_recipe(merge: Merge):
-    """Weighted mean over every model with a positive weight, or a copy of one model (--non-ffn)."""
+    """Weighted mean over every model with a positive weight, or a copy of one model, or (regmean) the linear
+    layers fitted to each model's inputs and the rest averaged (--non-ffn)."""
+    from surgery.merge_regmean import RegMeanTensor, regmean_module
+
     choice = merge.spec.non_ffn
-    if choice != "average":
+    if choice not in ("average", "regmean"):
         member = merge.member(choice)
         return lambda expected, name: Copy(member.checkpoint, name)
     averaged = [m for m in merge.members if merge.weights[m.name] != 0]
+    config = merge.reference.checkpoint.config
 
     def recipe(expected, name):
         if len(averaged) == 1:
             return Copy(averaged[0].checkpoint, name)
+        module = regmean_module(merge.source_family, config, expected) if choice == "regmean" else None
+        if module is not None:
+            return RegMeanTensor(name, expected.layer, module)
         return BlockedMean([m.checkpoint for m in averaged], name, [merge.weights[m.name] for m in averaged])
 
     return recipe
@@ -123,11 +130,16 @@ def expert_provenance(merge: Merge) -> list[dict]:
 
 
 def non_ffn_description(merge: Merge) -> dict:
-    if merge.spec.non_ffn != "average":
+    if merge.spec.non_ffn not in ("average", "regmean"):
         return {"method": "copy", "from": merge.spec.non_ffn}
     total = sum(merge.weights.values())
-    return {"method": "weighted mean (float32)",
-            "weights": {m.name: merge.weights[m.name] / total for m in merge.members if merge.weights[m.name] != 0}}
+    weights = {m.name: merge.weights[m.name] / total for m in merge.members if merge.weights[m.name] != 0}
+    if merge.spec.non_ffn == "regmean":
+        from surgery.merge_regmean import ALPHA
+
+        return {"method": f"regmean (alpha {ALPHA}) of the attention projections and the head; weighted mean "
+                          "(float32) of norms and embeddings", "weights": weights}
+    return {"method": "weighted mean (float32)", "weights": weights}
 
 
 def model_card(merge: Merge, routing_text: str | None = None) -> str:

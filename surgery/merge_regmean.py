@@ -1,0 +1,133 @@
+"""`surgery merge --non-ffn regmean`: the shared linear layers merged with each model's own inputs (RegMean).
+
+RegMean (Jin et al., ICLR 2023, arXiv 2212.09849): for a linear layer with weights W_i in model i and
+inputs X_i (model i's own activations at that layer, on its own domain's calibration text), the merged
+weight minimising sum_i ||X_i W^T - X_i W_i^T||^2 is W^T = (sum_i G_i)^-1 sum_i G_i W_i^T with
+G_i = X_i^T X_i. Each G_i's off-diagonal is scaled by ALPHA (the diagonal kept) so the sum stays well
+conditioned; published configurations use 0.6-0.95.
+
+Which layers: the attention projections (q, k, v: the input of the module that holds q, whatever
+stores it; o: the input of o_proj) of every layer and an untied head (the final norm's output). Norms,
+biases and embeddings keep the weighted mean. The seed (the generalist) reads every domain's text;
+each expert its own domain's. ``--weights`` scale each model's Gram matrices.
+
+Memory: every model runs layer by layer (``surgery.execution``), one model's layer at a time; the
+Gram matrices of one layer (in float64) and the merged tensors of that layer are all that is held,
+and each merged tensor is written into the draft as soon as it is computed (``patch``).
+"""
+
+from __future__ import annotations
+
+from surgery import console
+from surgery import families as arch
+from surgery.recipes import Deferred
+
+ALPHA = 0.9  # off-diagonal scale of each Gram matrix
+
+
+class RegMeanTensor(Deferred):
+    """A non-FFN linear weight merged by RegMean: written once every model has run up to its layer."""
+
+    def __init__(self, source_name: str, layer: int | None, module: str):
+        super().__init__(f"regmean of {source_name} (inputs of {module}, alpha {ALPHA})")
+        self.source_name, self.layer, self.module = source_name, layer, module
+
+
+def regmean_module(family, config: dict, expected) -> str | None:
+    """The module whose input feeds `expected` (an output tensor of the merge), relative to its decoder layer
+    ("" for the head: the final norm's output), or None when RegMean does not apply to it."""
+    if expected.group == "head":
+        return ""
+    if expected.group != "attention" or expected.role not in ("q", "k", "v", "o"):
+        return None
+    name = family.spec("attention", expected.role).name(expected.layer)
+    stored = arch.source_views(family, config).get(name, (name,))[0]  # Phi-3: the fused qkv_proj holds q
+    return stored.split(f"layers.{expected.layer}.", 1)[1].removesuffix(".weight")
+
+
+class _Gram:
+    """sum of x^T x over the rows a probe sees, in float64."""
+
+    def __init__(self):
+        self.value = None
+
+    def __call__(self, batch, rows):
+        import torch
+
+        rows = rows.detach().to("cpu", torch.float64)
+        gram = rows.T @ rows
+        self.value = gram if self.value is None else self.value + gram
+
+
+def merged_weight(grams: list, weights: list, alpha: float = ALPHA):
+    """W with W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T, G~_i = alpha G_i + (1 - alpha) diag(G_i); float32."""
+    import torch
+
+    total, target = None, None
+    for gram, weight in zip(grams, weights):
+        scaled = alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
+        product = scaled @ weight.to(torch.float64).T
+        total = scaled if total is None else total + scaled
+        target = product if target is None else target + product
+    return torch.linalg.solve(total, target).T.to(torch.float32).contiguous()
+
+
+def fit_regmean(merge, plan, parts: list, settings, patch, spill_dir=None) -> None:
+    """Run every averaged model layer by layer on its text and write each RegMean tensor of the plan into the
+    draft (`patch`) as soon as its layer has been seen by all of them."""
+    from surgery.execution.calibration import CalibrationSet
+    from surgery.execution.probes import Probe
+    from surgery.execution.session import runner_for
+    from surgery.execution.weights import ModelWeights
+
+    tensors = [t for t in plan.tensors if isinstance(t.recipe, RegMeanTensor)]
+    members = [m for m in merge.members if merge.weights[m.name] != 0]
+    by_expert = dict(parts)
+    texts = {merge.experts[index].name: part for index, part in by_expert.items()}
+    everything = CalibrationSet.combine(parts)
+    runners = [runner_for(ModelWeights.from_checkpoint(m.checkpoint), texts.get(m.name, everything).batches,
+                          settings, spill_dir) for m in members]
+    console.info(f"regmean: running {len(members)} models layer by layer on their own calibration text and merging "
+                 f"{len(tensors)} linear layers (alpha {ALPHA})")
+    hidden = [runner.embed() for runner in runners]
+    layers = merge.config["num_hidden_layers"]
+    with console.progress("regmean", layers + 1, unit_bytes=False) as advance:
+        for layer in range(layers):
+            here = [t for t in tensors if t.recipe.layer == layer]
+            modules = sorted({t.recipe.module for t in here})
+            grams = []
+            for index, runner in enumerate(runners):
+                sums = {module: _Gram() for module in modules}
+                with runner.layer(layer) as session:
+                    out = session.run(hidden[index], [Probe(module, "input", sums[module]) for module in modules])
+                hidden[index].close()
+                hidden[index] = out
+                grams.append(sums)
+            for tensor in here:
+                patch(tensor.name, _merge(tensor, merge, members, [g[tensor.recipe.module].value for g in grams]))
+            advance(1, f"layer {layer}")
+        head = [t for t in tensors if t.recipe.layer is None]
+        if head:
+            grams = []
+            for index, runner in enumerate(runners):
+                gram = _Gram()
+                runner.head(hidden[index], lambda batch, rows, logits, extra, gram=gram: gram(
+                    batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_output=True)
+                grams.append(gram.value)
+            for tensor in head:
+                patch(tensor.name, _merge(tensor, merge, members, grams))
+        advance(1, "head")
+    for store in hidden:
+        store.close()
+
+
+def batch_mask(runner, batch: int, rows):
+    """The real (unpadded) tokens of rows `rows` of batch `batch`, for a [rows, length, hidden] tensor."""
+    return runner.batches[batch].attention_mask[rows].to(bool)
+
+
+def _merge(tensor, merge, members, grams):
+    """The RegMean weight of `tensor`, each model's Gram matrix scaled by its averaging weight (--weights)."""
+    weights = [m.checkpoint.read(tensor.recipe.source_name) for m in members]
+    scaled = [gram * merge.weights[m.name] for gram, m in zip(grams, members)]
+    return merged_weight(scaled, weights).reshape(tensor.shape)

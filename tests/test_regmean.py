@@ -1,0 +1,111 @@
+"""`surgery merge --non-ffn regmean`: attention and head weights fitted to each model's own inputs (RegMean)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from surgery.merge_regmean import ALPHA, merged_weight
+from test_merge import TEXTS, save_member
+from tiny_models import load_model, logits, sample_ids
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regmean")
+    paths = {name: save_member(root / name, seed=seed) for seed, name in enumerate(("a", "b"))}
+    for name in ("a", "b"):
+        (root / f"{name}.txt").write_text(TEXTS[name])
+        paths[f"{name}.txt"] = root / f"{name}.txt"
+    return paths
+
+
+def merge_args(models, a="a", b="b"):
+    return ["--expert", f"a={models[a]}", "--expert", f"b={models[b]}", "--calibration", f"a={models['a.txt']}",
+            "--calibration", f"b={models['b.txt']}", "--non-ffn", "regmean", "--router-init", "zero"]
+
+
+def test_the_formula_solves_the_regularised_least_squares():
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(50, 6, generator=generator, dtype=torch.float64) for _ in range(3)]
+    weights = [torch.randn(4, 6, generator=generator) for _ in range(3)]
+    grams = [x.T @ x for x in inputs]
+    merged = merged_weight(grams, weights, alpha=0.7).double()
+    # the gradient of sum_i ||X~_i (W - W_i)^T||^2 with G~_i = 0.7 G_i + 0.3 diag(G_i) vanishes at the result
+    scaled = [0.7 * g + 0.3 * torch.diag(torch.diagonal(g)) for g in grams]
+    gradient = sum(g @ (merged - w.double()).T for g, w in zip(scaled, weights))
+    scale = sum(g @ w.double().T for g, w in zip(scaled, weights)).abs().max()
+    assert gradient.abs().max() < 1e-6 * scale  # zero up to the float32 rounding of the result
+
+
+def test_one_model_alone_comes_back_unchanged():
+    weight = torch.randn(5, 3)
+    gram = torch.randn(20, 3, dtype=torch.float64)
+    assert torch.allclose(merged_weight([gram.T @ gram], [weight]), weight, atol=1e-6)
+
+
+def test_merging_copies_of_one_model_reproduces_it(tmp_path, run_cli, models):
+    code, _, err = run_cli("merge", tmp_path / "out", *merge_args(models, "a", "a"))
+    assert code == 0, err
+    ids = sample_ids(96)
+    assert torch.allclose(logits(load_model(tmp_path / "out"), ids), logits(load_model(models["a"]), ids), atol=1e-5)
+
+
+def test_q_and_o_are_the_regmean_of_each_models_own_inputs(tmp_path, run_cli, models):
+    """Recompute layer 1's Gram matrices with hooks on transformers' own models, on the tokens the merge used."""
+    from surgery.execution.calibration import CalibrationSet
+    from surgery.loading import load_tokenizer
+
+    assert run_cli("merge", tmp_path / "out", *merge_args(models))[0] == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    grams = {"q": [], "o": []}
+    for name in ("a", "b"):
+        model = load_model(models[name])
+        calibration = CalibrationSet.from_text(TEXTS[name], load_tokenizer(models[name]), model.config.to_dict(),
+                                               16384, name)
+        sums = {"q": 0, "o": 0}
+        attention = model.model.layers[1].self_attn
+        for part, module in (("q", attention.q_proj), ("o", attention.o_proj)):
+            def hook(_m, args, part=part, mask=[None]):
+                rows = args[0].reshape(-1, args[0].shape[-1])[hook.mask].double()
+                sums[part] = sums[part] + rows.T @ rows
+            module.register_forward_pre_hook(hook)
+        for batch in calibration.batches:
+            mask = batch.attention_mask.reshape(-1).bool()
+            for module in (attention.q_proj, attention.o_proj):
+                for hook in module._forward_pre_hooks.values():
+                    hook.mask = mask
+            with torch.no_grad():
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        grams["q"].append(sums["q"])
+        grams["o"].append(sums["o"])
+    sources = {name: load_file(models[name] / "model.safetensors") for name in ("a", "b")}
+    for part in ("q", "o"):
+        key = f"model.layers.1.self_attn.{part}_proj.weight"
+        expected = merged_weight(grams[part], [sources[name][key] for name in ("a", "b")], ALPHA)
+        assert torch.allclose(out[key], expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(out[key], (sources["a"][key] + sources["b"][key]) / 2, atol=1e-3)  # not the mean
+
+
+def test_norms_and_embeddings_keep_the_mean_and_the_metadata_says_regmean(tmp_path, run_cli, models):
+    assert run_cli("merge", tmp_path / "out", *merge_args(models))[0] == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    sources = [load_file(models[name] / "model.safetensors") for name in ("a", "b")]
+    for key in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.allclose(out[key], (sources[0][key] + sources[1][key]) / 2, atol=1e-6)
+    from surgery.checkpoint import Checkpoint
+
+    metadata = next(iter(Checkpoint.open(tmp_path / "out").metadata.values()))
+    assert json.loads(metadata["surgery_non_ffn"])["method"].startswith(f"regmean (alpha {ALPHA})")
+    load_model(tmp_path / "out")
+
+
+def test_regmean_without_an_experts_text_is_refused(tmp_path, run_cli, models):
+    code, _, err = run_cli("merge", tmp_path / "out", "--expert", f"a={models['a']}", "--expert", f"b={models['b']}",
+                           "--calibration", f"a={models['a.txt']}", "--non-ffn", "regmean")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "surgery: error: options: --non-ffn regmean fits the shared layers to each expert's own inputs and needs "
+        "--calibration text for every expert (missing: b)")
+    assert not (tmp_path / "out").exists()
