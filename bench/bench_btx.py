@@ -215,6 +215,9 @@ def quality(args, work: Path) -> tuple[str, list[str]]:
     for init in ("zero", "normal", "embedding", "calibrated"):
         merged(f"BTX merge, {init} router", init=init)
     merged("BTX merge, calibrated router, seed non-FFN (mergekit's approach)", init="calibrated", non_ffn="seed")
+    merged("BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)", init="calibrated", non_ffn="regmean")
+    merged("BTX merge, calibrated router, RegMean over the 3 experts only (seed weight 0)", init="calibrated",
+           non_ffn="regmean", weights=("seed=0",))
     if MERGEKIT.exists() and not args.quick:
         for gate_mode in ("hidden", "random"):
             out = work / f"mergekit-{gate_mode}"
@@ -234,7 +237,7 @@ def quality(args, work: Path) -> tuple[str, list[str]]:
               dict(init="calibrated", weights=("seed=0",))),
              ("idea: non-FFN = seed + 0.5 * sum(expert - seed) (task arithmetic)",
               dict(init="calibrated", weights=("task-arithmetic=0.5",)))]
-    if not args.quick:
+    if not args.quick and not args.skip_ideas:
         for label, options in ideas:
             merged(label, **options)
         out = work / "calibrated"
@@ -393,6 +396,7 @@ def main():
     parser.add_argument("--speed-models", help="keep (and reuse) the random speed-test models in this directory")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-ideas", action="store_true", help="quality: only the main rows (no idea rows)")
     args = parser.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
