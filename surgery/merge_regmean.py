@@ -130,4 +130,4 @@ def _merge(tensor, merge, members, grams):
     """The RegMean weight of `tensor`, each model's Gram matrix scaled by its averaging weight (--weights)."""
     weights = [m.checkpoint.read(tensor.recipe.source_name) for m in members]
     scaled = [gram * merge.weights[m.name] for gram, m in zip(grams, members)]
-    return merged_weight(scaled, weights).reshape(tensor.shape)
+    return merged_weight(scaled, weights, ALPHA).reshape(tensor.shape)
