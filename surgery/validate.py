@@ -300,61 +300,6 @@ def validate(model_path, references=(), *, data=None, text=None, tokens=None, ba
     return result
 
 
-def verify_exact(out_path, reference_path, settings=None, max_tokens: int = VERIFY_TOKENS,
-                 rounding: str | None = None) -> dict:
-    """What `--verify` runs for an exact operation: OUT against its source, layer by layer, on the
-    validation sample (at most `max_tokens` tokens). Prints the comparison; raises SurgeryError naming
-    the first layer that differs. `rounding`: the dtype whose rounding the operation folded into the
-    weights on purpose (surgery.plan.Plan.rounding), tolerated on top of float noise."""
-    from surgery.execution.session import RunSettings
-
-    settings = settings or RunSettings()
-    from surgery import samples
-    from surgery.checkpoint import Checkpoint
-
-    with Checkpoint.open(out_path, require_config=True) as checkpoint:
-        vocab = checkpoint.config.get("vocab_size")
-    sample = sample_rows(out_path, [reference_path], data=None, text=None, tokens=None, batch_size=8, seq_len=256,
-                         vocab_size=vocab, max_tokens=max_tokens)
-
-    batches = list(samples.batches(sample.rows, 8, 256, sample.pad_token_id, max_tokens, vocab))
-    report = compare_exact(out_path, reference_path, batches, settings, rounding)
-    report["sample"] = {"source": sample.source, "tokens": sum(batch.tokens for batch in batches)}
-    from surgery.validate_view import print_exact
-
-    print_exact(report)
-    if not report["passed"]:
-        raise SurgeryError(f"{out_path} does not reproduce {reference_path}: {report['message']}")
-    return report
-
-
-def verify_written(out, sources, *, exact: bool, settings=None, max_tokens: int = VERIFY_TOKENS,
-                   rounding: str | None = None) -> dict:
-    """`--verify` of every writing command. Exact operations: OUT against its source layer by layer
-    (``verify_exact``); the others: validate OUT against every source and report the loss change.
-    A failure is a SurgeryError that says the output is kept and the input untouched."""
-    from surgery.execution.session import RunSettings
-
-    settings = settings or RunSettings()
-    sources = [str(source) for source in sources]
-    if exact:
-        try:
-            from dataclasses import replace
-
-            return verify_exact(str(out), sources[0], replace(settings, dtype="auto"), max_tokens,  # float32 compare
-                                rounding)
-        except SurgeryError as exc:
-            raise SurgeryError(f"--verify: {exc} (the output is kept for inspection; the input is untouched)") from None
-    result = validate(str(out), sources, device=settings.device, memory_budget=settings.memory_budget,
-                      max_tokens=max_tokens)
-    print_result(result)
-    reference = (result.get("references") or [{}])[0]
-    if result.get("loss") is not None and reference.get("loss") is not None:
-        console.info(f"verify: loss {result['loss']:.4f} vs {reference['path']} {reference['loss']:.4f} "
-                     f"({result['loss'] - reference['loss']:+.4f} nats/token)")
-    return result
-
-
 def _is_moe(path) -> bool:
     from surgery import families as arch
     from surgery.checkpoint import Checkpoint

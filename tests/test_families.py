@@ -106,7 +106,7 @@ def test_mixtral_refuses_dense_layers():
 
 # ------------------------------------------------------------------- the registry
 PACKAGE = Path(arch.__file__).parent
-MACHINERY = {"__init__", "base", "registry", "convert"}
+MACHINERY = {"__init__", "base", "registry", "convert", "sliding"}
 
 
 def _family_module_names() -> set[str]:

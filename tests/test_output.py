@@ -68,7 +68,7 @@ def test_the_validate_report_fits_80_columns_with_a_long_reference_path(models, 
 
 
 def test_the_layer_by_layer_comparison_fits_80_columns(models, narrow):
-    from surgery.validate import verify_exact
+    from surgery.verification import verify_exact
 
     verify_exact(models["llama"], models["llama"])
     text = narrow()

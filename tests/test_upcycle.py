@@ -411,10 +411,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, run_cli, source):
 
 @pytest.fixture
 def fake_validate(monkeypatch):
-    """A stand-in surgery.validate with its contract (verify_written raises SurgeryError when not exact)."""
+    """A stand-in surgery.verification with its contract (verify_written raises SurgeryError when not exact)."""
     from surgery.errors import SurgeryError
 
-    module = types.ModuleType("surgery.validate")
+    module = types.ModuleType("surgery.verification")
     module.calls, module.exact = [], True
 
     def verify_written(out, sources, *, exact, settings=None, max_tokens=None, rounding=None):
@@ -427,8 +427,8 @@ def fake_validate(monkeypatch):
     module.verify_written = verify_written
     import surgery
 
-    monkeypatch.setitem(sys.modules, "surgery.validate", module)
-    monkeypatch.setattr(surgery, "validate", module, raising=False)  # `from surgery import validate` reads this
+    monkeypatch.setitem(sys.modules, "surgery.verification", module)
+    monkeypatch.setattr(surgery, "verification", module, raising=False)  # `from surgery import verification` reads this
     return module
 
 

@@ -16,7 +16,8 @@ from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.execution.compare import tolerance_for
 from surgery.execution.session import RunSettings
-from surgery.validate import evaluate, resolve_placement, validate, verify_exact
+from surgery.validate import evaluate, resolve_placement, validate
+from surgery.verification import verify_exact
 from tiny_models import build_model, load_model, save_model
 
 GIB = 2**30

@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from surgery.errors import SurgeryError
-from surgery.families.base import (
-    Family, config_value, layer_count, layer_windows, sliding_settings, windows_config)
+from surgery.families.base import Family, config_value
+from surgery.families.sliding import layer_count, layer_windows, sliding_settings, windows_config
 from surgery.families.registry import FAMILIES, moe_formats
 
 # Keys never carried from a dense source into an MoE config: identity and bookkeeping.

@@ -7,7 +7,8 @@ applies to every layer.
 """
 
 from surgery.families import mistral
-from surgery.families.base import FUSED_EXPERTS, L, Family, SlidingWindow, Spec, per_expert
+from surgery.families.base import FUSED_EXPERTS, L, Family, Spec, per_expert
+from surgery.families.sliding import SlidingWindow
 
 FAMILY = Family(
     "mixtral", "MixtralForCausalLM", "moe", mistral.FAMILY.attention,

@@ -10,8 +10,8 @@ receive it (as of 5.24), unlike Qwen2's.
 """
 
 from surgery.families import qwen2
-from surgery.families.base import (
-    FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, SlidingWindow, Spec, per_expert, specs)
+from surgery.families.base import FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, Spec, per_expert, specs
+from surgery.families.sliding import SlidingWindow
 
 SHARED_EXPERT = specs("shared_expert", L + "mlp.", [
     ("gate", "shared_expert.gate_proj.weight", ("shared_ffn", "hidden")),

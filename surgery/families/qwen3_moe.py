@@ -7,7 +7,8 @@ Sliding window: with ``use_sliding_window`` on, ``sliding_window`` applies to ev
 """
 
 from surgery.families import qwen3
-from surgery.families.base import FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, SlidingWindow, Spec, per_expert
+from surgery.families.base import FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, Spec, per_expert
+from surgery.families.sliding import SlidingWindow
 
 FAMILY = Family(
     "qwen3_moe", "Qwen3MoeForCausalLM", "moe", qwen3.FAMILY.attention,

@@ -157,7 +157,7 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     for message in plan.notes:
         console.note(message)
     if output.verify and check is not None:
-        from surgery.validate import verify_written
+        from surgery.verification import verify_written
 
         result.verification = verify_written(out, check.sources, exact=check.exact, settings=check.settings,
                                              max_tokens=output.verify_tokens, rounding=plan.rounding)
