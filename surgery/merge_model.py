@@ -115,7 +115,7 @@ def open_merge(spec: MergeSpec) -> Merge:
     if spec.origin:
         from surgery.mergekit_moe import mergekit_notes
 
-        notes += mergekit_notes(spec, target.name)
+        notes += mergekit_notes(spec, target.name, [m.name for m in members if weights[m.name] != 0])
     notes += tokenizer_notes(spec, members, reference, where)
     if shared:
         merge.shared_gate = shared_gate(spec, shared, where)

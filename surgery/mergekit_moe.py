@@ -82,6 +82,8 @@ def from_mergekit(data: dict, path: Path) -> MergeSpec:
         raise SurgeryError(f"{path}: gate_mode {gate_mode!r} is not understood (expected {', '.join(GATE_MODES)})")
     origin = spec.origin = Origin(path, gate_mode, GATE_MODES[gate_mode])
     spec.router_init, spec.router_fit = origin.router_init, FITS_DEFAULT
+    if data.get("base_model"):
+        spec.seed = model_path(data["base_model"], path, "base_model")
     used = {SEED_NAME}
     for number, entry in enumerate(entries):
         spec.experts.append(_model(entry, f"experts[{number}]", path, used, spec))
@@ -93,8 +95,6 @@ def from_mergekit(data: dict, path: Path) -> MergeSpec:
                            "(mergekit-moe writes one at most too)")
     if shared:
         spec.shared = _model(shared[0], "shared_experts[0]", path, used, spec)
-    if data.get("base_model"):
-        spec.seed = model_path(data["base_model"], path, "base_model")
     spec.top_k = integer(data.get("experts_per_token", 2), f"{path}: experts_per_token")
     origin.dtype, origin.out_dtype = _dtype(data, "dtype", path), _dtype(data, "out_dtype", path)
     spec.dtype = origin.out_dtype or origin.dtype
@@ -258,37 +258,38 @@ def _tokenizer_source(data: dict, path: Path) -> str | None:
 # ------------------------------------------------------------------ notes
 GATE_NOTES = {
     "calibrated": "routers are fitted layer by layer on the merged model at the router's real input (the "
-                  "post-attention norm output, padding masked) so that each expert's positive_prompts go to it "
-                  "and its negative_prompts do not; mergekit uses the base model's hidden states of the prompts "
-                  "as rows",
-    "embedding": "each router row is the mean input embedding of the expert's positive_prompts minus that of its "
-                 "negative_prompts, centred over the experts, unit length, the same in every layer",
+                  "post-attention norm output, padding masked) so that each expert's positive_prompts go to it"
+                  "{negative}; mergekit uses the base model's hidden states of the prompts as rows",
+    "embedding": "each router row is the mean input embedding of the expert's positive_prompts{negative}, centred "
+                 "over the experts, unit length, the same in every layer",
     "normal": "N(0, 0.02) rows, seeded per layer (mergekit draws N(0, 1) for random, uniform(+-1/sqrt(hidden)) "
               "for uniform_random, unseeded)",
 }
 
 
-def mergekit_notes(spec: MergeSpec, target: str) -> list[str]:
-    """What the config's keys became, written from the final spec (after command-line overrides)."""
+def mergekit_notes(spec: MergeSpec, target: str, averaged: list[str]) -> list[str]:
+    """What the config's keys became, written from the final spec (after command-line overrides); `averaged`:
+    the models that enter the non-FFN average."""
     origin: Origin = spec.origin
     notes = []
     if spec.router_init == origin.router_init:
-        notes.append(f"gate_mode {origin.gate_mode} -> router_init {spec.router_init}: "
-                     + GATE_NOTES[spec.router_init])
+        negative = {"calibrated": " and its negative_prompts do not", "embedding": " minus that of its negative_prompts"}
+        notes.append(f"gate_mode {origin.gate_mode} -> router_init {spec.router_init}: " + GATE_NOTES[
+            spec.router_init].format(negative=negative.get(spec.router_init, "") if spec.negative else ""))
     else:
         notes.append(f"gate_mode {origin.gate_mode} is overridden: router_init {spec.router_init}")
     if origin.prompts and spec.router_init in ("normal", "zero"):
         notes.append(f"router_init {spec.router_init} reads no text: the positive/negative prompts are not used "
                      "(mergekit's random gates ignore them too)")
-    notes.append(_non_ffn_note(spec))
-    for name, scale in spec.noise_scale.items():
-        notes.append(f"{origin.places[name]}.noise_scale {scale:g}: N(0, {scale:g}) is added to every weight of its "
-                     f"gate, up and down projections, as mergekit does, from seeded streams (router_seed "
-                     f"{spec.router_seed}; mergekit's draws are unseeded): the result changes on purpose")
-    for name, scale in spec.residual_scale.items():
-        if spec.shared is None or name != spec.shared[0]:
-            notes.append(f"{origin.places[name]}.residual_scale {scale:g}: its down_proj is multiplied by {scale:g}"
-                         " (after the noise, as mergekit does)")
+    notes.append(_non_ffn_note(spec, averaged))
+    for scale, places in _by_value(spec.noise_scale, origin).items():
+        notes.append(f"{places}.noise_scale {scale:g}: N(0, {scale:g}) is added to every weight of the gate, up and "
+                     f"down projections, as mergekit does, from seeded streams (router_seed {spec.router_seed}; "
+                     "mergekit's draws are unseeded): the result changes on purpose")
+    routed = {name: scale for name, scale in spec.residual_scale.items() if not spec.shared or name != spec.shared[0]}
+    for scale, places in _by_value(routed, origin).items():
+        notes.append(f"{places}.residual_scale {scale:g}: the down_proj is multiplied by {scale:g} (after the noise, "
+                     "as mergekit does)")
     if origin.out_dtype and origin.dtype and origin.out_dtype != origin.dtype and spec.dtype == origin.out_dtype:
         notes.append(f"out_dtype {origin.out_dtype} is the output dtype (its mergekit-yaml meaning); mergekit-moe "
                      f"does not read out_dtype and would write {origin.dtype}")
@@ -298,13 +299,23 @@ def mergekit_notes(spec: MergeSpec, target: str) -> list[str]:
     return notes
 
 
-def _non_ffn_note(spec: MergeSpec) -> str:
-    choice = spec.non_ffn
+def _by_value(values: dict, origin: Origin) -> dict:
+    """{value: 'experts[0], experts[2]'}: the places that give each value."""
+    places: dict = {}
+    for name, value in values.items():
+        places.setdefault(value, []).append(origin.places[name])
+    return {value: ", ".join(names) for value, names in places.items()}
+
+
+def _non_ffn_note(spec: MergeSpec, averaged: list[str]) -> str:
+    choice, what = spec.non_ffn, "non-FFN weights (embeddings, attention, norms, lm_head)"
     if choice == SEED_NAME:
-        return "non-FFN weights (embeddings, attention, norms, lm_head) are copied from base_model, as mergekit does"
+        return f"{what} are copied from base_model, as mergekit does"
     if choice != "average":
-        return f"non-FFN weights are copied from expert {choice} (mergekit copies base_model's)"
-    if not spec.seed:
-        return "no base_model: non-FFN weights are averaged over the models of the merge"
-    return ("non-FFN weights (embeddings, attention, norms, lm_head) are AVERAGED over base_model and every other "
-            "model of the merge (BTX); mergekit copies base_model's (pass --non-ffn seed for that)")
+        return f"{what} are copied from expert {choice} (mergekit copies base_model's)"
+    if len(averaged) == 1:
+        return (f"{what} are copied from {averaged[0]}, the only directory in the average"
+                + ("" if averaged[0] == SEED_NAME else " (mergekit copies base_model's)"))
+    base = "" if spec.seed else "no base_model: "
+    return (f"{base}{what} are AVERAGED over {', '.join(averaged)} (BTX)"
+            + ("; mergekit copies base_model's (pass --non-ffn seed for that)" if spec.seed else ""))
