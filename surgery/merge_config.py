@@ -265,6 +265,7 @@ def check_spec(spec: MergeSpec, where: str = "options") -> None:
         raise SurgeryError(f"{where}: format {spec.format!r} is not one of {', '.join(FORMATS)}")
     experts = len(spec.experts) + (1 if spec.include_seed else 0)
     if not 1 <= spec.top_k <= experts:
-        raise SurgeryError(f"{where}: --top-k {spec.top_k}: must be between 1 and the number of experts ({experts})")
+        option = "experts_per_token" if spec.origin else "--top-k"
+        raise SurgeryError(f"{where}: {option} {spec.top_k}: must be between 1 and the number of experts ({experts})")
     if spec.calibration_tokens <= 0:
         raise SurgeryError(f"{where}: calibration_tokens must be positive, found {spec.calibration_tokens}")

@@ -106,11 +106,12 @@ def open_merge(spec: MergeSpec) -> Merge:
         config.pop("torch_dtype", None)
     if spec.router_init in ("embedding", "calibrated"):
         missing = [m.name for m in experts if m.name not in spec.calibration and m.name != SEED_NAME]
+        if missing and spec.origin and spec.router_init == spec.origin.router_init:
+            raise SurgeryError(f"{where}: gate_mode {spec.origin.gate_mode} needs positive_prompts for every expert; "
+                               f"missing for {', '.join(missing)} (give {spec.origin.places[missing[0]]}.positive_prompts)")
         if missing:
-            hint = (f"give {spec.origin.places[missing[0]]}.positive_prompts" if spec.origin else
-                    f"give --calibration {missing[0]}=FILE")
             raise SurgeryError(f"--router-init {spec.router_init} needs calibration text for every expert; "
-                               f"missing for {', '.join(missing)} ({hint})")
+                               f"missing for {', '.join(missing)} (give --calibration {missing[0]}=FILE)")
     merge = Merge(spec, members, experts, weights, reference, target, config, dtype, notes, shared)
     if spec.origin:
         from surgery.mergekit_moe import mergekit_notes
@@ -197,10 +198,13 @@ def tokenizer_notes(spec: MergeSpec, members: list[Member], reference: Member, w
 
 def shared_gate(spec: MergeSpec, shared: Member, where) -> str:
     """"fitted" when routers are calibrated and the shared expert has text, else "constant"."""
+    place = spec.origin.places[shared.name] if spec.origin else shared.name
+    if shared.name in spec.negative and shared.name not in spec.calibration:
+        raise SurgeryError(f"{where}: {place}.negative_prompts: the shared expert's gate is fitted on its "
+                           "positive_prompts against other text; give positive_prompts too, or no prompts")
     if shared.name in spec.calibration and spec.router_init == "calibrated":
         return "fitted"
     if shared.name in spec.calibration and spec.router_init == "embedding":
-        place = spec.origin.places[shared.name] if spec.origin else shared.name
         raise SurgeryError(f"{where}: {place}.positive_prompts: the shared expert's gate is fitted on text only "
                            "with calibrated routers (gate_mode hidden); remove its prompts for a constant gate")
     return "constant"
