@@ -215,7 +215,7 @@ attention, norms, lm_head) is {non_ffn}.
 """
     if spec.seed and not spec.include_seed:
         text += f"\nThe seed (`{merge.member(SEED_NAME).checkpoint.path}`) takes part in the average only.\n"
-    if calibration:
+    if calibration and spec.router_init in ("embedding", "calibrated"):  # the other inits read no text
         text += f"\nCalibration text:{calibration}\n"
     if routing_text:
         text += ("\n## Routing on the calibration text\n\nMean routing weight (softmax, top-k, renormalised) "

@@ -122,7 +122,9 @@ def _model(entry, place: str, path: Path, used: set, spec: MergeSpec) -> tuple[s
             target[name] = DomainText("\n".join(prompts), f"mergekit {key} of {place} ({len(prompts)})")
             spec.origin.prompts = True
     if entry.get("noise_scale") is not None:
-        spec.noise_scale[name] = _finite(entry["noise_scale"], f"{where}.noise_scale", minimum=0.0)
+        scale = _finite(entry["noise_scale"], f"{where}.noise_scale", minimum=0.0)
+        if scale:  # 0: no noise, as in mergekit
+            spec.noise_scale[name] = scale
     if entry.get("residual_scale") is not None:
         spec.residual_scale[name] = _finite(entry["residual_scale"], f"{where}.residual_scale")
     return name, source
@@ -160,11 +162,11 @@ def model_path(value, path: Path, key: str) -> str:
     where = f"{path}: {key}"
     if isinstance(value, dict):  # ModelReference's mapping form: {model: PATH or {path, revision}, lora: ...}
         unknown_keys(value, {"model", "lora", "override_architecture"}, where)
-        for extra in ("lora", "override_architecture"):
-            if value.get(extra):
-                raise SurgeryError(f"{where}: {extra} is not supported: " + _LORA if extra == "lora" else
-                                   f"{where}: override_architecture is not supported; the architecture is read "
-                                   "from each model's config.json")
+        if value.get("lora"):
+            raise SurgeryError(f"{where}: lora is not supported: {_LORA}")
+        if value.get("override_architecture"):
+            raise SurgeryError(f"{where}: override_architecture is not supported; the architecture is read from "
+                               "each model's config.json")
         model = value.get("model")
         if isinstance(model, dict):
             unknown_keys(model, {"path", "revision"}, f"{where}.model")

@@ -197,6 +197,14 @@ def test_router_init_on_the_command_line_makes_the_gate_mode_note_say_overridden
     assert code == 0 and "gate_mode random is overridden: router_init zero" in notes and "N(0, 0.02)" not in notes
 
 
+def test_prompts_with_random_gates_are_noted_as_unread_and_left_out_of_the_model_card(tmp_path, world, run_cli):
+    config = write_config(tmp_path, base_model=str(world["seed"]), gate_mode="random",
+                          experts=experts_of(world, "ab", positive_prompts=["hello"]))
+    code, _, err = run_cli("merge", tmp_path / "out", "--config", config)
+    assert code == 0 and "router_init normal reads no text: the positive/negative prompts are not used" in notes_of(err)
+    assert "Calibration text" not in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_out_dtype_is_the_output_dtype_and_the_note_says_mergekit_moe_ignores_it(tmp_path, world, run_cli):
     config = write_config(tmp_path, base_model=str(world["seed"]), gate_mode="random", dtype="bfloat16",
                           out_dtype="float16", experts=experts_of(world, "ab"))
