@@ -41,7 +41,9 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
     from surgery.layouts import convert
 
     plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
-    check = PostWriteCheck([m.checkpoint.path for m in merge.members], exact=False, settings=settings)
+    unique = {m.checkpoint.directory.resolve(): m.checkpoint.path for m in reversed(merge.members)}
+    sources = [unique[key] for key in dict.fromkeys(m.checkpoint.directory.resolve() for m in merge.members)]
+    check = PostWriteCheck(sources, exact=False, settings=settings)
     if merge.spec.router_init != "calibrated" or output.dry_run:
         return write(plan, out, output, check=check)
     return _run_calibrated(merge, plan, Path(out), output, check)

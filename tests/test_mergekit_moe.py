@@ -176,6 +176,19 @@ def test_base_model_listed_again_as_an_expert_enters_the_average_once(tmp_path, 
     assert [(e["name"], e["weight"]) for e in experts] == [("seed-2", 0.0), ("a", 1.0), ("b", 1.0)]
 
 
+def test_verify_validates_against_each_directory_once(tmp_path, world, run_cli, monkeypatch):
+    import surgery.validate
+
+    calls = []
+    monkeypatch.setattr(surgery.validate, "validate",
+                        lambda out, references, **options: calls.append(references) or {"loss": None})
+    monkeypatch.setattr(surgery.validate, "print_result", lambda result: None)
+    config = write_config(tmp_path, base_model=str(world["seed"]), gate_mode="random",
+                          experts=experts_of(world, ["seed", "a"]))
+    assert run_cli("merge", tmp_path / "out", "--config", config, "--verify")[0] == 0
+    assert calls == [[str(world["seed"]), str(world["a"])]]
+
+
 def test_a_weight_for_the_second_name_of_a_directory_is_refused(tmp_path, world, run_cli):
     code, _, err = run_cli("merge", tmp_path / "out", "--expert", f"x={world['a']}", "--expert", f"y={world['a']}",
                            "--expert", f"b={world['b']}", "--weights", "y=2")
