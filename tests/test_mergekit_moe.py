@@ -10,8 +10,15 @@ import yaml
 
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from test_merge import TEXTS, digest, tensors_of, world  # noqa: F401 - world is a fixture
+from test_merge import TEXTS, digest, save_member, tensors_of
 from tiny_models import load_model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A seed and three domain copies (llama, character tokenizer), as tests/test_merge.py builds them."""
+    root = tmp_path_factory.mktemp("world")
+    return {name: save_member(root / name, seed=number) for number, name in enumerate(["seed", "a", "b", "c"])}
 
 
 def write_config(directory, name="mk.yml", **config):
@@ -98,8 +105,6 @@ def test_shared_expert_prompts_with_embedding_routers_are_refused_naming_the_key
 
 
 def test_shared_experts_from_a_model_without_a_shared_expert_format_are_refused(tmp_path, run_cli):
-    from test_merge import save_member
-
     models = {name: save_member(tmp_path / name, "qwen3", seed=seed) for seed, name in enumerate("xyz")}
     config = write_config(tmp_path, base_model=str(models["x"]), gate_mode="random",
                           experts=experts_of(models, "xy"), shared_experts=experts_of(models, "z"))
