@@ -181,12 +181,16 @@ def tokenizer_notes(spec: MergeSpec, members: list[Member], reference: Member, w
     if source is None:
         return []
     shared = "the models share one tokenizer (compared by content)"
+    ours = tokenizer_fingerprint(reference.checkpoint.directory)
+    if source in ("base", "union") and not ours:
+        return [f"tokenizer_source {source}: the models ship no tokenizer files, so the output has none"]
     if source in ("base", "union"):
         what = "base_model's" if source == "base" else "the union of their vocabularies"
         return [f"tokenizer_source {source}: {shared}, so {what} is that tokenizer; copied from {reference.name}"]
-    theirs, ours = tokenizer_fingerprint(Path(source)), tokenizer_fingerprint(reference.checkpoint.directory)
-    if not theirs:
-        raise SurgeryError(f"{where}: tokenizer_source {source}: no tokenizer files there")
+    theirs = tokenizer_fingerprint(Path(source))
+    if not theirs or not ours:
+        missing = "there" if not theirs else f"in the models to compare it with ({reference.checkpoint.directory})"
+        raise SurgeryError(f"{where}: tokenizer_source {source}: no tokenizer files {missing}")
     if theirs != ours:
         differs = sorted(name for name in set(theirs) | set(ours) if theirs.get(name) != ours.get(name))
         raise SurgeryError(f"{where}: tokenizer_source {source}: its {differs[0]} differs from {reference.name}'s "
