@@ -156,6 +156,24 @@ def test_negative_tokens_pull_their_experts_routing_weight_down():
     assert routing_weights(avoid, pushed, 1)[:, 0].mean() < routing_weights(avoid, plain, 1)[:, 0].mean() - 0.1
 
 
+def test_embedding_rows_subtract_the_mean_embedding_of_the_negative_prompts(world):
+    from surgery.btx_router import Domain, embedding_rows
+    from surgery.execution.routers import centred_unit_rows
+    from surgery.loading import load_tokenizer
+    from surgery.samples import tokenize
+
+    tokenizer = load_tokenizer(world["a"])
+    embedding = tensors_of(world["a"])["model.embed_tokens.weight"]
+
+    def mean(text):
+        return embedding[torch.tensor(tokenize(tokenizer, text))].mean(0)
+
+    rows = embedding_rows(embedding, tokenizer, [Domain(0, "a", "def f(x):"), Domain(1, "b", "Once upon a time")], 2,
+                          100, negatives=[Domain(0, "a", "hello there")])
+    expected = centred_unit_rows({0: mean("def f(x):") - mean("hello there"), 1: mean("Once upon a time")}, 2, 32)
+    torch.testing.assert_close(rows, expected)
+
+
 def test_negative_prompts_are_fitted_against_and_recorded(tmp_path, world, run_cli):
     config = write_config(tmp_path, base_model=str(world["seed"]), gate_mode="hidden",
                           experts=[{"source_model": str(world["a"]), "positive_prompts": [TEXTS["a"][:300]],
