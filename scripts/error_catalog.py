@@ -67,6 +67,9 @@ GROUPS = [  # (key, title, intro)
     ("merge-sources", "Operation arguments: merge sources that do not fit together",
      "`merge --expert a=... --expert b=... --expert odd=...` where `odd` differs from the others in one "
      "respect (as in tests/test_merge.py)."),
+    ("mergekit", "mergekit-moe configs",
+     "`merge --config CONFIG` with a config of tests/mergekit_configs (the refused ones) or one written the way "
+     "tests/test_mergekit_moe.py writes it, beside the tiny models it names (`models/NAME`)."),
     ("environment", "Environment",
      "Outputs that exist or cannot be written, a full disk, signals mid-write, and NaN/Inf weights in a "
      "source. Rows with exit code 0 are not errors: they show the warning or the way out."),
@@ -489,6 +492,69 @@ def argument_cases() -> list[Case]:
     return [Case(group, kind, command, runner, fragment, "error") for group, kind, command, runner, fragment in rows]
 
 
+# ------------------------------------------------------------------ mergekit-moe configs
+def mergekit_config(config: str | None = None, text: str | None = None, args=()) -> Callable:
+    """`merge --config` with tests/mergekit_configs/CONFIG.yml, or a config `text`, beside the tiny models the
+    corpus names (models/NAME, built as tests/test_mergekit_configs.py builds them)."""
+    def run(d, fx):
+        from test_merge import save_member
+        from test_mergekit_configs import CORPUS, MODELS
+
+        text_ = text if text is not None else (CORPUS / f"{config}.yml").read_text()
+        for name, (family, seed) in MODELS.items():
+            if f"models/{name}\n" in text_ or f"models/{name}+" in text_:
+                fx.copy(fx._get(f"corpus-{name}", lambda p, f=family, s=seed: save_member(p, f, seed=s)), d / "models",
+                        name)
+        if "models/other_tokenizer" in text_:
+            other = fx.copy(fx._get("corpus-a", lambda p: save_member(p, "llama", seed=1)), d / "models",
+                            "other_tokenizer")
+            change_tokenizer(other)
+        (d / "config.yml").write_text(text_)
+        return run_in_process(["merge", d / "out", "--config", d / "config.yml", *args])
+    return run
+
+
+def mergekit_cases() -> list[Case]:
+    from test_mergekit_configs import REFUSED
+
+    K = "mergekit"
+    three = "base_model: models/base\ngate_mode: {gate}\nexperts:\n{experts}"
+    kinds = {"refused_deepseek": "architecture: deepseek", "refused_hub_id": "a hub model id as base_model",
+             "refused_lora": "a LoRA adapter (MODEL+LORA)", "refused_merge_method": "a key mergekit-moe does not read",
+             "refused_other_tokenizer": "tokenizer_source with another tokenizer",
+             "refused_shared_expert_mixtral": "shared_experts with architecture: mixtral",
+             "refused_tokenizer_tokens": "tokenizer.tokens", "refused_two_shared_experts": "two shared_experts"}
+    rows = [(K, kinds[name], mergekit_config(name), fragment) for name, fragment in sorted(REFUSED.items())]
+    rows += [
+        (K, "experts_per_token above the number of experts", mergekit_config(text=three.format(
+            gate="random", experts="  - source_model: models/a\n  - source_model: models/b\n") + "experts_per_token: 3\n"),
+         "experts_per_token 3: must be between 1 and the number of experts (2)"),
+        (K, "gate_mode hidden with an expert without prompts", mergekit_config(text=three.format(
+            gate="hidden", experts="  - source_model: models/a\n    positive_prompts: [code]\n"
+                                   "  - source_model: models/b\n")),
+         "gate_mode hidden needs positive_prompts for every expert; missing for b (give experts[1].positive_prompts)"),
+        (K, "shared expert prompts with gate_mode cheap_embed", mergekit_config(text=three.format(
+            gate="cheap_embed", experts="  - source_model: models/a\n    positive_prompts: [code]\n"
+                                        "  - source_model: models/b\n    positive_prompts: [prose]\n")
+            + "shared_experts:\n  - source_model: models/c\n    positive_prompts: [chat]\n"),
+         "shared_experts[0].positive_prompts: the shared expert's gate is fitted on text only with calibrated routers"),
+        (K, "gate_mode unknown", mergekit_config(text=three.format(
+            gate="hidden_mean", experts="  - source_model: models/a\n  - source_model: models/b\n")),
+         "gate_mode 'hidden_mean' is not understood"),
+        (K, "noise_scale negative", mergekit_config(text=three.format(
+            gate="random", experts="  - source_model: models/a\n    noise_scale: -0.1\n  - source_model: models/b\n")),
+         "experts[0].noise_scale: expected a number >= 0, found -0.1"),
+        (K, "dtype float64", mergekit_config(text=three.format(
+            gate="random", experts="  - source_model: models/a\n  - source_model: models/b\n") + "dtype: float64\n"),
+         "dtype 'float64' is not supported (expected bfloat16, float16 or float32)"),
+        (K, "--weights for the second name of one directory", in_process(lambda d, fx: [
+            "merge", d / "out", "--expert", f"x={fx.copy(fx.member('a'), d, 'a')}", "--expert", f"y={d / 'a'}",
+            "--expert", f"b={fx.copy(fx.member('b'), d, 'b')}", "--weights", "y=2"]),
+         "--weights names y, the same directory as x"),
+    ]
+    return [Case(group, kind, "merge", runner, fragment, "error") for group, kind, runner, fragment in rows]
+
+
 # ------------------------------------------------------------------ environment
 def existing_output(command):
     def run(d, fx):
@@ -682,7 +748,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)  # tiny models: threads only cost (as in tests/test_split.py)
     started = time.perf_counter()
-    cases = corpus_cases() + argument_cases() + environment_cases()
+    cases = corpus_cases() + argument_cases() + mergekit_cases() + environment_cases()
     results = []
     with tempfile.TemporaryDirectory(prefix="surgery-errors-") as tmp:
         root = Path(tmp)

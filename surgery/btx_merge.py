@@ -42,7 +42,9 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
     from surgery.layouts import convert
 
     plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
-    check = PostWriteCheck([m.checkpoint.path for m in merge.members], exact=False, settings=settings)
+    unique = {m.checkpoint.directory.resolve(): m.checkpoint.path for m in reversed(merge.members)}
+    sources = [unique[key] for key in dict.fromkeys(m.checkpoint.directory.resolve() for m in merge.members)]
+    check = PostWriteCheck(sources, exact=False, settings=settings)
     if not any(isinstance(t.recipe, Deferred) for t in plan.tensors) or output.dry_run:
         return write(plan, out, output, check=check)
     return _run_calibrated(merge, plan, Path(out), output, check)
@@ -62,7 +64,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     check_output_path(out, plan.sources, output.force)
     parts = calibration_parts(merge, reference_tokenizer(merge))  # a bad calibration text is refused before writing
     names = {d.expert: d.name for d in merge.domains()}
-    routers = {t.name: t.recipe.layer for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
+    routers = {t.name: t.recipe for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
 
     def fill(draft: Path, patch) -> Filled:
         if any(isinstance(t.recipe, RegMeanTensor) for t in plan.tensors):
@@ -70,7 +72,8 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
         if not routers:
             return Filled({})
         console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
-                     f"({', '.join(names.values())}) and fitting {len(routers)} routers")
+                     f"({', '.join(names.values())}) and fitting {len(routers)} routers"
+                     + (" and shared-expert gates" if merge.shared_gate == "fitted" else ""))
         with Checkpoint.open(draft) as checkpoint:
             fit = fit_calibrated(merge, ModelWeights.from_checkpoint(checkpoint), parts, check.settings,
                                  spill_dir=out.resolve().parent)
@@ -78,7 +81,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
         expert_names = [m.name for m in merge.experts]
         print_routing(fit, domain_names, expert_names)
         card = model_card(merge, routing_table_text(fit, domain_names, expert_names))
-        return Filled({name: fit.routers[layer] for name, layer in routers.items()}, {"README.md": card})
+        return Filled({name: fit.rows(r.kind)[r.layer] for name, r in routers.items()}, {"README.md": card})
 
     return write(plan, out, output, check=check, fill=fill)
 
@@ -109,7 +112,8 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
 @click.option("--calibration", multiple=True, metavar="NAME=FILE", help="Text of an expert's domain. Repeat per expert.")
 @click.option("--calibration-tokens", type=int, default=16384, show_default=True,
               help="Calibration tokens used per domain.")
-@click.option("--router-seed", type=int, default=0, show_default=True, help="Seed of --router-init normal.")
+@click.option("--router-seed", type=int, default=0, show_default=True,
+              help="Seed of the merge's random draws: --router-init normal, mergekit's noise_scale.")
 @dtype_option
 @run_options
 @output_options
@@ -167,6 +171,8 @@ def _override(spec: MergeSpec, values: dict, ctx) -> None:
     for option, attribute in simple.items():
         if given(option):
             setattr(spec, attribute, values[option])
+    if given("fmt"):
+        spec.format_choices = ()  # --format wins over a mergekit architecture
     if given("weights"):
         spec.weights.update(parse_weights(values["weights"]))
     if given("calibration"):

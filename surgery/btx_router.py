@@ -42,6 +42,11 @@ class RouterFit:
     routers: dict[int, object] = field(default_factory=dict)  # layer -> FloatTensor[E, H]
     routing: dict[int, object] = field(default_factory=dict)  # layer -> FloatTensor[domains, E] (shares)
     tokens: dict[str, int] = field(default_factory=dict)  # domain -> calibration tokens used
+    shared_gates: dict[int, object] = field(default_factory=dict)  # layer -> FloatTensor[1, H] (shared expert's gate)
+    gate_means: dict[int, tuple[float, float]] = field(default_factory=dict)  # layer -> mean gate on its text, on others
+
+    def rows(self, kind: str) -> dict:
+        return self.shared_gates if kind == "shared_gate" else self.routers
 
 
 class LazyRouter(Recipe):
@@ -59,31 +64,39 @@ class LazyRouter(Recipe):
 
 
 class PendingRouter(Deferred):
-    """A calibrated router in the plan: written once the draft of the merge has been run and fitted."""
+    """A calibrated router (or the shared expert's gate: kind "shared_gate") in the plan: written once the draft
+    of the merge has been run and fitted."""
 
-    def __init__(self, text: str, layer: int):
+    def __init__(self, text: str, layer: int, kind: str = "router"):
         super().__init__(text)
         self.layer = layer
+        self.kind = kind
 
 
 # ------------------------------------------------------------------ embedding init
-def embedding_rows(embedding, tokenizer, domains: list[Domain], num_experts: int, max_tokens: int):
-    """[E, H]: centred, unit-length mean input embedding of each domain's text (zero rows for the rest)."""
+def embedding_rows(embedding, tokenizer, domains: list[Domain], num_experts: int, max_tokens: int,
+                   negatives: list[Domain] = ()):
+    """[E, H]: centred, unit-length mean input embedding of each domain's text, minus that of its negative text
+    where it has one (mergekit's cheap_embed: positive minus negative); zero rows for the rest."""
     import torch
 
     from surgery.samples import tokenize
 
     embedding = embedding.float()
-    means = {}
-    for domain in domains:
+
+    def mean(domain, what):
         ids = tokenize(tokenizer, domain.text)[:max_tokens]
         if not ids:
-            raise SurgeryError(f"calibration text of {domain.name} has no tokens")
+            raise SurgeryError(f"{what} of {domain.name} has no tokens")
         bad = [i for i in ids if i >= embedding.shape[0]]
         if bad:
-            raise SurgeryError(f"calibration text of {domain.name}: token id {bad[0]} is out of range for the "
+            raise SurgeryError(f"{what} of {domain.name}: token id {bad[0]} is out of range for the "
                                f"embedding ({embedding.shape[0]} rows)")
-        means[domain.expert] = embedding[torch.tensor(ids)].mean(0)
+        return embedding[torch.tensor(ids)].mean(0)
+
+    means = {domain.expert: mean(domain, "calibration text") for domain in domains}
+    for domain in negatives:
+        means[domain.expert] = means[domain.expert] - mean(domain, "negative text")
     from surgery.execution.routers import centred_unit_rows
 
     return centred_unit_rows(means, num_experts, embedding.shape[1])
@@ -91,12 +104,22 @@ def embedding_rows(embedding, tokenizer, domains: list[Domain], num_experts: int
 
 # ------------------------------------------------------------------ calibrated init
 def calibration_parts(merge, tokenizer) -> list:
-    """[(expert index, CalibrationSet)] of every domain: tokenized (and refused if unusable) before anything is written."""
+    """[(label, CalibrationSet)] of every text the fit runs, tokenized (and refused if unusable) before anything
+    is written. Labels: expert i's text i; the shared expert's text E (the number of experts); the negative
+    text of expert i E + 1 + i, of the shared expert 2E + 1."""
     from surgery.execution.calibration import CalibrationSet
 
-    return [(domain.expert, CalibrationSet.from_text(domain.text, tokenizer, merge.config, merge.spec.calibration_tokens,
-                                                     f"calibration text of {domain.name}"))
-            for domain in merge.domains()]
+    count, spec = len(merge.experts), merge.spec
+    texts = [(d.expert, d, "calibration text") for d in merge.domains()]
+    if merge.shared_gate == "fitted":
+        name = merge.shared.name
+        texts.append((count, Domain(count, name, spec.calibration[name].text), "calibration text"))
+        if name in spec.negative:
+            texts.append((2 * count + 1, Domain(count, name, spec.negative[name].text), "negative text"))
+    texts += [(count + 1 + d.expert, d, "negative text") for d in merge.negative_domains()]
+    return [(label, CalibrationSet.from_text(domain.text, tokenizer, merge.config, spec.calibration_tokens,
+                                             f"{what} of {domain.name}"))
+            for label, domain, what in texts]
 
 
 def fit_calibrated(merge, weights, parts: list, settings, spill_dir=None) -> RouterFit:
@@ -107,6 +130,8 @@ def fit_calibrated(merge, weights, parts: list, settings, spill_dir=None) -> Rou
     (``fit_router``: each domain's tokens to its expert) and set in the layer; then the layer runs
     for real, with the fitted router, and its output feeds layer l + 1.
     """
+    import torch
+
     from surgery import families as arch
     from surgery.execution.calibration import CalibrationSet
     from surgery.execution.routers import fit_router, label_groups, routing_shares
@@ -125,14 +150,33 @@ def fit_calibrated(merge, weights, parts: list, settings, spill_dir=None) -> Rou
         collect = Collect()
         session.run(hidden, [router_input_probe(target, collect)], stop_after=target.router_input)
         inputs, labels = collect.by_domain(calibration)
-        rows = fit_router(merge.spec.router_fit, inputs, rows=num_experts, targets=labels)
+        routed, negatives, labels_all = inputs, None, labels
+        if bool((labels >= num_experts).any()):  # shared expert's or negative text: apart from the experts' own
+            mine, owners = labels < num_experts, labels - num_experts - 1
+            avoid = (labels > num_experts) & (owners < num_experts)
+            routed, negatives = inputs[mine], (inputs[avoid], owners[avoid])
+            labels = labels[mine]
+        rows = fit_router(merge.spec.router_fit, routed, rows=num_experts, targets=labels, negatives=negatives)
         session.set_parameter(router_path(target) + ".weight", rows)
         fit.routers[layer] = rows.float()
-        fit.routing[layer] = routing_shares(label_groups(inputs, labels), rows, merge.spec.top_k)
+        fit.routing[layer] = routing_shares(label_groups(routed, labels), rows, merge.spec.top_k)
+        if merge.shared_gate == "fitted":
+            opens = (labels_all == num_experts).long()  # 1: the shared expert's text, 0: every other text
+            pair = fit_router(merge.spec.router_fit, inputs, rows=2, targets=opens)
+            gate = (pair[1] - pair[0]).unsqueeze(0)  # softmax over two rows = sigmoid of their difference
+            session.set_parameter(shared_gate_path(target), gate)
+            fit.shared_gates[layer] = gate.float()
+            values = torch.sigmoid(inputs @ gate.float().T).squeeze(-1)
+            fit.gate_means[layer] = (float(values[opens == 1].mean()), float(values[opens == 0].mean()))
         return None  # the layer then runs plainly, with the fitted router
 
     runner.forward(visit, final_output=False, description="fitting routers")
     return fit
+
+
+def shared_gate_path(family) -> str:
+    """The shared expert gate's parameter inside a decoder layer as transformers holds it."""
+    return family.memory_name(family.spec("shared_expert", "shared_gate").template.split("{layer}.", 1)[1])
 
 
 def routing_table_text(fit: RouterFit, domain_names: list[str], expert_names: list[str]) -> str:
@@ -143,7 +187,15 @@ def routing_table_text(fit: RouterFit, domain_names: list[str], expert_names: li
         for row, domain in enumerate(domain_names):
             cells = " | ".join(f"{100 * float(v):.0f}%" for v in shares[row])
             lines.append(f"| {layer} | {domain} | {cells} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + gate_text(fit)
+
+
+def gate_text(fit: RouterFit) -> str:
+    """Per layer, the mean of the fitted shared-expert gate on its own text and on the other texts."""
+    if not fit.gate_means:
+        return ""
+    return "\nShared expert gate (sigmoid), mean on its own text / on the routed experts' text: " + ", ".join(
+        f"layer {layer} {mine:.2f} / {others:.2f}" for layer, (mine, others) in sorted(fit.gate_means.items())) + "\n"
 
 
 def print_routing(fit: RouterFit, domain_names: list[str], expert_names: list[str]) -> None:
@@ -158,3 +210,5 @@ def print_routing(fit: RouterFit, domain_names: list[str], expert_names: list[st
         for row, domain in enumerate(domain_names):
             table.add_row(str(layer), domain, *[f"{100 * float(v):.0f}%" for v in shares[row]])
     console.console.print(table)
+    if fit.gate_means:
+        console.info(gate_text(fit).strip())

@@ -125,11 +125,11 @@ def check_tensors(reference: Member, other: Member) -> None:
                            f"{reference.name}")
 
 
-def tokenizer_fingerprint(checkpoint: Checkpoint) -> dict[str, str]:
+def tokenizer_fingerprint(directory) -> dict[str, str]:
     """{file name: sha256 of its content} for the tokenizer files a model directory holds."""
     out = {}
     for name in TOKENIZER_FILES:
-        path = checkpoint.directory / name
+        path = directory / name
         if not path.is_file():
             continue
         data = path.read_bytes()
@@ -148,7 +148,7 @@ def tokenizer_fingerprint(checkpoint: Checkpoint) -> dict[str, str]:
 
 def check_tokenizers(members: list[Member]) -> list[str]:
     """Refuse tokenizers whose files differ; returns notes for models that ship no tokenizer."""
-    prints = [(member, tokenizer_fingerprint(member.checkpoint)) for member in members]
+    prints = [(member, tokenizer_fingerprint(member.checkpoint.directory)) for member in members]
     with_tokenizer = [(member, found) for member, found in prints if found]
     notes = [f"{member.name} ({member.checkpoint.directory}) has no tokenizer files; its vocabulary is checked by "
              "config only" for member, found in prints if not found and with_tokenizer]

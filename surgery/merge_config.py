@@ -18,8 +18,8 @@ Two YAML dialects are read:
   (``weights: {code: 2}`` and ``calibration: {code: code.txt}`` may also be given as maps);
 
 * a mergekit-moe config (``base_model``, ``experts`` with ``source_model`` and
-  ``positive_prompts``, ``gate_mode``, ``experts_per_token``, ``dtype``, ``architecture``), mapped
-  onto the same fields with a note of every difference (``mergekit_notes``).
+  ``positive_prompts`` ...), read by ``surgery.mergekit_moe`` onto the same fields: every key
+  mergekit-moe reads is honoured with its meaning or refused, and each difference is noted.
 
 Relative paths in a YAML file are resolved against the directory of that file.
 """
@@ -42,14 +42,6 @@ OUR_KEYS = {"experts", "seed", "include_seed", "weights", "non_ffn", "top_k", "f
             "calibration",
             "dtype", "router_seed", "calibration_tokens"}
 EXPERT_KEYS = {"name", "path", "weight", "calibration"}
-MERGEKIT_KEYS = {"base_model", "experts", "gate_mode", "experts_per_token", "dtype", "architecture", "shared_experts",
-                 "tokenizer_source", "tokenizer", "out_dtype"}
-MERGEKIT_EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale"}
-MERGEKIT_GATE_MODES = {"hidden": "calibrated", "cheap_embed": "embedding", "random": "normal",
-                       "uniform_random": "normal"}
-# mergekit-moe's `architecture:` -> our format: each format's own name, and what mergekit calls it
-MERGEKIT_ARCHITECTURES = {name: fmt for fmt in families.moe_formats()
-                          for name in (*families.FAMILIES[fmt].mergekit_names, fmt)}
 
 
 @dataclass
@@ -76,9 +68,23 @@ class MergeSpec:
     router_seed: int = 0
     calibration_tokens: int = 16384  # per domain, for the embedding and calibrated inits
     notes: list[str] = field(default_factory=list)  # what a mergekit config maps differently
+    shared: tuple[str, str] | None = None  # (name, path) of the model whose FFN is the shared expert
+    # per model of the merge (expert or shared): N(0, s) added to every weight of its FFN; factor on its down_proj
+    noise_scale: dict[str, float] = field(default_factory=dict)
+    residual_scale: dict[str, float] = field(default_factory=dict)
+    negative: dict[str, DomainText] = field(default_factory=dict)  # text its router row should not prefer
+    tokenizer_source: str | None = None  # "base", "union" or a model directory whose tokenizer the output has
+    format_choices: tuple[str, ...] = ()  # with format auto: the formats a mergekit architecture names
+    origin: object = None  # mergekit_moe.Origin when read from a mergekit-moe config (its notes)
 
     def names(self) -> list[str]:
-        return [name for name, _ in self.experts] + ([SEED_NAME] if self.seed else [])
+        return ([name for name, _ in self.experts] + ([SEED_NAME] if self.seed else [])
+                + ([self.shared[0]] if self.shared else []))
+
+    def paths(self) -> list[tuple[str, str]]:
+        """(name, path) of every model: the experts in order, the seed, the shared expert's model."""
+        return (list(self.experts) + ([(SEED_NAME, self.seed)] if self.seed else [])
+                + ([self.shared] if self.shared else []))
 
     def to_options(self) -> dict:
         """The spec as recorded in the output's metadata (paths and calibration sources, no text)."""
@@ -88,7 +94,12 @@ class MergeSpec:
                 "router_init": self.router_init, "router_fit": self.router_fit, "router_seed": self.router_seed,
                 "dtype": None if self.dtype == "keep" else self.dtype,
                 "calibration": {name: c.source for name, c in sorted(self.calibration.items())},
-                "calibration_tokens": self.calibration_tokens}
+                "calibration_tokens": self.calibration_tokens,
+                "shared_expert": None if self.shared is None else [self.shared[0], str(self.shared[1])],
+                "noise_scale": dict(sorted(self.noise_scale.items())),
+                "residual_scale": dict(sorted(self.residual_scale.items())),
+                "negative_calibration": {name: c.source for name, c in sorted(self.negative.items())},
+                "tokenizer_source": self.tokenizer_source}
 
 
 # ------------------------------------------------------------------ command line
@@ -106,11 +117,11 @@ def parse_weights(items) -> dict[str, float]:
         for part in str(item).split(","):
             if part.strip():
                 name, value = parse_pair(part, "--weights", "W")
-                weights[name] = _number(value, f"--weights {name}")
+                weights[name] = weight_number(value, f"--weights {name}")
     return weights
 
 
-def _number(value, where: str) -> float:
+def weight_number(value, where: str) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -123,7 +134,7 @@ def _number(value, where: str) -> float:
 def read_calibration(path, base: Path | None = None) -> DomainText:
     from surgery.samples import read_text
 
-    path = _resolve(path, base)
+    path = resolve_path(path, base)
     return DomainText(read_text(path), str(path))
 
 
@@ -141,7 +152,7 @@ def spec_from_options(experts, seed, include_seed, weights, non_ffn, top_k, fmt,
 
 
 # ------------------------------------------------------------------ YAML
-def _resolve(path, base: Path | None) -> Path:
+def resolve_path(path, base: Path | None) -> Path:
     path = Path(str(path)).expanduser()
     return path if path.is_absolute() or base is None else base / path
 
@@ -159,18 +170,14 @@ def load_config(path) -> MergeSpec:
         raise SurgeryError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise SurgeryError(f"{path}: expected a mapping of merge settings, found {type(data).__name__}")
+    from surgery.mergekit_moe import from_mergekit, is_mergekit
+
     spec = from_mergekit(data, path) if is_mergekit(data) else from_ours(data, path)
     check_spec(spec, where=str(path))
     return spec
 
 
-def is_mergekit(data: dict) -> bool:
-    experts = data.get("experts")
-    return "base_model" in data or "gate_mode" in data or (
-        isinstance(experts, list) and any(isinstance(e, dict) and "source_model" in e for e in experts))
-
-
-def _unknown(keys, allowed, where: str) -> None:
+def unknown_keys(keys, allowed, where: str) -> None:
     extra = sorted(set(keys) - set(allowed))
     if extra:
         raise SurgeryError(f"{where}: unknown key {extra[0]!r} (expected one of {', '.join(sorted(allowed))})")
@@ -178,7 +185,7 @@ def _unknown(keys, allowed, where: str) -> None:
 
 def from_ours(data: dict, path: Path) -> MergeSpec:
     base = path.parent
-    _unknown(data, OUR_KEYS, str(path))
+    unknown_keys(data, OUR_KEYS, str(path))
     experts, weights, calibration = [], {}, {}
     entries = data.get("experts")
     if not isinstance(entries, list) or not entries:
@@ -187,113 +194,37 @@ def from_ours(data: dict, path: Path) -> MergeSpec:
         where = f"{path}: experts[{number}]"
         if not isinstance(entry, dict) or "name" not in entry or "path" not in entry:
             raise SurgeryError(f"{where}: expected a mapping with 'name' and 'path'")
-        _unknown(entry, EXPERT_KEYS, where)
+        unknown_keys(entry, EXPERT_KEYS, where)
         name = str(entry["name"])
-        experts.append((name, str(_resolve(entry["path"], base))))
+        experts.append((name, str(resolve_path(entry["path"], base))))
         if "weight" in entry:
-            weights[name] = _number(entry["weight"], f"{where}.weight")
+            weights[name] = weight_number(entry["weight"], f"{where}.weight")
         if entry.get("calibration"):
             calibration[name] = read_calibration(entry["calibration"], base)
     seed = data.get("seed")
     if isinstance(seed, dict):
-        _unknown(seed, {"path", "weight", "calibration"}, f"{path}: seed")
+        unknown_keys(seed, {"path", "weight", "calibration"}, f"{path}: seed")
         if "weight" in seed:
-            weights[SEED_NAME] = _number(seed["weight"], f"{path}: seed.weight")
+            weights[SEED_NAME] = weight_number(seed["weight"], f"{path}: seed.weight")
         if seed.get("calibration"):
             calibration[SEED_NAME] = read_calibration(seed["calibration"], base)
         seed = seed.get("path")
     for name, value in (data.get("weights") or {}).items():
-        weights[str(name)] = _number(value, f"{path}: weights.{name}")
+        weights[str(name)] = weight_number(value, f"{path}: weights.{name}")
     for name, file in (data.get("calibration") or {}).items():
         calibration[str(name)] = read_calibration(file, base)
-    return MergeSpec(experts, str(_resolve(seed, base)) if seed else None, bool(data.get("include_seed", False)),
-                     weights, str(data.get("non_ffn", "average")), _int(data.get("top_k", 2), f"{path}: top_k"),
+    return MergeSpec(experts, str(resolve_path(seed, base)) if seed else None, bool(data.get("include_seed", False)),
+                     weights, str(data.get("non_ffn", "average")), integer(data.get("top_k", 2), f"{path}: top_k"),
                      str(data.get("format", "auto")), str(data.get("router_init", "auto")),
                      str(data.get("router_fit", FITS_DEFAULT)), calibration,
-                     data.get("dtype"), _int(data.get("router_seed", 0), f"{path}: router_seed"),
-                     _int(data.get("calibration_tokens", 16384), f"{path}: calibration_tokens"))
+                     data.get("dtype"), integer(data.get("router_seed", 0), f"{path}: router_seed"),
+                     integer(data.get("calibration_tokens", 16384), f"{path}: calibration_tokens"))
 
 
-def _int(value, where: str) -> int:
+def integer(value, where: str) -> int:
     if type(value) is not int:
         raise SurgeryError(f"{where}: expected an integer, found {value!r}")
     return value
-
-
-def from_mergekit(data: dict, path: Path) -> MergeSpec:
-    """Map a mergekit-moe config onto our fields, noting each behaviour that differs."""
-    base = path.parent
-    _unknown(data, MERGEKIT_KEYS, f"{path} (mergekit-moe config)")
-    notes = []
-    if data.get("shared_experts"):
-        raise SurgeryError(f"{path}: shared_experts is not supported by surgery merge (every source FFN becomes a "
-                           "routed expert); remove it")
-    entries = data.get("experts")
-    if not isinstance(entries, list) or not entries:
-        raise SurgeryError(f"{path}: 'experts' must be a list of {{source_model, positive_prompts}} entries")
-    experts, calibration, used = [], {}, set()
-    for number, entry in enumerate(entries):
-        where = f"{path}: experts[{number}]"
-        if not isinstance(entry, dict) or "source_model" not in entry:
-            raise SurgeryError(f"{where}: expected a mapping with 'source_model'")
-        _unknown(entry, MERGEKIT_EXPERT_KEYS, where)
-        source = str(entry["source_model"])
-        name = _unique_name(Path(source).name or f"expert{number}", used)
-        experts.append((name, str(_resolve(source, base))))
-        prompts = entry.get("positive_prompts") or []
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if prompts:
-            calibration[name] = DomainText("\n".join(str(p) for p in prompts),
-                                            f"mergekit positive_prompts ({len(prompts)})")
-        if entry.get("negative_prompts"):
-            notes.append(f"experts[{number}].negative_prompts are ignored: the calibrated router is fitted on every "
-                         "expert's text at once, so other experts' prompts are its negatives")
-        if entry.get("noise_scale"):
-            notes.append(f"experts[{number}].noise_scale is ignored (no noise is added to router rows)")
-    gate_mode = str(data.get("gate_mode", "hidden"))
-    if gate_mode not in MERGEKIT_GATE_MODES:
-        raise SurgeryError(f"{path}: gate_mode {gate_mode!r} is not understood (expected "
-                           f"{', '.join(MERGEKIT_GATE_MODES)})")
-    router_init = MERGEKIT_GATE_MODES[gate_mode]
-    explain = {
-        "hidden": "gate_mode hidden -> router_init calibrated: routers are fitted layer by layer at the router's real "
-                  "input (post-attention norm output, padding masked) of the merged model, not at the residual stream "
-                  "of the base model",
-        "cheap_embed": "gate_mode cheap_embed -> router_init embedding (mean input embedding of each expert's prompts)",
-        "random": "gate_mode random -> router_init normal: N(0, 0.02) rows, not mergekit's unscaled N(0, 1)",
-        "uniform_random": "gate_mode uniform_random -> router_init normal: N(0, 0.02) rows",
-    }
-    notes.append(explain[gate_mode])
-    seed = data.get("base_model")
-    if seed:
-        notes.append("non-FFN weights (embeddings, attention, norms, lm_head) are AVERAGED over base_model and all "
-                     "experts (BTX); mergekit copies base_model's (pass --non-ffn seed for that)")
-    else:
-        notes.append("no base_model: non-FFN weights are averaged over the experts")
-    architecture = data.get("architecture")
-    fmt = "auto"
-    if architecture is not None:
-        fmt = MERGEKIT_ARCHITECTURES.get(str(architecture).lower())
-        if fmt is None:
-            raise SurgeryError(f"{path}: architecture {architecture!r} is not supported (expected "
-                               f"{', '.join(MERGEKIT_ARCHITECTURES)})")
-    for key in ("tokenizer_source", "tokenizer"):
-        if data.get(key) is not None:
-            raise SurgeryError(f"{path}: {key} is not supported: merged models must share one tokenizer, which is "
-                               "copied from the seed (or the first expert)")
-    dtype = data.get("out_dtype") or data.get("dtype")
-    return MergeSpec(experts, str(_resolve(seed, base)) if seed else None, False, {}, "average",
-                     _int(data.get("experts_per_token", 2), f"{path}: experts_per_token"), fmt, router_init,
-                     FITS_DEFAULT, calibration, str(dtype) if dtype else None, notes=notes)
-
-
-def _unique_name(name: str, used: set) -> str:
-    candidate, number = name, 2
-    while candidate in used or candidate == SEED_NAME:
-        candidate, number = f"{name}-{number}", number + 1
-    used.add(candidate)
-    return candidate
 
 
 # ------------------------------------------------------------------ checks
@@ -308,7 +239,11 @@ def check_spec(spec: MergeSpec, where: str = "options") -> None:
         if names.count(name) > 1:
             raise SurgeryError(f"{where}: expert name {name!r} is given twice")
     known = spec.names()
-    for option, keys in (("--weights", spec.weights), ("--calibration", spec.calibration)):
+    if spec.shared and spec.shared[0] in names + [SEED_NAME]:
+        raise SurgeryError(f"{where}: the shared expert's name {spec.shared[0]!r} is also an expert's or the seed's")
+    for option, keys in (("--weights", spec.weights), ("--calibration", spec.calibration),
+                         ("noise_scale", spec.noise_scale), ("residual_scale", spec.residual_scale),
+                         ("negative prompts", spec.negative)):
         for name in keys:
             if name not in known:
                 raise SurgeryError(f"{where}: {option} names {name!r}, which is not a model of this merge "
@@ -334,6 +269,7 @@ def check_spec(spec: MergeSpec, where: str = "options") -> None:
         raise SurgeryError(f"{where}: format {spec.format!r} is not one of {', '.join(FORMATS)}")
     experts = len(spec.experts) + (1 if spec.include_seed else 0)
     if not 1 <= spec.top_k <= experts:
-        raise SurgeryError(f"{where}: --top-k {spec.top_k}: must be between 1 and the number of experts ({experts})")
+        option = "experts_per_token" if spec.origin else "--top-k"
+        raise SurgeryError(f"{where}: {option} {spec.top_k}: must be between 1 and the number of experts ({experts})")
     if spec.calibration_tokens <= 0:
         raise SurgeryError(f"{where}: calibration_tokens must be positive, found {spec.calibration_tokens}")

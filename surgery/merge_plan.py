@@ -9,15 +9,17 @@ of ``router_recipe`` for ``--router-init`` (calibrated routers are deferred unti
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from surgery import families as arch
+from surgery.diversity import stream_seed
 from surgery.errors import SurgeryError
 from surgery.merge_config import SEED_NAME
 from surgery.merge_mean import BlockedMean
 from surgery.merge_model import Merge, reference_tokenizer
 from surgery.moe_plan import inert_shared_expert
 from surgery.plan import Plan
-from surgery.recipes import Copy, Init
+from surgery.recipes import Apply, Copy, Init, Scale
 from surgery.seeds import router_seed
 
 ROUTER_STD = 0.02
@@ -78,7 +80,7 @@ def _embedding_router(merge: Merge, embed_recipe):
 
             tokenizer = reference_tokenizer(merge)
             cache["rows"] = embedding_rows(embed_recipe.compute(), tokenizer, merge.domains(), len(merge.experts),
-                                           merge.spec.calibration_tokens)
+                                           merge.spec.calibration_tokens, merge.negative_domains())
         return cache["rows"]
 
     names = ", ".join(d.name for d in merge.domains())
@@ -90,7 +92,7 @@ def build_plan(merge: Merge) -> Plan:
 
     Calibrated routers are Deferred: fitted on the written draft (``btx_merge._run_calibrated``).
     """
-    from surgery.moe_plan import dense_ffn_names, moe_tensors, provenance
+    from surgery.moe_plan import moe_tensors, provenance
 
     family, target = merge.source_family, merge.target
     non_ffn = non_ffn_recipe(merge)
@@ -103,11 +105,14 @@ def build_plan(merge: Merge) -> Plan:
     def ffn_recipe(expected):
         if expected.group == "router":
             return router(expected.layer)
-        if expected.group == "shared_expert":  # a format that always has one (qwen2_moe): inert
-            return inert_shared_expert(expected)
+        if expected.group == "shared_expert":  # inert (a format that always has one) unless a model's FFN is given
+            if merge.shared is None:
+                return inert_shared_expert(expected)
+            if expected.role == "shared_gate":
+                return shared_gate_recipe(merge, expected)
+            return expert_ffn(merge, merge.shared, len(merge.experts), expected.layer, expected.role)
         if expected.group == "experts":
-            member = merge.experts[expected.expert]
-            return Copy(member.checkpoint, dense_ffn_names(family, expected.layer)[expected.role])
+            return expert_ffn(merge, merge.experts[expected.expert], expected.expert, expected.layer, expected.role)
         raise SurgeryError(f"{target.name}: merge cannot fill {expected.group} tensor {expected.name}")
 
     reference = merge.reference.checkpoint
@@ -123,10 +128,57 @@ def build_plan(merge: Merge) -> Plan:
                 metadata=metadata, notes=notes)
 
 
+def expert_ffn(merge: Merge, member, index: int, layer: int, role: str):
+    """One matrix of an expert (index: its place; the shared expert's is after the routed ones): the member's
+    dense FFN matrix, bit for bit, unless noise_scale adds noise to it or a factor scales its down_proj."""
+    from surgery.moe_plan import dense_ffn_names
+
+    recipe = Copy(member.checkpoint, dense_ffn_names(merge.source_family, layer)[role])
+    std = merge.spec.noise_scale.get(member.name, 0.0)
+    if std:
+        noise = FfnNoise(std, 1 if role == "down" else 0, stream_seed(merge.spec.router_seed, layer, index, f"noise_{role}"))
+        recipe = Apply([recipe], noise, noise.describe())
+    factor = merge.down_factor(member) if role == "down" else 1.0
+    return Scale(recipe, factor) if factor != 1.0 else recipe
+
+
+@dataclass
+class FfnNoise:
+    """N(0, std) added to every weight of one FFN matrix (mergekit-moe's noise_scale), with the noise mechanism
+    of ``upcycle --noise`` (``diversity.add_noise``: every neuron, a seeded stream per layer, expert and matrix)."""
+
+    std: float
+    axis: int  # the neuron axis: rows of gate/up, columns of down
+    seed: int
+
+    def describe(self) -> str:
+        return f"noise N(0, {self.std:g})"
+
+    def __call__(self, weight):
+        from surgery.diversity import add_noise
+
+        return add_noise(weight, range(weight.shape[self.axis]), self.axis, self.std, self.seed)
+
+
+def shared_gate_recipe(merge: Merge, expected):
+    if merge.shared_gate == "fitted":
+        from surgery.btx_router import PendingRouter
+
+        text = merge.spec.calibration[merge.shared.name].source
+        return PendingRouter(f"shared gate calibrated on {text} against the routed experts' text", expected.layer,
+                             kind="shared_gate")
+    return Init("zero", expected.shape)  # sigmoid(0) = 1/2 on every token; down_proj carries the factor 2
+
+
 def expert_provenance(merge: Merge) -> list[dict]:
-    return [{"expert": index, "name": member.name, "source": str(member.checkpoint.path),
+    rows = [{"expert": index, "name": member.name, "source": str(member.checkpoint.path),
              "weight": merge.weights[member.name], "role": "seed (generalist)" if member.name == SEED_NAME else "domain"}
             for index, member in enumerate(merge.experts)]
+    if merge.shared:
+        gate = "fitted gate" if merge.shared_gate == "fitted" else "constant gate 1/2"
+        rows.append({"expert": "shared", "name": merge.shared.name, "source": str(merge.shared.checkpoint.path),
+                     "weight": merge.weights[merge.shared.name], "role": f"shared expert ({gate})"})
+    return rows
 
 
 def non_ffn_description(merge: Merge) -> dict:
@@ -153,10 +205,15 @@ def model_card(merge: Merge, routing_text: str | None = None) -> str:
     else:
         non_ffn = "weighted mean in float32 of " + ", ".join(f"{name} ({w:.3g})" for name, w in described["weights"].items())
     calibration = "".join(f"\n- {name}: {c.source}" for name, c in sorted(spec.calibration.items()))
+    calibration += "".join(f"\n- {name} (negative): {c.source}" for name, c in sorted(spec.negative.items()))
+    changes = [f"{name}: + N(0, {std:g}) noise" for name, std in sorted(spec.noise_scale.items())]
+    changes += [f"{m.name}: down_proj x {merge.down_factor(m):g}" for m in [*merge.experts, merge.shared]
+                if m is not None and merge.down_factor(m) != 1.0]
+    changed = f" (except: {'; '.join(changes)})" if changes else ""
     text = f"""# Branch-Train-MiX merge
 
 Written by `surgery merge` (Branch-Train-MiX, Sukhbaatar et al. 2024): the FFN of layer l of each
-model below is expert e of MoE layer l, copied bit for bit; every other tensor (embeddings,
+model below is expert e of MoE layer l, copied bit for bit{changed}; every other tensor (embeddings,
 attention, norms, lm_head) is {non_ffn}.
 
 - format: `{merge.target.architecture}` ({merge.target.name}), {len(merge.experts)} experts, top-{spec.top_k}
@@ -170,7 +227,7 @@ attention, norms, lm_head) is {non_ffn}.
 """
     if spec.seed and not spec.include_seed:
         text += f"\nThe seed (`{merge.member(SEED_NAME).checkpoint.path}`) takes part in the average only.\n"
-    if calibration:
+    if calibration and spec.router_init in ("embedding", "calibrated"):  # the other inits read no text
         text += f"\nCalibration text:{calibration}\n"
     if routing_text:
         text += ("\n## Routing on the calibration text\n\nMean routing weight (softmax, top-k, renormalised) "

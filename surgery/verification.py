@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from surgery import console
 from surgery.errors import SurgeryError
-from surgery.validate import VERIFY_TOKENS, compare_exact, print_result, sample_rows, validate
+from surgery import validate as validation  # looked up at call time (tests stand in for its functions)
+from surgery.validate import VERIFY_TOKENS
 
 
 def verify_exact(out_path, reference_path, settings=None, max_tokens: int = VERIFY_TOKENS,
@@ -27,11 +28,11 @@ def verify_exact(out_path, reference_path, settings=None, max_tokens: int = VERI
 
     with Checkpoint.open(out_path, require_config=True) as checkpoint:
         vocab = checkpoint.config.get("vocab_size")
-    sample = sample_rows(out_path, [reference_path], data=None, text=None, tokens=None, batch_size=8, seq_len=256,
+    sample = validation.sample_rows(out_path, [reference_path], data=None, text=None, tokens=None, batch_size=8, seq_len=256,
                          vocab_size=vocab, max_tokens=max_tokens)
 
     batches = list(samples.batches(sample.rows, 8, 256, sample.pad_token_id, max_tokens, vocab))
-    report = compare_exact(out_path, reference_path, batches, settings, rounding)
+    report = validation.compare_exact(out_path, reference_path, batches, settings, rounding)
     report["sample"] = {"source": sample.source, "tokens": sum(batch.tokens for batch in batches)}
     from surgery.validate_view import print_exact
 
@@ -58,9 +59,9 @@ def verify_written(out, sources, *, exact: bool, settings=None, max_tokens: int 
                                 rounding)
         except SurgeryError as exc:
             raise SurgeryError(f"--verify: {exc} (the output is kept for inspection; the input is untouched)") from None
-    result = validate(str(out), sources, device=settings.device, memory_budget=settings.memory_budget,
+    result = validation.validate(str(out), sources, device=settings.device, memory_budget=settings.memory_budget,
                       max_tokens=max_tokens)
-    print_result(result)
+    validation.print_result(result)
     reference = (result.get("references") or [{}])[0]
     if result.get("loss") is not None and reference.get("loss") is not None:
         console.info(f"verify: loss {result['loss']:.4f} vs {reference['path']} {reference['loss']:.4f} "

@@ -163,8 +163,9 @@ def test_format_choices_are_the_registered_moe_formats():
     assert upcycle.FORMATS == split.FORMATS == merge_config.FORMATS == formats
     [option] = [p for p in merge_command.params if p.name == "fmt" or "--format" in getattr(p, "opts", ())]
     assert tuple(option.type.choices) == formats
-    assert set(merge_config.MERGEKIT_ARCHITECTURES.values()) == set(arch.moe_formats())
-    assert merge_config.MERGEKIT_ARCHITECTURES["qwen"] == "qwen2_moe"
+    from surgery.mergekit_moe import architectures
+
+    assert architectures() == {"mixtral": "mixtral", "qwen moe": "qwen2_moe", "qwen3 moe": "qwen3_moe"}
 
 
 # ------------------------------------------------------------------- no family names outside the family modules

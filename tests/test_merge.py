@@ -397,7 +397,7 @@ def test_mergekit_moe_yaml_is_accepted_and_mapped_with_notes(tmp_path, world, ru
     code, _, err = run_cli("merge", tmp_path / "out", "--config", tmp_path / "mk.yml")
     assert code == 0, err
     notes = " ".join(err.split())  # the console wraps long lines
-    assert "AVERAGED over base_model" in notes and "gate_mode hidden -> router_init calibrated" in notes
+    assert "AVERAGED over a, b, c, seed (BTX)" in notes and "gate_mode hidden -> router_init calibrated" in notes
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["num_local_experts"] == 3 and config["num_experts_per_tok"] == 1
     out = tensors_of(tmp_path / "out")

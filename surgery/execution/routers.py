@@ -12,7 +12,8 @@ router reads: see ``Family.router_input``). The methods differ in what a good ro
 * ``class-mean`` / ``logistic`` (merge: expert j was trained on domain j): centred class-mean
   directions with one scale fitted by cross-entropy, then (logistic) multinomial logistic
   regression from there, sending each domain's tokens (``targets``: domain per token) to its
-  expert; experts without tokens keep a zero row.
+  expert; experts without tokens keep a zero row. ``negatives`` add the loss of sending a token
+  to an expert it should avoid (-log(1 - p)), in both fits.
 
 The helpers below measure a router on the same inputs (load per expert, routing shares).
 """
@@ -31,8 +32,9 @@ SMALL_FIT_ELEMENTS = 2**20  # activations below this many numbers are fitted on 
 
 
 def fit_router(method: str, inputs, *, rows: int, targets=None, seed: int = 0, scale: float = 1.0, steps: int = 50,
-               l2: float = 1e-4):
-    """FloatTensor [rows, hidden] fitted by `method` (see the module doc)."""
+               l2: float = 1e-4, negatives=None):
+    """FloatTensor [rows, hidden] fitted by `method` (see the module doc). `negatives` (class-mean / logistic):
+    (inputs, experts): tokens that expert experts[i] should not receive (mergekit's negative prompts)."""
     import torch
 
     inputs = torch.as_tensor(inputs).float()
@@ -46,7 +48,7 @@ def fit_router(method: str, inputs, *, rows: int, targets=None, seed: int = 0, s
             order = torch.argsort(labels, stable=True)
             inputs, labels = inputs[order], labels[order]
         with _threads_for(int(inputs.numel())):
-            return _classifier(inputs, labels, rows, method, steps, l2)
+            return _classifier(inputs, labels, rows, method, steps, l2, negatives)
     raise SurgeryError(f"router fit {method!r} is not one of {', '.join(METHODS)}")
 
 
@@ -126,7 +128,7 @@ def label_groups(inputs, labels) -> dict:
     return {int(value): inputs[start:end] for value, start, end in zip(values.tolist(), starts, starts[1:])}
 
 
-def _classifier(features, labels, num_experts: int, method: str, steps: int, l2: float):
+def _classifier(features, labels, num_experts: int, method: str, steps: int, l2: float, negatives=None):
     import torch
 
     groups = label_groups(features, labels)
@@ -136,10 +138,12 @@ def _classifier(features, labels, num_experts: int, method: str, steps: int, l2:
     weights = torch.cat([torch.full((len(groups[e]),), 1.0 / (len(groups[e]) * len(experts))) for e in experts])
     active = torch.zeros(num_experts, 1)
     active[experts] = 1.0
+    avoid = _negative_term(negatives, num_experts, len(experts))
 
     def loss_of(rows):
         logits = features @ rows.T
-        return (torch.nn.functional.cross_entropy(logits, labels, reduction="none") * weights).sum()
+        loss = (torch.nn.functional.cross_entropy(logits, labels, reduction="none") * weights).sum()
+        return loss if avoid is None else loss + avoid(rows)
 
     scale = torch.zeros((), requires_grad=True)  # log of the scale of the class-mean rows
     optimizer = torch.optim.LBFGS([scale], lr=1, max_iter=30, line_search_fn="strong_wolfe")
@@ -167,6 +171,26 @@ def _classifier(features, labels, num_experts: int, method: str, steps: int, l2:
 
     optimizer.step(closure_rows)
     return (rows.detach() * active).contiguous()
+
+
+def _negative_term(negatives, num_experts: int, domains: int):
+    """rows -> -sum_n w_n log(1 - p(expert_n | x_n)): the loss of routing token n to the expert it should avoid;
+    each expert's negative tokens weigh as much in all as one domain's tokens do."""
+    import torch
+
+    if negatives is None or not len(negatives[1]):
+        return None
+    inputs, owners = torch.as_tensor(negatives[0]).float(), torch.as_tensor(negatives[1], dtype=torch.long)
+    counts = torch.bincount(owners, minlength=num_experts).float()
+    weights = 1.0 / (counts[owners] * domains)
+    own = torch.nn.functional.one_hot(owners, num_experts).bool()
+
+    def avoid(rows):
+        logits = inputs @ rows.T
+        others = torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=-1)
+        return -((others - torch.logsumexp(logits, dim=-1)) * weights).sum()
+
+    return avoid
 
 
 # ------------------------------------------------------------------ measuring a router

@@ -155,7 +155,8 @@ class Family:
     default_target: str | None = None
     # MoE families: config values an MoE result of this format gets (router settings)
     target_settings: dict = field(default_factory=dict)
-    # MoE families: what mergekit-moe's `architecture:` calls this format besides its own name
+    # MoE families: mergekit-moe's name of this output architecture, lower case (its `architecture:` key
+    # selects the architectures whose name begins with what it says)
     mergekit_names: tuple[str, ...] = ()
     # roles stored fused in one tensor (checkpoints and transformers' module alike)
     fused_sources: tuple[FusedSource, ...] = ()

@@ -21,5 +21,6 @@ FAMILY = Family(
     moe_keys={"experts": ("num_local_experts",), "top_k": ("num_experts_per_tok",),
               "expert_ffn": ("intermediate_size",)},
     target_settings={"router_aux_loss_coef": 0.001, "output_router_logits": False, "router_jitter_noise": 0.0},
+    mergekit_names=("mixtral",),
     sliding=SlidingWindow(defaults={"sliding_window": None}),
 )

@@ -1,7 +1,7 @@
 """Qwen2-MoE (Qwen2MoeForCausalLM): Qwen2's attention, a shared expert with a sigmoid gate beside
 the routed experts, and dense layers where ``mlp_only_layers`` / ``decoder_sparse_step`` say.
 
-mergekit-moe calls this format ``qwen``.
+mergekit-moe calls this format ``Qwen MoE`` (``architecture: qwen`` names it, and Qwen3 MoE).
 
 Sliding window: with ``use_sliding_window`` on, the layers ``layer_types`` marks slide; absent, the
 even layers below ``max_window_layers`` (transformers' Qwen2MoeConfig). Off, the window is 0. Its
@@ -31,7 +31,7 @@ FAMILY = Family(
               "expert_ffn": ("moe_intermediate_size",), "shared_ffn": ("shared_expert_intermediate_size",)},
     sparse_layers="qwen",
     target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False},
-    mergekit_names=("qwen",),
+    mergekit_names=("qwen moe",),
     sliding=SlidingWindow(
         defaults={"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28},
         switch="use_sliding_window", off_value=0, per_layer=True, derived_from=("max_window_layers",),

@@ -1,6 +1,6 @@
 """Qwen3-MoE (Qwen3MoeForCausalLM): Qwen3's attention, no shared expert, dense layers where
 ``mlp_only_layers`` / ``decoder_sparse_step`` say. The expert count is read from ``num_experts``, or
-from ``num_local_experts`` where a config uses that key.
+from ``num_local_experts`` where a config uses that key. mergekit-moe calls this format ``Qwen3 MoE``.
 
 Sliding window: with ``use_sliding_window`` on, ``sliding_window`` applies to every layer; there is no
 ``layer_types`` and no ``max_window_layers`` (transformers' Qwen3MoeConfig).
@@ -20,5 +20,6 @@ FAMILY = Family(
               "expert_ffn": ("moe_intermediate_size",)},
     sparse_layers="qwen",
     target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False},
+    mergekit_names=("qwen3 moe",),
     sliding=SlidingWindow(defaults={"use_sliding_window": False, "sliding_window": 4096}, switch="use_sliding_window"),
 )
