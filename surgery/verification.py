@@ -28,8 +28,8 @@ def verify_exact(out_path, reference_path, settings=None, max_tokens: int = VERI
 
     with Checkpoint.open(out_path, require_config=True) as checkpoint:
         vocab = checkpoint.config.get("vocab_size")
-    sample = validation.sample_rows(out_path, [reference_path], data=None, text=None, tokens=None, batch_size=8, seq_len=256,
-                         vocab_size=vocab, max_tokens=max_tokens)
+    sample = validation.sample_rows(out_path, [reference_path], data=None, text=None, tokens=None, batch_size=8,
+                                    seq_len=256, vocab_size=vocab, max_tokens=max_tokens)
 
     batches = list(samples.batches(sample.rows, 8, 256, sample.pad_token_id, max_tokens, vocab))
     report = validation.compare_exact(out_path, reference_path, batches, settings, rounding)
