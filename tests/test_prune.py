@@ -235,6 +235,7 @@ def test_top_k_option_sets_the_output_top_k(tmp_path, run_cli):
     (("--keep", 1), "--keep 1 is below the source's top-k (2): give --top-k K"),
     (("--keep", 2, "--top-k", 3), "--top-k 3 exceeds the 2 experts kept per layer"),
     (("--ratio", 1), "--ratio 1.0: expected 0 <= R < 1"),
+    (("--keep", 0), "--keep 0: expected at least 1"),
     (("--keep", 2, "--ratio", 0.5), "give one of --keep N and --ratio R"),
     ((), "give one of --keep N and --ratio R"),
 ])
@@ -243,7 +244,7 @@ def test_bad_counts_are_refused_and_nothing_is_written(args, fragment, tmp_path,
     out = tmp_path / "out"
     code, _, err = run_cli("prune", source, out, *args, "--criterion", "random")
     assert code == 2
-    assert fragment in err and len(err.strip().splitlines()) == 1
+    assert err.strip().splitlines()[-1].startswith(f"surgery: error: {fragment}")
     assert not out.exists()
 
 
