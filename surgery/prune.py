@@ -212,6 +212,9 @@ def run(moe, out, options: PruneOptions, output: OutputOptions = OutputOptions(l
             scores = prune_scores.random_scores(family, source.config, options.seed)
         else:
             scores = prune_scores.criterion_scores(calibrated, options.criterion)
+        if calibrated is not None and options.criterion != "random":
+            notes.append(f"{options.criterion} scores from {calibrated['calibration']} ({calibrated['tokens']} tokens)"
+                         + (f", saved by an earlier run in {options.scores}" if options.scores else ""))
         kept = choose(scores, keep)
         details = {"criterion": options.criterion, "experts": dims["experts"], "kept": keep, "top_k": top_k,
                    "seed": options.seed if options.criterion == "random" else None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from surgery import console
 from surgery import families as arch
 from surgery.errors import SurgeryError
 
@@ -95,8 +94,6 @@ def calibrated_scores(source, family, calibration_path, calibration_tokens: int,
     layers = moe_layers(family, config)
     calibration = CalibrationSet.load(calibration_path, source.directory, config, calibration_tokens)
     runner = runner_for(ModelWeights.from_checkpoint(source), calibration.batches, settings)
-    console.info(f"scoring experts: running {source.directory.name} on {calibration.source} "
-                 f"({calibration.tokens} tokens, {runner.placement.device}, {runner.placement.dtype_name})")
     experts_path = family.router_input + ".experts"
     sums = {}
 
