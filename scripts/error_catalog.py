@@ -198,8 +198,16 @@ class Fixtures:
             "phi3-partial-rotary": lambda d: save_model(d, "phi3", head_dim=8, rope_parameters={
                 "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
             "mixtral-fused-bad-shape": self._fused_bad_shape,
+            "mixtral-two-winners": self._two_winners,
         }
         return self._get(name, builders[name])
+
+    def _two_winners(self, directory: Path) -> Path:
+        """A top-1 Mixtral whose routers never choose experts 1 and 3 (tests/test_prune.py)."""
+        from test_prune import never_winning
+        from tiny_models import save_model
+
+        return never_winning(save_model(directory, "mixtral", num_experts_per_tok=1))
 
     def _fused_bad_shape(self, directory: Path) -> Path:
         """A Mixtral saved fused by transformers 5 whose layer-0 gate_up_proj lost its last up row."""
@@ -281,6 +289,25 @@ def upcycle(*options, source="single"):
 
 def split(*options):
     return in_process(lambda d, fx: ["split", fx.llama(d), d / "out", *options])
+
+
+def prune(*options, source="mixtral"):
+    return in_process(lambda d, fx: ["prune", fx.copy(fx.model(source), d, "src"), d / "out", *options])
+
+
+def prune_calibrated(*options):
+    def run(d, fx):
+        import json
+
+        import torch
+
+        generator = torch.Generator().manual_seed(3)  # as tests/conftest.py's token_file
+        calibration = d / "calibration.jsonl"
+        calibration.write_text("".join(json.dumps(torch.randint(3, 96, (40,), generator=generator).tolist()) + "\n"
+                                       for _ in range(8)))
+        return ["prune", fx.copy(fx.model("mixtral-two-winners"), d, "src"), d / "out", "--calibration", calibration,
+                *options]
+    return in_process(run)
 
 
 def merge(*options, names=("a", "b", "c")):
@@ -475,6 +502,18 @@ def argument_cases() -> list[Case]:
         (A, "--weights negative", "merge", merge("--weights", "a=-1"), "weight must be a finite number >= 0"),
         (A, "expert name given twice", "merge", merge("--expert", "a=/elsewhere"), "expert name 'a' is given twice"),
         (A, "unknown key in the merge YAML", "merge", merge_unknown_yaml_key, "unknown key 'expert_count'"),
+        (A, "--keep above the expert count", "prune", prune("--keep", 5, "--criterion", "random"),
+         "--keep 5: the source has 4 experts per MoE layer"),
+        (A, "--keep below the top-k without --top-k", "prune", prune("--keep", 1, "--criterion", "random"),
+         "--keep 1 is below the source's top-k (2): give --top-k K"),
+        (A, "--top-k above the kept count", "prune", prune("--keep", 2, "--top-k", 3, "--criterion", "random"),
+         "--top-k 3 exceeds the 2 experts kept per layer"),
+        (A, "neither --keep nor --ratio", "prune", prune("--criterion", "random"), "give one of --keep N and --ratio R"),
+        (A, "--ratio outside [0, 1)", "prune", prune("--ratio", 1, "--criterion", "random"), "expected 0 <= R < 1"),
+        (A, "a dense model to prune", "prune", prune("--keep", 2, "--criterion", "random", source="single"),
+         "prune needs an MoE checkpoint"),
+        (A, "calibration routes no token to an expert", "prune", prune_calibrated("--keep", 2),
+         "layer 0: the calibration routes no token to expert(s) 1, 3"),
         (M, "different tensor shape", "merge", odd_member(edit=shorten_up_proj, names=("a",)),
          "'model.layers.0.mlp.up_proj.weight' has shape [40, 32]"),
         (M, "different intermediate_size", "merge", odd_member({"intermediate_size": 40}, router_zero=True),

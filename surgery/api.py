@@ -131,6 +131,20 @@ def merge(out, experts: dict | None = None, *, config=None, seed=None, include_s
         return run(spec, out, written, RunSettings(device, memory_budget, compute_dtype))
 
 
+def prune(moe, out, *, layout: str = "keep", **options):
+    """MoE -> MoE: keep the `keep` best-scored routed experts of every MoE layer (or drop the share `ratio`),
+    scored by `criterion` (reap, frequency, activation, random; docs/prune.md). Keywords: ``PruneOptions``
+    fields and ``OutputOptions`` fields. Returns a ``Result`` (``result.plan.details["prune"]``: the scores
+    and the kept and dropped experts per layer)."""
+    module = _module("prune")
+    options = dict(options, layout=layout)
+    output = _output(options)
+    settings = _take(options, module.PruneOptions)
+    _refuse_rest(options, "prune")
+    with _silenced():
+        return module.run(moe, out, settings, output)
+
+
 # ---------------------------------------------------------------- reading
 def inspect(path, *, tensors: bool = False, stats: bool = False):
     """A checkpoint's architecture, expert layout, parameter counts and problems, as an inspect
@@ -194,4 +208,4 @@ def callable_module(name: str, positional: list[str] = (), *classes, extra: dict
     module.__signature__ = _inspect.Signature(parameters)
 
 
-__all__ = ["copy", "upcycle", "split", "merge", "inspect", "validate"]
+__all__ = ["copy", "upcycle", "split", "merge", "prune", "inspect", "validate"]

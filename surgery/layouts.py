@@ -45,7 +45,7 @@ def convert(plan: Plan, layout: str) -> Plan:
     groups = _fused_groups(family, plan.config)
     tensors = _to_fused(plan.tensors, groups) if wanted == "fused" else _to_per_expert(plan.tensors, groups)
     return Plan(plan.operation, tensors, plan.config, plan.sources, plan.side_files, plan.extra_files, plan.metadata,
-                plan.notes, plan.rounding)
+                plan.notes, plan.rounding, plan.details)
 
 
 def _fused_groups(family, config) -> list[tuple]:

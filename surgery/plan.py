@@ -42,6 +42,7 @@ class Plan:
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
     notes: list[str] = field(default_factory=list)  # shown to the user (e.g. exactness broken on purpose)
     rounding: str | None = None  # a low-precision dtype whose rounding of folded factors the plan introduces
+    details: dict = field(default_factory=dict)  # what the operation decided (prune: scores, kept experts), in its JSON
 
     def __post_init__(self):
         seen = set()
@@ -69,4 +70,5 @@ class Plan:
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "recipe": t.recipe.describe()}
                         for t in self.tensors],
             "side_files": [path.name for path in self.side_files] + sorted(self.extra_files),
+            **self.details,
         }

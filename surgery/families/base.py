@@ -173,6 +173,9 @@ class Family:
     # layer-relative stored name -> transformers' in-memory name, where they differ (GraniteMoE keeps its
     # original ``input_linear`` names on disk; its module holds ``experts.gate_up_proj``)
     memory_names: dict = field(default_factory=dict)
+    # MoE families: the config key that switches renormalising the top-k softmax weights to sum to 1 (off where
+    # absent, as in transformers' configs); None: the router always renormalises them (Mixtral, GraniteMoE)
+    top_k_norm: str | None = None
 
     def memory_name(self, relative: str) -> str:
         """transformers' in-memory name of a stored tensor, relative to its decoder layer."""

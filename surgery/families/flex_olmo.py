@@ -21,5 +21,6 @@ FAMILY = Family(
     moe_keys={"experts": ("num_experts", "num_local_experts"), "top_k": ("num_experts_per_tok",),
               "expert_ffn": ("intermediate_size",)},
     router_input="mlp",
+    top_k_norm="norm_topk_prob",
     target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.01, "output_router_logits": False},
 )

@@ -30,6 +30,7 @@ FAMILY = Family(
     moe_keys={"experts": ("num_experts",), "top_k": ("num_experts_per_tok",),
               "expert_ffn": ("moe_intermediate_size",), "shared_ffn": ("shared_expert_intermediate_size",)},
     sparse_layers="qwen",
+    top_k_norm="norm_topk_prob",
     target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False},
     mergekit_names=("qwen moe",),
     sliding=SlidingWindow(

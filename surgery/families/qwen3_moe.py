@@ -19,6 +19,7 @@ FAMILY = Family(
     moe_keys={"experts": ("num_experts", "num_local_experts"), "top_k": ("num_experts_per_tok",),
               "expert_ffn": ("moe_intermediate_size",)},
     sparse_layers="qwen",
+    top_k_norm="norm_topk_prob",
     target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False},
     mergekit_names=("qwen3 moe",),
     sliding=SlidingWindow(defaults={"use_sliding_window": False, "sliding_window": 4096}, switch="use_sliding_window"),
