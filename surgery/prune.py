@@ -19,7 +19,7 @@ import click
 from surgery import families as arch
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.execution.session import run_options
+from surgery.execution.session import RunsModel, run_options
 from surgery.operations.output import OutputOptions, check_choice, output_options, write
 from surgery.plan import OutputTensor, Plan
 from surgery.prune_scores import CALIBRATED, CRITERIA
@@ -29,7 +29,7 @@ CALIBRATION_TOKENS = 2048
 
 
 @dataclass(frozen=True)
-class PruneOptions:
+class PruneOptions(RunsModel):
     keep: int | None = None
     ratio: float | None = None
     criterion: str = "reap"
@@ -42,12 +42,6 @@ class PruneOptions:
     device: str = "auto"
     memory_budget: str | None = None
     compute_dtype: str = "auto"
-
-    @property
-    def run(self):
-        from surgery.execution.session import RunSettings
-
-        return RunSettings(self.device, self.memory_budget, self.compute_dtype)
 
     def check(self) -> None:
         check_choice("--criterion", self.criterion, CRITERIA)

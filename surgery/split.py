@@ -24,7 +24,7 @@ import click
 from surgery import families as arch
 from surgery.errors import SurgeryError
 from surgery.moe_plan import check_expert_counts, inert_shared_expert, inert_shared_ffn
-from surgery.execution.session import run_options
+from surgery.execution.session import RunsModel, run_options
 from surgery.operations.output import (OutputOptions, PostWriteCheck, check_choice, dtype_option, output_options,
                                       write)
 from surgery.seeds import router_seed
@@ -39,7 +39,7 @@ ROUTER_STD = 0.02
 
 
 @dataclass
-class SplitOptions:
+class SplitOptions(RunsModel):
     num_experts: int
     top_k: int
     strategy: str | None = None
@@ -63,12 +63,6 @@ class SplitOptions:
     def record(self) -> dict:
         """The options as written into the output's metadata (paths as given)."""
         return {key: value for key, value in asdict(self).items() if key != "save_partition"}
-
-    @property
-    def run(self):
-        from surgery.execution.session import RunSettings
-
-        return RunSettings(self.device, self.memory_budget, self.compute_dtype)
 
 
 def resolve_expert_scale(text: str, num_experts: int, top_k: int) -> float:

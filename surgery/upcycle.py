@@ -29,7 +29,7 @@ from surgery.families import Expected
 from surgery.errors import SurgeryError
 from surgery.moe_plan import (check_expert_counts, dense_ffn_names, folded_rounding, inert_shared_expert, inert_shared_ffn,
                                inert_shared_note, moe_tensors, open_dense_source, parse_moe_layers, provenance)
-from surgery.execution.session import run_options
+from surgery.execution.session import RunsModel, run_options
 from surgery.operations.output import (OUTPUT_DTYPES, OutputOptions, PostWriteCheck, check_choice, dtype_option,
                                       output_options, write)
 from surgery.plan import Plan
@@ -45,7 +45,7 @@ CALIBRATION_TOKENS = 2048
 
 
 @dataclass(frozen=True)
-class UpcycleOptions:
+class UpcycleOptions(RunsModel):
     num_experts: int
     top_k: int
     format: str = "auto"
@@ -64,12 +64,6 @@ class UpcycleOptions:
     device: str = "auto"
     memory_budget: str | None = None
     compute_dtype: str = "auto"
-
-    @property
-    def run(self):
-        from surgery.execution.session import RunSettings
-
-        return RunSettings(self.device, self.memory_budget, self.compute_dtype)
 
     @property
     def copies(self) -> int:

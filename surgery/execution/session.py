@@ -37,6 +37,15 @@ class RunSettings:
             self.placement()
 
 
+class RunsModel:
+    """For an operation's options dataclass with ``device``, ``memory_budget`` and ``compute_dtype`` fields: its
+    ``RunSettings`` as ``.run``."""
+
+    @property
+    def run(self) -> RunSettings:
+        return RunSettings(self.device, self.memory_budget, self.compute_dtype)
+
+
 def run_options(func=None, *, compute_dtype: bool = True):
     """--device, --compute-dtype and --memory-budget, on every command that runs a model (validate has
     its own --dtype for the compute dtype)."""
