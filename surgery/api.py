@@ -64,14 +64,16 @@ def _module(name: str):
 
 
 # ---------------------------------------------------------------- operations
-def copy(src, out, *, dtype: str = "keep", layout: str = "keep", **output):
+def copy(src, out, *, dtype: str = "keep", layout: str = "keep", top_k: int | None = None,
+         norm_topk_prob: bool | None = None, **output):
     """Copy SRC to OUT through the streaming writer (re-shard with max_shard_size, cast with dtype, convert the
-    expert layout with layout="per-expert" or "fused"). Returns a ``Result``."""
+    expert layout with layout="per-expert" or "fused", change an MoE's top_k / norm_topk_prob in its config).
+    Returns a ``Result``."""
     options = dict(output, layout=layout)
     written = _output(options)
     _refuse_rest(options, "copy")
     with _silenced():
-        return _module("copy").run(src, out, dtype, written)
+        return _module("copy").run(src, out, dtype, written, top_k=top_k, norm_topk_prob=norm_topk_prob)
 
 
 def upcycle(src, out, num_experts: int, top_k: int, **options):
