@@ -116,6 +116,7 @@ def build_plan(source: Checkpoint, family, dense, weights: dict[int, list[float]
         raise SurgeryError(f"{source.directory}: tensor {extra[0]!r} is not part of a {family.architecture} "
                            f"checkpoint with this config.json; extract would drop it")
     pieces = _source_experts(source, family, config, layout)
+    views = {name: (stored, (start, stop)) for name, (stored, start, stop) in arch.source_views(family, config).items()}
     tensors = []
     for expected in arch.expected_tensors(dense, new_config, "per_expert", "the output's config.json").values():
         if expected.group != "ffn":
@@ -123,7 +124,8 @@ def build_plan(source: Checkpoint, family, dense, weights: dict[int, list[float]
         elif expected.layer in weights:
             recipe = _combined(pieces, expected.role, expected.layer, weights[expected.layer])
             if shared == "fold":
-                part = Copy(source, family.spec("shared_expert", expected.role).name(expected.layer))
+                name = family.spec("shared_expert", expected.role).name(expected.layer)
+                part = Copy(source, *views[name]) if name in views else Copy(source, name)
                 if expected.role == "down" and family.shared_scale != 1.0:
                     part = Scale(part, family.shared_scale)
                 recipe = Concat([recipe, part], dim=1 if expected.role == "down" else 0)
