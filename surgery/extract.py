@@ -143,7 +143,7 @@ def build_plan(source: Checkpoint, family, dense, weights: dict[int, list[float]
                 notes=notes, details={"extract": details})
 
 
-def describe(options: ExtractOptions, family, dense, shared: str | None, size: int, frequencies) -> list[str]:
+def describe(options: ExtractOptions, family, dense, shared: str | None, frequencies) -> list[str]:
     """The notes of a run: what the dense FFN is, true of this run."""
     notes = []
     if options.expert is not None:
@@ -216,7 +216,7 @@ def run(moe, out, options: ExtractOptions, output: OutputOptions = OutputOptions
                    "tokens": frequencies["tokens"] if frequencies else None,
                    "layers": {layer: {"weights": values} for layer, values in weights.items()}}
         plan = build_plan(source, family, dense, weights, shared, details, [])
-        plan.notes.extend(describe(options, family, dense, shared, plan.config["intermediate_size"], frequencies))
+        plan.notes.extend(describe(options, family, dense, shared, frequencies))
         if plan.config["intermediate_size"] > dims["expert_ffn"] + (dims.get("shared_ffn") or 0) * (shared == "fold"):
             plan.notes.append(f"intermediate_size {plan.config['intermediate_size']}: the widest FFN; narrower ones "
                               f"get zero neurons, which add nothing")
