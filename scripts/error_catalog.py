@@ -3,7 +3,7 @@
 
 Builds every kind of bad input the tests know (tests/bad_inputs.py), the operation-argument
 refusals the tests provoke (tests/test_upcycle.py, test_split.py, test_merge.py,
-test_sliding_window.py) and the
+test_prune.py, test_extract.py, test_sliding_window.py) and the
 environment failures (tests/test_copy.py, test_environment_failures.py), runs each through the
 commands it applies to, and writes docs/errors.md: one table per group with the exit code and
 the exact message.
@@ -189,6 +189,7 @@ class Fixtures:
             "sharded": lambda d: save_model(d, "llama", max_shard_size="20KB"),
             "good": lambda d: save_model(d, "llama", seed=1),
             "mixtral": lambda d: save_model(d, "mixtral"),
+            "qwen2_moe": lambda d: save_model(d, "qwen2_moe"),
             "llama-bias": lambda d: save_model(d, "llama", attention_bias=True),
             # layer 1 of 2 slides (tests/test_sliding_window.py)
             "qwen3-sliding": lambda d: save_model(d, "qwen3", use_sliding_window=True, sliding_window=4,
@@ -293,6 +294,10 @@ def split(*options):
 
 def prune(*options, source="mixtral"):
     return in_process(lambda d, fx: ["prune", fx.copy(fx.model(source), d, "src"), d / "out", *options])
+
+
+def extract(*options, source="mixtral"):
+    return in_process(lambda d, fx: ["extract", fx.copy(fx.model(source), d, "src"), d / "out", *options])
 
 
 def prune_calibrated(*options):
@@ -518,6 +523,14 @@ def argument_cases() -> list[Case]:
         (A, "--ratio outside [0, 1)", "prune", prune("--ratio", 1, "--criterion", "random"), "expected 0 <= R < 1"),
         (A, "a dense model to prune", "prune", prune("--keep", 2, "--criterion", "random", source="single"),
          "prune needs an MoE checkpoint"),
+        (A, "a dense model to extract", "extract", extract("--expert", 0, source="single"),
+         "extract needs an MoE checkpoint"),
+        (A, "--expert out of range", "extract", extract("--expert", 4), "--expert 4: the source has experts 0-3"),
+        (A, "neither --expert nor --average", "extract", extract(), "give one of --expert E and --average"),
+        (A, "a gated shared expert without --shared-gate", "extract", extract("--expert", 0, source="qwen2_moe"),
+         "give --shared-gate fold"),
+        (A, "--shared-gate without a shared expert", "extract", extract("--expert", 0, "--shared-gate", "drop"),
+         "the source has no shared expert"),
         (A, "calibration routes no token to an expert", "prune", prune_calibrated("--keep", 2),
          "layer 0: the calibration routes no token to expert(s) 1, 3"),
         (M, "different tensor shape", "merge", odd_member(edit=shorten_up_proj, names=("a",)),

@@ -147,6 +147,19 @@ def prune(moe, out, *, layout: str = "keep", **options):
         return module.run(moe, out, settings, output)
 
 
+def extract(moe, out, **options):
+    """MoE -> dense: every MoE layer's FFN becomes one routed expert's (`expert`) or the experts' weights averaged
+    (`average` uniform or frequency; docs/extract.md). Keywords: ``ExtractOptions`` fields and ``OutputOptions``
+    fields. Returns a ``Result`` (``result.plan.details["extract"]``: each layer's expert weights)."""
+    module = _module("extract")
+    options = dict(options)
+    output = _output(options)
+    settings = _take(options, module.ExtractOptions)
+    _refuse_rest(options, "extract")
+    with _silenced():
+        return module.run(moe, out, settings, output)
+
+
 # ---------------------------------------------------------------- reading
 def inspect(path, *, tensors: bool = False, stats: bool = False):
     """A checkpoint's architecture, expert layout, parameter counts and problems, as an inspect
@@ -210,4 +223,4 @@ def callable_module(name: str, positional: list[str] = (), *classes, extra: dict
     module.__signature__ = _inspect.Signature(parameters)
 
 
-__all__ = ["copy", "upcycle", "split", "merge", "prune", "inspect", "validate"]
+__all__ = ["copy", "upcycle", "split", "merge", "prune", "extract", "inspect", "validate"]

@@ -23,6 +23,7 @@ COMMANDS = {
     "split": ("surgery.split", "command", "Dense -> MoE: partition each FFN's neurons into N smaller experts."),
     "merge": ("surgery.btx_merge", "command", "Branch-Train-MiX: merge domain-trained copies into one MoE."),
     "prune": ("surgery.prune", "command", "MoE -> MoE: keep the best-scored routed experts of every MoE layer."),
+    "extract": ("surgery.extract", "command", "MoE -> dense: one expert's FFN, or the experts' averaged, in every layer."),
     "validate": ("surgery.validate", "command", "Load a model, measure loss, compare with references, show routing."),
     "verify": ("surgery.verify", "command", "Check a written checkpoint's structure and manifest."),
 }

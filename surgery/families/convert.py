@@ -154,3 +154,36 @@ def _nested(config: dict, key: str):
             return None
         value = value[part]
     return value
+
+
+# ------------------------------------------------------------------- MoE -> dense (surgery extract)
+def dense_family(moe: Family, where: Path | str = "config.json") -> Family:
+    """The dense family an MoE family extracts to: the one that converts into it and has its attention
+    (Mixtral -> Mistral, Qwen2-MoE -> Qwen2, GraniteMoE and GraniteMoeShared -> Granite ...)."""
+    found = [family for family in FAMILIES.values()
+             if family.kind == "dense" and moe.name in family.conversions and family.attention == moe.attention]
+    if moe.kind != "moe" or not found:
+        raise SurgeryError(f"{where}: {moe.architecture} has no dense family to extract to")
+    return found[0]
+
+
+def dense_config(moe: Family, moe_config_: dict, dense: Family, intermediate_size: int,
+                 where: Path | str = "config.json") -> dict:
+    """config.json for a dense extract of an MoE: the MoE's keys verbatim minus its MoE keys (expert counts
+    and sizes, router settings, dense-layer keys), the dense family's identity, ``intermediate_size``,
+    defaults the two families read differently written out, the sliding-window keys translated."""
+    moe_only = {key for keys in moe.moe_keys.values() for key in keys} | set(moe.target_settings)
+    moe_only |= {key for key in moe.defaults if key not in dense.defaults}  # mlp_only_layers, decoder_sparse_step
+    if moe.top_k_norm:
+        moe_only.add(moe.top_k_norm)
+    config = {key: value for key, value in moe_config_.items() if key not in moe_only and key not in DROPPED_KEYS}
+    config["architectures"] = [dense.architecture]
+    config["model_type"] = dense.name
+    for key, value in dense.defaults.items():
+        if key not in config and key in moe.defaults and moe.defaults[key] != value:
+            config[key] = moe.defaults[key]
+    config["intermediate_size"] = intermediate_size
+    if "tie_word_embeddings" not in config:
+        config["tie_word_embeddings"] = config_value(moe, moe_config_, "tie_word_embeddings")
+    config.update(_sliding_keys(moe, moe_config_, dense, config, where))
+    return config
