@@ -53,10 +53,10 @@ def main():
         for keep in (3, 2):
             for criterion in CRITERIA:
                 out = work / f"{criterion}-{keep}"
-                reuse = ["--scores", scores] if scores.exists() else ["--save-scores", scores]
-                command = surgery_command("prune", moe, out, "--keep", keep, "--criterion", criterion,
-                                          "--calibration", calibration, "--calibration-tokens",
-                                          args.calibration_tokens, *reuse)
+                scoring = (["--scores", scores] if scores.exists() else
+                           ["--calibration", calibration, "--calibration-tokens", args.calibration_tokens,
+                            "--save-scores", scores])
+                command = surgery_command("prune", moe, out, "--keep", keep, "--criterion", criterion, *scoring)
                 wall = timed([str(c) for c in command])[0]
                 kept = kept_experts(out)
                 rows.append([f"{criterion}, keep {keep}", kept, *fmt(evaluator.of_path(out)), f"{wall:.1f}"])

@@ -42,3 +42,18 @@ def token_file(tmp_path):
     path.write_text("".join(json.dumps(torch.randint(3, 96, (40,), generator=generator).tolist()) + "\n"
                             for _ in range(8)))
     return path
+
+
+@pytest.fixture
+def moe(tmp_path, run_cli):
+    """make(family, layout="per-expert", **config overrides): a tiny transformers-built MoE of `family`, stored in
+    `layout` (through `surgery copy --layout`)."""
+    from tiny_models import save_model
+
+    def make(family, layout="per-expert", **overrides):
+        source = save_model(tmp_path / f"{family}-hf", family, **overrides)
+        out = tmp_path / f"{family}-{layout}"
+        code, _, err = run_cli("copy", source, out, "--layout", layout)
+        assert code == 0, err
+        return out
+    return make

@@ -71,18 +71,6 @@ def test_one_expert_of_an_upcycled_moe_is_the_dense_source(dense, moe, family, l
     assert torch.allclose(logits(load_model(out), ids), logits(load_model(source), ids), atol=1e-5)
 
 
-@pytest.fixture
-def moe(tmp_path, run_cli):
-    """A tiny transformers-built MoE of `family`, stored in `layout` (--layout of `surgery copy`)."""
-    def make(family, layout="per-expert", **overrides):
-        source = save_model(tmp_path / f"{family}-hf", family, **overrides)
-        out = tmp_path / f"{family}-{layout}"
-        code, _, err = run_cli("copy", source, out, "--layout", layout)
-        assert code == 0, err
-        return out
-    return make
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family,dense", HF_MOES)
 def test_a_trained_moe_extracts_to_a_loadable_dense_model(family, dense, layout, moe, tmp_path, run_cli):

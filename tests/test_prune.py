@@ -49,18 +49,6 @@ def router_of(directory, layer):
     raise AssertionError(f"no router of layer {layer} in {directory}")
 
 
-@pytest.fixture
-def moe(tmp_path, run_cli):
-    """A tiny MoE of `family` stored in `layout` (--layout of `surgery copy`)."""
-    def make(family, layout="per-expert", **overrides):
-        source = save_model(tmp_path / f"{family}-hf", family, **overrides)
-        out = tmp_path / f"{family}-{layout}"
-        code, _, err = run_cli("copy", source, out, "--layout", layout)
-        assert code == 0, err
-        return out
-    return make
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_prune_keeps_the_chosen_experts_byte_for_byte(family, layout, moe, tmp_path, run_cli, token_file):
