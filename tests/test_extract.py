@@ -7,20 +7,12 @@ import torch
 from safetensors import safe_open
 
 from surgery import families as arch
-from tiny_models import load_model, logits, sample_ids, save_model
+from tiny_models import load_model, logits, sample_ids, save_model, tensors
 
 UPCYCLES = [("llama", "mixtral", "mistral"), ("mistral", "mixtral", "mistral"), ("qwen2", "qwen2_moe", "qwen2"),
             ("qwen3", "qwen3_moe", "qwen3"), ("olmo2", "flex_olmo", "olmo2"), ("granite", "granitemoe", "granite")]
 LAYOUTS = ["per-expert", "fused"]
 HF_MOES = [("mixtral", "mistral"), ("qwen3_moe", "qwen3"), ("granitemoe", "granite"), ("flex_olmo", "olmo2")]
-
-
-def tensors(directory):
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as handle:
-            out.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return out
 
 
 def config_of(directory):

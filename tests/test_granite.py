@@ -4,18 +4,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tiny_models import build_model, load_model, logits, sample_ids, save_model
+from tiny_models import build_model, load_model, logits, sample_ids, save_model, tensors
 
 MULTIPLIERS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
-
-
-def tensors(directory):
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
 
 
 def assert_reproduces(out, source):

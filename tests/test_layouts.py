@@ -9,16 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from surgery.checkpoint import Checkpoint
-from tiny_models import build_model, load_model, logits, sample_ids, save_model
+from tiny_models import build_model, load_model, logits, sample_ids, save_model, tensors
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
-
-
-def tensors(directory):
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
 
 
 def raw_bytes(directory):

@@ -2,20 +2,12 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tiny_models import load_model, logits, sample_ids, save_model
+from tiny_models import load_model, logits, sample_ids, save_model, tensors
 
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
             "short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 2.5, 3.0, 3.5],
             "original_max_position_embeddings": 16}
-
-
-def tensors(directory):
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
 
 
 def assert_reproduces(out, source, ids=None):

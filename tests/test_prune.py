@@ -7,18 +7,10 @@ import torch
 from safetensors import safe_open
 
 from surgery import families as arch
-from tiny_models import load_model, logits, sample_ids, save_model
+from tiny_models import load_model, logits, sample_ids, save_model, tensors
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe"]
 LAYOUTS = ["per-expert", "fused"]
-
-
-def tensors(directory):
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as handle:
-            out.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return out
 
 
 def metadata(directory):

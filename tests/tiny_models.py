@@ -113,3 +113,14 @@ def router_inputs_by_hooks(model, batches, layers) -> dict:
         for handle in handles:
             handle.remove()
     return {layer: torch.cat(values) for layer, values in out.items()}
+
+
+def tensors(directory: Path) -> dict:
+    """Every stored tensor of a checkpoint directory, by name (all shards)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
