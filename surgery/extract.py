@@ -99,7 +99,7 @@ def _combined(pieces: dict, role: str, layer: int, weights: list[float]) -> Reci
 
 def build_plan(source: Checkpoint, family, dense, weights: dict[int, list[float]], shared: str | None,
                details: dict, notes: list[str]) -> Plan:
-    from surgery.prune import _source_experts
+    from surgery.layouts import expert_parts
 
     config = source.config
     where = source.directory / "config.json"
@@ -115,7 +115,7 @@ def build_plan(source: Checkpoint, family, dense, weights: dict[int, list[float]
     if extra:
         raise SurgeryError(f"{source.directory}: tensor {extra[0]!r} is not part of a {family.architecture} "
                            f"checkpoint with this config.json; extract would drop it")
-    pieces = _source_experts(source, family, config, layout)
+    pieces = expert_parts(source, family, config, layout)
     views = {name: (stored, (start, stop)) for name, (stored, start, stop) in arch.source_views(family, config).items()}
     tensors = []
     for expected in arch.expected_tensors(dense, new_config, "per_expert", "the output's config.json").values():

@@ -108,3 +108,18 @@ def _to_per_expert(tensors: list[OutputTensor], groups) -> list[OutputTensor]:
             row += rows
         split[fused.name] = pieces
     return [piece for tensor in tensors for piece in split.get(tensor.name, [tensor])]
+
+
+def expert_parts(source, family, config: dict, layout: str) -> dict:
+    """{(role, layer, expert): a byte-copy recipe of that expert's part in `source`, stored in `layout`
+    (per_expert: its own tensor; fused: its block of rows of the fused tensor)}."""
+    if layout == "per_expert":
+        return {(e.role, e.layer, e.expert): Copy(source, e.name)
+                for e in arch.expected_tensors(family, config, "per_expert").values() if e.group == "experts"}
+    pieces = {}
+    for fused, parts in _fused_groups(family, config):
+        row = 0
+        for part in parts if fused.group == "experts" else ():
+            pieces[(part.role, part.layer, part.expert)] = Copy(source, fused.name, (row, row + part.shape[0]))
+            row += part.shape[0]
+    return pieces

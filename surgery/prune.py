@@ -23,6 +23,7 @@ from surgery.execution.session import RunsModel, run_options
 from surgery.operations.output import OutputOptions, check_choice, output_options, write
 from surgery.plan import OutputTensor, Plan
 from surgery.prune_scores import CALIBRATED, CRITERIA
+from surgery.layouts import expert_parts
 from surgery.recipes import Copy, Rows
 
 CALIBRATION_TOKENS = 2048
@@ -91,22 +92,6 @@ def choose(scores: dict[int, list[float]], keep: int) -> dict[int, list[int]]:
 
 
 # ------------------------------------------------------------------ the plan
-def _source_experts(source: Checkpoint, family, config: dict, layout: str) -> dict:
-    """{(role, layer, expert): a byte-copy recipe of that expert's part in the source}."""
-    if layout == "per_expert":
-        return {(e.role, e.layer, e.expert): Copy(source, e.name)
-                for e in arch.expected_tensors(family, config, "per_expert").values() if e.group == "experts"}
-    from surgery.layouts import _fused_groups
-
-    pieces = {}
-    for fused, parts in _fused_groups(family, config):
-        row = 0
-        for part in parts if fused.group == "experts" else ():
-            pieces[(part.role, part.layer, part.expert)] = Copy(source, fused.name, (row, row + part.shape[0]))
-            row += part.shape[0]
-    return pieces
-
-
 def build_plan(source: Checkpoint, family, kept: dict[int, list[int]], top_k: int, details: dict,
                notes: list[str]) -> Plan:
     config = source.config
@@ -115,7 +100,7 @@ def build_plan(source: Checkpoint, family, kept: dict[int, list[int]], top_k: in
     for dimension, value in (("experts", len(next(iter(kept.values())))), ("top_k", top_k)):
         keys = [key for key in family.moe_keys[dimension] if key in config] or list(family.moe_keys[dimension][:1])
         new_config.update({key: value for key in keys})
-    pieces = _source_experts(source, family, config, layout)
+    pieces = expert_parts(source, family, config, layout)
     router = family.fused_router or family.router if layout == "fused" else family.router
     tensors = []
     for expected in arch.expected_tensors(family, new_config, "per_expert").values():
