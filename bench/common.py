@@ -74,10 +74,10 @@ def _table():
     return arch
 
 
-def layout(config: dict) -> list:
-    """The dense Llama tensors (name, shape, group) of `config`, in model order."""
+def layout(config: dict, family: str = "llama") -> list:
+    """The tensors (name, shape, group) of a `family` checkpoint of `config`, in model order (per-expert layout)."""
     arch = _table()
-    return list(arch.expected_tensors(arch.FAMILIES["llama"], config).values())
+    return list(arch.expected_tensors(arch.FAMILIES[family], config).values())
 
 
 def tensor_bytes(entry, element_size: int = 4) -> int:
@@ -98,8 +98,9 @@ def sized_config(target_bytes: float, shape: tuple[int, int, int], **extra) -> d
 
 
 def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT_SHARD_BYTES, seed: int = 0,
-                         dtype: str = "F32") -> Path:
-    """A Llama checkpoint of finite pseudo-random weights (F32 or BF16), written fast with memory bounded by one block.
+                         dtype: str = "F32", family: str = "llama") -> Path:
+    """A `family` (default Llama) checkpoint of finite pseudo-random weights (F32 or BF16), written fast with memory
+    bounded by one block.
 
     A single seeded block of BLOCK_ELEMENTS N(0, 0.02) values is generated once; every matrix is that
     block repeated, starting at an offset that changes from tensor to tensor. Headers come from
@@ -119,7 +120,7 @@ def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT
         block, one, element = (block.view("<u4") >> 16).astype("<u2"), (one.view("<u4") >> 16).astype("<u2"), 2
     doubled = memoryview(np.concatenate([block, block]).tobytes())  # any block-sized window is contiguous
     block_bytes = len(doubled) // 2
-    entries = layout(config)
+    entries = layout(config, family)
     groups, size = [[]], 0
     for entry in entries:
         if groups[-1] and size + tensor_bytes(entry, element) > shard_bytes:

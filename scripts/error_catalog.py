@@ -531,8 +531,6 @@ def argument_cases() -> list[Case]:
          "give --shared-gate fold"),
         (A, "--shared-gate without a shared expert", "extract", extract("--expert", 0, "--shared-gate", "drop"),
          "the source has no shared expert"),
-        (A, "calibration routes no token to an expert", "prune", prune_calibrated("--keep", 2),
-         "layer 0: the calibration routes no token to expert(s) 1, 3"),
         (M, "different tensor shape", "merge", odd_member(edit=shorten_up_proj, names=("a",)),
          "'model.layers.0.mlp.up_proj.weight' has shape [40, 32]"),
         (M, "different intermediate_size", "merge", odd_member({"intermediate_size": 40}, router_zero=True),

@@ -190,7 +190,11 @@ def run(moe, out, options: PruneOptions, output: OutputOptions = OutputOptions(l
         if options.criterion == "random":
             scores = prune_scores.random_scores(family, source.config, options.seed)
         else:
-            scores = prune_scores.criterion_scores(calibrated, options.criterion)
+            scores, unrouted = prune_scores.criterion_scores(calibrated, options.criterion)
+            if unrouted:
+                counts = ", ".join(f"layer {layer}: {len(experts)}" for layer, experts in sorted(unrouted.items()))
+                notes.append(f"no calibration token reached some experts ({counts}); they score 0 under "
+                             f"{options.criterion} (they add nothing on this text) and are dropped first")
         if calibrated is not None and options.criterion != "random":
             notes.append(f"{options.criterion} scores from {calibrated['calibration']} ({calibrated['tokens']} tokens)"
                          + (f", saved by an earlier run in {options.scores}" if options.scores else ""))

@@ -145,16 +145,18 @@ def load(path, family, config: dict) -> dict:
     return data
 
 
-def criterion_scores(scores: dict, criterion: str) -> dict[int, list[float]]:
-    """{layer: one score per expert} of `criterion`; refuses a layer where an expert got no routed token
-    (activation and reap are means over the routed tokens)."""
-    out = {}
+def criterion_scores(scores: dict, criterion: str) -> tuple[dict[int, list[float]], dict[int, list[int]]]:
+    """({layer: one score per expert} of `criterion`, {layer: experts no calibration token reached}). An expert no
+    token reached scores 0 under activation and reap (means over its routed tokens): on this text it adds nothing,
+    so it goes first. A layer that no token reached at all is refused (nothing to rank)."""
+    out, unrouted = {}, {}
     for layer, entry in scores["layers"].items():
         values = entry[criterion]
         empty = [expert for expert, value in enumerate(values) if value is None]
+        if empty and len(empty) == len(values):
+            raise SurgeryError(f"layer {layer}: the calibration routes no token to any of its {len(values)} experts, so "
+                               f"there is nothing to rank them by; use more calibration text")
         if empty:
-            raise SurgeryError(f"layer {layer}: the calibration routes no token to expert(s) "
-                               f"{', '.join(map(str, empty))}, so their {criterion} score (a mean over routed tokens) "
-                               f"is undefined; use more calibration text or --criterion frequency")
-        out[layer] = values
-    return out
+            unrouted[layer] = empty
+        out[layer] = [0.0 if value is None else value for value in values]
+    return out, unrouted

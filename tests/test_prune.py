@@ -110,13 +110,15 @@ def test_frequency_drops_experts_the_router_never_chooses(tmp_path, run_cli, tok
     assert all(entry["scores"][1] == entry["scores"][3] == 0 for entry in details["layers"].values())
 
 
-def test_reap_refuses_a_layer_where_an_expert_gets_no_token(tmp_path, run_cli, token_file):
+def test_under_reap_an_expert_no_token_reaches_scores_0_and_goes_first(tmp_path, run_cli, token_file):
     source = never_winning(save_model(tmp_path / "mixtral", "mixtral", num_experts_per_tok=1))
     out = tmp_path / "pruned"
     code, _, err = run_cli("prune", source, out, "--keep", 2, "--criterion", "reap", "--calibration", token_file)
-    assert code == 2
-    assert "layer 0: the calibration routes no token to expert(s) 1, 3" in err
-    assert not out.exists()
+    assert code == 0, err
+    details = json.loads(metadata(out)["surgery_prune"])
+    assert {layer: entry["kept"] for layer, entry in details["layers"].items()} == {"0": [0, 2], "1": [0, 2]}
+    assert all(entry["scores"][1] == entry["scores"][3] == 0 for entry in details["layers"].values())
+    assert "no calibration token reached some experts (layer 0: 2, layer 1: 2); they score 0 under reap" in err
 
 
 def test_reap_is_the_mean_gate_weight_times_output_norm_over_routed_tokens(tmp_path, run_cli, token_file):

@@ -1,0 +1,65 @@
+"""`surgery prune` at scale: 50 % of a Qwen3-30B-A3B-shaped synthetic MoE with REAP calibration, peak RSS and time.
+
+    python bench/bench_prune_scale.py [--layers 12] [--tokens 512] [--workdir DIR]
+
+The MoE (synthetic weights, bf16): hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of FFN 768, top-8,
+vocabulary 151936, `--layers` layers (12: about 16 GB). `surgery prune --ratio 0.5 --criterion reap` scores
+every expert on `--tokens` pseudo-random calibration token ids through the layer-streaming runner
+(bfloat16 compute) and writes the kept half as byte copies. Measured with /usr/bin/time -v against the
+I/O floor of the same bytes (read the kept experts once, write them once). The models are deleted after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from common import REPO, dir_bytes, make_synthetic_llama, markdown_table, surgery_command, timed
+
+sys.path.insert(0, str(REPO))
+
+
+def config(layers: int) -> dict:
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+            "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+            "vocab_size": 151936, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+            "intermediate_size": 6144, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+            "rope_theta": 1000000.0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-prune-scale-", dir=args.workdir))
+    try:
+        source = make_synthetic_llama(work / "moe", config(args.layers), dtype="BF16", family="qwen3_moe")
+        size = dir_bytes(source)
+        ids = work / "calibration.jsonl"
+        generator = random.Random(0)
+        ids.write_text("".join(json.dumps([generator.randrange(3, 151936) for _ in range(256)]) + "\n"
+                               for _ in range(max(1, args.tokens // 256))))
+        out = work / "pruned"
+        wall, rss, _ = timed([str(c) for c in surgery_command(
+            "prune", source, out, "--ratio", 0.5, "--criterion", "reap", "--calibration", ids,
+            "--calibration-tokens", args.tokens, "--compute-dtype", "bfloat16", "--device", "cpu")])
+        written = dir_bytes(out)
+        rows = [[f"prune --ratio 0.5 --criterion reap ({args.tokens} tokens)", f"{size / 1e9:.1f}",
+                 f"{written / 1e9:.1f}", f"{wall:.0f}", f"{rss:.0f}", f"{rss / 1024:.2f}"]]
+        print(markdown_table(["run", "input GB", "output GB", "wall s", "peak RSS MiB", "peak RSS GiB"], rows))
+        print(f"\nSynthetic Qwen3-MoE, {args.layers} layers, bf16; target: peak RSS <= 4 GiB: "
+              f"{'PASS' if rss <= 4096 else 'FAIL'} ({rss:.0f} MiB)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
