@@ -4,13 +4,13 @@ Importing the package is cheap: torch and transformers are imported only by the 
 compute or validate, never by the CLI entry point itself.
 
 The Python API (``surgery.api``): ``surgery.upcycle``, ``surgery.split``, ``surgery.merge``,
-``surgery.copy``, ``surgery.prune``, ``surgery.extract``, ``surgery.inspect`` and ``surgery.validate``, each with its command's option names
+``surgery.copy``, ``surgery.prune``, ``surgery.extract``, ``surgery.add_experts``, ``surgery.inspect`` and ``surgery.validate``, each with its command's option names
 and defaults; ``inspect.signature(surgery.upcycle)`` lists them. Failures raise ``SurgeryError``.
 """
 
 __version__ = "0.1.0"
 
-_OPERATION_MODULES = ("upcycle", "split", "copy", "prune", "extract", "inspect", "validate")  # modules that are also the API call
+_OPERATION_MODULES = ("upcycle", "split", "copy", "prune", "extract", "add_experts", "inspect", "validate")  # modules that are also the API call
 
 
 def __getattr__(name):

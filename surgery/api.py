@@ -160,6 +160,20 @@ def extract(moe, out, **options):
         return module.run(moe, out, settings, output)
 
 
+def add_experts(moe, out, *, layout: str = "keep", **options):
+    """MoE -> MoE: each dense model of `expert` ({NAME: DENSE} or NAME=DENSE strings) adds its FFN as a new routed
+    expert in every MoE layer, its router row fitted on `calibration` ({NAME: FILE}; docs/add-experts.md).
+    Keywords: ``AddExpertsOptions`` fields and ``OutputOptions`` fields. Returns a ``Result``
+    (``result.plan.details["add_experts"]``)."""
+    module = _module("add_experts")
+    options = dict(options, layout=layout)
+    output = _output(options)
+    settings = _take(options, module.AddExpertsOptions)
+    _refuse_rest(options, "add_experts")
+    with _silenced():
+        return module.run(moe, out, settings, output)
+
+
 # ---------------------------------------------------------------- reading
 def inspect(path, *, tensors: bool = False, stats: bool = False):
     """A checkpoint's architecture, expert layout, parameter counts and problems, as an inspect
@@ -223,4 +237,4 @@ def callable_module(name: str, positional: list[str] = (), *classes, extra: dict
     module.__signature__ = _inspect.Signature(parameters)
 
 
-__all__ = ["copy", "upcycle", "split", "merge", "prune", "extract", "inspect", "validate"]
+__all__ = ["copy", "upcycle", "split", "merge", "prune", "extract", "add_experts", "inspect", "validate"]

@@ -24,6 +24,7 @@ COMMANDS = {
     "merge": ("surgery.btx_merge", "command", "Branch-Train-MiX: merge domain-trained copies into one MoE."),
     "prune": ("surgery.prune", "command", "MoE -> MoE: keep the best-scored routed experts of every MoE layer."),
     "extract": ("surgery.extract", "command", "MoE -> dense: one expert's FFN, or the experts' averaged, in every layer."),
+    "add-experts": ("surgery.add_experts", "command", "MoE -> MoE: each dense model's FFN as a new expert in every MoE layer."),
     "validate": ("surgery.validate", "command", "Load a model, measure loss, compare with references, show routing."),
     "verify": ("surgery.verify", "command", "Check a written checkpoint's structure and manifest."),
 }
