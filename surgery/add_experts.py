@@ -23,6 +23,7 @@ import click
 
 from surgery import families as arch
 from surgery.checkpoint import Checkpoint
+from surgery.moe_plan import moe_family
 from surgery.errors import SurgeryError
 from surgery.execution.session import RunsModel, run_options
 from surgery.layouts import expert_parts
@@ -243,10 +244,7 @@ def run(moe, out, options: AddExpertsOptions, output: OutputOptions = OutputOpti
     experts, calibrations = options.experts(), options.calibrations()
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(Checkpoint.open(moe, require_config=True))
-        family = arch.detect_family(source.config, source.directory / "config.json")
-        if family.kind != "moe" or not family.experts:
-            raise SurgeryError(f"{source.directory}: add-experts needs an MoE checkpoint; this is a "
-                               f"{family.architecture} (dense)")
+        family = moe_family(source, "add-experts")
         denses, ffns = {}, {}
         for name, path in experts.items():
             denses[name] = stack.enter_context(Checkpoint.open(path, require_config=True))

@@ -138,26 +138,14 @@ def prune(moe, out, *, layout: str = "keep", **options):
     scored by `criterion` (reap, frequency, activation, random; docs/prune.md). Keywords: ``PruneOptions``
     fields and ``OutputOptions`` fields. Returns a ``Result`` (``result.plan.details["prune"]``: the scores
     and the kept and dropped experts per layer)."""
-    module = _module("prune")
-    options = dict(options, layout=layout)
-    output = _output(options)
-    settings = _take(options, module.PruneOptions)
-    _refuse_rest(options, "prune")
-    with _silenced():
-        return module.run(moe, out, settings, output)
+    return _moe_to_moe("prune", "PruneOptions", moe, out, dict(options, layout=layout))
 
 
 def extract(moe, out, **options):
     """MoE -> dense: every MoE layer's FFN becomes one routed expert's (`expert`) or the experts' weights averaged
     (`average` uniform or frequency; docs/extract.md). Keywords: ``ExtractOptions`` fields and ``OutputOptions``
     fields. Returns a ``Result`` (``result.plan.details["extract"]``: each layer's expert weights)."""
-    module = _module("extract")
-    options = dict(options)
-    output = _output(options)
-    settings = _take(options, module.ExtractOptions)
-    _refuse_rest(options, "extract")
-    with _silenced():
-        return module.run(moe, out, settings, output)
+    return _moe_to_moe("extract", "ExtractOptions", moe, out, options)
 
 
 def add_experts(moe, out, *, layout: str = "keep", **options):
@@ -165,11 +153,15 @@ def add_experts(moe, out, *, layout: str = "keep", **options):
     expert in every MoE layer, its router row fitted on `calibration` ({NAME: FILE}; docs/add-experts.md).
     Keywords: ``AddExpertsOptions`` fields and ``OutputOptions`` fields. Returns a ``Result``
     (``result.plan.details["add_experts"]``)."""
-    module = _module("add_experts")
-    options = dict(options, layout=layout)
+    return _moe_to_moe("add_experts", "AddExpertsOptions", moe, out, dict(options, layout=layout))
+
+
+def _moe_to_moe(operation: str, options_class: str, moe, out, options: dict):
+    module = _module(operation)
+    options = dict(options)
     output = _output(options)
-    settings = _take(options, module.AddExpertsOptions)
-    _refuse_rest(options, "add_experts")
+    settings = _take(options, getattr(module, options_class))
+    _refuse_rest(options, operation)
     with _silenced():
         return module.run(moe, out, settings, output)
 

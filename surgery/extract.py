@@ -25,6 +25,7 @@ import click
 
 from surgery import families as arch
 from surgery.checkpoint import Checkpoint
+from surgery.moe_plan import moe_family
 from surgery.errors import SurgeryError
 from surgery.execution.session import RunsModel, run_options
 from surgery.families.convert import dense_config, dense_family
@@ -195,10 +196,7 @@ def run(moe, out, options: ExtractOptions, output: OutputOptions = OutputOptions
     options.check()
     with Checkpoint.open(moe, require_config=True) as source:
         where = source.directory / "config.json"
-        family = arch.detect_family(source.config, where)
-        if family.kind != "moe" or not family.experts:
-            raise SurgeryError(f"{source.directory}: extract needs an MoE checkpoint; this is a {family.architecture} "
-                               f"(dense)")
+        family = moe_family(source, "extract")
         dense = dense_family(family, where)
         dims = arch.dimensions(family, source.config, where)
         if options.expert is not None and not 0 <= options.expert < dims["experts"]:

@@ -137,6 +137,15 @@ def open_dense_source(path) -> tuple[Checkpoint, Family]:
     return source, family
 
 
+def moe_family(source: Checkpoint, operation: str) -> Family:
+    """The MoE family of an opened source, refusing a dense model (prune, extract and add-experts read MoEs)."""
+    family = arch.detect_family(source.config, source.directory / "config.json")
+    if family.kind != "moe" or not family.experts:
+        raise SurgeryError(f"{source.directory}: {operation} needs an MoE checkpoint; this is a {family.architecture} "
+                           f"(dense)")
+    return family
+
+
 def parse_moe_layers(text: str, num_layers: int) -> list[int]:
     """'all', 'every-other' (layers 1, 3, 5 ... as Sparse Upcycling) or a list '0,2,5-7' -> MoE layer indices."""
     text = (text or "all").strip().lower()

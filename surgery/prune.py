@@ -18,6 +18,7 @@ import click
 
 from surgery import families as arch
 from surgery.checkpoint import Checkpoint
+from surgery.moe_plan import moe_family
 from surgery.errors import SurgeryError
 from surgery.execution.session import RunsModel, run_options
 from surgery.operations.output import OutputOptions, check_choice, output_options, write
@@ -170,10 +171,7 @@ def run(moe, out, options: PruneOptions, output: OutputOptions = OutputOptions(l
     output.check()
     options.check()
     with Checkpoint.open(moe, require_config=True) as source:
-        family = arch.detect_family(source.config, source.directory / "config.json")
-        if family.kind != "moe" or not family.experts:
-            raise SurgeryError(f"{source.directory}: prune needs an MoE checkpoint; this is a {family.architecture} "
-                               f"(dense)")
+        family = moe_family(source, "prune")
         dims = arch.dimensions(family, source.config, source.directory / "config.json")
         keep = kept_count(options, dims["experts"])
         notes: list[str] = []
