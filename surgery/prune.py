@@ -66,8 +66,9 @@ class PruneOptions(RunsModel):
 # ------------------------------------------------------------------ choosing
 def kept_count(options: PruneOptions, experts: int) -> int:
     if options.keep is not None:
-        if options.keep > experts:
-            raise SurgeryError(f"--keep {options.keep}: the source has {experts} experts per MoE layer")
+        if options.keep >= experts:
+            raise SurgeryError(f"--keep {options.keep}: must be below the source's {experts} experts per MoE layer "
+                               "(--ratio 0 keeps them all)")
         return options.keep
     return experts - math.floor(options.ratio * experts + 1e-9)
 

@@ -213,7 +213,8 @@ def test_top_k_option_sets_the_output_top_k(tmp_path, run_cli):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (("--keep", 5), "--keep 5: the source has 4 experts per MoE layer"),
+    (("--keep", 5), "--keep 5: must be below the source's 4 experts per MoE layer (--ratio 0 keeps them all)"),
+    (("--keep", 4), "--keep 4: must be below the source's 4 experts per MoE layer (--ratio 0 keeps them all)"),
     (("--keep", 1), "--keep 1 is below the source's top-k (2): give --top-k K"),
     (("--keep", 2, "--top-k", 3), "--top-k 3 exceeds the 2 experts kept per layer"),
     (("--ratio", 1), "--ratio 1.0: expected 0 <= R < 1"),
