@@ -39,11 +39,11 @@ def _pairs(values, option: str) -> dict[str, str]:
     """{NAME: VALUE} from NAME=VALUE strings (or a dict, from the API)."""
     if isinstance(values, dict):
         return {str(k): str(v) for k, v in values.items()}
+    from surgery.merge_config import parse_pair
+
     out = {}
     for value in values or ():
-        name, sep, path = str(value).partition("=")
-        if not sep or not name or not path:
-            raise SurgeryError(f"{option} {value}: expected NAME=PATH")
+        name, path = parse_pair(value, option, "PATH")
         if name in out:
             raise SurgeryError(f"{option} {value}: {name} is given twice")
         out[name] = path
