@@ -353,12 +353,18 @@ def test_dry_run_reads_no_weights(moe, dense_of, tmp_path, run_cli, monkeypatch)
     assert plan["add_experts"]["non_ffn_mean"]["weight"] == 0.5 and not out.exists()
 
 
-def test_api_takes_non_ffn(moe, tmp_path):
+def test_api_takes_non_ffn(moe, dense_of, tmp_path):
     import surgery
     from surgery.errors import SurgeryError
 
+    source = moe("mixtral")
+    dense, text = dense_of(source, "code"), domain_tokens(tmp_path / "t.jsonl", 1)
+    planned = surgery.add_experts(source, tmp_path / "out", expert={"code": str(dense)}, calibration={"code": str(text)},
+                                  non_ffn="average", dry_run=True)
+    assert planned.plan.details["add_experts"]["non_ffn"] == "average"
+    assert planned.plan.tensors[0].recipe.describe().startswith("mean(")  # the embedding
     with pytest.raises(SurgeryError, match="--non-ffn 'median': expected one of keep, average"):
-        surgery.add_experts(moe("mixtral"), tmp_path / "out", expert={"x": "x"}, calibration={"x": "t"},
+        surgery.add_experts(source, tmp_path / "out", expert={"code": str(dense)}, calibration={"code": str(text)},
                             non_ffn="median")
 
 
