@@ -149,6 +149,7 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     shards = write_plan(plan, out, limit, force=output.force, allow_nonfinite=output.allow_nonfinite,
                         fill=timed_fill if fill else None)
     result.written, result.shards = True, len(shards)
+    result.notes = list(plan.notes)  # with what a fill found on the draft
     result.seconds = time.perf_counter() - started - filling[0]
     console.info(f"wrote {out}: {len(plan.tensors)} tensors, {format_bytes(plan.total_bytes)} in {len(shards)} "
                  f"shard{'s' if len(shards) != 1 else ''} ({result.seconds:.1f} s, "
