@@ -56,6 +56,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     weight is read and computed once."""
     from surgery.btx_router import PendingRouter, calibration_parts, fit_calibrated, print_routing, routing_table_text
     from surgery.checkpoint import Checkpoint
+    from surgery.execution.skeleton import import_in_background
     from surgery.execution.weights import ModelWeights
     from surgery.io.deferred import Filled
     from surgery.merge_regmean import RegMeanTensor, fit_regmean
@@ -83,6 +84,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
         card = model_card(merge, routing_table_text(fit, domain_names, expert_names))
         return Filled({name: fit.rows(r.kind)[r.layer] for name, r in routers.items()}, {"README.md": card})
 
+    import_in_background(merge.config["model_type"])  # while the draft is written
     return write(plan, out, output, check=check, fill=fill)
 
 

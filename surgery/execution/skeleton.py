@@ -70,6 +70,26 @@ def experts_implementation(family: arch.Family, config: dict, device: str, dtype
     return "eager"
 
 
+def import_in_background(model_type: str):
+    """Start importing transformers' modeling code for `model_type` (seconds of Python import) in a daemon
+    thread, so a run that first writes a draft has it ready when it starts the model. The thread only
+    warms the import cache: any failure is left for the real import to report. Returns the thread."""
+    import threading
+
+    def work():
+        try:
+            import transformers
+
+            config = transformers.AutoConfig.for_model(model_type)
+            transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module
+        except Exception:  # noqa: BLE001 - the real import reports it
+            pass
+
+    thread = threading.Thread(target=work, name="surgery-import", daemon=True)
+    thread.start()
+    return thread
+
+
 class Skeleton:
     """The meta-device model of a config, and the three ways execution uses it."""
 
