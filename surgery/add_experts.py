@@ -116,6 +116,13 @@ def check_dense(source: Checkpoint, family, dense: Checkpoint, name: str) -> dic
         if shape != target:
             raise SurgeryError(f"{dense.info(expected.name).file}: tensor {expected.name!r} has shape {list(shape)} "
                                f"in {name}, but {list(target)} in the MoE")
+    stored = {source.info(recipe.name).dtype for recipe in expert_parts(
+        source, family, source.config, arch.detect_expert_layout(family, source.tensors)).values()}
+    for tensor in ffn.values():  # new experts are byte copies: they must already be in the experts' dtype
+        if dense.info(tensor).dtype not in stored:
+            raise SurgeryError(f"{dense.info(tensor).file}: tensor {tensor!r} is {dense.info(tensor).dtype} in {name}, "
+                               f"but the MoE's experts are {'/'.join(sorted(stored))}; convert it first "
+                               f"(surgery copy {dense.directory} OUT --dtype ...)")
     return ffn
 
 

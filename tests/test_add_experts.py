@@ -170,6 +170,17 @@ def test_refuses_a_dense_model_of_other_shapes(moe, tmp_path, run_cli, token_fil
     assert not (tmp_path / "out").exists()
 
 
+def test_refuses_a_dense_model_in_another_dtype(moe, dense_of, tmp_path, run_cli, token_file):
+    source = moe("qwen3_moe", layout="fused")
+    dense = dense_of(source, "code")
+    code, _, err = run_cli("copy", dense, tmp_path / "bf16", "--dtype", "bf16")
+    assert code == 0, err
+    code, _, err = run_cli("add-experts", source, tmp_path / "out", "--expert", f"x={tmp_path / 'bf16'}",
+                           "--calibration", f"x={token_file}")
+    assert code != 0 and "mlp.gate_proj.weight" in err and "BF16" in err and "F32" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_refuses_an_expert_without_calibration(moe, dense_of, tmp_path, run_cli):
     source = moe("mixtral")
     dense = dense_of(source, "code")
