@@ -29,7 +29,7 @@ from typing import Callable
 from surgery import __version__, console
 from surgery.checkpoint import INDEX_NAME
 from surgery.errors import SurgeryError
-from surgery.io import COPY_CHUNK
+from surgery.io import WRITE_CHUNK
 from surgery.io.deferred import Filled, HeldShard
 from surgery.io.finite import FiniteCheck
 from surgery.io.hashing import TailHasher
@@ -216,8 +216,9 @@ def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: Fin
         recipe = tensor.recipe
         read_ahead.before(position)
         if is_deferred(tensor):  # zeros until the draft is filled
-            for start in range(0, tensor.nbytes, COPY_CHUNK):
-                handle.write(bytes(min(COPY_CHUNK, tensor.nbytes - start)))
+            zeros = bytes(min(WRITE_CHUNK, tensor.nbytes))
+            for start in range(0, tensor.nbytes, WRITE_CHUNK):
+                handle.write(zeros[:min(WRITE_CHUNK, tensor.nbytes - start)])
         elif isinstance(recipe, Joined):  # part after part: the whole tensor is never in memory
             for part in recipe.items:
                 scratch = write_piece(handle, OutputTensor(tensor.name, (), tensor.dtype, part), checker, scratch)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.checkpoint import torch_dtype
+from surgery.io import write_all
 from surgery.io.finite import FiniteCheck
 from surgery.io.hashing import TailHasher
 from surgery.plan import OutputTensor
@@ -47,7 +48,7 @@ class HeldShard:
         data = value.detach().to("cpu", torch_dtype(tensor.dtype)).contiguous().reshape(-1)
         with open(self.path, "r+b") if handle is None else _kept(handle) as out:
             out.seek(offset)
-            out.write(memoryview(data.view(torch.uint8).numpy()))
+            write_all(out, data.view(torch.uint8).numpy())
         self.written.add(name)
 
     def complete(self, values: dict, checker: FiniteCheck) -> str:

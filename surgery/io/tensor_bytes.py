@@ -11,7 +11,7 @@ import os
 
 from surgery.checkpoint import torch_dtype
 from surgery.errors import SurgeryError
-from surgery.io import COPY_CHUNK
+from surgery.io import COPY_CHUNK, write_all
 from surgery.io.finite import FiniteCheck, checking_output
 from surgery.io.sharding import is_byte_copy, needs_torch
 from surgery.plan import OutputTensor
@@ -65,7 +65,7 @@ def _copy_bytes(handle, recipe: Copy) -> None:
             chunk = os.pread(source_fd, count, offset)
             if not chunk:
                 raise SurgeryError(f"{info.file}: tensor {recipe.name!r}: file ended early (truncated?)")
-            handle.write(chunk)
+            write_all(handle, chunk)
             remaining -= len(chunk)
             offset += len(chunk)
 
@@ -85,7 +85,7 @@ def _copy_checked(handle, recipe: Copy, checker: FiniteCheck, scratch: bytearray
         data = buffer[:min(chunk, nbytes - start)]
         pread_into(fd, data, offset + start, info.file, recipe.name)
         checker.check_bytes(data, info.dtype, f"{info.file}: tensor {recipe.name!r}")
-        handle.write(data)
+        write_all(handle, data)
     if recipe.rows is None:
         checker.done(recipe.checkpoint, recipe.name)
 
@@ -101,7 +101,7 @@ def _write_array(handle, tensor: OutputTensor, checker: FiniteCheck) -> None:
     data = memoryview(array.reshape(-1)).cast("B")
     with checking_output(tensor, checker) as where:
         checker.check_bytes(data, tensor.dtype, where)
-    handle.write(data)
+    write_all(handle, data)
 
 
 def _write_tensor(handle, tensor: OutputTensor, checker: FiniteCheck) -> None:
@@ -124,4 +124,4 @@ def _write_value(handle, tensor: OutputTensor, checker: FiniteCheck, value) -> N
         value = value.to(target)
     value = value.contiguous()
     if value.numel():
-        handle.write(memoryview(value.view(torch.uint8).numpy()) if value.dim() else value.reshape(1).view(torch.uint8).numpy())
+        write_all(handle, value.reshape(-1).view(torch.uint8).numpy())
