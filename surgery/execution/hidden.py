@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.io import WRITE_CHUNK
 from surgery.execution.placement import cpu_available_memory
 
 AUTO_SHARE = 0.8  # --memory-budget auto: this share of the memory available when the run starts
@@ -69,8 +70,8 @@ class HiddenStore:
             return
         data = value.numpy().view("uint8").reshape(-1)
         written = 0
-        while written < data.nbytes:
-            written += os.pwrite(self._fd, data[written:], self._end + written)
+        while written < data.nbytes:  # WRITE_CHUNK at a time (surgery.io.write_all says why)
+            written += os.pwrite(self._fd, data[written:written + WRITE_CHUNK], self._end + written)
         self._blocks[batch] = (self._end, tuple(value.shape), data.nbytes)
         self._end += data.nbytes
 
