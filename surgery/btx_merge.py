@@ -59,7 +59,8 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     from surgery.execution.skeleton import import_in_background
     from surgery.execution.weights import ModelWeights
     from surgery.io.deferred import Filled
-    from surgery.merge_regmean import RegMeanTensor, fit_regmean
+    from surgery.execution.calibration import CalibrationSet
+    from surgery.merge_regmean import MergedInputs, RegMeanTensor, fit_regmean
     from surgery.writer import check_output_path
 
     check_output_path(out, plan.sources, output.force)
@@ -68,16 +69,19 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     routers = {t.name: t.recipe for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
 
     def fill(draft: Path, patch) -> Filled:
-        if any(isinstance(t.recipe, RegMeanTensor) for t in plan.tensors):
+        plus = merge.spec.non_ffn == "regmean++"
+        if any(isinstance(t.recipe, RegMeanTensor) for t in plan.tensors) and not plus:
             fit_regmean(merge, plan, parts, check.settings, patch, spill_dir=out.resolve().parent)
-        if not routers:
+        if not routers and not plus:
             return Filled({})
         console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
                      f"({', '.join(names.values())}) and fitting {len(routers)} routers"
                      + (" and shared-expert gates" if merge.shared_gate == "fitted" else ""))
         with Checkpoint.open(draft) as checkpoint:
+            merged_inputs = MergedInputs(merge, plan, CalibrationSet.combine(parts), check.settings, patch,
+                                         out.resolve().parent) if plus else None
             fit = fit_calibrated(merge, ModelWeights.from_checkpoint(checkpoint), parts, check.settings,
-                                 spill_dir=out.resolve().parent)
+                                 spill_dir=out.resolve().parent, merged_inputs=merged_inputs)
         domain_names = [names[e] for e in sorted(names)]
         expert_names = [m.name for m in merge.experts]
         print_routing(fit, domain_names, expert_names)
@@ -99,9 +103,10 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
 @click.option("--include-seed", is_flag=True, help="Add the seed's FFN as one more (generalist) expert.")
 @click.option("--weights", multiple=True, metavar="NAME=W,...",
               help="Averaging weights of the non-FFN tensors (default 1 each; the seed is named 'seed').")
-@click.option("--non-ffn", default="average", show_default=True, metavar="average|regmean|seed|NAME",
+@click.option("--non-ffn", default="average", show_default=True, metavar="average|regmean|regmean++|seed|NAME",
               help="Average non-FFN tensors over all models; regmean: fit the attention and head weights to each "
-                   "model's own inputs on its calibration text (RegMean), average the rest; or copy one model's "
+                   "model's own inputs on its calibration text (RegMean), average the rest; regmean++: the same with "
+                   "each layer's inputs taken from the merged model as it runs (RegMean++); or copy one model's "
                    "(mergekit's behaviour).")
 @click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts per token.")
 @click.option("--format", "fmt", default="auto", show_default=True,

@@ -122,13 +122,15 @@ def calibration_parts(merge, tokenizer) -> list:
             for label, domain, what in texts]
 
 
-def fit_calibrated(merge, weights, parts: list, settings, spill_dir=None) -> RouterFit:
+def fit_calibrated(merge, weights, parts: list, settings, spill_dir=None, merged_inputs=None) -> RouterFit:
     """Every router of the merged model, fitted in layer order while the model runs layer by layer.
 
     `weights`: the merged model (the written draft, its routers still zero). At layer l every
     domain's tokens run up to the router's input (the pass stops there); the router rows are fitted
     (``fit_router``: each domain's tokens to its expert) and set in the layer; then the layer runs
-    for real, with the fitted router, and its output feeds layer l + 1.
+    for real, with the fitted router, and its output feeds layer l + 1. `merged_inputs`
+    (``merge_regmean.MergedInputs``, RegMean++): merges each layer's shared linear layers into the draft
+    before that layer is read, and the head after the last.
     """
     import torch
 
@@ -170,7 +172,12 @@ def fit_calibrated(merge, weights, parts: list, settings, spill_dir=None) -> Rou
             fit.gate_means[layer] = (float(values[opens == 1].mean()), float(values[opens == 0].mean()))
         return None  # the layer then runs plainly, with the fitted router
 
-    runner.forward(visit, final_output=False, description="fitting routers")
+    before = merged_inputs.before_layer if merged_inputs is not None else None
+    head = merged_inputs is not None and merged_inputs.needs_head
+    final, _ = runner.forward(visit, final_output=head, description="fitting routers", before_layer=before)
+    if head:
+        merged_inputs.head(final)
+        final.close()
     return fit
 
 

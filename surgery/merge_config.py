@@ -9,7 +9,7 @@ Two YAML dialects are read:
       - {name: prose, path: ./prose, calibration: prose.txt}
     seed: ./seed                 # or {path: ./seed, weight: 0.5, calibration: mixed.txt}
     include_seed: false
-    non_ffn: average             # average | regmean | seed | an expert's name
+    non_ffn: average             # average | regmean | regmean++ | seed | an expert's name
     top_k: 2
     format: auto                 # auto or an MoE format (the --format choices)
     router_init: calibrated      # auto | zero | normal | embedding | calibrated
@@ -37,6 +37,7 @@ ROUTER_FITS = ("logistic", "class-mean")
 FITS_DEFAULT = "logistic"
 FORMATS = ("auto", *families.moe_formats())
 SEED_NAME = "seed"
+REGMEAN = ("regmean", "regmean++")  # --non-ffn methods that fit the shared linear layers to calibration inputs
 
 OUR_KEYS = {"experts", "seed", "include_seed", "weights", "non_ffn", "top_k", "format", "router_init", "router_fit",
             "calibration",
@@ -252,13 +253,16 @@ def check_spec(spec: MergeSpec, where: str = "options") -> None:
         raise SurgeryError(f"{where}: --weights add up to 0; at least one model needs a positive weight")
     if spec.include_seed and not spec.seed:
         raise SurgeryError(f"{where}: --include-seed needs --seed PATH")
-    if spec.non_ffn not in ("average", "regmean", SEED_NAME) and spec.non_ffn not in names:
-        raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn!r}: expected average, regmean, seed or an expert name "
-                           f"({', '.join(names)})")
+    if spec.non_ffn not in (*REGMEAN, "average", SEED_NAME) and spec.non_ffn not in names:
+        raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn!r}: expected average, regmean, regmean++, seed or an "
+                           f"expert name ({', '.join(names)})")
     missing = [name for name in names if name not in spec.calibration]
-    if spec.non_ffn == "regmean" and missing:
-        raise SurgeryError(f"{where}: --non-ffn regmean fits the shared layers to each expert's own inputs and needs "
-                           f"--calibration text for every expert (missing: {', '.join(missing)})")
+    if spec.non_ffn in REGMEAN and missing:
+        raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn} fits the shared layers to each expert's own inputs and "
+                           f"needs --calibration text for every expert (missing: {', '.join(missing)})")
+    if spec.non_ffn == "regmean++" and spec.router_init not in ("calibrated", "auto"):
+        raise SurgeryError(f"{where}: --non-ffn regmean++ takes its inputs from the merged model as it runs with its "
+                           f"fitted routers; it needs --router-init calibrated (got {spec.router_init})")
     if spec.non_ffn == SEED_NAME and not spec.seed:
         raise SurgeryError(f"{where}: --non-ffn seed needs --seed PATH")
     if spec.router_init not in ROUTER_INITS:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from surgery import families as arch
 from surgery.diversity import stream_seed
 from surgery.errors import SurgeryError
-from surgery.merge_config import SEED_NAME
+from surgery.merge_config import REGMEAN, SEED_NAME
 from surgery.merge_mean import BlockedMean
 from surgery.merge_model import Merge, reference_tokenizer
 from surgery.moe_plan import inert_shared_expert
@@ -31,7 +31,7 @@ def non_ffn_recipe(merge: Merge):
     from surgery.merge_regmean import RegMeanTensor, regmean_module
 
     choice = merge.spec.non_ffn
-    if choice not in ("average", "regmean"):
+    if choice not in ("average", *REGMEAN):
         member = merge.member(choice)
         return lambda expected, name: Copy(member.checkpoint, name)
     averaged = [m for m in merge.members if merge.weights[m.name] != 0]
@@ -40,9 +40,9 @@ def non_ffn_recipe(merge: Merge):
     def recipe(expected, name):
         if len(averaged) == 1:
             return Copy(averaged[0].checkpoint, name)
-        module = regmean_module(merge.source_family, config, expected) if choice == "regmean" else None
+        module = regmean_module(merge.source_family, config, expected) if choice in REGMEAN else None
         if module is not None:
-            return RegMeanTensor(name, expected.layer, module)
+            return RegMeanTensor(name, expected.layer, module, plus=choice == "regmean++")
         return BlockedMean([m.checkpoint for m in averaged], name, [merge.weights[m.name] for m in averaged])
 
     return recipe
@@ -182,15 +182,17 @@ def expert_provenance(merge: Merge) -> list[dict]:
 
 
 def non_ffn_description(merge: Merge) -> dict:
-    if merge.spec.non_ffn not in ("average", "regmean"):
+    if merge.spec.non_ffn not in ("average", *REGMEAN):
         return {"method": "copy", "from": merge.spec.non_ffn}
     total = sum(merge.weights.values())
     weights = {m.name: merge.weights[m.name] / total for m in merge.members if merge.weights[m.name] != 0}
-    if merge.spec.non_ffn == "regmean":
+    if merge.spec.non_ffn in REGMEAN:
         from surgery.merge_regmean import ALPHA
 
-        return {"method": f"regmean (alpha {ALPHA}) of the attention projections and the head; weighted mean "
-                          "(float32) of norms and embeddings", "weights": weights}
+        inputs = ("the merged model's inputs at each layer" if merge.spec.non_ffn == "regmean++"
+                  else "each model's own inputs")
+        return {"method": f"{merge.spec.non_ffn} (alpha {ALPHA}, {inputs}) of the attention projections and the head; "
+                          "weighted mean (float32) of norms and embeddings", "weights": weights}
     return {"method": "weighted mean (float32)", "weights": weights}
 
 

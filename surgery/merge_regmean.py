@@ -11,6 +11,11 @@ stores it; o: the input of o_proj) of every layer and an untied head (the final 
 biases and embeddings keep the weighted mean. The seed (the generalist) reads every domain's text;
 each expert its own domain's. ``--weights`` scale each model's Gram matrices.
 
+``--non-ffn regmean++`` (RegMean++, arXiv 2508.03121) takes X_i differently: model i's layer l runs on
+the hidden states the *merged* model feeds layer l (its layers < l already merged, its routers fitted),
+each model on its own domain's tokens, so each layer is merged for the inputs it will actually see
+(``MergedInputs``, driven by the merged draft's layer-by-layer run in ``btx_router.fit_calibrated``).
+
 Memory: every model runs layer by layer (``surgery.execution``), one model's layer at a time; the
 Gram matrices of one layer (in float64) and the merged tensors of that layer are all that is held,
 and each merged tensor is written into the draft as soon as it is computed (``patch``).
@@ -28,8 +33,9 @@ ALPHA = 0.9  # off-diagonal scale of each Gram matrix
 class RegMeanTensor(Deferred):
     """A non-FFN linear weight merged by RegMean: written once every model has run up to its layer."""
 
-    def __init__(self, source_name: str, layer: int | None, module: str):
-        super().__init__(f"regmean of {source_name} (inputs of {module}, alpha {ALPHA})")
+    def __init__(self, source_name: str, layer: int | None, module: str, plus: bool = False):
+        what = "the merged model's inputs" if plus else "each model's own inputs"
+        super().__init__(f"regmean{'++' if plus else ''} of {source_name} ({what} of {module}, alpha {ALPHA})")
         self.source_name, self.layer, self.module = source_name, layer, module
 
 
@@ -131,3 +137,84 @@ def _merge(tensor, merge, members, grams):
     weights = [m.checkpoint.read(tensor.recipe.source_name) for m in members]
     scaled = [gram * merge.weights[m.name] for gram, m in zip(grams, members)]
     return merged_weight(scaled, weights, ALPHA).reshape(tensor.shape)
+
+
+# ------------------------------------------------------------------ RegMean++
+class _Batches:
+    """Batches `indices` of a HiddenStore, seen as a store of their own (read only; its owner closes it)."""
+
+    def __init__(self, store, indices: list[int]):
+        self.store, self.indices = store, indices
+
+    def get(self, index: int, device: str = "cpu", dtype=None):
+        return self.store.get(self.indices[index], device, dtype)
+
+    def close(self) -> None:
+        pass
+
+
+class MergedInputs:
+    """RegMean++: each averaged model's layer l, run on the merged model's hidden states entering layer l (each
+    model on its own domain's batches, the seed on every expert's), gives that layer's Gram matrices.
+
+    Driven by the merged draft's layer-by-layer run: ``before_layer(l, hidden)`` merges layer l's tensors and
+    writes them into the draft (`patch`) before the merged layer is read from it; ``head(hidden)`` merges an
+    untied head from the merged model's last hidden states."""
+
+    def __init__(self, merge, plan, calibration, settings, patch, spill_dir=None):
+        from surgery.execution.session import runner_for
+        from surgery.execution.weights import ModelWeights
+
+        self.merge, self.patch = merge, patch
+        self.tensors = [t for t in plan.tensors if isinstance(t.recipe, RegMeanTensor)]
+        self.members = [m for m in merge.members if merge.weights[m.name] != 0]
+        experts = {e.name: index for index, e in enumerate(merge.experts)}
+        count = len(merge.experts)
+        self.runs = []
+        for member in self.members:
+            own = experts.get(member.name)
+            indices = [i for i in range(len(calibration.batches))
+                       if (calibration.domain_of(i) == own if own is not None else calibration.domain_of(i) < count)]
+            runner = runner_for(ModelWeights.from_checkpoint(member.checkpoint),
+                                [calibration.batches[i] for i in indices], settings, spill_dir)
+            runner.embed().close()  # records each batch's layer arguments (masks, positions)
+            self.runs.append((indices, runner))
+        console.info(f"regmean++: each of {len(self.members)} models runs its layers on the merged model's hidden "
+                     f"states to merge {len(self.tensors)} linear layers (alpha {ALPHA})")
+
+    @property
+    def needs_head(self) -> bool:
+        return any(t.recipe.layer is None for t in self.tensors)
+
+    def before_layer(self, layer: int, hidden) -> None:
+        from surgery.execution.probes import Probe
+
+        here = [t for t in self.tensors if t.recipe.layer == layer]
+        if not here:
+            return
+        modules = sorted({t.recipe.module for t in here})
+        o_proj = self.merge.source_family.spec("attention", "o").name(layer)  # the last input needed: stop there
+        stop = next((t.recipe.module for t in here if t.recipe.source_name == o_proj), None)
+        grams = []
+        for indices, runner in self.runs:
+            sums = {module: _Gram() for module in modules}
+            with runner.layer(layer) as session:
+                session.run(_Batches(hidden, indices), [Probe(module, "input", sums[module]) for module in modules],
+                            outputs=False, stop_after=stop)
+            grams.append(sums)
+        for tensor in here:
+            self.patch(tensor.name, _merge(tensor, self.merge, self.members,
+                                           [g[tensor.recipe.module].value for g in grams]))
+
+    def head(self, hidden) -> None:
+        head = [t for t in self.tensors if t.recipe.layer is None]
+        if not head:
+            return
+        grams = []
+        for indices, runner in self.runs:
+            gram = _Gram()
+            runner.head(_Batches(hidden, indices), lambda batch, rows, logits, extra, gram=gram, runner=runner: gram(
+                batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_output=True)
+            grams.append(gram.value)
+        for tensor in head:
+            self.patch(tensor.name, _merge(tensor, self.merge, self.members, grams))

@@ -97,7 +97,7 @@ def test_norms_and_embeddings_keep_the_mean_and_the_metadata_says_regmean(tmp_pa
     from surgery.checkpoint import Checkpoint
 
     metadata = next(iter(Checkpoint.open(tmp_path / "out").metadata.values()))
-    assert json.loads(metadata["surgery_non_ffn"])["method"].startswith(f"regmean (alpha {ALPHA})")
+    assert json.loads(metadata["surgery_non_ffn"])["method"].startswith(f"regmean (alpha {ALPHA}, each model's own inputs)")
     load_model(tmp_path / "out")
 
 
@@ -108,4 +108,65 @@ def test_regmean_without_an_experts_text_is_refused(tmp_path, run_cli, models):
     assert err.strip().splitlines()[-1] == (
         "surgery: error: options: --non-ffn regmean fits the shared layers to each expert's own inputs and needs "
         "--calibration text for every expert (missing: b)")
+    assert not (tmp_path / "out").exists()
+
+
+def plus_args(models):
+    return [arg if arg not in ("regmean", "zero") else {"regmean": "regmean++", "zero": "calibrated"}[arg]
+            for arg in merge_args(models)]
+
+
+def test_regmean_plus_plus_takes_each_layers_inputs_from_the_merged_model(tmp_path, run_cli, models):
+    """Layer 1's q and o: each model's own layer 1 (its norm, its attention) run on the hidden states the merged
+    output feeds layer 1 (transformers' own forward of the written model), on that model's text."""
+    from surgery.execution.calibration import CalibrationSet
+    from surgery.loading import load_tokenizer
+
+    code, _, err = run_cli("merge", tmp_path / "out", *plus_args(models))
+    assert code == 0, err
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    merged = load_model(tmp_path / "out")
+    grams = {"q": [], "o": []}
+    for name in ("a", "b"):
+        model = load_model(models[name])
+        calibration = CalibrationSet.from_text(TEXTS[name], load_tokenizer(models[name]), model.config.to_dict(),
+                                               16384, name)
+        sums, state = {"q": 0, "o": 0}, {}
+        layer = model.model.layers[1]
+        layer.register_forward_pre_hook(lambda _m, args: (state["merged"], *args[1:]))  # the merged model's input
+        for part, module in (("q", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj)):
+            def hook(_m, args, part=part):
+                rows = args[0].reshape(-1, args[0].shape[-1])[state["mask"]].double()
+                sums[part] = sums[part] + rows.T @ rows
+            module.register_forward_pre_hook(hook)
+        for batch in calibration.batches:
+            with torch.no_grad():
+                state["merged"] = merged(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         output_hidden_states=True).hidden_states[1]
+                state["mask"] = batch.attention_mask.reshape(-1).bool()
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        grams["q"].append(sums["q"])
+        grams["o"].append(sums["o"])
+    sources = {name: load_file(models[name] / "model.safetensors") for name in ("a", "b")}
+    for part in ("q", "o"):
+        key = f"model.layers.1.self_attn.{part}_proj.weight"
+        expected = merged_weight(grams[part], [sources[name][key] for name in ("a", "b")], ALPHA)
+        assert torch.allclose(out[key], expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(out[key], (sources["a"][key] + sources["b"][key]) / 2, atol=1e-3)  # not the mean
+
+
+def test_regmean_plus_plus_differs_from_regmean(tmp_path, run_cli, models):
+    """Their inputs differ from layer 0 on (the merged model's averaged embeddings, not each model's own)."""
+    assert run_cli("merge", tmp_path / "plus", *plus_args(models))[0] == 0
+    assert run_cli("merge", tmp_path / "own", *[a if a != "zero" else "calibrated" for a in merge_args(models)])[0] == 0
+    plus, own = (load_file(tmp_path / name / "model.safetensors") for name in ("plus", "own"))
+    key = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.allclose(plus[key], own[key], atol=1e-4)
+    load_model(tmp_path / "plus")
+
+
+def test_regmean_plus_plus_needs_calibrated_routers(tmp_path, run_cli, models):
+    args = [a if a != "regmean" else "regmean++" for a in merge_args(models)]  # --router-init zero
+    code, _, err = run_cli("merge", tmp_path / "out", *args)
+    assert code == 2 and "--non-ffn regmean++" in err and "--router-init calibrated (got zero)" in err
     assert not (tmp_path / "out").exists()

@@ -144,11 +144,12 @@ class LayerRunner:
             _release(self.placement.device)
 
     def forward(self, visit: Callable | None = None, last: int | None = None, keep_inputs: bool = False,
-                final_output: bool = True, description: str = "running layers"):
+                final_output: bool = True, description: str = "running layers", before_layer: Callable | None = None):
         """Every batch through layers 0..`last` (default: all). `visit(layer, session, hidden)` may run the
         layer itself (returning the next hidden states, or None when ``session.needs_output`` is False)
-        or return None to let it run plainly. `final_output`: whether the last layer's output is needed;
-        `description`: the progress bar's label (None: no bar).
+        or return None to let it run plainly. `before_layer(layer, hidden)` runs before the layer's weights are
+        read (it may write them: a draft filled layer by layer). `final_output`: whether the last layer's output
+        is needed; `description`: the progress bar's label (None: no bar).
         Returns (hidden states after the last layer run, [inputs of every layer] when `keep_inputs`)."""
         last = self.num_layers - 1 if last is None else last
         hidden = self.embed()
@@ -157,6 +158,8 @@ class LayerRunner:
             lambda amount, text=None: None)  # no bar: e.g. a run in a background thread beside the writer's bar
         with bar as advance:
             for layer in range(last + 1):
+                if before_layer is not None:
+                    before_layer(layer, hidden)
                 with self.layer(layer) as session:
                     session.needs_output = layer < last or final_output
                     result = visit(layer, session, hidden) if visit else None
