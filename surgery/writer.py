@@ -134,6 +134,8 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
             extra_files = dict(plan.extra_files)
             if fill is not None:
                 try:
+                    for shard in held:  # a NaN in a copied input is refused before the (long) fill
+                        shard.hasher.settle()
                     by_name = {name: shard for shard in held for name in shard.offsets}
                     filled = fill(temp, lambda name, value: by_name[name].write(name, value, checker))
                     for shard in held:
@@ -221,9 +223,10 @@ def _write_shard_body(handle, header: bytes, shard: Shard, advance, checker: Fin
                 handle.write(zeros[:min(WRITE_CHUNK, tensor.nbytes - start)])
         elif isinstance(recipe, Joined):  # part after part: the whole tensor is never in memory
             for part in recipe.items:
-                scratch = write_piece(handle, OutputTensor(tensor.name, (), tensor.dtype, part), checker, scratch)
+                scratch = write_piece(handle, OutputTensor(tensor.name, (), tensor.dtype, part), checker, scratch,
+                                      hasher)
         else:
-            scratch = write_piece(handle, tensor, checker, scratch)
+            scratch = write_piece(handle, tensor, checker, scratch, hasher)
         handle.flush()
         hasher.advance(handle.tell() if hold is None else min(handle.tell(), hold))
         advance(tensor.nbytes, tensor.name)

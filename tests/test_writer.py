@@ -193,3 +193,44 @@ def test_a_fill_may_write_deferred_values_as_it_computes_them(tmp_path):
     writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
     assert load_file(tmp_path / "out" / "model.safetensors")["r"].float().tolist() == [[3.0, 3.0], [3.0, 3.0]]
     assert sha256_file(tmp_path / "out" / "model.safetensors") in (tmp_path / "out" / writer.MANIFEST_NAME).read_text()
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.float32, "F32"), (torch.bfloat16, "BF16"), (torch.float16, "F16")])
+def test_a_nonfinite_value_in_a_kernel_copied_tensor_is_found_where_it_is_hashed(tmp_path, monkeypatch, dtype, code):
+    """Byte copies are kernel copies whose NaN/Inf check runs on the bytes the hasher reads back. With 8-byte hash
+    reads and a 6-byte tensor first, the copied tensor starts mid-read; its last element is the bad one."""
+    monkeypatch.setattr("surgery.io.hashing.COPY_CHUNK", 8)
+    values = torch.zeros(37, dtype=dtype)
+    values[-1] = float("nan")
+    source = _source(tmp_path / "src", {"a": torch.ones(3, dtype=torch.bfloat16), "w": values})
+    plan = _plan(source, [OutputTensor("a", (3,), "BF16", Copy(source, "a")), OutputTensor("w", (37,), code,
+                                                                                         Copy(source, "w"))])
+    with pytest.raises(SurgeryError) as raised:
+        writer.write_plan(plan, tmp_path / "out")
+    assert str(raised.value).startswith(f"{tmp_path / 'src' / 'model.safetensors'}: tensor 'w' has 1 NaN and 0 Inf")
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_finite_kernel_copies_checked_in_small_hash_reads_are_written(tmp_path, monkeypatch):
+    monkeypatch.setattr("surgery.io.hashing.COPY_CHUNK", 8)
+    tensors = {"a": torch.ones(3, dtype=torch.bfloat16), "w": torch.arange(37, dtype=torch.float32),
+               "h": torch.full((5,), 65504.0, dtype=torch.float16)}
+    source = _source(tmp_path / "src", tensors)
+    plan = _plan(source, [OutputTensor(name, tuple(t.shape), {torch.bfloat16: "BF16", torch.float32: "F32",
+                                                              torch.float16: "F16"}[t.dtype], Copy(source, name))
+                          for name, t in tensors.items()])
+    writer.write_plan(plan, tmp_path / "out")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(written[name], t) for name, t in tensors.items())
+
+
+def test_a_nonfinite_copied_input_of_a_draft_is_refused_before_the_fill_runs(tmp_path):
+    values = torch.ones(4)
+    values[2] = float("inf")
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": values})
+    ran = []
+    with pytest.raises(SurgeryError, match="tensor 'b' has 0 NaN and 1 Inf"):
+        writer.write_plan(_deferred_plan(source), tmp_path / "out",
+                          fill=lambda draft, patch: ran.append(1) or Filled({"r": torch.zeros(2, 2)}))
+    assert ran == []
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]

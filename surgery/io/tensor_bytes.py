@@ -19,16 +19,27 @@ from surgery.recipes import Copy
 from surgery.safetensors_format import DTYPE_SIZES
 
 
-def write_piece(handle, tensor: OutputTensor, checker: FiniteCheck, scratch):
+def write_piece(handle, tensor: OutputTensor, checker: FiniteCheck, scratch, hasher=None):
     """One tensor's bytes (or one part of a Joined tensor: its shape is then ()): a kernel copy, a checked copy
-    or a computed value. Returns the copy buffer, reused across calls."""
+    or a computed value. Returns the copy buffer, reused across calls. With `hasher` (the shard's
+    ``TailHasher``), a copy that needs its NaN/Inf check is a kernel copy all the same, checked by the hasher
+    on the bytes it reads back to hash."""
     recipe = tensor.recipe
     if is_byte_copy(tensor):
         if tensor.shape and tuple(recipe.stored_shape()) != tuple(tensor.shape):
             info = recipe.checkpoint.info(recipe.name)
             raise SurgeryError(f"{info.file}: tensor {recipe.name!r} has shape {list(recipe.stored_shape())}, plan "
                                f"expects {list(tensor.shape)}")
-        if checker.needed(recipe.checkpoint, recipe.name):
+        if checker.needed(recipe.checkpoint, recipe.name) and hasher is not None:
+            info = recipe.checkpoint.info(recipe.name)
+            handle.flush()
+            start = handle.tell()
+            hasher.check(start, start + recipe.byte_span()[1], info.dtype, f"{info.file}: tensor {recipe.name!r}",
+                         checker)
+            if recipe.rows is None:
+                checker.done(recipe.checkpoint, recipe.name)
+            _copy_bytes(handle, recipe)
+        elif checker.needed(recipe.checkpoint, recipe.name):
             scratch = scratch or bytearray(COPY_CHUNK)
             _copy_checked(handle, recipe, checker, scratch)
         else:
