@@ -60,11 +60,12 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     from surgery.execution.weights import ModelWeights
     from surgery.io.deferred import Filled
     from surgery.execution.calibration import CalibrationSet
-    from surgery.merge_regmean import MergedInputs, RegMeanTensor, fit_regmean
+    from surgery.merge_regmean import MergedInputs, RegMeanTensor, fit_regmean, set_token_counts
     from surgery.writer import check_output_path
 
     check_output_path(out, plan.sources, output.force)
     parts = calibration_parts(merge, reference_tokenizer(merge))  # a bad calibration text is refused before writing
+    set_token_counts(merge, plan, parts)
     names = {d.expert: d.name for d in merge.domains()}
     routers = {t.name: t.recipe for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
 

@@ -42,16 +42,22 @@ class BlockedMean(Recipe):
 
         return torch.from_numpy(self.compute_array("F32"))
 
+    def factors(self) -> list:
+        """Each model's factor: a float32 scalar w_i / sum w, or (``TokenWeightedMean``) one per row."""
+        import numpy as np
+
+        total = float(sum(self.weights))
+        return [np.float32(weight / total) for weight in self.weights]
+
     def compute_rows(self, rows):
         """Rows `rows` of the mean, with compute_array's arithmetic (each row reads only itself)."""
         import numpy as np
         import torch
 
-        total = float(sum(self.weights))
         result = None
-        for checkpoint, weight in zip(self.checkpoints, self.weights):
+        for checkpoint, factor in zip(self.checkpoints, self.factors()):
             value = checkpoint.read_rows(self.name, rows).float().numpy()
-            factor = np.float32(weight / total)
+            factor = factor if np.ndim(factor) == 0 else factor[np.asarray(list(rows), dtype=np.int64), None]
             if result is None:
                 result = np.multiply(value, factor)
             else:
@@ -66,8 +72,7 @@ class BlockedMean(Recipe):
         from surgery.recipes import NUMPY_FLOATS
 
         shape = tuple(self.checkpoints[0].info(self.name).shape)
-        total = float(sum(self.weights))
-        factors = [np.float32(weight / total) for weight in self.weights]
+        factors = self.factors()
         result = np.empty(shape, dtype=np.float32)
         rows = shape[0] if shape else 1
         row_elements = math.prod(shape[1:]) if shape else 1
@@ -85,12 +90,42 @@ class BlockedMean(Recipe):
                 block = scratch[stored][:stop - start]
                 _read_rows_into(checkpoint, self.name, start, stop, block)
                 value = _as_float32(block, stored)
+                factor = factor if np.ndim(factor) == 0 else factor[start:stop, None]
                 if index == 0:
                     np.multiply(value, factor, out=target)
                 else:
                     np.multiply(value, factor, out=product[:stop - start])
                     np.add(target, product[:stop - start], out=target)
         return result if dtype == "F32" else result.astype(NUMPY_FLOATS.get(dtype, "float32"))
+
+
+class TokenWeightedMean(BlockedMean):
+    """RegMean of an embedding (``--non-ffn regmean``/``regmean++``): the embedding is a linear layer on one-hot
+    inputs, so model i's Gram matrix is diagonal, its token counts c_i on its calibration text, and RegMean's
+    merge is each row's mean weighted by w_i c_i(t) / sum_j w_j c_j(t); a row no text uses keeps the plain
+    weighted mean. The counts are known once the texts are tokenized (``set_counts``), before any weight is
+    read; the arithmetic is ``BlockedMean``'s with one factor per row."""
+
+    def __init__(self, checkpoints: list, name: str, weights: list[float], block_bytes: int = MEAN_BLOCK_BYTES):
+        super().__init__(checkpoints, name, weights, block_bytes)
+        self.counts = None  # per model: float64 [vocab] token counts
+
+    def describe(self):
+        return "rows weighted by token counts (" + super().describe() + ")"
+
+    def set_counts(self, counts: list) -> None:
+        self.counts = counts
+
+    def factors(self) -> list:
+        import numpy as np
+
+        if self.counts is None:
+            raise AssertionError(f"{self.name}: token counts are set before the write (set_counts)")
+        weighted = [weight * count.astype(np.float64) for weight, count in zip(self.weights, self.counts)]
+        total = sum(weighted)
+        plain = [weight / float(sum(self.weights)) for weight in self.weights]
+        return [np.where(total > 0, w / np.where(total > 0, total, 1.0), p).astype(np.float32)
+                for w, p in zip(weighted, plain)]
 
 
 def _raw_numpy(stored: str) -> str:

@@ -15,7 +15,7 @@ from surgery import families as arch
 from surgery.diversity import stream_seed
 from surgery.errors import SurgeryError
 from surgery.merge_config import REGMEAN, SEED_NAME
-from surgery.merge_mean import BlockedMean
+from surgery.merge_mean import BlockedMean, TokenWeightedMean
 from surgery.merge_model import Merge, reference_tokenizer
 from surgery.moe_plan import inert_shared_expert
 from surgery.plan import Plan
@@ -43,6 +43,8 @@ def non_ffn_recipe(merge: Merge):
         module = regmean_module(merge.source_family, config, expected) if choice in REGMEAN else None
         if module is not None:
             return RegMeanTensor(name, expected.layer, module, plus=choice == "regmean++")
+        if choice in REGMEAN and expected.group == "embedding":  # RegMean on one-hot inputs: token counts
+            return TokenWeightedMean([m.checkpoint for m in averaged], name, [merge.weights[m.name] for m in averaged])
         return BlockedMean([m.checkpoint for m in averaged], name, [merge.weights[m.name] for m in averaged])
 
     return recipe
@@ -192,7 +194,8 @@ def non_ffn_description(merge: Merge) -> dict:
         inputs = ("the merged model's inputs at each layer" if merge.spec.non_ffn == "regmean++"
                   else "each model's own inputs")
         return {"method": f"{merge.spec.non_ffn} (alpha {ALPHA}, {inputs}) of the attention projections and the head; "
-                          "weighted mean (float32) of norms and embeddings", "weights": weights}
+                          "embedding rows weighted by each model's calibration token counts (RegMean on one-hot "
+                          "inputs); weighted mean (float32) of norms", "weights": weights}
     return {"method": "weighted mean (float32)", "weights": weights}
 
 

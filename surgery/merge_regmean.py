@@ -7,8 +7,10 @@ G_i = X_i^T X_i. Each G_i's off-diagonal is scaled by ALPHA (the diagonal kept) 
 conditioned; published configurations use 0.6-0.95.
 
 Which layers: the attention projections (q, k, v: the input of the module that holds q, whatever
-stores it; o: the input of o_proj) of every layer and an untied head (the final norm's output). Norms,
-biases and embeddings keep the weighted mean. The seed (the generalist) reads every domain's text;
+stores it; o: the input of o_proj) of every layer and an untied head (the final norm's output). The
+embedding is a linear layer on one-hot inputs, so its G_i is diagonal (model i's token counts) and its
+merge is each row weighted by the models' counts of that token (``merge_mean.TokenWeightedMean``, set by
+``set_token_counts`` once the texts are tokenized). Norms and biases keep the weighted mean. The seed (the generalist) reads every domain's text;
 each expert its own domain's. ``--weights`` scale each model's Gram matrices.
 
 ``--non-ffn regmean++`` (RegMean++, arXiv 2508.03121) takes X_i differently: model i's layer l runs on
@@ -218,3 +220,27 @@ class MergedInputs:
             grams.append(gram.value)
         for tensor in head:
             self.patch(tensor.name, _merge(tensor, self.merge, self.members, grams))
+
+
+def set_token_counts(merge, plan, parts: list) -> None:
+    """Give each ``TokenWeightedMean`` of the plan every averaged model's token counts: an expert's on its own
+    text, any other model's (the seed) on every expert's text, real tokens only (the Gram inputs of RegMean)."""
+    import torch
+
+    from surgery.merge_mean import TokenWeightedMean
+
+    recipes = [t.recipe for t in plan.tensors if isinstance(t.recipe, TokenWeightedMean)]
+    if not recipes:
+        return
+    vocab = int(merge.reference.checkpoint.config["vocab_size"])
+    by_label = {}
+    for label, part in parts:
+        ids = torch.cat([batch.input_ids[batch.attention_mask.bool()] for batch in part.batches])
+        by_label[label] = torch.bincount(ids.reshape(-1).long(), minlength=vocab).double()
+    experts = {e.name: index for index, e in enumerate(merge.experts)}
+    count = len(merge.experts)
+    everything = sum(value for label, value in by_label.items() if label < count)
+    counts = [by_label.get(experts[m.name], torch.zeros(vocab, dtype=torch.float64)) if m.name in experts
+              else everything for m in merge.members if merge.weights[m.name] != 0]
+    for recipe in recipes:
+        recipe.set_counts([c.numpy() for c in counts])

@@ -356,7 +356,7 @@ def test_rope_in_4x_and_5x_forms_compares_equal():
 @pytest.mark.parametrize("args,message", [
     (["--top-k", "4"], "--top-k 4: must be between 1 and the number of experts (3)"),
     (["--top-k", "0"], "--top-k 0: must be between 1"),
-    (["--non-ffn", "zz"], "--non-ffn 'zz': expected average, regmean, seed or an expert name"),
+    (["--non-ffn", "zz"], "--non-ffn 'zz': expected average, regmean, regmean++, seed or an expert name"),
     (["--non-ffn", "seed"], "--non-ffn seed needs --seed PATH"),
     (["--include-seed"], "--include-seed needs --seed PATH"),
     (["--weights", "zz=1"], "--weights names 'zz', which is not a model of this merge"),

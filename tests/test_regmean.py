@@ -88,11 +88,38 @@ def test_q_and_o_are_the_regmean_of_each_models_own_inputs(tmp_path, run_cli, mo
         assert not torch.allclose(out[key], (sources["a"][key] + sources["b"][key]) / 2, atol=1e-3)  # not the mean
 
 
-def test_norms_and_embeddings_keep_the_mean_and_the_metadata_says_regmean(tmp_path, run_cli, models):
+def token_counts(models, name):
+    """Real-token counts of model `name`'s calibration text, tokenized as the merge does."""
+    from surgery.execution.calibration import CalibrationSet
+    from surgery.loading import load_tokenizer
+
+    config = json.loads((models[name] / "config.json").read_text())
+    calibration = CalibrationSet.from_text(TEXTS[name], load_tokenizer(models["a"]), config, 16384, name)
+    ids = torch.cat([b.input_ids[b.attention_mask.bool()] for b in calibration.batches])
+    return torch.bincount(ids, minlength=config["vocab_size"]).double()
+
+
+def test_embedding_rows_are_weighted_by_each_models_token_counts(tmp_path, run_cli, models):
+    """RegMean on one-hot inputs: G_i = diag(token counts of model i's text)."""
+    assert run_cli("merge", tmp_path / "out", *merge_args(models))[0] == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"]
+    rows = [load_file(models[name] / "model.safetensors")["model.embed_tokens.weight"].double() for name in ("a", "b")]
+    counts = [token_counts(models, name)[:, None] for name in ("a", "b")]
+    total = counts[0] + counts[1]
+    expected = torch.where(total > 0, (counts[0] * rows[0] + counts[1] * rows[1]) / total.clamp(min=1),
+                           (rows[0] + rows[1]) / 2)
+    assert torch.allclose(out.double(), expected, atol=1e-6)
+    only_a = ((counts[0] > 0) & (counts[1] == 0)).reshape(-1)
+    unused = (total == 0).reshape(-1)
+    assert only_a.any() and unused.any()  # the texts exercise every case
+    assert torch.allclose(out[only_a], rows[0][only_a].float(), atol=1e-6)
+
+
+def test_norms_keep_the_mean_and_the_metadata_says_regmean(tmp_path, run_cli, models):
     assert run_cli("merge", tmp_path / "out", *merge_args(models))[0] == 0
     out = load_file(tmp_path / "out" / "model.safetensors")
     sources = [load_file(models[name] / "model.safetensors") for name in ("a", "b")]
-    for key in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"):
+    for key in ("model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert torch.allclose(out[key], (sources[0][key] + sources[1][key]) / 2, atol=1e-6)
     from surgery.checkpoint import Checkpoint
 
