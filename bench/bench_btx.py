@@ -126,33 +126,6 @@ def surgery_merge(world: Path, out: Path, *, init: str, non_ffn: str = "average"
     return time.perf_counter() - started
 
 
-def frequency_embedding(world: Path, merged: Path):
-    """Idea: the embedding is a linear layer on one-hot inputs, so RegMean's G_i is diagonal (token counts of
-    model i's text: the seed counts every domain's) and its merge is each row's count-weighted mean of the
-    models' rows (rows no text uses keep the merge's mean). Returns the merged model with that embedding."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from surgery.loading import load_model
-
-    tokenizer = AutoTokenizer.from_pretrained(str(world / "seed"))
-    model = load_model(merged, "cpu", "float32")
-    vocab = model.config.vocab_size
-    counts = {d: torch.bincount(torch.tensor(tokenizer((world / "data" / f"{d}.calibration.txt").read_text(),
-                                                       add_special_tokens=False)["input_ids"]), minlength=vocab)
-              for d in DOMAINS}
-    counts["seed"] = sum(counts.values())
-    rows = {name: load_model(world / name, "cpu", "float32").get_input_embeddings().weight.detach().double()
-            for name in counts}
-    total = sum(counts[name].double()[:, None] for name in counts)
-    weighted = sum(counts[name].double()[:, None] * rows[name] for name in counts)
-    embedding = model.get_input_embeddings().weight
-    with torch.no_grad():
-        seen = total[:, 0] > 0
-        embedding[seen] = (weighted[seen] / total[seen]).float()
-    return model
-
-
 def distilled(world: Path, merged: Path, evaluator: "Evaluator", train_attention: bool, steps: int = 60) -> dict:
     """Idea: after the calibrated merge, fit the norms and routers (and optionally attention) by distilling
     each domain's expert on its calibration text (KL(expert || merge), Adam); returns held-out losses."""
@@ -245,13 +218,8 @@ def quality(args, work: Path) -> tuple[str, list[str]]:
     merged("BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)", init="calibrated", non_ffn="regmean")
     merged("BTX merge, calibrated router, RegMean over the 3 experts only (seed weight 0)", init="calibrated",
            non_ffn="regmean", weights=("seed=0",))
-    merged("BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++)", init="calibrated",
+    merged("BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)", init="calibrated",
            non_ffn="regmean++")
-    out = work / "regmean"
-    surgery_merge(world, out, init="calibrated", non_ffn="regmean")
-    add("idea: RegMean merge + embedding rows weighted by each domain's token counts (RegMean on one-hot inputs)",
-        evaluator.losses(frequency_embedding(world, out)))
-    shutil.rmtree(out, ignore_errors=True)
     if MERGEKIT.exists() and not args.quick:
         for gate_mode in ("hidden", "random"):
             out = work / f"mergekit-{gate_mode}"
@@ -306,7 +274,7 @@ def render_quality(rows: dict, seconds: dict, world: Path, settings: dict) -> st
     seed = rows["seed"]
     ratio = lambda losses: sum(losses[d] / experts[d] for d in DOMAINS) / len(DOMAINS)  # noqa: E731
     for label in ("BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)",
-                  "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++)"):
+                  "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)"):
         if label in rows:  # issue 15's target for a data-aware non-FFN merge
             merged_losses = rows[label]
             checks += [(f"{label.split(', ')[-1]} < seed alone and < dense average on every domain",
@@ -360,15 +328,20 @@ def speed(args, work: Path) -> str:
     runs = {
         f"surgery merge --router-init calibrated ({CALIBRATION_TOKENS} tokens per domain)":
             surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, *calibration,
-                            "--router-init", "calibrated", "--calibration-tokens", CALIBRATION_TOKENS,
-                            "--device", "cpu", "--max-shard-size", "1GB", "--force"),
+                            "--router-init", "calibrated", "--non-ffn", "average", "--calibration-tokens",
+                            CALIBRATION_TOKENS, "--device", "cpu", "--max-shard-size", "1GB", "--force"),
         f"surgery merge --router-init calibrated --compute-dtype bfloat16 ({CALIBRATION_TOKENS} tokens per domain)":
             surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, *calibration,
-                            "--router-init", "calibrated", "--calibration-tokens", CALIBRATION_TOKENS,
-                            "--device", "cpu", "--compute-dtype", "bfloat16", "--max-shard-size", "1GB", "--force"),
+                            "--router-init", "calibrated", "--non-ffn", "average", "--calibration-tokens",
+                            CALIBRATION_TOKENS, "--device", "cpu", "--compute-dtype", "bfloat16", "--max-shard-size",
+                            "1GB", "--force"),
+        f"surgery merge --router-init calibrated --non-ffn regmean++ (the default; {CALIBRATION_TOKENS} tokens per domain)":
+            surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, *calibration,
+                            "--router-init", "calibrated", "--non-ffn", "regmean++", "--calibration-tokens",
+                            CALIBRATION_TOKENS, "--device", "cpu", "--max-shard-size", "1GB", "--force"),
         "surgery merge (non-FFN averaged over 4 models)":
             surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, "--router-init",
-                            "normal", "--max-shard-size", "1GB", "--force"),
+                            "normal", "--non-ffn", "average", "--max-shard-size", "1GB", "--force"),
         "surgery merge --non-ffn seed (mergekit's work)":
             surgery_command("merge", work / "speed" / "out", "--seed", models["seed"], *experts, "--router-init",
                             "normal", "--non-ffn", "seed", "--max-shard-size", "1GB", "--force"),

@@ -505,7 +505,7 @@ def argument_cases() -> list[Case]:
          "expected auto or a size such as 4GiB"),
         (A, "calibrated router without text for every expert", "merge", merge_calibration_missing, "missing for c"),
         (A, "--non-ffn neither average, seed nor an expert", "merge", merge("--non-ffn", "zz"),
-         "--non-ffn 'zz': expected average, regmean, regmean++, seed or an expert name"),
+         "--non-ffn 'zz': expected auto, average, regmean, regmean++, seed or an expert name"),
         (A, "--non-ffn seed without --seed", "merge", merge("--non-ffn", "seed"), "--non-ffn seed needs --seed PATH"),
         (A, "--include-seed without --seed", "merge", merge("--include-seed"), "--include-seed needs --seed PATH"),
         (A, "--weights names an unknown model", "merge", merge("--weights", "zz=1"),

@@ -24,7 +24,7 @@ from surgery import families as arch
 from surgery import console
 from surgery.errors import SurgeryError
 from surgery.merge_config import FITS_DEFAULT, MergeSpec
-from surgery.merge_model import Merge, open_merge, reference_tokenizer, resolve_router_init
+from surgery.merge_model import Merge, open_merge, reference_tokenizer, resolve_non_ffn, resolve_router_init
 from surgery.merge_plan import build_plan, model_card
 from surgery.execution.session import RunSettings, run_options
 from surgery.operations.output import OutputOptions, PostWriteCheck, dtype_option, output_options, write
@@ -104,8 +104,9 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
 @click.option("--include-seed", is_flag=True, help="Add the seed's FFN as one more (generalist) expert.")
 @click.option("--weights", multiple=True, metavar="NAME=W,...",
               help="Averaging weights of the non-FFN tensors (default 1 each; the seed is named 'seed').")
-@click.option("--non-ffn", default="average", show_default=True, metavar="average|regmean|regmean++|seed|NAME",
-              help="Average non-FFN tensors over all models; regmean: fit the attention and head weights to each "
+@click.option("--non-ffn", default="auto", show_default=True, metavar="auto|average|regmean|regmean++|seed|NAME",
+              help="auto: regmean++ when the routers are calibrated, else average. average: the mean of the non-FFN "
+                   "tensors over all models; regmean: fit the attention, embedding and head weights to each "
                    "model's own inputs on its calibration text (RegMean), average the rest; regmean++: the same with "
                    "each layer's inputs taken from the merged model as it runs (RegMean++); or copy one model's "
                    "(mergekit's behaviour).")
@@ -156,6 +157,7 @@ def run(spec: MergeSpec, out, output: OutputOptions = OutputOptions(), settings=
     settings.check()
     output.check()
     spec.router_init = resolve_router_init(spec)
+    spec.non_ffn = resolve_non_ffn(spec)
     merge = open_merge(spec)
     try:
         return run_merge(merge, Path(out), output, settings)

@@ -9,7 +9,7 @@ Two YAML dialects are read:
       - {name: prose, path: ./prose, calibration: prose.txt}
     seed: ./seed                 # or {path: ./seed, weight: 0.5, calibration: mixed.txt}
     include_seed: false
-    non_ffn: average             # average | regmean | regmean++ | seed | an expert's name
+    non_ffn: auto                # auto | average | regmean | regmean++ | seed | an expert's name
     top_k: 2
     format: auto                 # auto or an MoE format (the --format choices)
     router_init: calibrated      # auto | zero | normal | embedding | calibrated
@@ -59,7 +59,7 @@ class MergeSpec:
     seed: str | None = None
     include_seed: bool = False
     weights: dict[str, float] = field(default_factory=dict)  # name -> averaging weight (default 1)
-    non_ffn: str = "average"
+    non_ffn: str = "auto"  # regmean++ with calibrated routers (every expert has text), else average
     top_k: int = 2
     format: str = "auto"
     router_init: str = "auto"
@@ -215,7 +215,7 @@ def from_ours(data: dict, path: Path) -> MergeSpec:
     for name, file in (data.get("calibration") or {}).items():
         calibration[str(name)] = read_calibration(file, base)
     return MergeSpec(experts, str(resolve_path(seed, base)) if seed else None, bool(data.get("include_seed", False)),
-                     weights, str(data.get("non_ffn", "average")), integer(data.get("top_k", 2), f"{path}: top_k"),
+                     weights, str(data.get("non_ffn", "auto")), integer(data.get("top_k", 2), f"{path}: top_k"),
                      str(data.get("format", "auto")), str(data.get("router_init", "auto")),
                      str(data.get("router_fit", FITS_DEFAULT)), calibration,
                      data.get("dtype"), integer(data.get("router_seed", 0), f"{path}: router_seed"),
@@ -253,9 +253,9 @@ def check_spec(spec: MergeSpec, where: str = "options") -> None:
         raise SurgeryError(f"{where}: --weights add up to 0; at least one model needs a positive weight")
     if spec.include_seed and not spec.seed:
         raise SurgeryError(f"{where}: --include-seed needs --seed PATH")
-    if spec.non_ffn not in (*REGMEAN, "average", SEED_NAME) and spec.non_ffn not in names:
-        raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn!r}: expected average, regmean, regmean++, seed or an "
-                           f"expert name ({', '.join(names)})")
+    if spec.non_ffn not in (*REGMEAN, "auto", "average", SEED_NAME) and spec.non_ffn not in names:
+        raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn!r}: expected auto, average, regmean, regmean++, seed or "
+                           f"an expert name ({', '.join(names)})")
     missing = [name for name in names if name not in spec.calibration]
     if spec.non_ffn in REGMEAN and missing:
         raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn} fits the shared layers to each expert's own inputs and "

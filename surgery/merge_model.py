@@ -237,6 +237,17 @@ def resolve_router_init(spec: MergeSpec) -> str:
     return "calibrated" if names and all(name in spec.calibration for name in names) else "normal"
 
 
+def resolve_non_ffn(spec: MergeSpec) -> str:
+    """`auto`: regmean++ when the routers are calibrated (every expert has calibration text, which RegMean++ runs
+    on), else average. On the BTX world (docs/merge.md) RegMean++ beat the average on every domain and cost
+    less than RegMean, which runs every model a second time."""
+    if spec.non_ffn != "auto":
+        return spec.non_ffn
+    names = [name for name, _ in spec.experts]
+    texts = names and all(name in spec.calibration for name in names)
+    return "regmean++" if spec.router_init == "calibrated" and texts else "average"
+
+
 def reference_tokenizer(merge: Merge):
     from surgery.loading import load_tokenizer
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from surgery import families
 from surgery.errors import SurgeryError
 from surgery.merge_config import (
-    FITS_DEFAULT, SEED_NAME, DomainText, MergeSpec, integer, resolve_path, unknown_keys)
+    FITS_DEFAULT, REGMEAN, SEED_NAME, DomainText, MergeSpec, integer, resolve_path, unknown_keys)
 
 KEYS = {"base_model", "experts", "gate_mode", "experts_per_token", "dtype", "architecture", "shared_experts",
         "tokenizer_source", "tokenizer", "out_dtype"}
@@ -76,7 +76,7 @@ def from_mergekit(data: dict, path: Path) -> MergeSpec:
     entries = data.get("experts")
     if not isinstance(entries, list) or not entries:
         raise SurgeryError(f"{path}: 'experts' must be a list of {{source_model, positive_prompts}} entries")
-    spec = MergeSpec([], notes=[])
+    spec = MergeSpec([], non_ffn="average", notes=[])  # mergekit configs: BTX's average (see the mapping)
     gate_mode = str(data.get("gate_mode", "hidden"))
     if gate_mode not in GATE_MODES:
         raise SurgeryError(f"{path}: gate_mode {gate_mode!r} is not understood (expected {', '.join(GATE_MODES)})")
@@ -313,6 +313,8 @@ def _non_ffn_note(spec: MergeSpec, averaged: list[str]) -> str:
     choice, what = spec.non_ffn, "non-FFN weights (embeddings, attention, norms, lm_head)"
     if choice == SEED_NAME:
         return f"{what} are copied from base_model, as mergekit does"
+    if choice in REGMEAN:
+        return f"{what} are merged by {choice} over {', '.join(averaged)} (mergekit copies base_model's)"
     if choice != "average":
         return f"{what} are copied from expert {choice} (mergekit copies base_model's)"
     if len(averaged) == 1:

@@ -190,8 +190,11 @@ def own_expert_share(directory, world, layer_count=2):
 
 
 def test_calibrated_router_sends_each_domain_to_its_own_expert(tmp_path, world, run_cli):
+    # the averaged non-FFN weights: the router alone is under test (this world's "domain" models are unrelated
+    # random models, whose RegMean++ attention separates the domains less at layer 1: 84-98 %)
     code, _, err = run_cli("merge", tmp_path / "out", "--seed", world["seed"], *expert_args(world),
-                           *calibration_args(world), "--router-init", "calibrated", "--router-fit", "logistic")
+                           *calibration_args(world), "--router-init", "calibrated", "--router-fit", "logistic",
+                           "--non-ffn", "average")
     assert code == 0, err
     assert "routing" in err and "domain" in err  # the domain x expert table is shown
     assert all(share > 0.9 for layer in own_expert_share(tmp_path / "out", world) for share in layer)
@@ -206,7 +209,7 @@ def test_calibrated_routers_equal_fitting_the_written_merge_loaded_whole(tmp_pat
     from surgery.execution.routers import fit_router
     from surgery.loading import load_tokenizer
 
-    common = ["--seed", world["seed"], *expert_args(world), "--calibration-tokens", 300]
+    common = ["--seed", world["seed"], *expert_args(world), "--calibration-tokens", 300, "--non-ffn", "average"]
     assert run_cli("merge", tmp_path / "fitted", *common, *calibration_args(world), "--router-init", "calibrated",
                    "--router-fit", fit, "--device", "cpu")[0] == 0
     assert run_cli("merge", tmp_path / "zero", *common, "--router-init", "zero")[0] == 0
@@ -356,7 +359,7 @@ def test_rope_in_4x_and_5x_forms_compares_equal():
 @pytest.mark.parametrize("args,message", [
     (["--top-k", "4"], "--top-k 4: must be between 1 and the number of experts (3)"),
     (["--top-k", "0"], "--top-k 0: must be between 1"),
-    (["--non-ffn", "zz"], "--non-ffn 'zz': expected average, regmean, regmean++, seed or an expert name"),
+    (["--non-ffn", "zz"], "--non-ffn 'zz': expected auto, average, regmean, regmean++, seed or an expert name"),
     (["--non-ffn", "seed"], "--non-ffn seed needs --seed PATH"),
     (["--include-seed"], "--include-seed needs --seed PATH"),
     (["--weights", "zz=1"], "--weights names 'zz', which is not a model of this merge"),

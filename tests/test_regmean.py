@@ -197,3 +197,19 @@ def test_regmean_plus_plus_needs_calibrated_routers(tmp_path, run_cli, models):
     code, _, err = run_cli("merge", tmp_path / "out", *args)
     assert code == 2 and "--non-ffn regmean++" in err and "--router-init calibrated (got zero)" in err
     assert not (tmp_path / "out").exists()
+
+
+def non_ffn_method(directory):
+    from surgery.checkpoint import Checkpoint
+
+    with Checkpoint.open(directory) as checkpoint:
+        return json.loads(next(iter(checkpoint.metadata.values()))["surgery_non_ffn"])["method"]
+
+
+def test_the_default_is_regmean_plus_plus_when_the_routers_are_calibrated(tmp_path, run_cli, models):
+    args = ["--expert", f"a={models['a']}", "--expert", f"b={models['b']}"]
+    texts = ["--calibration", f"a={models['a.txt']}", "--calibration", f"b={models['b.txt']}"]
+    assert run_cli("merge", tmp_path / "calibrated", *args, *texts)[0] == 0  # --router-init auto: calibrated
+    assert non_ffn_method(tmp_path / "calibrated").startswith(f"regmean++ (alpha {ALPHA}")
+    assert run_cli("merge", tmp_path / "plain", *args)[0] == 0  # no texts: normal routers
+    assert non_ffn_method(tmp_path / "plain") == "weighted mean (float32)"
