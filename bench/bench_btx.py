@@ -273,14 +273,15 @@ def render_quality(rows: dict, seconds: dict, world: Path, settings: dict) -> st
     ]
     seed = rows["seed"]
     ratio = lambda losses: sum(losses[d] / experts[d] for d in DOMAINS) / len(DOMAINS)  # noqa: E731
-    for label in ("BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)",
-                  "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)"):
+    for name, label in (("--non-ffn regmean", "BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)"),
+                        ("--non-ffn regmean++ (the default)",
+                         "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)")):
         if label in rows:  # issue 15's target for a data-aware non-FFN merge
             merged_losses = rows[label]
-            checks += [(f"{label.split(', ')[-1]} < seed alone and < dense average on every domain",
+            checks += [(f"{name} < seed alone and < dense average on every domain",
                         all(merged_losses[d] < min(seed[d], dense[d]) for d in DOMAINS)),
-                       (f"{label.split(', ')[-1]}: mean ratio to the experts {ratio(merged_losses):.3f} at least halfway "
-                        f"from the averaged merge's {ratio(calibrated):.3f} to 1.0",
+                       (f"{name}: mean ratio to the experts {ratio(merged_losses):.3f} at least halfway from the "
+                        f"averaged merge's {ratio(calibrated):.3f} to 1.0",
                         ratio(merged_losses) - 1 <= (ratio(calibrated) - 1) / 2)]
     text += "\n\n" + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in checks)
     text += (f"\n\nWorld: {world} ({settings['parameters']:,} parameters per model, "
