@@ -3,6 +3,7 @@
     python bench/bench_stream.py                 # synthetic fp32 Llamas of ~1 GB and ~8 GB (same tensor shapes)
     python bench/bench_stream.py --quick         # ~0.25 GB and ~1 GB, smaller shapes
     python bench/bench_stream.py --llama7b       # one Llama-2-7B-shaped bf16 checkpoint (13.5 GB): every command once
+    python bench/bench_stream.py --llama7b --merges-only   # only the merges: --non-ffn regmean and regmean++
     python bench/bench_stream.py --workdir /big/disk --tokens 512
 
 Every command that runs the model, as a subprocess under /usr/bin/time -v:
@@ -10,7 +11,7 @@ Every command that runs the model, as a subprocess under /usr/bin/time -v:
 * ``upcycle -n 4 -k 2 --router-init calibrated`` (routers fitted on the calibration tokens);
 * ``upcycle -n 4 -k 2 --verify`` (the output compared with the source layer by layer);
 * ``split -n 8 -k 2 --strategy random --router-init calibrated`` and ``--strategy coactivation``;
-* ``merge`` of two such models with ``--router-init calibrated``;
+* ``merge`` of two such models with ``--router-init calibrated``, ``--non-ffn average`` and ``regmean++``;
 * ``validate OUT --reference SRC --stream`` (loss, KL, top-1 and routing of the upcycled model).
 
 Checkpoints are synthetic (``common.make_synthetic_llama``: one seeded block of random values
@@ -74,11 +75,12 @@ def commands(source: Path, work: Path, files: dict, tokens: int) -> list[tuple[s
     ]
 
 
-def merge_command(source: Path, second: Path, work: Path, files: dict, tokens: int) -> tuple[str, list, Path]:
-    return ("merge of 2 models --router-init calibrated",
+def merge_command(source: Path, second: Path, work: Path, files: dict, tokens: int,
+                  non_ffn: str = "average") -> tuple[str, list, Path]:
+    return (f"merge of 2 models --router-init calibrated --non-ffn {non_ffn}",
             ["merge", work / "merged", "--expert", f"a={source}", "--expert", f"b={second}", "--calibration",
-             f"a={files['a']}", "--calibration", f"b={files['b']}", "--router-init", "calibrated",
-             "--calibration-tokens", tokens, "--device", "cpu"], work / "merged")
+             f"a={files['a']}", "--calibration", f"b={files['b']}", "--router-init", "calibrated", "--non-ffn",
+             non_ffn, "--calibration-tokens", tokens, "--device", "cpu"], work / "merged")
 
 
 def run(label: str, arguments: list, out: Path | None) -> dict:
@@ -100,18 +102,21 @@ def model_of(work: Path, name: str, config: dict, dtype: str, seed: int) -> Path
     return directory
 
 
-def series(work: Path, name: str, config: dict, dtype: str, tokens: int) -> dict:
-    """Every command on one model size; returns label -> measurement. The second model (merge) is generated
-    only when the other outputs are gone, so the disk holds at most two models and one output."""
+def series(work: Path, name: str, config: dict, dtype: str, tokens: int, merges=("average", "regmean++"),
+           others: bool = True) -> dict:
+    """Every command on one model size (`others`: besides the merges, one per `--non-ffn` in `merges`); returns
+    label -> measurement. The second model (merge) is generated only when the other outputs are gone, so the
+    disk holds at most two models and one output."""
     files = calibration_files(work, config["vocab_size"], tokens)
     source = model_of(work, f"{name}-a", config, dtype, 0)
     results, second = {}, None
     try:
-        for label, arguments, out in commands(source, work, files, tokens):
+        for label, arguments, out in commands(source, work, files, tokens) if others else ():
             results[label] = run(label, arguments, out)
         second = model_of(work, f"{name}-b", config, dtype, 1)
-        label, arguments, out = merge_command(source, second, work, files, tokens)
-        results[label] = run(label, arguments, out)
+        for non_ffn in merges:
+            label, arguments, out = merge_command(source, second, work, files, tokens, non_ffn)
+            results[label] = run(label, arguments, out)
     finally:
         for directory in (source, second, work / "upcycled", work / "verified", work / "split", work / "merged"):
             if directory is not None:
@@ -152,7 +157,8 @@ def scale(args, work: Path) -> None:
 
 def llama7b(args, work: Path) -> None:
     config = llama_config(4096, 11008, 32, 32000, heads=32, kv_heads=32, max_positions=4096)
-    measured = series(work, "llama7b", config, "BF16", args.tokens)
+    merges = ("regmean", "regmean++") if args.merges_only else ("average", "regmean++")
+    measured = series(work, "llama7b", config, "BF16", args.tokens, merges=merges, others=not args.merges_only)
     rows = []
     for label, result in measured.items():
         rows.append([label, f"{result['wall']:.0f}", f"{args.tokens / result['wall']:.1f}", f"{result['rss']:.0f}",
@@ -167,6 +173,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="0.25 and 1 GB with smaller shapes")
     parser.add_argument("--llama7b", action="store_true", help="one Llama-2-7B-shaped bf16 series instead")
+    parser.add_argument("--merges-only", action="store_true",
+                        help="with --llama7b: only the merges, with --non-ffn regmean and regmean++")
     parser.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 1024; --llama7b 256)")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
     args = parser.parse_args()

@@ -109,6 +109,7 @@ def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT
     import numpy as np
 
     sys.path.insert(0, str(REPO))
+    from surgery.io import write_all
     from surgery.safetensors_format import encode_header
 
     directory = Path(directory)
@@ -138,12 +139,12 @@ def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT
                 weight_map[entry.name] = name
                 remaining = tensor_bytes(entry, element)
                 if entry.group == "norm":
-                    handle.write(np.repeat(one, remaining // element).tobytes())
+                    write_all(handle, np.repeat(one, remaining // element).tobytes())
                     continue
                 offset = (len(weight_map) * 7919 * 4) % block_bytes
                 while remaining:
                     count = min(remaining, block_bytes)
-                    handle.write(doubled[offset:offset + count])
+                    write_all(handle, doubled[offset:offset + count])  # 128 KiB writes (surgery.io.write_all)
                     remaining -= count
     if len(groups) > 1:
         total = sum(tensor_bytes(e, element) for e in entries)
