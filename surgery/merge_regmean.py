@@ -62,22 +62,36 @@ class _Gram:
     def __call__(self, batch, rows):
         import torch
 
-        rows = rows.detach().to("cpu", torch.float64)
-        gram = rows.T @ rows
+        rows = rows.detach().to("cpu", torch.float32)
+        gram = (rows.T @ rows).double()  # one batch's products in float32 (4x faster), summed in float64
         self.value = gram if self.value is None else self.value + gram
 
 
-def merged_weight(grams: list, weights: list, alpha: float = ALPHA):
-    """W with W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T, G~_i = alpha G_i + (1 - alpha) diag(G_i); float32."""
+BLOCK_BYTES = 16 * 2**20  # float64 bytes of one block of output rows (an lm_head is merged block by block)
+
+
+def merge_blocks(grams: list, read_rows, rows: int, alpha: float = ALPHA):
+    """Yield (start, float32 rows start:start+n of W) with W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T and
+    G~_i = alpha G_i + (1 - alpha) diag(G_i): one factorisation, then blocks of output rows, each read from
+    every model (`read_rows(i, start, stop)`: rows start:stop of W_i), so a head of any vocabulary holds one
+    block per model."""
     import torch
 
-    total, target = None, None
-    for gram, weight in zip(grams, weights):
-        scaled = alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
-        product = scaled @ weight.to(torch.float64).T
-        total = scaled if total is None else total + scaled
-        target = product if target is None else target + product
-    return torch.linalg.solve(total, target).T.to(torch.float32).contiguous()
+    scaled = [alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram)) for gram in grams]
+    factor, pivots = torch.linalg.lu_factor(sum(scaled))
+    step = max(1, BLOCK_BYTES // (8 * scaled[0].shape[0]))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        target = sum(gram @ read_rows(i, start, stop).to(torch.float64).T for i, gram in enumerate(scaled))
+        yield start, torch.linalg.lu_solve(factor, pivots, target).T.to(torch.float32).contiguous()
+
+
+def merged_weight(grams: list, weights: list, alpha: float = ALPHA):
+    """The whole RegMean weight (``merge_blocks``) of weights given in memory; float32."""
+    import torch
+
+    blocks = merge_blocks(grams, lambda i, start, stop: weights[i][start:stop], weights[0].shape[0], alpha)
+    return torch.cat([block for _, block in blocks])
 
 
 def fit_regmean(merge, plan, parts: list, settings, patch, spill_dir=None) -> None:
@@ -112,7 +126,7 @@ def fit_regmean(merge, plan, parts: list, settings, patch, spill_dir=None) -> No
                 hidden[index] = out
                 grams.append(sums)
             for tensor in here:
-                patch(tensor.name, _merge(tensor, merge, members, [g[tensor.recipe.module].value for g in grams]))
+                _merge(tensor, merge, members, [g[tensor.recipe.module].value for g in grams], patch)
             advance(1, f"layer {layer}")
         head = [t for t in tensors if t.recipe.layer is None]
         if head:
@@ -120,10 +134,10 @@ def fit_regmean(merge, plan, parts: list, settings, patch, spill_dir=None) -> No
             for index, runner in enumerate(runners):
                 gram = _Gram()
                 runner.head(hidden[index], lambda batch, rows, logits, extra, gram=gram: gram(
-                    batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_output=True)
+                    batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_only=True)
                 grams.append(gram.value)
             for tensor in head:
-                patch(tensor.name, _merge(tensor, merge, members, grams))
+                _merge(tensor, merge, members, grams, patch)
         advance(1, "head")
     for store in hidden:
         store.close()
@@ -134,11 +148,17 @@ def batch_mask(runner, batch: int, rows):
     return runner.batches[batch].attention_mask[rows].to(bool)
 
 
-def _merge(tensor, merge, members, grams):
-    """The RegMean weight of `tensor`, each model's Gram matrix scaled by its averaging weight (--weights)."""
-    weights = [m.checkpoint.read(tensor.recipe.source_name) for m in members]
+def _merge(tensor, merge, members, grams, patch) -> None:
+    """Write the RegMean weight of `tensor` into the draft block by block of rows, each model's Gram matrix
+    scaled by its averaging weight (--weights)."""
+    name = tensor.recipe.source_name
     scaled = [gram * merge.weights[m.name] for gram, m in zip(grams, members)]
-    return merged_weight(scaled, weights, ALPHA).reshape(tensor.shape)
+    shape = tuple(members[0].checkpoint.info(name).shape)
+    if shape != tuple(tensor.shape):
+        raise AssertionError(f"regmean of {name}: stored {list(shape)}, output {list(tensor.shape)}")
+    read = lambda i, start, stop: members[i].checkpoint.read_rows(name, range(start, stop))  # noqa: E731
+    for start, block in merge_blocks(scaled, read, shape[0], ALPHA):
+        patch(tensor.name, block, start_row=start)
 
 
 # ------------------------------------------------------------------ RegMean++
@@ -205,8 +225,7 @@ class MergedInputs:
                             outputs=False, stop_after=stop)
             grams.append(sums)
         for tensor in here:
-            self.patch(tensor.name, _merge(tensor, self.merge, self.members,
-                                           [g[tensor.recipe.module].value for g in grams]))
+            _merge(tensor, self.merge, self.members, [g[tensor.recipe.module].value for g in grams], self.patch)
 
     def head(self, hidden) -> None:
         head = [t for t in self.tensors if t.recipe.layer is None]
@@ -216,10 +235,10 @@ class MergedInputs:
         for indices, runner in self.runs:
             gram = _Gram()
             runner.head(_Batches(hidden, indices), lambda batch, rows, logits, extra, gram=gram, runner=runner: gram(
-                batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_output=True)
+                batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_only=True)
             grams.append(gram.value)
         for tensor in head:
-            self.patch(tensor.name, _merge(tensor, self.merge, self.members, grams))
+            _merge(tensor, self.merge, self.members, grams, self.patch)
 
 
 def set_token_counts(merge, plan, parts: list) -> None:

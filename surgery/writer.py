@@ -137,7 +137,8 @@ def write_plan(plan: Plan, out, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, fo
                     for shard in held:  # a NaN in a copied input is refused before the (long) fill
                         shard.hasher.settle()
                     by_name = {name: shard for shard in held for name in shard.offsets}
-                    filled = fill(temp, lambda name, value: by_name[name].write(name, value, checker))
+                    filled = fill(temp, lambda name, value, start_row=None: by_name[name].write(
+                        name, value, checker, start_row=start_row))
                     for shard in held:
                         digests[shard.path.name] = shard.complete(filled.tensors, checker)
                 finally:

@@ -71,6 +71,26 @@ def test_layer_by_layer_logits_equal_the_whole_model(models, family, overrides):
     assert_same_on_real_tokens(got, whole_logits(directory), tolerance=0.0)
 
 
+def test_the_head_can_stop_at_the_final_norm(models):
+    """norm_only: the last hidden state the model returns (after the final norm), no logits, no head read."""
+    directory = models("llama")
+    model = load_model(directory)
+    with Checkpoint.open(directory) as checkpoint:
+        runner = LayerRunner(ModelWeights.from_checkpoint(checkpoint), batches(), Placement.resolve("cpu"),
+                             MemoryBudget.parse(None))
+        hidden, _ = runner.forward()
+        seen = {}
+        runner.head(hidden, lambda index, part, logits, extra: seen.setdefault(index, (logits, extra["norm"])),
+                    norm_only=True)
+    for index, batch in enumerate(batches()):
+        with torch.no_grad():
+            expected = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             output_hidden_states=True).hidden_states[-1]
+        logits, norm = seen[index]
+        assert logits is None
+        assert (norm - expected)[batch.attention_mask.bool()].abs().max().item() <= 1e-6
+
+
 def test_hidden_states_spilled_to_a_file_give_the_same_logits_and_leave_no_file(models, tmp_path):
     directory = models("mixtral")
     with Checkpoint.open(directory) as checkpoint:

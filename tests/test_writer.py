@@ -234,3 +234,30 @@ def test_a_nonfinite_copied_input_of_a_draft_is_refused_before_the_fill_runs(tmp
                           fill=lambda draft, patch: ran.append(1) or Filled({"r": torch.zeros(2, 2)}))
     assert ran == []
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_a_fill_may_write_a_deferred_tensor_in_blocks_of_rows(tmp_path):
+    from surgery.verify import sha256_file
+
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
+
+    def fill(draft, patch):
+        patch("r", torch.tensor([[5.0, 6.0]]), start_row=1)  # any order; every row once
+        patch("r", torch.tensor([[1.0, 2.0]]), start_row=0)
+        return Filled({})
+
+    writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
+    assert load_file(tmp_path / "out" / "model.safetensors")["r"].float().tolist() == [[1.0, 2.0], [5.0, 6.0]]
+    assert sha256_file(tmp_path / "out" / "model.safetensors") in (tmp_path / "out" / writer.MANIFEST_NAME).read_text()
+
+
+def test_a_deferred_tensor_missing_rows_is_not_complete(tmp_path):
+    source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
+
+    def fill(draft, patch):
+        patch("r", torch.tensor([[1.0, 2.0]]), start_row=0)
+        return Filled({})
+
+    with pytest.raises(AssertionError, match="no value for deferred tensor r"):
+        writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]

@@ -173,24 +173,27 @@ class LayerRunner:
                 advance(1, f"layer {layer}")
         return hidden, kept
 
-    def head(self, hidden: HiddenStore, consume: Callable, *, grad: bool = False, norm_output: bool = False):
+    def head(self, hidden: HiddenStore, consume: Callable, *, grad: bool = False, norm_output: bool = False,
+             norm_only: bool = False):
         """Logits of every batch, in chunks of rows: consume(batch_index, rows (slice), logits, extra).
 
         With `grad`, the last layer's output requires gradients and `extra["last_hidden"]` is it, so a
         loss on the logits can be back-propagated to it. With `norm_output`, `extra["norm"]` is the
-        final norm's output (the model's last hidden state).
+        final norm's output (the model's last hidden state); `norm_only`: only that (logits None, the
+        head is neither read nor run).
         """
         heads([(self, hidden)], lambda index, part, logits, extras: consume(index, part, logits[0], extras[0]),
-              grad=grad, norm_output=norm_output)
+              grad=grad, norm_output=norm_output or norm_only, norm_only=norm_only)
 
 
-def heads(runs: list, consume: Callable, *, grad: bool = False, norm_output: bool = False) -> None:
+def heads(runs: list, consume: Callable, *, grad: bool = False, norm_output: bool = False,
+          norm_only: bool = False) -> None:
     """The head of several models over the same batches, chunk by chunk, in lockstep:
     consume(batch_index, rows, [logits of each model], [extra of each model]). `runs`: [(runner, last hidden)]."""
     import torch
 
     first = runs[0][0]
-    states = [runner._top_state("final_norm", "lm_head") for runner, _ in runs]
+    states = [runner._top_state(*(("final_norm",) if norm_only else ("final_norm", "lm_head"))) for runner, _ in runs]
     vocab = int(first.weights.config["vocab_size"])
     placement = first.placement
     for index, batch in enumerate(first.batches):
@@ -205,7 +208,7 @@ def heads(runs: list, consume: Callable, *, grad: bool = False, norm_output: boo
                     last = value[part].detach().requires_grad_(grad)
                     captured: list = []
                     logits.append(runner.skeleton.head(state, last, batch.attention_mask[part],
-                                                       captured if norm_output else None))
+                                                       captured if norm_output else None, norm_only))
                     extras.append({"last_hidden": last, "norm": captured[0] if captured else None})
                 consume(index, part, logits, extras)
     del states

@@ -200,11 +200,13 @@ class Skeleton:
             raise SurgeryError(f"{self.label}: transformers' forward did not call every decoder layer")
         return log["input"], log["calls"]
 
-    def head(self, top_state: dict, last_hidden, attention_mask, norm_output: list | None = None):
+    def head(self, top_state: dict, last_hidden, attention_mask, norm_output: list | None = None,
+             norm_only: bool = False):
         """Logits of the model whose last decoder layer returned `last_hidden` ([rows, T, H] on the device).
 
         Gradients flow to `last_hidden` when it requires them. `norm_output`, when given, receives the
-        final norm's output (the model's last hidden state).
+        final norm's output (the model's last hidden state); with `norm_only` the forward stops there (no
+        logits: returns None, and `top_state` needs no head).
         """
         def replay(index):
             def forward(hidden_states, args, kwargs):
@@ -215,12 +217,19 @@ class Skeleton:
         handle = None
         if norm_output is not None:
             norm = self.model.get_submodule(self.family.spec("norm", "final_norm").name().rpartition(".")[0])
-            handle = norm.register_forward_hook(lambda _m, _i, output: norm_output.append(output))
+            def keep(_m, _i, output):
+                norm_output.append(output)
+                if norm_only:
+                    raise _Stop
+
+            handle = norm.register_forward_hook(keep)
         placeholder = self.torch.zeros(last_hidden.shape, dtype=last_hidden.dtype, device=last_hidden.device)
         try:
             with self._with_top(top_state), self._with_layers(stand_ins):
                 return self.model(inputs_embeds=placeholder, attention_mask=attention_mask.to(self.device),
                                   use_cache=False).logits
+        except _Stop:
+            return None
         finally:
             if handle is not None:
                 handle.remove()
