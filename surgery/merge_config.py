@@ -256,13 +256,13 @@ def check_spec(spec: MergeSpec, where: str = "options") -> None:
     if spec.non_ffn not in (*REGMEAN, "auto", "average", SEED_NAME) and spec.non_ffn not in names:
         raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn!r}: expected auto, average, regmean, regmean++, seed or "
                            f"an expert name ({', '.join(names)})")
+    if spec.non_ffn == "regmean++" and spec.router_init not in ("calibrated", "auto"):
+        raise SurgeryError(f"{where}: --non-ffn regmean++ takes its inputs from the merged model as it runs with its "
+                           f"fitted routers; it needs --router-init calibrated (got {spec.router_init})")
     missing = [name for name in names if name not in spec.calibration]
     if spec.non_ffn in REGMEAN and missing:
         raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn} fits the shared layers to each expert's own inputs and "
                            f"needs --calibration text for every expert (missing: {', '.join(missing)})")
-    if spec.non_ffn == "regmean++" and spec.router_init not in ("calibrated", "auto"):
-        raise SurgeryError(f"{where}: --non-ffn regmean++ takes its inputs from the merged model as it runs with its "
-                           f"fitted routers; it needs --router-init calibrated (got {spec.router_init})")
     if spec.non_ffn == SEED_NAME and not spec.seed:
         raise SurgeryError(f"{where}: --non-ffn seed needs --seed PATH")
     if spec.router_init not in ROUTER_INITS:
