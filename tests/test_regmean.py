@@ -52,40 +52,53 @@ def test_merging_copies_of_one_model_reproduces_it(tmp_path, run_cli, models):
     assert torch.allclose(logits(load_model(tmp_path / "out"), ids), logits(load_model(models["a"]), ids), atol=1e-5)
 
 
-def test_q_and_o_are_the_regmean_of_each_models_own_inputs(tmp_path, run_cli, models):
-    """Recompute layer 1's Gram matrices with hooks on transformers' own models, on the tokens the merge used."""
+def layer1_grams(models, merged=None) -> dict:
+    """{"q": [G per model], "o": [...]}: Gram matrices of the inputs of layer 1's q_proj and o_proj, from hooks on
+    each model's own transformers forward over its own text; with `merged` (a loaded merge), layer 1's input is
+    replaced by the hidden states the merge gives at layer 1 (RegMean++'s inputs)."""
     from surgery.execution.calibration import CalibrationSet
     from surgery.loading import load_tokenizer
 
-    assert run_cli("merge", tmp_path / "out", *merge_args(models))[0] == 0
-    out = load_file(tmp_path / "out" / "model.safetensors")
     grams = {"q": [], "o": []}
     for name in ("a", "b"):
         model = load_model(models[name])
         calibration = CalibrationSet.from_text(TEXTS[name], load_tokenizer(models[name]), model.config.to_dict(),
                                                16384, name)
-        sums = {"q": 0, "o": 0}
-        attention = model.model.layers[1].self_attn
-        for part, module in (("q", attention.q_proj), ("o", attention.o_proj)):
-            def hook(_m, args, part=part, mask=[None]):
-                rows = args[0].reshape(-1, args[0].shape[-1])[hook.mask].double()
+        sums, state = {"q": 0, "o": 0}, {}
+        layer = model.model.layers[1]
+        if merged is not None:
+            layer.register_forward_pre_hook(lambda _m, args: (state["merged"], *args[1:]))
+        for part, module in (("q", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj)):
+            def hook(_m, args, part=part):
+                rows = args[0].reshape(-1, args[0].shape[-1])[state["mask"]].double()
                 sums[part] = sums[part] + rows.T @ rows
             module.register_forward_pre_hook(hook)
         for batch in calibration.batches:
-            mask = batch.attention_mask.reshape(-1).bool()
-            for module in (attention.q_proj, attention.o_proj):
-                for hook in module._forward_pre_hooks.values():
-                    hook.mask = mask
             with torch.no_grad():
+                if merged is not None:
+                    state["merged"] = merged(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                             output_hidden_states=True).hidden_states[1]
+                state["mask"] = batch.attention_mask.reshape(-1).bool()
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         grams["q"].append(sums["q"])
         grams["o"].append(sums["o"])
+    return grams
+
+
+def assert_layer1_is_regmean(out_dir, models, grams):
+    out = load_file(out_dir / "model.safetensors")
     sources = {name: load_file(models[name] / "model.safetensors") for name in ("a", "b")}
     for part in ("q", "o"):
         key = f"model.layers.1.self_attn.{part}_proj.weight"
         expected = merged_weight(grams[part], [sources[name][key] for name in ("a", "b")], ALPHA)
         assert torch.allclose(out[key], expected, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(out[key], (sources["a"][key] + sources["b"][key]) / 2, atol=1e-3)  # not the mean
+
+
+def test_q_and_o_are_the_regmean_of_each_models_own_inputs(tmp_path, run_cli, models):
+    """Recompute layer 1's Gram matrices with hooks on transformers' own models, on the tokens the merge used."""
+    assert run_cli("merge", tmp_path / "out", *merge_args(models))[0] == 0
+    assert_layer1_is_regmean(tmp_path / "out", models, layer1_grams(models))
 
 
 def token_counts(models, name):
@@ -146,40 +159,9 @@ def plus_args(models):
 def test_regmean_plus_plus_takes_each_layers_inputs_from_the_merged_model(tmp_path, run_cli, models):
     """Layer 1's q and o: each model's own layer 1 (its norm, its attention) run on the hidden states the merged
     output feeds layer 1 (transformers' own forward of the written model), on that model's text."""
-    from surgery.execution.calibration import CalibrationSet
-    from surgery.loading import load_tokenizer
-
     code, _, err = run_cli("merge", tmp_path / "out", *plus_args(models))
     assert code == 0, err
-    out = load_file(tmp_path / "out" / "model.safetensors")
-    merged = load_model(tmp_path / "out")
-    grams = {"q": [], "o": []}
-    for name in ("a", "b"):
-        model = load_model(models[name])
-        calibration = CalibrationSet.from_text(TEXTS[name], load_tokenizer(models[name]), model.config.to_dict(),
-                                               16384, name)
-        sums, state = {"q": 0, "o": 0}, {}
-        layer = model.model.layers[1]
-        layer.register_forward_pre_hook(lambda _m, args: (state["merged"], *args[1:]))  # the merged model's input
-        for part, module in (("q", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj)):
-            def hook(_m, args, part=part):
-                rows = args[0].reshape(-1, args[0].shape[-1])[state["mask"]].double()
-                sums[part] = sums[part] + rows.T @ rows
-            module.register_forward_pre_hook(hook)
-        for batch in calibration.batches:
-            with torch.no_grad():
-                state["merged"] = merged(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                         output_hidden_states=True).hidden_states[1]
-                state["mask"] = batch.attention_mask.reshape(-1).bool()
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        grams["q"].append(sums["q"])
-        grams["o"].append(sums["o"])
-    sources = {name: load_file(models[name] / "model.safetensors") for name in ("a", "b")}
-    for part in ("q", "o"):
-        key = f"model.layers.1.self_attn.{part}_proj.weight"
-        expected = merged_weight(grams[part], [sources[name][key] for name in ("a", "b")], ALPHA)
-        assert torch.allclose(out[key], expected, rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(out[key], (sources["a"][key] + sources["b"][key]) / 2, atol=1e-3)  # not the mean
+    assert_layer1_is_regmean(tmp_path / "out", models, layer1_grams(models, merged=load_model(tmp_path / "out")))
 
 
 def test_regmean_plus_plus_differs_from_regmean(tmp_path, run_cli, models):
