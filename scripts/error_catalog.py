@@ -300,6 +300,17 @@ def extract(*options, source="mixtral"):
     return in_process(lambda d, fx: ["extract", fx.copy(fx.model(source), d, "src"), d / "out", *options])
 
 
+def add_experts(*options, dense=None):
+    """add-experts on the tiny Mixtral; with `dense` (a fixture model name), it is expert x with a token file."""
+    def run(d, fx):
+        extra = []
+        if dense is not None:
+            (d / "x.jsonl").write_text("[3, 4, 5, 6, 7]\n")
+            extra = ["--expert", f"x={fx.model(dense)}", "--calibration", f"x={d / 'x.jsonl'}"]
+        return run_in_process(["add-experts", fx.copy(fx.model("mixtral"), d, "src"), d / "out", *extra, *options])
+    return run
+
+
 def prune_calibrated(*options):
     def run(d, fx):
         import json
@@ -534,6 +545,9 @@ def argument_cases() -> list[Case]:
          "give --shared-gate fold"),
         (A, "--shared-gate without a shared expert", "extract", extract("--expert", 0, "--shared-gate", "drop"),
          "the source has no shared expert"),
+        (A, "no --expert", "add-experts", add_experts(), "give at least one --expert NAME=DENSE"),
+        (A, "a dense model of another family", "add-experts", add_experts(dense="single"),
+         "architecture is LlamaForCausalLM in x, but a MixtralForCausalLM takes experts from MistralForCausalLM models"),
         (M, "different tensor shape", "merge", odd_member(edit=shorten_up_proj, names=("a",)),
          "'model.layers.0.mlp.up_proj.weight' has shape [40, 32]"),
         (M, "different intermediate_size", "merge", odd_member({"intermediate_size": 40}, router_zero=True),
