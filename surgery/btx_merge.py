@@ -70,6 +70,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     routers = {t.name: t.recipe for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
 
     def fill(draft: Path, patch) -> Filled:
+        importing.join(timeout=120)  # no import of the same modules from two threads at once
         plus = merge.spec.non_ffn == "regmean++"
         if any(isinstance(t.recipe, RegMeanTensor) for t in plan.tensors) and not plus:
             fit_regmean(merge, plan, parts, check.settings, patch, spill_dir=out.resolve().parent)
@@ -89,7 +90,7 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
         card = model_card(merge, routing_table_text(fit, domain_names, expert_names))
         return Filled({name: fit.rows(r.kind)[r.layer] for name, r in routers.items()}, {"README.md": card})
 
-    import_in_background(merge.config["model_type"])  # while the draft is written
+    importing = import_in_background(merge.config["model_type"])  # while the draft is written
     return write(plan, out, output, check=check, fill=fill)
 
 
