@@ -23,16 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import dir_bytes, llama_config, make_random_llama, markdown_table, surgery_command, timed, warm
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+from common import dir_bytes, drop_caches, llama_config, make_random_llama, markdown_table, surgery_command, timed, warm
 
 
 def main():

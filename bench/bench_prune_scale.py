@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, dir_bytes, make_synthetic_llama, markdown_table, surgery_command, timed
+from common import REPO, dir_bytes, drop_caches, make_synthetic_llama, markdown_table, surgery_command, timed
 
 sys.path.insert(0, str(REPO))
 
@@ -34,16 +34,6 @@ def config(layers: int) -> dict:
             "intermediate_size": 6144, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
             "rope_theta": 1000000.0, "bos_token_id": 1, "eos_token_id": 2}
-
-
-def drop_caches() -> bool:
-    """sync, then drop the page cache where permitted (root), so the next run reads its input from disk."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def main():

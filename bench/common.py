@@ -220,6 +220,16 @@ def baseline_rss(imports: str = "import torch, safetensors, surgery.writer") -> 
     return timed([sys.executable, "-c", imports])[1]
 
 
+def drop_caches() -> bool:
+    """sync, then drop the page cache where permitted (root), so the next run reads its input from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def surgery_command(*args) -> list[str]:
     return [sys.executable, "-m", "surgery", "-q", *map(str, args)]
 
