@@ -98,46 +98,17 @@ def fit_regmean(merge, plan, parts: list, settings, patch, spill_dir=None) -> No
     """Run every averaged model layer by layer on its text and write each RegMean tensor of the plan into the
     draft (`patch`) as soon as its layer has been seen by all of them."""
     from surgery.execution.calibration import CalibrationSet
-    from surgery.execution.probes import Probe
-    from surgery.execution.session import runner_for
-    from surgery.execution.weights import ModelWeights
 
-    tensors = [t for t in plan.tensors if isinstance(t.recipe, RegMeanTensor)]
-    members = [m for m in merge.members if merge.weights[m.name] != 0]
-    by_expert = dict(parts)
-    texts = {merge.experts[index].name: part for index, part in by_expert.items()}
-    everything = CalibrationSet.combine(parts)
-    runners = [runner_for(ModelWeights.from_checkpoint(m.checkpoint), texts.get(m.name, everything).batches,
-                          settings, spill_dir) for m in members]
-    console.info(f"regmean: running {len(members)} models layer by layer on their own calibration text and merging "
-                 f"{len(tensors)} linear layers (alpha {ALPHA})")
-    hidden = [runner.embed() for runner in runners]
+    runs = _Runs(merge, plan, CalibrationSet.combine(parts), settings, patch, spill_dir)
+    console.info(f"regmean: running {len(runs.members)} models layer by layer on their own calibration text and "
+                 f"merging {len(runs.tensors)} linear layers (alpha {ALPHA})")
+    hidden = [runner.embed() for _, runner in runs.runs]
     layers = merge.config["num_hidden_layers"]
     with console.progress("regmean", layers + 1, unit_bytes=False) as advance:
         for layer in range(layers):
-            here = [t for t in tensors if t.recipe.layer == layer]
-            modules = sorted({t.recipe.module for t in here})
-            grams = []
-            for index, runner in enumerate(runners):
-                sums = {module: _Gram() for module in modules}
-                with runner.layer(layer) as session:
-                    out = session.run(hidden[index], [Probe(module, "input", sums[module]) for module in modules])
-                hidden[index].close()
-                hidden[index] = out
-                grams.append(sums)
-            for tensor in here:
-                _merge(tensor, merge, members, [g[tensor.recipe.module].value for g in grams], patch)
+            hidden = runs.merge_layer(layer, hidden)
             advance(1, f"layer {layer}")
-        head = [t for t in tensors if t.recipe.layer is None]
-        if head:
-            grams = []
-            for index, runner in enumerate(runners):
-                gram = _Gram()
-                runner.head(hidden[index], lambda batch, rows, logits, extra, gram=gram: gram(
-                    batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_only=True)
-                grams.append(gram.value)
-            for tensor in head:
-                _merge(tensor, merge, members, grams, patch)
+        runs.merge_head(hidden)
         advance(1, "head")
     for store in hidden:
         store.close()
@@ -161,7 +132,21 @@ def _merge(tensor, merge, members, grams, patch) -> None:
         patch(tensor.name, block, start_row=start)
 
 
-# ------------------------------------------------------------------ RegMean++
+# ------------------------------------------------------------------ the models' runs
+def member_batches(merge, calibration) -> list[tuple]:
+    """[(member, batch indices of `calibration`)] for every averaged model: the inputs its Gram matrices (and
+    token counts) are taken on. An expert: its own domain's batches; any other model (the seed, a shared
+    expert's model): every expert's domain (not negative or shared-expert texts)."""
+    experts = {e.name: index for index, e in enumerate(merge.experts)}
+    count = len(merge.experts)
+    out = []
+    for member in (m for m in merge.members if merge.weights[m.name] != 0):
+        own = experts.get(member.name)
+        out.append((member, [i for i in range(len(calibration.batches))
+                             if (calibration.domain_of(i) == own if own is not None else calibration.domain_of(i) < count)]))
+    return out
+
+
 class _Batches:
     """Batches `indices` of a HiddenStore, seen as a store of their own (read only; its owner closes it)."""
 
@@ -175,13 +160,9 @@ class _Batches:
         pass
 
 
-class MergedInputs:
-    """RegMean++: each averaged model's layer l, run on the merged model's hidden states entering layer l (each
-    model on its own domain's batches, the seed on every expert's), gives that layer's Gram matrices.
-
-    Driven by the merged draft's layer-by-layer run: ``before_layer(l, hidden)`` merges layer l's tensors and
-    writes them into the draft (`patch`) before the merged layer is read from it; ``head(hidden)`` merges an
-    untied head from the merged model's last hidden states."""
+class _Runs:
+    """Every averaged model's layer-by-layer runner on its batches (``member_batches``), and the merge of a
+    layer's (or the head's) RegMean tensors from Gram matrices of the inputs each runner sees."""
 
     def __init__(self, merge, plan, calibration, settings, patch, spill_dir=None):
         from surgery.execution.session import runner_for
@@ -189,18 +170,62 @@ class MergedInputs:
 
         self.merge, self.patch = merge, patch
         self.tensors = [t for t in plan.tensors if isinstance(t.recipe, RegMeanTensor)]
-        self.members = [m for m in merge.members if merge.weights[m.name] != 0]
-        experts = {e.name: index for index, e in enumerate(merge.experts)}
-        count = len(merge.experts)
-        self.runs = []
-        for member in self.members:
-            own = experts.get(member.name)
-            indices = [i for i in range(len(calibration.batches))
-                       if (calibration.domain_of(i) == own if own is not None else calibration.domain_of(i) < count)]
-            runner = runner_for(ModelWeights.from_checkpoint(member.checkpoint),
-                                [calibration.batches[i] for i in indices], settings, spill_dir)
+        chosen = member_batches(merge, calibration)
+        self.members = [member for member, _ in chosen]
+        self.runs = [(indices, runner_for(ModelWeights.from_checkpoint(member.checkpoint),
+                                          [calibration.batches[i] for i in indices], settings, spill_dir))
+                     for member, indices in chosen]
+
+    def merge_layer(self, layer: int, inputs: list, stop: bool = False) -> list:
+        """Run each model's layer `layer` on its `inputs` (one store per run), merge the layer's tensors into the
+        draft; returns the layers' outputs (None where `stop`: the pass ends at o_proj's input, the last one
+        RegMean reads)."""
+        from surgery.execution.probes import Probe
+
+        here = [t for t in self.tensors if t.recipe.layer == layer]
+        modules = sorted({t.recipe.module for t in here})
+        o_proj = self.merge.source_family.spec("attention", "o").name(layer)
+        end = next((t.recipe.module for t in here if t.recipe.source_name == o_proj), None) if stop else None
+        grams, outputs = [], []
+        for (_, runner), store in zip(self.runs, inputs):
+            sums = {module: _Gram() for module in modules}
+            with runner.layer(layer) as session:
+                outputs.append(session.run(store, [Probe(module, "input", sums[module]) for module in modules],
+                                           outputs=not stop, stop_after=end))
+            store.close()
+            grams.append(sums)
+        for tensor in here:
+            _merge(tensor, self.merge, self.members, [g[tensor.recipe.module].value for g in grams], self.patch)
+        return outputs
+
+    def merge_head(self, inputs: list) -> None:
+        """Merge an untied head from the final-norm outputs of each model on its last hidden states `inputs`."""
+        head = [t for t in self.tensors if t.recipe.layer is None]
+        if not head:
+            return
+        grams = []
+        for (_, runner), store in zip(self.runs, inputs):
+            gram = _Gram()
+            runner.head(store, lambda batch, rows, logits, extra, gram=gram, runner=runner: gram(
+                batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_only=True)
+            grams.append(gram.value)
+        for tensor in head:
+            _merge(tensor, self.merge, self.members, grams, self.patch)
+
+
+# ------------------------------------------------------------------ RegMean++
+class MergedInputs(_Runs):
+    """RegMean++: each averaged model's layer l, run on the merged model's hidden states entering layer l (each
+    model on its own batches, ``member_batches``), gives that layer's Gram matrices.
+
+    Driven by the merged draft's layer-by-layer run: ``before_layer(l, hidden)`` merges layer l's tensors and
+    writes them into the draft (`patch`) before the merged layer is read from it; ``head(hidden)`` merges an
+    untied head from the merged model's last hidden states."""
+
+    def __init__(self, merge, plan, calibration, settings, patch, spill_dir=None):
+        super().__init__(merge, plan, calibration, settings, patch, spill_dir)
+        for _, runner in self.runs:
             runner.embed().close()  # records each batch's layer arguments (masks, positions)
-            self.runs.append((indices, runner))
         console.info(f"regmean++: each of {len(self.members)} models runs its layers on the merged model's hidden "
                      f"states to merge {len(self.tensors)} linear layers (alpha {ALPHA})")
 
@@ -209,57 +234,31 @@ class MergedInputs:
         return any(t.recipe.layer is None for t in self.tensors)
 
     def before_layer(self, layer: int, hidden) -> None:
-        from surgery.execution.probes import Probe
-
-        here = [t for t in self.tensors if t.recipe.layer == layer]
-        if not here:
-            return
-        modules = sorted({t.recipe.module for t in here})
-        o_proj = self.merge.source_family.spec("attention", "o").name(layer)  # the last input needed: stop there
-        stop = next((t.recipe.module for t in here if t.recipe.source_name == o_proj), None)
-        grams = []
-        for indices, runner in self.runs:
-            sums = {module: _Gram() for module in modules}
-            with runner.layer(layer) as session:
-                session.run(_Batches(hidden, indices), [Probe(module, "input", sums[module]) for module in modules],
-                            outputs=False, stop_after=stop)
-            grams.append(sums)
-        for tensor in here:
-            _merge(tensor, self.merge, self.members, [g[tensor.recipe.module].value for g in grams], self.patch)
+        if any(t.recipe.layer == layer for t in self.tensors):
+            self.merge_layer(layer, [_Batches(hidden, indices) for indices, _ in self.runs], stop=True)
 
     def head(self, hidden) -> None:
-        head = [t for t in self.tensors if t.recipe.layer is None]
-        if not head:
-            return
-        grams = []
-        for indices, runner in self.runs:
-            gram = _Gram()
-            runner.head(_Batches(hidden, indices), lambda batch, rows, logits, extra, gram=gram, runner=runner: gram(
-                batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_only=True)
-            grams.append(gram.value)
-        for tensor in head:
-            _merge(tensor, self.merge, self.members, grams, self.patch)
+        self.merge_head([_Batches(hidden, indices) for indices, _ in self.runs])
 
 
 def set_token_counts(merge, plan, parts: list) -> None:
-    """Give each ``TokenWeightedMean`` of the plan every averaged model's token counts: an expert's on its own
-    text, any other model's (the seed) on every expert's text, real tokens only (the Gram inputs of RegMean)."""
+    """Give each ``TokenWeightedMean`` of the plan every averaged model's token counts on its batches
+    (``member_batches``), real tokens only: the diagonal Gram matrices of RegMean on one-hot inputs."""
     import torch
 
+    from surgery.execution.calibration import CalibrationSet
     from surgery.merge_mean import TokenWeightedMean
 
     recipes = [t.recipe for t in plan.tensors if isinstance(t.recipe, TokenWeightedMean)]
     if not recipes:
         return
     vocab = int(merge.reference.checkpoint.config["vocab_size"])
-    by_label = {}
-    for label, part in parts:
-        ids = torch.cat([batch.input_ids[batch.attention_mask.bool()] for batch in part.batches])
-        by_label[label] = torch.bincount(ids.reshape(-1).long(), minlength=vocab).double()
-    experts = {e.name: index for index, e in enumerate(merge.experts)}
-    count = len(merge.experts)
-    everything = sum(value for label, value in by_label.items() if label < count)
-    counts = [by_label.get(experts[m.name], torch.zeros(vocab, dtype=torch.float64)) if m.name in experts
-              else everything for m in merge.members if merge.weights[m.name] != 0]
+    calibration = CalibrationSet.combine(parts)
+    counts = []
+    for _, indices in member_batches(merge, calibration):
+        batches = [calibration.batches[i] for i in indices]
+        ids = torch.cat([b.input_ids[b.attention_mask.bool()].reshape(-1) for b in batches]) if batches else \
+            torch.zeros(0, dtype=torch.long)
+        counts.append(torch.bincount(ids.long(), minlength=vocab).double().numpy())
     for recipe in recipes:
-        recipe.set_counts([c.numpy() for c in counts])
+        recipe.set_counts(counts)
