@@ -30,7 +30,7 @@ from surgery.checkpoint import Checkpoint
 from surgery.moe_plan import moe_family
 from surgery.errors import SurgeryError
 from surgery.execution.session import RunsModel, run_options
-from surgery.layouts import expert_parts
+from surgery.layouts import expert_parts, keep_source_layout
 from surgery.operations.output import OutputOptions, check_choice, output_options, write
 from surgery.plan import OutputTensor, Plan
 from surgery.recipes import Copy
@@ -331,7 +331,6 @@ def command(moe, out, output, **options):
 
 def run(moe, out, options: AddExpertsOptions, output: OutputOptions = OutputOptions(layout="keep")):
     """Add experts to MOE into OUT (the command and ``surgery.add_experts`` both land here)."""
-    from dataclasses import replace
     from pathlib import Path
 
     from surgery.execution.calibration import CalibrationSet
@@ -357,8 +356,7 @@ def run(moe, out, options: AddExpertsOptions, output: OutputOptions = OutputOpti
         if len(experts) > 1:
             notes.append("each new row is fitted against the existing rows only, not against the other new rows")
         details = {"experts": count, "added": added, "non_ffn": options.non_ffn}
-        if output.layout == "keep":
-            output = replace(output, layout=arch.detect_expert_layout(family, source.tensors).replace("_", "-"))
+        output = keep_source_layout(output, family, source.tensors)
         plan = convert(build_plan(source, family, denses, ffns, details, notes), output.layout)
         if output.dry_run:
             return write(plan, out, output)

@@ -24,6 +24,17 @@ from surgery.recipes import Copy, Joined
 LAYOUTS = {"per-expert": "per_expert", "fused": "fused"}  # --layout value -> families' layout name
 
 
+def keep_source_layout(output, family, source_tensors):
+    """`output` (OutputOptions) with ``--layout keep`` settled to the layout the source MoE stores its experts in,
+    for operations that build their plan in one layout and convert it (prune, add-experts)."""
+    if output.layout != "keep":
+        return output
+    from dataclasses import replace
+
+    stored = arch.detect_expert_layout(family, source_tensors)
+    return replace(output, layout=next(value for value, name in LAYOUTS.items() if name == stored))
+
+
 def convert(plan: Plan, layout: str) -> Plan:
     """`plan` writing its experts in `layout` (keep, per-expert or fused); the plan itself when it already does."""
     if layout == "keep" or plan.config is None:

@@ -24,7 +24,7 @@ from surgery.execution.session import RunsModel, run_options
 from surgery.operations.output import OutputOptions, check_choice, output_options, write
 from surgery.plan import OutputTensor, Plan
 from surgery.prune_scores import CALIBRATED, CRITERIA
-from surgery.layouts import expert_parts
+from surgery.layouts import expert_parts, keep_source_layout
 from surgery.recipes import Copy, Rows
 
 CALIBRATION_TOKENS = 2048
@@ -165,7 +165,6 @@ def command(moe, out, output, **options):
 
 def run(moe, out, options: PruneOptions, output: OutputOptions = OutputOptions(layout="keep")):
     """Prune MOE into OUT (the command and ``surgery.prune`` both land here); returns a ``Result``."""
-    from dataclasses import replace
 
     from surgery import prune_scores
 
@@ -208,8 +207,7 @@ def run(moe, out, options: PruneOptions, output: OutputOptions = OutputOptions(l
         if keep == dims["experts"]:
             notes.append(f"every one of the {keep} experts is kept: the output computes what the source computes"
                          + ("" if top_k == dims["top_k"] else f" except for the top-k ({dims['top_k']} -> {top_k})"))
-        if output.layout == "keep":
-            output = replace(output, layout=arch.detect_expert_layout(family, source.tensors).replace("_", "-"))
+        output = keep_source_layout(output, family, source.tensors)
         return write(build_plan(source, family, kept, top_k, details, notes), out, output)
 
 
