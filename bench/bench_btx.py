@@ -40,6 +40,10 @@ from common import (REPO, llama_config, make_random_llama, markdown_table, save_
 sys.path.insert(0, str(REPO))
 DOMAINS = ("code", "prose", "math")
 MERGEKIT = Path("/tmp/mk/bin/mergekit-moe")
+from btx_ideas import distilled, head_fitted, with_attention  # noqa: E402  (bench/ is on sys.path)
+
+HEAD_FIT = ("idea: the default merge, then its head refitted to each expert's next-token distributions (KL, "
+            "calibration text, no other weight changed)")
 CALIBRATION_TOKENS = 2048  # per domain, in the calibrated speed rows
 
 
@@ -126,43 +130,6 @@ def surgery_merge(world: Path, out: Path, *, init: str, non_ffn: str = "average"
     return time.perf_counter() - started
 
 
-def distilled(world: Path, merged: Path, evaluator: "Evaluator", train_attention: bool, steps: int = 60) -> dict:
-    """Idea: after the calibrated merge, fit the norms and routers (and optionally attention) by distilling
-    each domain's expert on its calibration text (KL(expert || merge), Adam); returns held-out losses."""
-    import torch
-
-    from surgery.loading import load_model, load_tokenizer
-    from surgery.samples import text_batches
-
-    torch.manual_seed(0)
-    model, tokenizer = load_model(merged, "cpu", "float32"), load_tokenizer(merged)
-    experts = {d: load_model(world / d, "cpu", "float32") for d in DOMAINS}
-    batches = {d: list(text_batches(tokenizer, (world / "data" / f"{d}.calibration.txt").read_text(), batch_size=8,
-                                    seq_len=128, max_tokens=16384)) for d in DOMAINS}
-    trained = []
-    for name, parameter in model.named_parameters():
-        train = "norm" in name or name.endswith("mlp.gate.weight") or (train_attention and "self_attn" in name)
-        parameter.requires_grad_(train)
-        trained += [parameter] if train else []
-    optimizer = torch.optim.Adam(trained, lr=0.003 if train_attention else 0.01)
-    model.train()
-    for step in range(steps):
-        loss = 0.0
-        for domain in DOMAINS:
-            batch = batches[domain][step % len(batches[domain])]
-            with torch.no_grad():
-                target = torch.log_softmax(experts[domain](input_ids=batch.input_ids,
-                                                           attention_mask=batch.attention_mask).logits, -1)
-            logp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
-            kl = (target.exp() * (target - logp)).sum(-1)[batch.attention_mask.bool()].mean()
-            loss = loss + kl / len(DOMAINS)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return evaluator.losses(model)
-
-
 def mergekit_prompts(world: Path, domain: str, count: int = 16, size: int = 400) -> list[str]:
     text = (world / "data" / f"{domain}.calibration.txt").read_text(encoding="utf-8")
     step = max(size, len(text) // count)
@@ -218,8 +185,12 @@ def quality(args, work: Path) -> tuple[str, list[str]]:
     merged("BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)", init="calibrated", non_ffn="regmean")
     merged("BTX merge, calibrated router, RegMean over the 3 experts only (seed weight 0)", init="calibrated",
            non_ffn="regmean", weights=("seed=0",))
-    merged("BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)", init="calibrated",
-           non_ffn="regmean++")
+    default = "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)"
+    out = work / "merge"
+    took = surgery_merge(world, out, init="calibrated", non_ffn="regmean++")
+    add(default, evaluator.of_path(out), took)
+    add(HEAD_FIT, head_fitted(world, out, evaluator))
+    shutil.rmtree(out, ignore_errors=True)
     if MERGEKIT.exists() and not args.quick:
         for gate_mode in ("hidden", "random"):
             out = work / f"mergekit-{gate_mode}"
@@ -245,9 +216,9 @@ def quality(args, work: Path) -> tuple[str, list[str]]:
         out = work / "calibrated"
         surgery_merge(world, out, init="calibrated")
         add("idea: + norms and routers distilled from each domain's expert (60 Adam steps, calibration text)",
-            distilled(world, out, evaluator, train_attention=False))
+            distilled(world, out, evaluator))
         add("idea: + norms, routers and attention distilled the same way (training ~20% of the weights)",
-            distilled(world, out, evaluator, train_attention=True))
+            distilled(world, out, evaluator, with_attention, lr=0.003))
         shutil.rmtree(out, ignore_errors=True)
     return render_quality(rows, seconds, world, settings), skipped
 
@@ -275,7 +246,8 @@ def render_quality(rows: dict, seconds: dict, world: Path, settings: dict) -> st
     ratio = lambda losses: sum(losses[d] / experts[d] for d in DOMAINS) / len(DOMAINS)  # noqa: E731
     for name, label in (("--non-ffn regmean", "BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)"),
                         ("--non-ffn regmean++ (the default)",
-                         "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)")):
+                         "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)"),
+                        ("idea: the default merge + head refitted (KL)", HEAD_FIT)):
         if label in rows:  # issue 15's target for a data-aware non-FFN merge
             merged_losses = rows[label]
             checks += [(f"{name} < seed alone and < dense average on every domain",
@@ -364,6 +336,9 @@ def speed(args, work: Path) -> str:
         runs["mergekit-moe (gate_mode hidden)"] = [str(MERGEKIT), str(work / "speed" / "mk-hidden.yml"),
                                                    str(work / "speed" / "out"), "--device", "cpu",
                                                    "--out-shard-size", "1B"]
+    for dtype in ("float32", "bfloat16"):  # what no implementation of the calibrated pass can go below
+        runs[f"floor: imports + the calibrated pass's matrix products alone, {dtype}"] = [
+            sys.executable, "-c", floor_script(config, models["seed"], 3 * CALIBRATION_TOKENS, dtype, args.threads)]
     results = {label: [] for label in runs}
     for round_number in range(args.repeat):  # round robin: a slow spell of the disk hits every tool alike
         for label, command in runs.items():
@@ -399,9 +374,46 @@ def speed(args, work: Path) -> str:
             f"({wall:.1f} s vs {hidden_baseline[0]:.1f} s)",
             f"- {'PASS' if rss <= hidden_baseline[1] / 4 else 'FAIL'}: calibrated merge peak RSS <= 1/4 of mergekit-moe "
             f"hidden's ({rss:.0f} MiB vs {hidden_baseline[1]:.0f} MiB)"])
+        floors = {d: measured.get(f"floor: imports + the calibrated pass's matrix products alone, {d}")
+                  for d in ("float32", "bfloat16")}
+        if all(floors.values()):
+            text += (f"\n- floors: importing what the calibrated merge imports and running only its pass's matrix "
+                     f"products takes {floors['float32'][0]:.1f} s / {floors['float32'][1]:.0f} MiB in float32 and "
+                     f"{floors['bfloat16'][0]:.1f} s / {floors['bfloat16'][1]:.0f} MiB in bfloat16 (no reading, "
+                     f"writing, attention scores or router fits), against mergekit-moe hidden's "
+                     f"{hidden_baseline[0]:.1f} s; 1/4 of its peak RSS is {hidden_baseline[1] / 4:.0f} MiB")
     else:
         text += "\n\nmergekit-moe: skipped (" + ("--quick" if args.quick else f"{MERGEKIT} not found") + ")"
     return text
+
+
+def floor_script(config: dict, model: Path, tokens: int, dtype: str, threads: int) -> str:
+    """A process that imports what the calibrated merge imports (torch, transformers' Mixtral, the tokenizer) and
+    runs only the matrix products of its pass: every layer's q/k/v/o on all `tokens`, the top-2 experts' products
+    in every layer but the last (whose router input is all the fit needs), 256 tokens per call like the runner."""
+    hidden, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    return f"""
+import torch
+from transformers import AutoTokenizer
+from transformers.models.mixtral import modeling_mixtral
+AutoTokenizer.from_pretrained({str(model)!r})
+torch.set_num_threads({threads})
+d = torch.{dtype}
+x = torch.randn(256, {hidden}, dtype=d)
+shapes = [({hidden}, {hidden}), ({kv}, {hidden}), ({kv}, {hidden}), ({hidden}, {hidden})]
+weights = [torch.randn(*s, dtype=d) * 0.02 for s in shapes]
+gate_up, down = torch.randn(2 * {inner}, {hidden}, dtype=d) * 0.02, torch.randn({hidden}, {inner}, dtype=d) * 0.02
+with torch.no_grad():
+    for layer in range({layers}):
+        for start in range(0, {tokens}, 256):
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+            if layer < {layers} - 1:
+                for _ in range(2):
+                    h = torch.nn.functional.linear(x, gate_up)[:, :{inner}]
+                    torch.nn.functional.linear(h.contiguous(), down)
+"""
 
 
 def main():
