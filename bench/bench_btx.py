@@ -340,15 +340,17 @@ def speed(args, work: Path) -> str:
         runs[f"floor: imports + the calibrated pass's matrix products alone, {dtype}"] = [
             sys.executable, "-c", floor_script(config, models["seed"], 3 * CALIBRATION_TOKENS, dtype, args.threads)]
     results = {label: [] for label in runs}
+    out_bytes = 0
     for round_number in range(args.repeat):  # round robin: a slow spell of the disk hits every tool alike
         for label, command in runs.items():
             shutil.rmtree(work / "speed" / "out", ignore_errors=True)
             os.sync()  # every run starts with no dirty pages left by the one before
             results[label].append(timed([str(c) for c in command], env={"TOKENIZERS_PARALLELISM": "false"}))
+            written = sum(p.stat().st_size for p in (work / "speed" / "out").glob("*.safetensors"))
+            out_bytes = written or out_bytes  # the floor rows write nothing
             print(f"  round {round_number + 1} {label}: {results[label][-1][0]:.1f} s, "
                   f"{results[label][-1][1]:.0f} MiB", file=sys.stderr, flush=True)
     measured = {label: (min(r[0] for r in runs_of), max(r[1] for r in runs_of)) for label, runs_of in results.items()}
-    out_bytes = sum(p.stat().st_size for p in (work / "speed" / "out").glob("*.safetensors"))
     baseline = measured.get("mergekit-moe (gate_mode random)")
     hidden_baseline = measured.get("mergekit-moe (gate_mode hidden)")
     rows = []
