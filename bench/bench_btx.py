@@ -40,10 +40,9 @@ from common import (REPO, llama_config, make_random_llama, markdown_table, save_
 sys.path.insert(0, str(REPO))
 DOMAINS = ("code", "prose", "math")
 MERGEKIT = Path("/tmp/mk/bin/mergekit-moe")
-from btx_ideas import distilled, head_fitted, with_attention  # noqa: E402  (bench/ is on sys.path)
+from btx_ideas import distilled, with_attention  # noqa: E402  (bench/ is on sys.path)
 
-HEAD_FIT = ("idea: the default merge, then its head refitted to each expert's next-token distributions (KL, "
-            "calibration text, no other weight changed)")
+HEAD_FIT = "BTX merge, calibrated router, RegMean++ non-FFN, --head-fit (head refitted to the experts' distributions)"
 CALIBRATION_TOKENS = 2048  # per domain, in the calibrated speed rows
 
 
@@ -107,7 +106,7 @@ def dense_average(world: Path):
 
 
 def surgery_merge(world: Path, out: Path, *, init: str, non_ffn: str = "average", include_seed: bool = False,
-                  top_k: int = 2, fit: str = "logistic", weights=()) -> float:
+                  top_k: int = 2, fit: str = "logistic", weights=(), head_fit: bool = False) -> float:
     """`surgery merge` in-process (same code path as the CLI); returns seconds."""
     from surgery import console
     from surgery.btx_merge import run_merge
@@ -119,7 +118,7 @@ def surgery_merge(world: Path, out: Path, *, init: str, non_ffn: str = "average"
     spec = spec_from_options([f"{d}={world / d}" for d in DOMAINS], str(world / "seed"), include_seed,
                              [w for w in weights if not w.startswith("task-arithmetic")], non_ffn, top_k, "auto", init,
                              [f"{d}={world / 'data' / f'{d}.calibration.txt'}" for d in DOMAINS], None,
-                             router_fit=fit)
+                             router_fit=fit, head_fit=head_fit)
     for item in weights:  # seed + lambda * sum(expert - seed): a negative seed weight, which the CLI refuses
         if item.startswith("task-arithmetic="):
             scale = float(item.split("=")[1])
@@ -185,12 +184,9 @@ def quality(args, work: Path) -> tuple[str, list[str]]:
     merged("BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)", init="calibrated", non_ffn="regmean")
     merged("BTX merge, calibrated router, RegMean over the 3 experts only (seed weight 0)", init="calibrated",
            non_ffn="regmean", weights=("seed=0",))
-    default = "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)"
-    out = work / "merge"
-    took = surgery_merge(world, out, init="calibrated", non_ffn="regmean++")
-    add(default, evaluator.of_path(out), took)
-    add(HEAD_FIT, head_fitted(world, out, evaluator))
-    shutil.rmtree(out, ignore_errors=True)
+    merged("BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)", init="calibrated",
+           non_ffn="regmean++")
+    merged(HEAD_FIT, init="calibrated", non_ffn="regmean++", head_fit=True)
     if MERGEKIT.exists() and not args.quick:
         for gate_mode in ("hidden", "random"):
             out = work / f"mergekit-{gate_mode}"
@@ -247,7 +243,7 @@ def render_quality(rows: dict, seconds: dict, world: Path, settings: dict) -> st
     for name, label in (("--non-ffn regmean", "BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)"),
                         ("--non-ffn regmean++ (the default)",
                          "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)"),
-                        ("idea: the default merge + head refitted (KL)", HEAD_FIT)):
+                        ("--non-ffn regmean++ --head-fit", HEAD_FIT)):
         if label in rows:  # issue 15's target for a data-aware non-FFN merge
             merged_losses = rows[label]
             checks += [(f"{name} < seed alone and < dense average on every domain",

@@ -521,6 +521,8 @@ def argument_cases() -> list[Case]:
         (A, "--non-ffn regmean++ without calibrated routers", "merge",
          merge("--non-ffn", "regmean++", "--router-init", "normal"),
          "--non-ffn regmean++ takes its inputs from the merged model"),
+        (A, "--head-fit without a RegMean++ merge", "merge", merge("--head-fit", "--non-ffn", "average"),
+         "--head-fit refits the head of a RegMean++ merge"),
         (A, "--include-seed without --seed", "merge", merge("--include-seed"), "--include-seed needs --seed PATH"),
         (A, "--weights names an unknown model", "merge", merge("--weights", "zz=1"),
          "--weights names 'zz', which is not a model of this merge"),

@@ -26,6 +26,7 @@ from surgery.errors import SurgeryError
 from surgery.merge_config import FITS_DEFAULT, MergeSpec
 from surgery.merge_model import Merge, open_merge, reference_tokenizer, resolve_non_ffn, resolve_router_init
 from surgery.merge_plan import build_plan, model_card
+from surgery.merge_regmean import RegMeanTensor
 from surgery.execution.session import RunSettings, run_options
 from surgery.operations.output import OutputOptions, PostWriteCheck, dtype_option, output_options, write
 from surgery.plan import Plan
@@ -42,6 +43,10 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
     from surgery.layouts import convert
 
     plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
+    if merge.spec.head_fit and not any(isinstance(t.recipe, RegMeanTensor) and t.recipe.layer is None
+                                       for t in plan.tensors):
+        raise SurgeryError(f"--head-fit: {merge.reference.checkpoint.directory} ties its head to the embedding "
+                           "(tie_word_embeddings), so there is no separate head to refit")
     unique = {m.checkpoint.directory.resolve(): m.checkpoint.path for m in reversed(merge.members)}
     sources = [unique[key] for key in dict.fromkeys(m.checkpoint.directory.resolve() for m in merge.members)]
     check = PostWriteCheck(sources, exact=False, settings=settings)
@@ -111,6 +116,10 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
                    "model's own inputs on its calibration text (RegMean), average the rest; regmean++: the same with "
                    "each layer's inputs taken from the merged model as it runs (RegMean++); or copy one model's "
                    "(mergekit's behaviour).")
+@click.option("--head-fit", is_flag=True,
+              help="After RegMean++, refit the head so the merged model's last hidden states give each expert's "
+                   "next-token distributions on its calibration text (costs about 3 x tokens x hidden x vocab "
+                   "multiply-adds per step, up to 1000 steps: meant for a GPU beyond small vocabularies).")
 @click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts per token.")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", *arch.moe_formats()]), help="Output MoE format.")
@@ -127,8 +136,9 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
 @dtype_option
 @run_options
 @output_options
-def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, router_fit,
-            calibration, calibration_tokens, router_seed, dtype, device, memory_budget, compute_dtype, output):
+def command(out, expert, config_file, seed, include_seed, weights, non_ffn, head_fit, top_k, fmt, router_init,
+            router_fit, calibration, calibration_tokens, router_seed, dtype, device, memory_budget, compute_dtype,
+            output):
     """Merge domain-trained copies of one seed model into a Mixture-of-Experts (Branch-Train-MiX).
 
     \b
@@ -139,7 +149,7 @@ def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_
 
     values = dict(expert=expert, seed=seed, include_seed=include_seed, weights=weights, non_ffn=non_ffn, top_k=top_k,
                   fmt=fmt, router_init=router_init, router_fit=router_fit, calibration=calibration, dtype=dtype,
-                  router_seed=router_seed, calibration_tokens=calibration_tokens)
+                  router_seed=router_seed, calibration_tokens=calibration_tokens, head_fit=head_fit)
     if config_file:
         if expert:
             raise SurgeryError(f"--config {config_file} lists the experts; do not also give --expert")
@@ -148,7 +158,7 @@ def command(out, expert, config_file, seed, include_seed, weights, non_ffn, top_
         check_spec(spec, where=str(config_file))
     else:
         spec = spec_from_options(expert, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration,
-                                 dtype, router_seed, calibration_tokens, router_fit)
+                                 dtype, router_seed, calibration_tokens, router_fit, head_fit)
     run(spec, out, output, RunSettings(device, memory_budget, compute_dtype))
 
 
@@ -159,6 +169,9 @@ def run(spec: MergeSpec, out, output: OutputOptions = OutputOptions(), settings=
     output.check()
     spec.router_init = resolve_router_init(spec)
     spec.non_ffn = resolve_non_ffn(spec)
+    if spec.head_fit and spec.non_ffn != "regmean++":
+        raise SurgeryError("--head-fit refits the head of a RegMean++ merge, and this merge's --non-ffn is "
+                           f"{spec.non_ffn} (RegMean++ needs calibrated routers and --calibration text for every expert)")
     merge = open_merge(spec)
     try:
         return run_merge(merge, Path(out), output, settings)
@@ -178,7 +191,7 @@ def _override(spec: MergeSpec, values: dict, ctx) -> None:
 
     simple = {"seed": "seed", "include_seed": "include_seed", "non_ffn": "non_ffn", "top_k": "top_k", "fmt": "format",
               "router_init": "router_init", "router_fit": "router_fit", "dtype": "dtype", "router_seed": "router_seed",
-              "calibration_tokens": "calibration_tokens"}
+              "calibration_tokens": "calibration_tokens", "head_fit": "head_fit"}
     for option, attribute in simple.items():
         if given(option):
             setattr(spec, attribute, values[option])

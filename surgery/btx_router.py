@@ -176,7 +176,7 @@ def fit_calibrated(merge, weights, parts: list, settings, spill_dir=None, merged
     head = merged_inputs is not None and merged_inputs.needs_head
     final, _ = runner.forward(visit, final_output=head, description="fitting routers", before_layer=before)
     if head:
-        merged_inputs.head(final)
+        merged_inputs.head(final, runner)
         final.close()
     return fit
 

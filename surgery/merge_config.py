@@ -13,6 +13,7 @@ Two YAML dialects are read:
     top_k: 2
     format: auto                 # auto or an MoE format (the --format choices)
     router_init: calibrated      # auto | zero | normal | embedding | calibrated
+    head_fit: false              # refit the RegMean++ head to the experts' next-token distributions
     dtype: bf16                  # optional; default: the inputs' dtype
 
   (``weights: {code: 2}`` and ``calibration: {code: code.txt}`` may also be given as maps);
@@ -40,7 +41,7 @@ SEED_NAME = "seed"
 REGMEAN = ("regmean", "regmean++")  # --non-ffn methods that fit the shared linear layers to calibration inputs
 
 OUR_KEYS = {"experts", "seed", "include_seed", "weights", "non_ffn", "top_k", "format", "router_init", "router_fit",
-            "calibration",
+            "calibration", "head_fit",
             "dtype", "router_seed", "calibration_tokens"}
 EXPERT_KEYS = {"name", "path", "weight", "calibration"}
 
@@ -77,6 +78,7 @@ class MergeSpec:
     tokenizer_source: str | None = None  # "base", "union" or a model directory whose tokenizer the output has
     format_choices: tuple[str, ...] = ()  # with format auto: the formats a mergekit architecture names
     origin: object = None  # mergekit_moe.Origin when read from a mergekit-moe config (its notes)
+    head_fit: bool = False  # refit the RegMean++ head to the experts' next-token distributions (surgery.head_fit)
 
     def names(self) -> list[str]:
         return ([name for name, _ in self.experts] + ([SEED_NAME] if self.seed else [])
@@ -100,7 +102,7 @@ class MergeSpec:
                 "noise_scale": dict(sorted(self.noise_scale.items())),
                 "residual_scale": dict(sorted(self.residual_scale.items())),
                 "negative_calibration": {name: c.source for name, c in sorted(self.negative.items())},
-                "tokenizer_source": self.tokenizer_source}
+                "tokenizer_source": self.tokenizer_source, "head_fit": self.head_fit}
 
 
 # ------------------------------------------------------------------ command line
@@ -140,14 +142,14 @@ def read_calibration(path, base: Path | None = None) -> DomainText:
 
 
 def spec_from_options(experts, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration, dtype,
-                      router_seed=0, calibration_tokens=16384, router_fit=FITS_DEFAULT) -> MergeSpec:
+                      router_seed=0, calibration_tokens=16384, router_fit=FITS_DEFAULT, head_fit=False) -> MergeSpec:
     pairs = [parse_pair(item, "--expert", "PATH") for item in experts]
     texts = {}
     for item in calibration or ():
         name, path = parse_pair(item, "--calibration", "FILE")
         texts[name] = read_calibration(path)
     spec = MergeSpec(pairs, seed, include_seed, parse_weights(weights), non_ffn, top_k, fmt, router_init, router_fit,
-                     texts, dtype, router_seed, calibration_tokens)
+                     texts, dtype, router_seed, calibration_tokens, head_fit=head_fit)
     check_spec(spec)
     return spec
 
@@ -214,12 +216,15 @@ def from_ours(data: dict, path: Path) -> MergeSpec:
         weights[str(name)] = weight_number(value, f"{path}: weights.{name}")
     for name, file in (data.get("calibration") or {}).items():
         calibration[str(name)] = read_calibration(file, base)
+    head_fit = data.get("head_fit", False)
+    if not isinstance(head_fit, bool):
+        raise SurgeryError(f"{path}: head_fit: expected true or false, found {head_fit!r}")
     return MergeSpec(experts, str(resolve_path(seed, base)) if seed else None, bool(data.get("include_seed", False)),
                      weights, str(data.get("non_ffn", "auto")), integer(data.get("top_k", 2), f"{path}: top_k"),
                      str(data.get("format", "auto")), str(data.get("router_init", "auto")),
                      str(data.get("router_fit", FITS_DEFAULT)), calibration,
                      data.get("dtype"), integer(data.get("router_seed", 0), f"{path}: router_seed"),
-                     integer(data.get("calibration_tokens", 16384), f"{path}: calibration_tokens"))
+                     integer(data.get("calibration_tokens", 16384), f"{path}: calibration_tokens"), head_fit=head_fit)
 
 
 def integer(value, where: str) -> int:
@@ -259,6 +264,10 @@ def check_spec(spec: MergeSpec, where: str = "options") -> None:
     if spec.non_ffn == "regmean++" and spec.router_init not in ("calibrated", "auto"):
         raise SurgeryError(f"{where}: --non-ffn regmean++ takes its inputs from the merged model as it runs with its "
                            f"fitted routers; it needs --router-init calibrated (got {spec.router_init})")
+    if spec.head_fit and (spec.non_ffn not in ("regmean++", "auto") or spec.router_init not in ("calibrated", "auto")):
+        raise SurgeryError(f"{where}: --head-fit refits the head of a RegMean++ merge; it needs --non-ffn regmean++ (or "
+                           f"auto) and --router-init calibrated (got --non-ffn {spec.non_ffn}, --router-init "
+                           f"{spec.router_init})")
     missing = [name for name in names if name not in spec.calibration]
     if spec.non_ffn in REGMEAN and missing:
         raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn} fits the shared layers to each expert's own inputs and "

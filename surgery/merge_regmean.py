@@ -168,7 +168,7 @@ class _Runs:
         from surgery.execution.session import runner_for
         from surgery.execution.weights import ModelWeights
 
-        self.merge, self.patch = merge, patch
+        self.merge, self.patch, self.settings, self.spill_dir = merge, patch, settings, spill_dir
         self.tensors = [t for t in plan.tensors if isinstance(t.recipe, RegMeanTensor)]
         chosen = member_batches(merge, calibration)
         self.members = [member for member, _ in chosen]
@@ -237,8 +237,76 @@ class MergedInputs(_Runs):
         if any(t.recipe.layer == layer for t in self.tensors):
             self.merge_layer(layer, [_Batches(hidden, indices) for indices, _ in self.runs], stop=True)
 
-    def head(self, hidden) -> None:
-        self.merge_head([_Batches(hidden, indices) for indices, _ in self.runs])
+    def head(self, hidden, merged_runner) -> None:
+        """Merge the head from the merged model's last hidden states `hidden` (`merged_runner`: the draft's
+        runner, whose final norm gives the head's inputs); with ``--head-fit``, then refit it (``head_fit``)."""
+        inputs = [_Batches(hidden, indices) for indices, _ in self.runs]
+        if not self.merge.spec.head_fit:
+            self.merge_head(inputs)
+            return
+        (tensor,) = [t for t in self.tensors if t.recipe.layer is None]
+        start = self._regmean_head(tensor, inputs)
+        fitted = fit_merged_head(self, tensor, start, hidden, merged_runner)
+        for row in range(0, fitted.shape[0], HEAD_BLOCK_ROWS):
+            self.patch(tensor.name, fitted[row:row + HEAD_BLOCK_ROWS].contiguous(), start_row=row)
+
+    def _regmean_head(self, tensor, inputs):
+        """The RegMean++ head ([vocab, hidden] float32), in memory rather than written."""
+        import torch
+
+        out = torch.empty(tuple(tensor.shape), dtype=torch.float32)
+        grams = []
+        for (_, runner), store in zip(self.runs, inputs):
+            gram = _Gram()
+            runner.head(store, lambda batch, rows, logits, extra, gram=gram, runner=runner: gram(
+                batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_only=True)
+            grams.append(gram.value)
+
+        def keep(name, block, start_row):
+            out[start_row:start_row + len(block)] = torch.as_tensor(block).float()
+
+        _merge(tensor, self.merge, self.members, grams, keep)
+        return out
+
+
+HEAD_BLOCK_ROWS = 4096  # rows of a fitted head written into the draft at once
+
+
+def fit_merged_head(runs: MergedInputs, tensor, start, hidden, merged_runner):
+    """``--head-fit``: each expert runs on its own domain's batches (its own last hidden states and head give the
+    targets), the merged model's final norm gives the features on the same batches, and ``head_fit.fit_head``
+    refits `start`. Returns the fitted head ([vocab, hidden] float32)."""
+    import torch
+
+    from surgery.execution.session import runner_for
+    from surgery.execution.weights import ModelWeights
+    from surgery.head_fit import Domain, fit_head
+
+    device = merged_runner.placement.device
+    features = {}
+    merged_runner.head(hidden, lambda batch, rows, logits, extra: features.setdefault(batch, []).append(
+        extra["norm"][batch_mask(merged_runner, batch, rows)].float()), norm_only=True)
+    experts = {e.name for e in runs.merge.experts}
+    domains = []
+    for member, (indices, member_runner) in zip(runs.members, runs.runs):
+        if member.name not in experts or not indices:
+            continue
+        own = runner_for(ModelWeights.from_checkpoint(member.checkpoint), member_runner.batches, runs.settings,
+                         runs.spill_dir)
+        last, _ = own.forward(description=None)
+        mine = {}
+        own.head(last, lambda batch, rows, logits, extra, own=own: mine.setdefault(batch, []).append(
+            extra["norm"][batch_mask(own, batch, rows)].float()), norm_only=True)
+        last.close()
+        head = member.checkpoint.read(tensor.recipe.source_name).float()
+        domains.append(Domain(torch.cat([torch.cat(features[i]) for i in indices]).to(device),
+                              torch.cat([torch.cat(mine[b]) for b in range(len(indices))]).to(device),
+                              head.to(device)))
+    with console.progress("fitting the head", 1000, unit_bytes=False) as advance:
+        fit = fit_head(start.to(device), domains, seed=runs.merge.spec.router_seed, progress=advance)
+    console.info(f"head fit: KL to the experts on held-back calibration tokens {fit.start_kl:.4f} -> {fit.kl:.4f} "
+                 f"(step {fit.step} of {fit.steps})")
+    return fit.head.cpu()
 
 
 def set_token_counts(merge, plan, parts: list) -> None:
