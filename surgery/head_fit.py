@@ -9,7 +9,7 @@ there (expert d's own forward pass on the same tokens):
 with Y_d expert d's last hidden states and W_d its head. This is a softmax regression on soft labels,
 convex in W. It starts at the RegMean++ head and runs full-batch Adam; a share of each domain's tokens is
 held back from the fit and the step where their KL is lowest is kept (the fit stops when it has not improved
-for ``PATIENCE`` steps). On the BTX world (docs/merge.md) the ratio to the experts fell from 1.107 to 1.065.
+for ``PATIENCE`` steps). On the BTX world (docs/merge.md) the mean ratio to the experts fell from 1.107 to 1.067.
 
 Cost: about 3 x tokens x hidden x vocab multiply-adds per step (the experts' logits are recomputed in chunks
 of tokens rather than held: memory is the heads, the hidden states and one chunk of logits).
@@ -52,24 +52,28 @@ def fit_head(start, domains: list[Domain], seed: int = 0, max_steps: int = MAX_S
 
     from surgery.seeds import derive
 
-    splits = []
+    parts = []  # per domain: (the tokens fitted, the tokens held back), each a Domain of contiguous rows
     for index, domain in enumerate(domains):
         count = int(domain.merged.shape[0])
         order = torch.randperm(count, generator=torch.Generator().manual_seed(derive(seed, "head_fit", index)))
+        order = order.to(domain.merged.device)
         held = max(1, int(HELD_BACK * count)) if count > 1 else 0
-        splits.append((order[held:].to(domain.merged.device), order[:held].to(domain.merged.device)))
+        merged, expert = domain.merged[order].float(), domain.expert[order].float()
+        parts.append((Domain(merged[held:], expert[held:], domain.head.float()),
+                      Domain(merged[:held], expert[:held], domain.head.float())))
+    buffers = _Buffers(start, max(int(d.merged.shape[0]) for pair in parts for d in pair))
     weight = torch.nn.Parameter(start.detach().float().clone())
     optimizer = torch.optim.Adam([weight], lr=LEARNING_RATE)
 
     def held_kl(head) -> float:
-        return sum(_kl(head, d, rows, grad=False) for d, (_, rows) in zip(domains, splits)) / len(domains)
+        return sum(_kl(head, held, buffers, grad=False) for _, held in parts) / len(parts)
 
     with torch.no_grad():
         first = held_kl(weight)
     best = (first, 0, weight.detach().clone())
     step = 0
     for step in range(1, max_steps + 1):
-        weight.grad = sum(_kl(weight.detach(), d, rows, grad=True) for d, (rows, _) in zip(domains, splits)) / len(domains)
+        weight.grad = sum(_kl(weight.detach(), fitted, buffers, grad=True) for fitted, _ in parts) / len(parts)
         optimizer.step()
         if progress is not None:
             progress(1)
@@ -83,30 +87,45 @@ def fit_head(start, domains: list[Domain], seed: int = 0, max_steps: int = MAX_S
     return HeadFit(best[2], first, best[0], best[1], step)
 
 
-def _kl(head, domain: Domain, rows, grad: bool):
-    """Mean KL(expert || merge) over `rows` of `domain`, or (`grad`) its gradient in `head`, chunk by chunk.
-    The chunk's logits live in two buffers reused in place: each fresh tensor of that size would be a new
+class _Buffers:
+    """Three [chunk, vocab] buffers reused by every chunk of every step: a fresh tensor of that size would be a new
     mapping of memory, faulted in page by page (the runner keeps large blocks out of the heap)."""
+
+    def __init__(self, head, tokens: int):
+        import torch
+
+        vocab = int(head.shape[0])
+        self.rows = max(1, min(tokens, CHUNK_ELEMENTS // vocab))
+        self.merged, self.expert, self.scratch = (torch.empty(self.rows, vocab, device=head.device) for _ in range(3))
+
+
+def _log_softmax_(logits, scratch):
+    """log_softmax of `logits` in place (`scratch`: a buffer of the same shape)."""
     import torch
 
-    vocab = int(head.shape[0])
-    size = max(1, min(int(rows.numel()), CHUNK_ELEMENTS // vocab))
-    merged = torch.empty(size, vocab, device=head.device)
-    expert = torch.empty(size, vocab, device=head.device)
+    logits.sub_(logits.amax(-1, keepdim=True))
+    torch.exp(logits, out=scratch)
+    logits.sub_(scratch.sum(-1, keepdim=True).log_())
+    return logits
+
+
+def _kl(head, domain: Domain, buffers: _Buffers, grad: bool):
+    """Mean KL(expert || merge) over the tokens of `domain`, or (`grad`) its gradient in `head`, chunk by chunk."""
+    import torch
+
+    count = int(domain.merged.shape[0])
     total = torch.zeros_like(head) if grad else 0.0
-    count = max(1, int(rows.numel()))
     with torch.no_grad():
-        for start in range(0, int(rows.numel()), size):
-            part = rows[start:start + size]
-            n = int(part.numel())
-            logq, logp = merged[:n], expert[:n]
-            features = domain.merged[part].float()
-            torch.mm(features, head.T, out=logq)
-            logq.sub_(torch.logsumexp(logq, -1, keepdim=True))
-            torch.mm(domain.expert[part].float(), domain.head.T, out=logp)
-            logp.sub_(torch.logsumexp(logp, -1, keepdim=True))
+        for start in range(0, count, buffers.rows):
+            features = domain.merged[start:start + buffers.rows]
+            n = int(features.shape[0])
+            logq, logp, scratch = buffers.merged[:n], buffers.expert[:n], buffers.scratch[:n]
+            _log_softmax_(torch.mm(features, head.T, out=logq), scratch)
+            _log_softmax_(torch.mm(domain.expert[start:start + n], domain.head.T, out=logp), scratch)
             if grad:  # d/dW of mean_t KL(p_t || softmax(W x_t)) = (q - p)^T X / n
-                total.addmm_(logq.exp_().sub_(logp.exp_()).T, features, alpha=1.0 / count)
+                torch.exp(logq, out=scratch)
+                total.addmm_(scratch.sub_(logp.exp_()).T, features, alpha=1.0 / count)
             else:
-                total += float(logq.sub_(logp).mul_(logp.exp_()).sum()) / -count
+                torch.exp(logp, out=scratch)
+                total += float(scratch.mul_(logp.sub_(logq)).sum()) / count
     return total

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.head_fit import Domain, _kl, fit_head
+from surgery.head_fit import Domain, _Buffers, _kl, fit_head
 from test_merge import TEXTS, save_member
 from tiny_models import load_model
 
@@ -19,13 +19,13 @@ def domain(tokens=40, hidden=6, vocab=11, seed=0, same_as=None):
 def test_the_gradient_is_that_of_the_mean_kl():
     part = domain()
     head = torch.randn(11, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    rows = torch.arange(40)
+    buffers = _Buffers(head, 7)  # chunks of 7 tokens: the sums run over several chunks
     logp = torch.log_softmax(part.expert @ part.head.T, -1)
     kl = (logp.exp() * (logp - torch.log_softmax(part.merged @ head.T, -1))).sum(-1).mean()
     kl.backward()
     kl = kl.detach()
-    assert torch.allclose(_kl(head.detach(), part, rows, grad=True), head.grad, atol=1e-6)
-    assert abs(_kl(head.detach(), part, rows, grad=False) - float(kl)) < 1e-5
+    assert torch.allclose(_kl(head.detach(), part, buffers, grad=True), head.grad, atol=1e-6)
+    assert abs(_kl(head.detach(), part, buffers, grad=False) - float(kl)) < 1e-5
 
 
 def test_a_head_that_already_gives_the_experts_distributions_is_kept():
