@@ -198,8 +198,9 @@ class _Runs:
             _merge(tensor, self.merge, self.members, [g[tensor.recipe.module].value for g in grams], self.patch)
         return outputs
 
-    def merge_head(self, inputs: list) -> None:
-        """Merge an untied head from the final-norm outputs of each model on its last hidden states `inputs`."""
+    def merge_head(self, inputs: list, patch=None) -> None:
+        """Merge an untied head from the final-norm outputs of each model on its last hidden states `inputs`, into
+        the draft or to `patch(name, rows, start_row)`."""
         head = [t for t in self.tensors if t.recipe.layer is None]
         if not head:
             return
@@ -210,7 +211,7 @@ class _Runs:
                 batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_only=True)
             grams.append(gram.value)
         for tensor in head:
-            _merge(tensor, self.merge, self.members, grams, self.patch)
+            _merge(tensor, self.merge, self.members, grams, patch or self.patch)
 
 
 # ------------------------------------------------------------------ RegMean++
@@ -255,17 +256,11 @@ class MergedInputs(_Runs):
         import torch
 
         out = torch.empty(tuple(tensor.shape), dtype=torch.float32)
-        grams = []
-        for (_, runner), store in zip(self.runs, inputs):
-            gram = _Gram()
-            runner.head(store, lambda batch, rows, logits, extra, gram=gram, runner=runner: gram(
-                batch, extra["norm"][batch_mask(runner, batch, rows)]), norm_only=True)
-            grams.append(gram.value)
 
         def keep(name, block, start_row):
             out[start_row:start_row + len(block)] = torch.as_tensor(block).float()
 
-        _merge(tensor, self.merge, self.members, grams, keep)
+        self.merge_head(inputs, keep)
         return out
 
 

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from surgery.head_fit import Domain, _Buffers, _kl, fit_head
 from test_merge import TEXTS, save_member
+from test_regmean import models  # noqa: F401  (two llama experts a, b and their texts)
 from tiny_models import load_model
 
 
@@ -41,16 +42,6 @@ def test_the_fit_finds_a_head_both_experts_agree_on_from_tokens_it_never_saw():
     fit = fit_head(torch.zeros(11, 6), [domain(tokens=400, seed=5, same_as=target),
                                         domain(tokens=400, seed=6, same_as=target)])
     assert fit.step > 0 and fit.kl < 0.05 * fit.start_kl
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("head_fit")
-    paths = {name: save_member(root / name, seed=seed) for seed, name in enumerate(("a", "b"))}
-    for name in ("a", "b"):
-        (root / f"{name}.txt").write_text(TEXTS[name])
-        paths[f"{name}.txt"] = root / f"{name}.txt"
-    return paths
 
 
 def args(models, *more):
