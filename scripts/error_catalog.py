@@ -398,6 +398,11 @@ def merge_calibration_missing(d, fx):
                            "--router-init", "calibrated"])
 
 
+def merge_head_fit_one_model_averaged(d, fx):
+    return run_in_process(["merge", d / "out", *fx.experts(d), *fx.calibration(d, ("a", "b", "c")), "--head-fit",
+                           "--weights", "b=0,c=0"])
+
+
 def merge_unknown_yaml_key(d, fx):
     experts = fx.experts(d, ("a",))
     (d / "m.yml").write_text(f"experts:\n  - {{name: a, path: {experts[1].split('=', 1)[1]}}}\nexpert_count: 3\n")
@@ -523,6 +528,8 @@ def argument_cases() -> list[Case]:
          "--non-ffn regmean++ takes its inputs from the merged model"),
         (A, "--head-fit without a RegMean++ merge", "merge", merge("--head-fit", "--non-ffn", "average"),
          "--head-fit refits the head of a RegMean++ merge"),
+        (A, "--head-fit with the head copied from the one model averaged", "merge", merge_head_fit_one_model_averaged,
+         "only one model's non-FFN weights are averaged here"),
         (A, "--include-seed without --seed", "merge", merge("--include-seed"), "--include-seed needs --seed PATH"),
         (A, "--weights names an unknown model", "merge", merge("--weights", "zz=1"),
          "--weights names 'zz', which is not a model of this merge"),

@@ -45,8 +45,11 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
     plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
     if merge.spec.head_fit and not any(isinstance(t.recipe, RegMeanTensor) and t.recipe.layer is None
                                        for t in plan.tensors):
-        raise SurgeryError(f"--head-fit: {merge.reference.checkpoint.directory} ties its head to the embedding "
-                           "(tie_word_embeddings), so there is no separate head to refit")
+        if merge.config.get("tie_word_embeddings"):
+            raise SurgeryError(f"--head-fit: {merge.reference.checkpoint.directory} ties its head to the embedding "
+                               "(tie_word_embeddings), so there is no separate head to refit")
+        raise SurgeryError("--head-fit refits a RegMean++ head, and only one model's non-FFN weights are averaged here "
+                           "(--weights), so the head is that model's copy")
     unique = {m.checkpoint.directory.resolve(): m.checkpoint.path for m in reversed(merge.members)}
     sources = [unique[key] for key in dict.fromkeys(m.checkpoint.directory.resolve() for m in merge.members)]
     check = PostWriteCheck(sources, exact=False, settings=settings)

@@ -42,7 +42,8 @@ def non_ffn_recipe(merge: Merge):
             return Copy(averaged[0].checkpoint, name)
         module = regmean_module(merge.source_family, config, expected) if choice in REGMEAN else None
         if module is not None:
-            return RegMeanTensor(name, expected.layer, module, plus=choice == "regmean++")
+            return RegMeanTensor(name, expected.layer, module, plus=choice == "regmean++",
+                                 head_fit=merge.spec.head_fit and expected.layer is None)
         if choice in REGMEAN and expected.group == "embedding":  # RegMean on one-hot inputs: token counts
             return TokenWeightedMean([m.checkpoint for m in averaged], name, [merge.weights[m.name] for m in averaged])
         return BlockedMean([m.checkpoint for m in averaged], name, [merge.weights[m.name] for m in averaged])

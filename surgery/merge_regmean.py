@@ -35,9 +35,11 @@ ALPHA = 0.9  # off-diagonal scale of each Gram matrix
 class RegMeanTensor(Deferred):
     """A non-FFN linear weight merged by RegMean: written once every model has run up to its layer."""
 
-    def __init__(self, source_name: str, layer: int | None, module: str, plus: bool = False):
-        what = "the merged model's inputs" if plus else "each model's own inputs"
-        super().__init__(f"regmean{'++' if plus else ''} of {source_name} ({what} of {module}, alpha {ALPHA})")
+    def __init__(self, source_name: str, layer: int | None, module: str, plus: bool = False, head_fit: bool = False):
+        whose = "the merged model's" if plus else "each model's own"
+        where = f"inputs of {module}" if module else "final-norm outputs"
+        refit = ", then refitted to the experts' next-token distributions (--head-fit)" if head_fit else ""
+        super().__init__(f"regmean{'++' if plus else ''} of {source_name} ({whose} {where}, alpha {ALPHA}){refit}")
         self.source_name, self.layer, self.module = source_name, layer, module
 
 

@@ -1,5 +1,7 @@
 """`surgery merge --head-fit`: the RegMean++ head refitted to each expert's next-token distributions."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -97,3 +99,23 @@ def test_head_fit_refuses_a_head_tied_to_the_embedding(tmp_path, run_cli, tied):
     code, _, err = run_cli("merge", tmp_path / "out", *args(tied, "--head-fit"))
     assert code == 2 and "ties its head to the embedding" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_head_fit_refuses_a_head_copied_from_the_one_model_averaged(tmp_path, run_cli, models):
+    code, _, err = run_cli("merge", tmp_path / "out", *args(models, "--head-fit", "--weights", "b=0"))
+    assert code == 2 and "only one model's non-FFN weights are averaged here" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_yaml_key_head_fit_takes_true_or_false(tmp_path, run_cli, models):
+    text = (f"experts:\n  - {{name: a, path: {models['a']}, calibration: {models['a.txt']}}}\n"
+            f"  - {{name: b, path: {models['b']}, calibration: {models['b.txt']}}}\n")
+    (tmp_path / "bad.yml").write_text(text + "head_fit: sometimes\n")
+    code, _, err = run_cli("merge", tmp_path / "out", "--config", tmp_path / "bad.yml")
+    assert code == 2 and "head_fit: expected true or false, found 'sometimes'" in err
+    (tmp_path / "good.yml").write_text(text + "head_fit: true\n")
+    code, out, err = run_cli("merge", tmp_path / "out", "--config", tmp_path / "good.yml", "--dry-run", "--json")
+    assert code == 0, err
+    recipes = {t["name"]: t["recipe"] for t in json.loads(out)["tensors"]}
+    assert recipes["lm_head.weight"].endswith("then refitted to the experts' next-token distributions (--head-fit)")
+    assert "--head-fit" not in recipes["model.layers.0.self_attn.q_proj.weight"]
