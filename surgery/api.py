@@ -101,8 +101,8 @@ def _dense_to_moe(operation: str, options_class: str, src, out, num_experts: int
 def merge(out, experts: dict | None = None, *, config=None, seed=None, include_seed: bool = False,
           weights: dict | None = None, non_ffn: str = "auto", top_k: int = 2, format: str = "auto",
           router_init: str = "auto", router_fit: str | None = None, calibration: dict | None = None,
-          calibration_tokens: int = 16384, router_seed: int = 0, dtype: str = "keep", device: str = "auto",
-          memory_budget: str | None = None, compute_dtype: str = "auto", **output):
+          calibration_tokens: int = 16384, router_seed: int = 0, dtype: str = "keep", head_fit: bool = False,
+          device: str = "auto", memory_budget: str | None = None, compute_dtype: str = "auto", **output):
     """Branch-Train-MiX: domain-trained copies of one seed become one MoE (docs/merge.md).
 
     `experts`: {name: checkpoint directory} in expert order; or `config`: a YAML file (ours or
@@ -129,7 +129,7 @@ def merge(out, experts: dict | None = None, *, config=None, seed=None, include_s
                                      [f"{name}={value}" for name, value in (weights or {}).items()], non_ffn, top_k,
                                      format, router_init,
                                      [f"{name}={path}" for name, path in (calibration or {}).items()], dtype,
-                                     router_seed, calibration_tokens, router_fit or FITS_DEFAULT)
+                                     router_seed, calibration_tokens, router_fit or FITS_DEFAULT, head_fit)
         return run(spec, out, written, RunSettings(device, memory_budget, compute_dtype))
 
 

@@ -264,10 +264,6 @@ def check_spec(spec: MergeSpec, where: str = "options") -> None:
     if spec.non_ffn == "regmean++" and spec.router_init not in ("calibrated", "auto"):
         raise SurgeryError(f"{where}: --non-ffn regmean++ takes its inputs from the merged model as it runs with its "
                            f"fitted routers; it needs --router-init calibrated (got {spec.router_init})")
-    if spec.head_fit and (spec.non_ffn not in ("regmean++", "auto") or spec.router_init not in ("calibrated", "auto")):
-        raise SurgeryError(f"{where}: --head-fit refits the head of a RegMean++ merge; it needs --non-ffn regmean++ (or "
-                           f"auto) and --router-init calibrated (got --non-ffn {spec.non_ffn}, --router-init "
-                           f"{spec.router_init})")
     missing = [name for name in names if name not in spec.calibration]
     if spec.non_ffn in REGMEAN and missing:
         raise SurgeryError(f"{where}: --non-ffn {spec.non_ffn} fits the shared layers to each expert's own inputs and "

@@ -81,7 +81,7 @@ def test_only_the_head_changes_and_it_gives_the_experts_distributions_more_close
 def test_head_fit_needs_a_regmean_plus_plus_merge(tmp_path, run_cli, models):
     code, _, err = run_cli("merge", tmp_path / "out", *args(models, "--head-fit", "--non-ffn", "average"))
     assert code == 2 and err.count("\n") == 1
-    assert "--head-fit refits the head of a RegMean++ merge" in err and "--non-ffn average" in err
+    assert "--head-fit refits the head of a RegMean++ merge, and this merge's --non-ffn is average" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -119,3 +119,13 @@ def test_the_yaml_key_head_fit_takes_true_or_false(tmp_path, run_cli, models):
     recipes = {t["name"]: t["recipe"] for t in json.loads(out)["tensors"]}
     assert recipes["lm_head.weight"].endswith("then refitted to the experts' next-token distributions (--head-fit)")
     assert "--head-fit" not in recipes["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_the_python_api_takes_head_fit(tmp_path, run_cli, models):
+    import surgery
+
+    surgery.merge(tmp_path / "api", {"a": models["a"], "b": models["b"]}, head_fit=True,
+                  calibration={"a": models["a.txt"], "b": models["b.txt"]})
+    assert run_cli("merge", tmp_path / "cli", *args(models, "--head-fit"))[0] == 0
+    api, cli = (load_file(tmp_path / name / "model.safetensors") for name in ("api", "cli"))
+    assert torch.equal(api["lm_head.weight"], cli["lm_head.weight"])
