@@ -249,9 +249,7 @@ class MergedInputs(_Runs):
             return
         (tensor,) = [t for t in self.tensors if t.recipe.layer is None]
         start = self._regmean_head(tensor, inputs)
-        fitted = fit_merged_head(self, tensor, start, hidden, merged_runner)
-        for row in range(0, fitted.shape[0], HEAD_BLOCK_ROWS):
-            self.patch(tensor.name, fitted[row:row + HEAD_BLOCK_ROWS].contiguous(), start_row=row)
+        self.patch(tensor.name, fit_merged_head(self, tensor, start, hidden, merged_runner))
 
     def _regmean_head(self, tensor, inputs):
         """The RegMean++ head ([vocab, hidden] float32), in memory rather than written."""
@@ -264,9 +262,6 @@ class MergedInputs(_Runs):
 
         self.merge_head(inputs, keep)
         return out
-
-
-HEAD_BLOCK_ROWS = 4096  # rows of a fitted head written into the draft at once
 
 
 def fit_merged_head(runs: MergedInputs, tensor, start, hidden, merged_runner):
