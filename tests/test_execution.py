@@ -13,7 +13,7 @@ import torch
 
 from surgery.checkpoint import Checkpoint
 from surgery.execution.calibration import CalibrationSet
-from surgery.execution.hidden import MemoryBudget
+from surgery.execution.hidden import HiddenStore, MemoryBudget
 from surgery.execution.placement import Placement
 from surgery.execution.runner import LayerRunner
 from surgery.execution.weights import ModelWeights
@@ -102,6 +102,42 @@ def test_hidden_states_spilled_to_a_file_give_the_same_logits_and_leave_no_file(
         assert runner.spill_dir == tmp_path
         got = runner_logits(weights, budget, tmp_path)
     assert_same_on_real_tokens(got, whole_logits(directory), tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("spilled", [False, True], ids=["in memory", "spilled"])
+def test_hidden_states_keep_a_16_bit_dtype_at_half_the_bytes_and_float32_otherwise(tmp_path, spilled):
+    store = HiddenStore(tmp_path if spilled else None)
+    halves = torch.randn(3, 5, 8).to(torch.bfloat16)
+    store.put(0, halves)
+    store.put(1, torch.randn(3, 5, 8, dtype=torch.float64))
+    assert store.nbytes == 3 * 5 * 8 * (2 + 4)
+    assert torch.equal(store.get(0, dtype=torch.bfloat16), halves)
+    assert store.get(0).dtype == store.get(1).dtype == torch.float32
+    if spilled:
+        assert [path.stat().st_size for path in tmp_path.iterdir()] == [store.nbytes]
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bfloat16_run_gives_the_same_logits_with_its_hidden_states_spilled(models, tmp_path):
+    directory = models("mixtral")
+    placement = Placement.resolve("cpu", "bfloat16")
+    got = {}
+    with Checkpoint.open(directory) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        roomy = MemoryBudget.parse(None)
+        tight = MemoryBudget(max(weights.largest_layer_bytes(2)[1], weights.nbytes(weights.top_tensors("embed"), 2))
+                             + 1, "--memory-budget (test)")
+        for name, budget in (("memory", roomy), ("file", tight)):
+            runner = LayerRunner(weights, batches(), placement, budget, tmp_path)
+            assert (runner.spill_dir is not None) == (name == "file")
+            hidden, _ = runner.forward()
+            assert hidden.nbytes == sum(b.input_ids.numel() for b in batches()) * weights.config["hidden_size"] * 2
+            got[name] = []
+            runner.head(hidden, lambda index, part, logits, extra: got[name].append(logits))
+            hidden.close()
+    assert all(torch.equal(a, b) for a, b in zip(got["memory"], got["file"]))
     assert list(tmp_path.iterdir()) == []
 
 

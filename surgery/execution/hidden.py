@@ -1,6 +1,7 @@
 """Hidden states of the whole token set between two layers, and the memory budget that places them.
 
-Each batch's hidden states are kept in float32 on the CPU (exact for every compute dtype). When
+Each batch's hidden states are kept on the CPU in float32, or in the 16-bit type a layer computed them
+in (bfloat16 or float16: the same values in half the memory; every use converts them back). When
 the budget cannot hold them next to one layer's weights, they go to a temporary file beside the
 output instead, written and read with positioned I/O (not a mapping, whose resident pages would
 count towards the process's memory); the file is removed when the run ends, whatever happens.
@@ -44,35 +45,43 @@ class MemoryBudget:
 
 
 class HiddenStore:
-    """Per-batch float32 hidden states, in memory or in a spill file."""
+    """Per-batch hidden states (float32, or the 16-bit float type they were computed in), in memory or in a
+    spill file."""
 
     def __init__(self, spill_dir: Path | None = None, label: str = "hidden"):
         self._memory: dict[int, object] = {}
-        self._blocks: dict[int, tuple[int, tuple, int]] = {}  # batch -> (offset, shape, nbytes)
+        self._blocks: dict[int, tuple[int, tuple, object, int]] = {}  # batch -> (offset, shape, dtype, nbytes)
         self._fd = None
         self._path = None
         self._end = 0
         if spill_dir is not None:
             spill_dir = Path(spill_dir)
-            handle, path = tempfile.mkstemp(prefix=f".surgery-{label}-", suffix=".f32", dir=spill_dir)
+            handle, path = tempfile.mkstemp(prefix=f".surgery-{label}-", suffix=".hidden", dir=spill_dir)
             self._fd, self._path = handle, Path(path)
 
     @property
     def spilled(self) -> bool:
         return self._fd is not None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, in memory or in the spill file."""
+        return sum(int(value.nbytes) for value in self._memory.values()) + sum(
+            block[-1] for block in self._blocks.values())
+
     def put(self, batch: int, value) -> None:
         import torch
 
-        value = value.detach().to("cpu", torch.float32).contiguous()
+        kept = value.dtype if value.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        value = value.detach().to("cpu", kept).contiguous()
         if self._fd is None:
             self._memory[batch] = value
             return
-        data = value.numpy().view("uint8").reshape(-1)
+        data = value.view(torch.uint8).reshape(-1).numpy()
         written = 0
         while written < data.nbytes:  # WRITE_CHUNK at a time (surgery.io.write_all says why)
             written += os.pwrite(self._fd, data[written:written + WRITE_CHUNK], self._end + written)
-        self._blocks[batch] = (self._end, tuple(value.shape), data.nbytes)
+        self._blocks[batch] = (self._end, tuple(value.shape), kept, data.nbytes)
         self._end += data.nbytes
 
     def get(self, batch: int, device: str = "cpu", dtype=None):
@@ -83,9 +92,9 @@ class HiddenStore:
         if self._fd is None:
             value = self._memory[batch]
         else:
-            offset, shape, nbytes = self._blocks[batch]
+            offset, shape, kept, nbytes = self._blocks[batch]
             raw = pread_exact(self._fd, nbytes, offset, self._path, f"hidden states of batch {batch}")
-            value = torch.frombuffer(raw, dtype=torch.float32).reshape(shape)
+            value = torch.frombuffer(raw, dtype=kept).reshape(shape)
         return value.to(device=device, dtype=dtype or torch.float32)
 
     def close(self) -> None:
