@@ -42,7 +42,9 @@ DOMAINS = ("code", "prose", "math")
 MERGEKIT = Path("/tmp/mk/bin/mergekit-moe")
 from btx_ideas import distilled, with_attention  # noqa: E402  (bench/ is on sys.path)
 
-HEAD_FIT = "BTX merge, calibrated router, RegMean++ non-FFN, --head-fit (head refitted to the experts' distributions)"
+REGMEAN_PP = "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++ --no-head-fit)"
+DEFAULT = ("BTX merge, calibrated router, RegMean++ non-FFN, head refitted to the experts' distributions "
+           "(the default: --head-fit auto runs it at this size)")
 CALIBRATION_TOKENS = 2048  # per domain, in the calibrated speed rows
 
 
@@ -106,7 +108,7 @@ def dense_average(world: Path):
 
 
 def surgery_merge(world: Path, out: Path, *, init: str, non_ffn: str = "average", include_seed: bool = False,
-                  top_k: int = 2, fit: str = "logistic", weights=(), head_fit: bool = False) -> float:
+                  top_k: int = 2, fit: str = "logistic", weights=(), head_fit: bool | None = False) -> float:
     """`surgery merge` in-process (same code path as the CLI); returns seconds."""
     from surgery import console
     from surgery.btx_merge import run_merge
@@ -184,9 +186,8 @@ def quality(args, work: Path) -> tuple[str, list[str]]:
     merged("BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)", init="calibrated", non_ffn="regmean")
     merged("BTX merge, calibrated router, RegMean over the 3 experts only (seed weight 0)", init="calibrated",
            non_ffn="regmean", weights=("seed=0",))
-    merged("BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)", init="calibrated",
-           non_ffn="regmean++")
-    merged(HEAD_FIT, init="calibrated", non_ffn="regmean++", head_fit=True)
+    merged(REGMEAN_PP, init="calibrated", non_ffn="regmean++")
+    merged(DEFAULT, init="calibrated", non_ffn="regmean++", head_fit=None)
     if MERGEKIT.exists() and not args.quick:
         for gate_mode in ("hidden", "random"):
             out = work / f"mergekit-{gate_mode}"
@@ -241,9 +242,8 @@ def render_quality(rows: dict, seconds: dict, world: Path, settings: dict) -> st
     seed = rows["seed"]
     ratio = lambda losses: sum(losses[d] / experts[d] for d in DOMAINS) / len(DOMAINS)  # noqa: E731
     for name, label in (("--non-ffn regmean", "BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)"),
-                        ("--non-ffn regmean++ (the default)",
-                         "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++, the default)"),
-                        ("--non-ffn regmean++ --head-fit", HEAD_FIT)):
+                        ("--non-ffn regmean++ --no-head-fit", REGMEAN_PP),
+                        ("the default merge (regmean++, --head-fit auto)", DEFAULT)):
         if label in rows:  # issue 15's target for a data-aware non-FFN merge
             merged_losses = rows[label]
             checks += [(f"{name} < seed alone and < dense average on every domain",

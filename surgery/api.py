@@ -101,7 +101,7 @@ def _dense_to_moe(operation: str, options_class: str, src, out, num_experts: int
 def merge(out, experts: dict | None = None, *, config=None, seed=None, include_seed: bool = False,
           weights: dict | None = None, non_ffn: str = "auto", top_k: int = 2, format: str = "auto",
           router_init: str = "auto", router_fit: str | None = None, calibration: dict | None = None,
-          calibration_tokens: int = 16384, router_seed: int = 0, dtype: str = "keep", head_fit: bool = False,
+          calibration_tokens: int = 16384, router_seed: int = 0, dtype: str = "keep", head_fit: bool | None = None,
           device: str = "auto", memory_budget: str | None = None, compute_dtype: str = "auto", **output):
     """Branch-Train-MiX: domain-trained copies of one seed become one MoE (docs/merge.md).
 

@@ -42,20 +42,45 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
     settings = settings or RunSettings()
     from surgery.layouts import convert
 
+    automatic = merge.spec.head_fit is None
+    if automatic:
+        merge.spec.head_fit = resolve_head_fit(merge)
     plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
     if merge.spec.head_fit and not any(isinstance(t.recipe, RegMeanTensor) and t.recipe.layer is None
                                        for t in plan.tensors):
-        if merge.config.get("tie_word_embeddings"):
+        if automatic:  # --weights left one model's head: nothing to refit
+            merge.spec.head_fit = False
+            plan = convert(build_plan(merge), output.layout)
+        elif merge.config.get("tie_word_embeddings"):
             raise SurgeryError(f"--head-fit: {merge.reference.checkpoint.directory} ties its head to the embedding "
                                "(tie_word_embeddings), so there is no separate head to refit")
-        raise SurgeryError("--head-fit refits a RegMean++ head, and only one model's non-FFN weights are averaged here "
-                           "(--weights), so the head is that model's copy")
+        else:
+            raise SurgeryError("--head-fit refits a RegMean++ head, and only one model's non-FFN weights are averaged "
+                               "here (--weights), so the head is that model's copy")
     unique = {m.checkpoint.directory.resolve(): m.checkpoint.path for m in reversed(merge.members)}
     sources = [unique[key] for key in dict.fromkeys(m.checkpoint.directory.resolve() for m in merge.members)]
     check = PostWriteCheck(sources, exact=False, settings=settings)
     if not any(isinstance(t.recipe, Deferred) for t in plan.tensors) or output.dry_run:
         return write(plan, out, output, check=check)
     return _run_calibrated(merge, plan, Path(out), output, check)
+
+
+def resolve_head_fit(merge: Merge) -> bool:
+    """--head-fit auto: the head of a RegMean++ merge is refitted when the fit costs at most ``AUTO_PRODUCTS``
+    multiply-adds (from the config alone, so --dry-run shows it and every machine decides alike); a fit skipped
+    for its cost is said, with how to run it."""
+    from surgery.head_fit import AUTO_PRODUCTS, BATCH_TOKENS, MAX_STEPS, planned_products
+
+    if merge.spec.non_ffn != "regmean++" or merge.config.get("tie_word_embeddings"):
+        return False
+    vocab, hidden, domains = int(merge.config["vocab_size"]), int(merge.config["hidden_size"]), len(merge.experts)
+    products = planned_products(vocab, hidden, domains)
+    if products <= AUTO_PRODUCTS:
+        return True
+    console.note(f"head fit skipped (auto): {MAX_STEPS} steps of 3 x {domains} x {BATCH_TOKENS} tokens x "
+                 f"{vocab} vocab x {hidden} hidden = {products:.2g} multiply-adds, above the {AUTO_PRODUCTS:.0e} it "
+                 "runs by itself; --head-fit runs it (meant for a GPU at this size), --no-head-fit skips it quietly")
+    return False
 
 
 def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, check: PostWriteCheck):
@@ -119,10 +144,11 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
                    "model's own inputs on its calibration text (RegMean), average the rest; regmean++: the same with "
                    "each layer's inputs taken from the merged model as it runs (RegMean++); or copy one model's "
                    "(mergekit's behaviour).")
-@click.option("--head-fit", is_flag=True,
+@click.option("--head-fit/--no-head-fit", default=None,
               help="After RegMean++, refit the head so the merged model's last hidden states give each expert's "
-                   "next-token distributions on its calibration text (costs about 3 x tokens x hidden x vocab "
-                   "multiply-adds per step, up to 1000 steps: meant for a GPU beyond small vocabularies).")
+                   "next-token distributions on its calibration text. Default: auto, which runs it when it costs at "
+                   "most 1e13 multiply-adds (minutes on a CPU; 800 steps of 3 x 2048 tokens per domain x hidden x "
+                   "vocab) and says so when it skips it.")
 @click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts per token.")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", *arch.moe_formats()]), help="Output MoE format.")

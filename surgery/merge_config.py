@@ -13,7 +13,7 @@ Two YAML dialects are read:
     top_k: 2
     format: auto                 # auto or an MoE format (the --format choices)
     router_init: calibrated      # auto | zero | normal | embedding | calibrated
-    head_fit: false              # refit the RegMean++ head to the experts' next-token distributions
+    head_fit: auto               # refit the RegMean++ head to the experts' next-token distributions: auto | true | false
     dtype: bf16                  # optional; default: the inputs' dtype
 
   (``weights: {code: 2}`` and ``calibration: {code: code.txt}`` may also be given as maps);
@@ -78,7 +78,8 @@ class MergeSpec:
     tokenizer_source: str | None = None  # "base", "union" or a model directory whose tokenizer the output has
     format_choices: tuple[str, ...] = ()  # with format auto: the formats a mergekit architecture names
     origin: object = None  # mergekit_moe.Origin when read from a mergekit-moe config (its notes)
-    head_fit: bool = False  # refit the RegMean++ head to the experts' next-token distributions (surgery.head_fit)
+    head_fit: bool | None = None  # refit the RegMean++ head to the experts' next-token distributions
+    # (surgery.head_fit); None: auto, decided by the merge (btx_merge.resolve_head_fit)
 
     def names(self) -> list[str]:
         return ([name for name, _ in self.experts] + ([SEED_NAME] if self.seed else [])
@@ -142,7 +143,7 @@ def read_calibration(path, base: Path | None = None) -> DomainText:
 
 
 def spec_from_options(experts, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration, dtype,
-                      router_seed=0, calibration_tokens=16384, router_fit=FITS_DEFAULT, head_fit=False) -> MergeSpec:
+                      router_seed=0, calibration_tokens=16384, router_fit=FITS_DEFAULT, head_fit=None) -> MergeSpec:
     pairs = [parse_pair(item, "--expert", "PATH") for item in experts]
     texts = {}
     for item in calibration or ():
@@ -216,9 +217,11 @@ def from_ours(data: dict, path: Path) -> MergeSpec:
         weights[str(name)] = weight_number(value, f"{path}: weights.{name}")
     for name, file in (data.get("calibration") or {}).items():
         calibration[str(name)] = read_calibration(file, base)
-    head_fit = data.get("head_fit", False)
-    if not isinstance(head_fit, bool):
-        raise SurgeryError(f"{path}: head_fit: expected true or false, found {head_fit!r}")
+    head_fit = data.get("head_fit", "auto")
+    if head_fit == "auto":
+        head_fit = None
+    elif not isinstance(head_fit, bool):
+        raise SurgeryError(f"{path}: head_fit: expected auto, true or false, found {head_fit!r}")
     return MergeSpec(experts, str(resolve_path(seed, base)) if seed else None, bool(data.get("include_seed", False)),
                      weights, str(data.get("non_ffn", "auto")), integer(data.get("top_k", 2), f"{path}: top_k"),
                      str(data.get("format", "auto")), str(data.get("router_init", "auto")),

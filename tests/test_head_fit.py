@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import surgery.head_fit
 from surgery.head_fit import Domain, _Buffers, _kl, fit_head
 from test_merge import TEXTS, save_member
 from test_regmean import models  # noqa: F401  (two llama experts a, b and their texts)
@@ -46,6 +47,17 @@ def test_the_fit_finds_a_head_both_experts_agree_on_from_tokens_it_never_saw():
     assert fit.step > 0 and fit.kl < 0.05 * fit.start_kl
 
 
+def test_domains_larger_than_a_minibatch_are_fitted_on_seeded_draws(monkeypatch):
+    """Minibatches of 50 of 400 tokens: the same seed gives the same head, another seed another head, and
+    both get close to the head behind the targets."""
+    monkeypatch.setattr(surgery.head_fit, "BATCH_TOKENS", 50)
+    target = torch.randn(11, 6, generator=torch.Generator().manual_seed(7))
+    domains = [domain(tokens=400, seed=5, same_as=target), domain(tokens=400, seed=6, same_as=target)]
+    first, again, other = (fit_head(torch.zeros(11, 6), domains, seed=seed) for seed in (0, 0, 1))
+    assert torch.equal(first.head, again.head) and not torch.equal(first.head, other.head)
+    assert first.kl < 0.05 * first.start_kl and other.kl < 0.05 * other.start_kl
+
+
 def args(models, *more):
     return ["--expert", f"a={models['a']}", "--expert", f"b={models['b']}", "--calibration", f"a={models['a.txt']}",
             "--calibration", f"b={models['b.txt']}", *more]
@@ -67,7 +79,7 @@ def kl_to_experts(merged, models) -> float:
 
 
 def test_only_the_head_changes_and_it_gives_the_experts_distributions_more_closely(tmp_path, run_cli, models):
-    assert run_cli("merge", tmp_path / "plain", *args(models))[0] == 0  # the default: regmean++
+    assert run_cli("merge", tmp_path / "plain", *args(models, "--no-head-fit"))[0] == 0  # regmean++ alone
     code, _, err = run_cli("merge", tmp_path / "fitted", *args(models, "--head-fit"))
     assert code == 0, err
     assert "head fit: KL to the experts on held-back calibration tokens" in err
@@ -76,6 +88,33 @@ def test_only_the_head_changes_and_it_gives_the_experts_distributions_more_close
     assert [name for name in plain if not torch.equal(plain[name], fitted[name])] == ["lm_head.weight"]
     assert kl_to_experts(load_model(tmp_path / "fitted"), models) < kl_to_experts(load_model(tmp_path / "plain"),
                                                                                   models)
+
+
+def test_auto_fits_the_head_when_the_fit_is_cheap(tmp_path, run_cli, models):
+    code, _, err = run_cli("merge", tmp_path / "auto", *args(models))
+    assert code == 0 and "head fit: KL to the experts on held-back calibration tokens" in err
+    assert run_cli("merge", tmp_path / "fitted", *args(models, "--head-fit"))[0] == 0
+    auto, fitted = (load_file(tmp_path / name / "model.safetensors") for name in ("auto", "fitted"))
+    assert all(torch.equal(auto[name], fitted[name]) for name in fitted)
+
+
+def test_auto_skips_a_costly_head_fit_and_says_how_to_run_it(tmp_path, run_cli, models, monkeypatch):
+    monkeypatch.setattr(surgery.head_fit, "AUTO_PRODUCTS", 1000)
+    code, _, err = run_cli("merge", tmp_path / "auto", *args(models))
+    assert code == 0 and "head fit skipped (auto): 800 steps of 3 x 2 x 2048 tokens x" in err
+    assert "above the 1e+03 it runs by itself; --head-fit runs it" in err and "KL to the experts" not in err
+    code, _, err = run_cli("merge", tmp_path / "plain", *args(models, "--no-head-fit"))
+    assert code == 0 and "head fit" not in err
+    auto, plain = (load_file(tmp_path / name / "model.safetensors") for name in ("auto", "plain"))
+    assert all(torch.equal(auto[name], plain[name]) for name in plain)
+
+
+def test_auto_leaves_a_merge_without_a_regmean_head_alone(tmp_path, run_cli, models, tied):
+    for name, extra in (("average", ("--non-ffn", "average")), ("one", ("--weights", "b=0"))):
+        code, _, err = run_cli("merge", tmp_path / name, *args(models, *extra))
+        assert code == 0 and "head fit" not in err, err
+    code, _, err = run_cli("merge", tmp_path / "tied", *args(tied))
+    assert code == 0 and "head fit" not in err, err
 
 
 def test_head_fit_needs_a_regmean_plus_plus_merge(tmp_path, run_cli, models):
@@ -107,18 +146,22 @@ def test_head_fit_refuses_a_head_copied_from_the_one_model_averaged(tmp_path, ru
     assert not (tmp_path / "out").exists()
 
 
-def test_the_yaml_key_head_fit_takes_true_or_false(tmp_path, run_cli, models):
+def test_the_yaml_key_head_fit_takes_auto_true_or_false(tmp_path, run_cli, models):
     text = (f"experts:\n  - {{name: a, path: {models['a']}, calibration: {models['a.txt']}}}\n"
             f"  - {{name: b, path: {models['b']}, calibration: {models['b.txt']}}}\n")
     (tmp_path / "bad.yml").write_text(text + "head_fit: sometimes\n")
     code, _, err = run_cli("merge", tmp_path / "out", "--config", tmp_path / "bad.yml")
-    assert code == 2 and "head_fit: expected true or false, found 'sometimes'" in err
+    assert code == 2 and "head_fit: expected auto, true or false, found 'sometimes'" in err
     (tmp_path / "good.yml").write_text(text + "head_fit: true\n")
     code, out, err = run_cli("merge", tmp_path / "out", "--config", tmp_path / "good.yml", "--dry-run", "--json")
     assert code == 0, err
     recipes = {t["name"]: t["recipe"] for t in json.loads(out)["tensors"]}
     assert recipes["lm_head.weight"].endswith("then refitted to the experts' next-token distributions (--head-fit)")
     assert "--head-fit" not in recipes["model.layers.0.self_attn.q_proj.weight"]
+    (tmp_path / "off.yml").write_text(text + "head_fit: false\n")
+    code, out, err = run_cli("merge", tmp_path / "out", "--config", tmp_path / "off.yml", "--dry-run", "--json")
+    assert code == 0, err
+    assert "--head-fit" not in {t["name"]: t["recipe"] for t in json.loads(out)["tensors"]}["lm_head.weight"]
 
 
 def test_the_python_api_takes_head_fit(tmp_path, run_cli, models):
