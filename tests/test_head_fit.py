@@ -159,9 +159,10 @@ def test_the_yaml_key_head_fit_takes_auto_true_or_false(tmp_path, run_cli, model
     assert recipes["lm_head.weight"].endswith("then refitted to the experts' next-token distributions (--head-fit)")
     assert "--head-fit" not in recipes["model.layers.0.self_attn.q_proj.weight"]
     (tmp_path / "off.yml").write_text(text + "head_fit: false\n")
-    code, out, err = run_cli("merge", tmp_path / "out", "--config", tmp_path / "off.yml", "--dry-run", "--json")
-    assert code == 0, err
-    assert "--head-fit" not in {t["name"]: t["recipe"] for t in json.loads(out)["tensors"]}["lm_head.weight"]
+    for config, flags in (("off.yml", ()), ("good.yml", ("--no-head-fit",))):  # the command line wins over the file
+        code, out, err = run_cli("merge", tmp_path / "out", "--config", tmp_path / config, *flags, "--dry-run", "--json")
+        assert code == 0, err
+        assert "--head-fit" not in {t["name"]: t["recipe"] for t in json.loads(out)["tensors"]}["lm_head.weight"]
 
 
 def test_the_python_api_takes_head_fit(tmp_path, run_cli, models):
