@@ -428,3 +428,16 @@ def test_batches_run_in_row_chunks_give_the_same_logits_and_probe_rows(models, m
             assert torch.allclose(got.get(index), expected.get(index), atol=1e-5)
             assert len(seen["chunked"][index]) == 1  # one delivery per batch
             assert torch.allclose(seen["chunked"][index][0], seen["whole"][index][0], atol=1e-5)
+
+
+def test_collected_rows_come_back_grouped_by_domain_in_batch_order_and_are_let_go():
+    from surgery.execution.session import Collect
+
+    calibration = CalibrationSet(batches=[], source="test", domains=[1, 0, 1, 0])
+    collect = Collect()
+    for batch in (2, 0, 3, 1):  # the order the probes saw them
+        collect(batch, torch.full((batch + 1, 2), float(batch)))
+    inputs, labels = collect.by_domain(calibration)
+    assert inputs[:, 0].tolist() == [1.0] * 2 + [3.0] * 4 + [0.0] * 1 + [2.0] * 3
+    assert labels.tolist() == [0] * 6 + [1] * 4
+    assert collect.parts == []
