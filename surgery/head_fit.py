@@ -54,21 +54,23 @@ class HeadFit:
 
 
 def fit_head(start, domains: list[Domain], seed: int = 0, max_steps: int = MAX_STEPS, progress=None) -> HeadFit:
-    """Refit `start` ([vocab, hidden]) to the `domains` (see the module doc); every tensor on one device."""
+    """Refit `start` ([vocab, hidden]) to the `domains` (see the module doc); every tensor on one device.
+    Memory beyond the domains' tensors: a copy of the held-back tokens and of one minibatch."""
     import torch
 
     from surgery.seeds import derive
 
-    parts = []  # per domain: (the tokens fitted, the tokens held back), each a Domain of contiguous rows
+    parts = []  # per domain: (the rows fitted, the tokens held back as a Domain of their own)
     for index, domain in enumerate(domains):
         count = int(domain.merged.shape[0])
         order = torch.randperm(count, generator=torch.Generator().manual_seed(derive(seed, "head_fit", index)))
         order = order.to(domain.merged.device)
         held = max(1, int(HELD_BACK * count)) if count > 1 else 0
-        merged, expert = domain.merged[order].float(), domain.expert[order].float()
-        parts.append((Domain(merged[held:], expert[held:], domain.head.float()),
-                      Domain(merged[:held], expert[:held], domain.head.float())))
-    buffers = _Buffers(start, max(int(d.merged.shape[0]) for pair in parts for d in pair))
+        whole = Domain(domain.merged.float(), domain.expert.float(), domain.head.float())
+        parts.append((_Rows(whole, order[held:]), Domain(whole.merged[order[:held]], whole.expert[order[:held]],
+                                                        whole.head)))
+    buffers = _Buffers(start, max(max(min(BATCH_TOKENS, len(rows.rows)), int(held.merged.shape[0]))
+                                  for rows, held in parts))
     weight = torch.nn.Parameter(start.detach().float().clone())
     optimizer = torch.optim.Adam([weight], lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_steps))
@@ -81,7 +83,7 @@ def fit_head(start, domains: list[Domain], seed: int = 0, max_steps: int = MAX_S
         first = held_kl(weight)
     best = (first, 0, weight.detach().clone())
     for step in range(1, max_steps + 1):
-        weight.grad = sum(_kl(weight.detach(), _batch(fitted, draw), buffers, grad=True)
+        weight.grad = sum(_kl(weight.detach(), fitted.batch(draw), buffers, grad=True)
                           for fitted, _ in parts) / len(parts)
         optimizer.step()
         schedule.step()
@@ -107,15 +109,21 @@ def planned_products(vocab: int, hidden: int, domains: int) -> int:
     return MAX_STEPS * 3 * domains * BATCH_TOKENS * vocab * hidden
 
 
-def _batch(domain: Domain, draw) -> Domain:
-    """BATCH_TOKENS of `domain`'s rows, drawn without replacement (all of them when it has no more)."""
-    import torch
+@dataclass
+class _Rows:
+    """A domain's fitted tokens: row indices into its tensors, which are never copied whole."""
 
-    count = int(domain.merged.shape[0])
-    if count <= BATCH_TOKENS:
-        return domain
-    rows = torch.randperm(count, generator=draw)[:BATCH_TOKENS].to(domain.merged.device)
-    return Domain(domain.merged[rows], domain.expert[rows], domain.head)
+    domain: Domain
+    rows: object  # LongTensor
+
+    def batch(self, draw) -> Domain:
+        """BATCH_TOKENS of the rows, drawn without replacement (all of them when there are no more)."""
+        import torch
+
+        rows = self.rows
+        if len(rows) > BATCH_TOKENS:
+            rows = rows[torch.randperm(len(rows), generator=draw)[:BATCH_TOKENS].to(rows.device)]
+        return Domain(self.domain.merged[rows], self.domain.expert[rows], self.domain.head)
 
 
 class _Buffers:

@@ -280,7 +280,7 @@ def fit_merged_head(runs: MergedInputs, tensor, start, hidden, merged_runner):
         extra["norm"][batch_mask(merged_runner, batch, rows)].float()), norm_only=True)
     experts = {e.name for e in runs.merge.experts}
     domains = []
-    for member, (indices, member_runner) in zip(runs.members, runs.runs):
+    for member, (indices, member_runner) in zip(runs.members, runs.runs):  # each batch's rows are let go once joined
         if member.name not in experts or not indices:
             continue
         own = runner_for(ModelWeights.from_checkpoint(member.checkpoint), member_runner.batches, runs.settings,
@@ -291,8 +291,8 @@ def fit_merged_head(runs: MergedInputs, tensor, start, hidden, merged_runner):
             extra["norm"][batch_mask(own, batch, rows)].float()), norm_only=True)
         last.close()
         head = member.checkpoint.read(tensor.recipe.source_name).float()
-        domains.append(Domain(torch.cat([torch.cat(features[i]) for i in indices]).to(device),
-                              torch.cat([torch.cat(mine[b]) for b in range(len(indices))]).to(device),
+        domains.append(Domain(torch.cat([torch.cat(features.pop(i)) for i in indices]).to(device),
+                              torch.cat([torch.cat(mine.pop(b)) for b in range(len(indices))]).to(device),
                               head.to(device)))
     tokens = sum(min(BATCH_TOKENS, int(d.merged.shape[0])) for d in domains)
     console.info(f"head fit: {MAX_STEPS} steps on {device}, each about 3 x {tokens} tokens x {start.shape[0]} vocab x "
