@@ -12,8 +12,8 @@ tokens per step, drawn by the one seed rule) with a step size decayed to zero on
 a share of each domain's tokens is held back from the fit, and the step where their KL is lowest is kept.
 
 On the BTX world (docs/merge.md) the held-back KL reached 0.2188 in 23 s with minibatches of 2048 tokens against
-0.2184 in 164 s with full batches of 14746 tokens (constant step 0.03, 600 steps), and the mean ratio to the
-experts fell from 1.107 (no head fit) to the figure in docs/merge.md.
+0.2184 in 164 s with full batches of 14746 tokens (constant step 0.03, 600 steps); the default merge's mean ratio
+to the experts went from 1.107 (no head fit) to 1.067 (bench/results/btx-quality-headfit.md).
 
 Cost: about 3 x tokens x hidden x vocab multiply-adds per step (``step_products``: the experts' logits are
 recomputed in chunks of tokens rather than held, so memory is the heads, the hidden states and one chunk of logits).
