@@ -44,7 +44,7 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
 
     automatic = merge.spec.head_fit is None
     if automatic:
-        merge.spec.head_fit = resolve_head_fit(merge)
+        merge.spec.head_fit = resolve_head_fit(merge, settings)
     plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
     if merge.spec.head_fit and not any(isinstance(t.recipe, RegMeanTensor) and t.recipe.layer is None
                                        for t in plan.tensors):
@@ -65,21 +65,24 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
     return _run_calibrated(merge, plan, Path(out), output, check)
 
 
-def resolve_head_fit(merge: Merge) -> bool:
-    """--head-fit auto: the head of a RegMean++ merge is refitted when the fit costs at most ``AUTO_PRODUCTS``
-    multiply-adds (from the config alone, so --dry-run shows it and every machine decides alike); a fit skipped
-    for its cost is said, with how to run it."""
-    from surgery.head_fit import AUTO_PRODUCTS, BATCH_TOKENS, MAX_STEPS, planned_products
+def resolve_head_fit(merge: Merge, settings: RunSettings) -> bool:
+    """--head-fit auto: the head of a RegMean++ merge is refitted when the fit's cost, from the config alone (so
+    --dry-run shows the decision), is within what ``head_fit.auto_skip_reason`` allows on the device the merge
+    runs on; a fit skipped is said, with why and how to run it."""
+    from surgery.execution.placement import free_gpu_memory
+    from surgery.head_fit import auto_skip_reason
 
     if merge.spec.non_ffn != "regmean++" or merge.config.get("tie_word_embeddings"):
         return False
-    vocab, hidden, domains = int(merge.config["vocab_size"]), int(merge.config["hidden_size"]), len(merge.experts)
-    products = planned_products(vocab, hidden, domains)
-    if products <= AUTO_PRODUCTS:
+    device = settings.placement().device
+    free = None
+    if device.startswith("cuda"):
+        free = free_gpu_memory()[int(device.partition(":")[2] or 0)]
+    reason = auto_skip_reason(int(merge.config["vocab_size"]), int(merge.config["hidden_size"]), len(merge.experts),
+                              merge.spec.calibration_tokens, device, free)
+    if reason is None:
         return True
-    console.note(f"head fit skipped (auto): {MAX_STEPS} steps of 3 x {domains} x {BATCH_TOKENS} tokens x "
-                 f"{vocab} vocab x {hidden} hidden = {products:.2g} multiply-adds, above the {AUTO_PRODUCTS:.0e} it "
-                 "runs by itself; --head-fit runs it (meant for a GPU at this size), --no-head-fit skips it quietly")
+    console.note(f"head fit skipped (auto): {reason}; --head-fit runs it, --no-head-fit skips it quietly")
     return False
 
 
@@ -146,9 +149,9 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
                    "(mergekit's behaviour).")
 @click.option("--head-fit/--no-head-fit", default=None,
               help="After RegMean++, refit the head so the merged model's last hidden states give each expert's "
-                   "next-token distributions on its calibration text. Default: auto, which runs it when it costs at "
-                   "most 1e13 multiply-adds (minutes on a CPU; 800 steps of 3 x 2048 tokens per domain x hidden x "
-                   "vocab) and says so when it skips it.")
+                   "next-token distributions on its calibration text. Default: auto, which runs it when its 800 "
+                   "steps of 3 x 2048 tokens per domain x hidden x vocab multiply-adds are at most 1e13 on a CPU "
+                   "(minutes) or 1e16 on a GPU (and fit in its free memory), and says so when it skips it.")
 @click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts per token.")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", *arch.moe_formats()]), help="Output MoE format.")

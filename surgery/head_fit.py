@@ -29,8 +29,9 @@ LEARNING_RATE = 0.05  # Adam's first step size, decayed on a cosine to 0 at MAX_
 # KL: 0.03 -> 0.2189, 0.05 -> 0.2188, 0.1 -> 0.2196 (800 steps)
 MAX_STEPS = 800
 CHECK_EVERY = 10  # steps between two looks at the held-back KL
-AUTO_PRODUCTS = 10**13  # --head-fit auto runs fits of at most this many multiply-adds: the BTX world's takes 1.9e12
-# (about 25 s on 2 CPU cores); a 32000-token vocabulary at hidden 768 would take 3.6e14
+AUTO_PRODUCTS = {"cpu": 10**13, "cuda": 10**16}  # by device kind: --head-fit auto runs fits of at most this many
+# multiply-adds. The BTX world's takes 1.9e12 (about 25 s on 2 CPU cores); a 32000-token vocabulary takes 3.6e14 at
+# hidden 768 (about an hour there) and 1.9e15 at hidden 4096 (by an operation count a minute on one H100-class GPU)
 CHUNK_ELEMENTS = 2**24  # logits computed at once (tokens x vocab)
 
 
@@ -107,6 +108,33 @@ def step_products(start, domains: list[Domain]) -> int:
 def planned_products(vocab: int, hidden: int, domains: int) -> int:
     """Multiply-adds of a whole fit at most (every domain giving a full minibatch), from the config alone."""
     return MAX_STEPS * 3 * domains * BATCH_TOKENS * vocab * hidden
+
+
+def planned_bytes(vocab: int, hidden: int, domains: int, tokens: int) -> int:
+    """Memory of a fit on its device at most, by a count of its float32 tensors: each domain's expert head; the
+    fitted head, its gradient, Adam's two moments and the best step's copy; each domain's merged and expert hidden
+    states (`tokens` per domain); three chunk buffers of logits."""
+    return 4 * ((domains + 5) * vocab * hidden + 2 * domains * tokens * hidden + 3 * CHUNK_ELEMENTS)
+
+
+def auto_skip_reason(vocab: int, hidden: int, domains: int, tokens: int, device: str,
+                     free_gpu_bytes: int | None = None) -> str | None:
+    """Why ``--head-fit`` auto does not run the fit on `device` (None: it runs): its multiply-adds above the
+    device kind's ``AUTO_PRODUCTS``, or on a GPU its memory above the free share (`free_gpu_bytes`)."""
+    from surgery.execution.placement import GPU_HEADROOM
+    from surgery.units import format_bytes
+
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    products = planned_products(vocab, hidden, domains)
+    cost = (f"{MAX_STEPS} steps of 3 x {domains} x {BATCH_TOKENS} tokens x {vocab} vocab x {hidden} hidden = "
+            f"{products:.2g} multiply-adds")
+    if products > AUTO_PRODUCTS[kind]:
+        limits = f"{AUTO_PRODUCTS['cpu']:.0e} on a CPU, {AUTO_PRODUCTS['cuda']:.0e} on a GPU"
+        return f"{cost}, above what it runs by itself on {device} ({limits})"
+    needed = planned_bytes(vocab, hidden, domains, tokens)
+    if kind == "cuda" and free_gpu_bytes is not None and needed > GPU_HEADROOM * free_gpu_bytes:
+        return f"{cost}, needing about {format_bytes(needed)} of {device}'s {format_bytes(free_gpu_bytes)} free"
+    return None
 
 
 @dataclass

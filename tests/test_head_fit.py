@@ -99,14 +99,30 @@ def test_auto_fits_the_head_when_the_fit_is_cheap(tmp_path, run_cli, models):
 
 
 def test_auto_skips_a_costly_head_fit_and_says_how_to_run_it(tmp_path, run_cli, models, monkeypatch):
-    monkeypatch.setattr(surgery.head_fit, "AUTO_PRODUCTS", 1000)
-    code, _, err = run_cli("merge", tmp_path / "auto", *args(models))
+    monkeypatch.setattr(surgery.head_fit, "AUTO_PRODUCTS", {"cpu": 1000, "cuda": 2000})
+    code, _, err = run_cli("merge", tmp_path / "auto", *args(models, "--device", "cpu"))
     assert code == 0 and "head fit skipped (auto): 800 steps of 3 x 2 x 2048 tokens x" in err
-    assert "above the 1e+03 it runs by itself; --head-fit runs it" in err and "KL to the experts" not in err
+    assert "above what it runs by itself on cpu (1e+03 on a CPU, 2e+03 on a GPU); --head-fit runs it" in err
+    assert "KL to the experts" not in err
     code, _, err = run_cli("merge", tmp_path / "plain", *args(models, "--no-head-fit"))
     assert code == 0 and "head fit" not in err
     auto, plain = (load_file(tmp_path / name / "model.safetensors") for name in ("auto", "plain"))
     assert all(torch.equal(auto[name], plain[name]) for name in plain)
+
+
+def test_auto_decides_by_the_device_kind_and_on_a_gpu_by_its_free_memory():
+    from surgery.head_fit import auto_skip_reason, planned_bytes
+
+    world = dict(vocab=1024, hidden=128, domains=3, tokens=16384)  # the BTX world: 1.9e12 multiply-adds
+    seven_b = dict(vocab=32000, hidden=4096, domains=3, tokens=16384)  # 1.9e15
+    assert auto_skip_reason(**world, device="cpu") is None
+    assert auto_skip_reason(**world, device="cuda:0", free_gpu_bytes=80 * 2**30) is None
+    assert "above what it runs by itself on cpu" in auto_skip_reason(**seven_b, device="cpu")
+    needed = planned_bytes(**seven_b)
+    assert needed == 4 * (8 * 32000 * 4096 + 2 * 3 * 16384 * 4096 + 3 * 2**24)
+    assert auto_skip_reason(**seven_b, device="cuda:1", free_gpu_bytes=80 * 2**30) is None
+    assert "needing about 6.01 GB of cuda:1's 4.29 GB free" in auto_skip_reason(**seven_b, device="cuda:1",
+                                                                           free_gpu_bytes=4 * 2**30)
 
 
 def test_auto_leaves_a_merge_without_a_regmean_head_alone(tmp_path, run_cli, models, tied):
