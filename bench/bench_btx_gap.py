@@ -6,7 +6,7 @@ For each domain d, the held-out loss of expert d on its own domain (the best the
 then of expert d with one group of the merge's non-FFN tensors in place of its own (the embedding, every
 layer's attention, the norms, the head, all of them), and of the merge that keeps expert d's own non-FFN
 (`--non-ffn d`, calibrated routers: what the routing and the mixing of experts cost alone). The merge is
-`surgery merge` with calibrated routers and the given `--non-ffn` (default: the default, regmean++).
+`surgery merge` with calibrated routers and the given `--non-ffn` (default: regmean++), without the head fit.
 Prints one table: loss per domain, and the cost of each swap over the expert's own loss.
 """
 

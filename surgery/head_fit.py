@@ -11,8 +11,8 @@ convex in W. It starts at the RegMean++ head and runs Adam on minibatches (``BAT
 tokens per step, drawn by the one seed rule) with a step size decayed to zero on a cosine over ``MAX_STEPS``;
 a share of each domain's tokens is held back from the fit, and the step where their KL is lowest is kept.
 
-On the BTX world (docs/merge.md) the held-back KL reached 0.2188 in 23 s with minibatches of 2048 tokens against
-0.2184 in 164 s with full batches of 14746 tokens (constant step 0.03, 600 steps); the default merge's mean ratio
+On the BTX world (bench/bench_head_fit.py) the held-back KL reached 0.2187 in 23 s with minibatches of 2048 tokens
+against 0.2184 in 169 s with full batches of 14746 tokens (constant step 0.03, 600 steps); the default merge's mean ratio
 to the experts went from 1.107 (no head fit) to 1.067 (bench/results/btx-quality-headfit.md).
 
 Cost: about 3 x tokens x hidden x vocab multiply-adds per step (``step_products``: the experts' logits are
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 HELD_BACK = 0.1  # share of each domain's tokens never fitted, to choose the step
 BATCH_TOKENS = 2048  # per domain and step; a domain with fewer fitted tokens gives all of them
-LEARNING_RATE = 0.05  # Adam's first step size, decayed on a cosine to 0 at MAX_STEPS; on the BTX world's held-back
-# KL: 0.03 -> 0.2189, 0.05 -> 0.2188, 0.1 -> 0.2196 (800 steps)
+LEARNING_RATE = 0.05  # Adam's first step size, decayed on a cosine to 0 at MAX_STEPS; the BTX world's held-back KL
+# (bench/bench_head_fit.py): 0.03 and 0.05 -> 0.2187, 0.1 -> 0.2196
 MAX_STEPS = 800
 CHECK_EVERY = 10  # steps between two looks at the held-back KL
 AUTO_PRODUCTS = {"cpu": 10**13, "cuda": 10**16}  # by device kind: --head-fit auto runs fits of at most this many
