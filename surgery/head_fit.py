@@ -11,9 +11,9 @@ convex in W. It starts at the RegMean++ head and runs Adam on minibatches (``BAT
 tokens per step, drawn by the one seed rule) with a step size decayed to zero on a cosine over ``MAX_STEPS``;
 a share of each domain's tokens is held back from the fit, and the step where their KL is lowest is kept.
 
-On the BTX world (bench/bench_head_fit.py) the held-back KL reached 0.2187 in 23 s with minibatches of 2048 tokens
-against 0.2184 in 169 s with full batches of 14746 tokens (constant step 0.03, 600 steps); the default merge's mean ratio
-to the experts went from 1.107 (no head fit) to 1.067 (bench/results/btx-quality-headfit.md).
+On the BTX world (bench/bench_head_fit.py) the held-back KL reached 0.2187 in 23 s with minibatches of 2048
+tokens against 0.2184 in 169 s with full batches of 14746 tokens (constant step 0.03, 600 steps); the default
+merge's mean ratio to the experts went from 1.107 (no head fit) to 1.067 (bench/results/btx-quality-headfit.md).
 
 Cost: about 3 x tokens x hidden x vocab multiply-adds per step (``step_products``: the experts' logits are
 recomputed in chunks of tokens rather than held, so memory is the heads, the hidden states and one chunk of logits).
