@@ -44,7 +44,7 @@ from btx_ideas import distilled, with_attention  # noqa: E402  (bench/ is on sys
 
 REGMEAN_PP = "BTX merge, calibrated router, RegMean++ non-FFN (--non-ffn regmean++ --no-head-fit)"
 DEFAULT = ("BTX merge, calibrated router, RegMean++ non-FFN, head refitted to the experts' distributions "
-           "(the default: --head-fit auto runs it at this size)")
+           "(the default: the head fit runs by itself at this size)")
 CALIBRATION_TOKENS = 2048  # per domain, in the calibrated speed rows
 
 
@@ -243,7 +243,7 @@ def render_quality(rows: dict, seconds: dict, world: Path, settings: dict) -> st
     ratio = lambda losses: sum(losses[d] / experts[d] for d in DOMAINS) / len(DOMAINS)  # noqa: E731
     for name, label in (("--non-ffn regmean", "BTX merge, calibrated router, RegMean non-FFN (--non-ffn regmean)"),
                         ("--non-ffn regmean++ --no-head-fit", REGMEAN_PP),
-                        ("the default merge (regmean++, --head-fit auto)", DEFAULT)):
+                        ("the default merge (regmean++, head fit auto)", DEFAULT)):
         if label in rows:  # issue 15's target for a data-aware non-FFN merge
             merged_losses = rows[label]
             checks += [(f"{name} < seed alone and < dense average on every domain",
