@@ -98,11 +98,15 @@ def fit_head(start, domains: list[Domain], seed: int = 0, max_steps: int = MAX_S
     return HeadFit(best[2], first, best[0], best[1], max_steps)
 
 
+def minibatch_tokens(domains: list[Domain]) -> int:
+    """Tokens of one step of ``fit_head``, over all domains (an upper bound: the held-back tokens are not drawn)."""
+    return sum(min(BATCH_TOKENS, int(d.merged.shape[0])) for d in domains)
+
+
 def step_products(start, domains: list[Domain]) -> int:
     """Multiply-adds of one step of ``fit_head``: per token of a minibatch, the merge's logits, the expert's
     logits and the gradient, each tokens x vocab x hidden."""
-    tokens = sum(min(BATCH_TOKENS, int(d.merged.shape[0])) for d in domains)
-    return 3 * tokens * int(start.shape[0]) * int(start.shape[1])
+    return 3 * minibatch_tokens(domains) * int(start.shape[0]) * int(start.shape[1])
 
 
 def planned_products(vocab: int, hidden: int, domains: int) -> int:

@@ -272,7 +272,7 @@ def fit_merged_head(runs: MergedInputs, tensor, start, hidden, merged_runner):
 
     from surgery.execution.session import runner_for
     from surgery.execution.weights import ModelWeights
-    from surgery.head_fit import BATCH_TOKENS, MAX_STEPS, Domain, fit_head, step_products
+    from surgery.head_fit import MAX_STEPS, Domain, fit_head, minibatch_tokens, step_products
 
     device = merged_runner.placement.device
     features = {}
@@ -294,9 +294,9 @@ def fit_merged_head(runs: MergedInputs, tensor, start, hidden, merged_runner):
         domains.append(Domain(torch.cat([torch.cat(features.pop(i)) for i in indices]).to(device),
                               torch.cat([torch.cat(mine.pop(b)) for b in range(len(indices))]).to(device),
                               head.to(device)))
-    tokens = sum(min(BATCH_TOKENS, int(d.merged.shape[0])) for d in domains)
-    console.info(f"head fit: {MAX_STEPS} steps on {device}, each about 3 x {tokens} tokens x {start.shape[0]} vocab x "
-                 f"{start.shape[1]} hidden = {step_products(start, domains) / 1e9:.3g} G multiply-adds")
+    console.info(f"head fit: {MAX_STEPS} steps on {device}, each about 3 x {minibatch_tokens(domains)} tokens x "
+                 f"{start.shape[0]} vocab x {start.shape[1]} hidden = {step_products(start, domains) / 1e9:.3g} G "
+                 "multiply-adds")
     with console.progress("fitting the head", MAX_STEPS, unit_bytes=False) as advance:
         fit = fit_head(start.to(device), domains, seed=runs.merge.spec.router_seed, progress=advance)
     console.info(f"head fit: KL to the experts on held-back calibration tokens {fit.start_kl:.4f} -> {fit.kl:.4f} "

@@ -9,7 +9,8 @@
 
 Memory: one decoder layer's weights in the compute dtype, the hidden states of the token set
 (float32, or the compute dtype when it is 16-bit; in memory or spilled to a file as the budget decides),
-one batch's activations, and the embedding or the head only while they are used. Cost: each layer runs once over the tokens.
+one batch's activations, and the embedding or the head only while they are used. Cost: each layer runs
+once over the tokens.
 See ``surgery.execution.skeleton`` for how transformers' own modules do every computation.
 """
 
@@ -47,7 +48,7 @@ def bound_process_memory() -> None:
     - A bfloat16 matrix product on the CPU goes through oneDNN, which compiles a kernel for every new shape
       and caches it (ONEDNN_PRIMITIVE_CACHE_CAPACITY), as does PyTorch's ideep layer (LRU_CACHE_CAPACITY).
       An MoE layer's experts see a different token count in almost every call, so both caches fill to their
-      default 1024 entries: on the 168M merge in bfloat16, peak RSS 835 -> 685 MiB with 16 entries each, wall
+      default 1024 entries: on the 168M merge in bfloat16, peak RSS 818 -> 669 MiB with 16 entries each, wall
       time unchanged (13.0 vs 13.3 s, two runs each). The capacities are read at the first bfloat16 product,
       so this runs before a runner computes anything.
     """
