@@ -403,6 +403,12 @@ def merge_head_fit_one_model_averaged(d, fx):
                            "--weights", "b=0,c=0"])
 
 
+def merge_yaml_head_fit_not_a_choice(d, fx):
+    experts = fx.experts(d, ("a",))
+    (d / "m.yml").write_text(f"experts:\n  - {{name: a, path: {experts[1].split('=', 1)[1]}}}\nhead_fit: sometimes\n")
+    return run_in_process(["merge", d / "out", "--config", d / "m.yml"])
+
+
 def merge_unknown_yaml_key(d, fx):
     experts = fx.experts(d, ("a",))
     (d / "m.yml").write_text(f"experts:\n  - {{name: a, path: {experts[1].split('=', 1)[1]}}}\nexpert_count: 3\n")
@@ -536,6 +542,8 @@ def argument_cases() -> list[Case]:
         (A, "--weights negative", "merge", merge("--weights", "a=-1"), "weight must be a finite number >= 0"),
         (A, "expert name given twice", "merge", merge("--expert", "a=/elsewhere"), "expert name 'a' is given twice"),
         (A, "unknown key in the merge YAML", "merge", merge_unknown_yaml_key, "unknown key 'expert_count'"),
+        (A, "head_fit in the merge YAML neither auto, true nor false", "merge", merge_yaml_head_fit_not_a_choice,
+         "head_fit: expected auto, true or false, found 'sometimes'"),
         (A, "--keep not below the expert count", "prune", prune("--keep", 4, "--criterion", "random"),
          "--keep 4: must be below the source's 4 experts per MoE layer"),
         (A, "--keep below the top-k without --top-k", "prune", prune("--keep", 1, "--criterion", "random"),
