@@ -43,20 +43,18 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
     from surgery.layouts import convert
 
     automatic = merge.spec.head_fit is None
-    if automatic:
-        merge.spec.head_fit = resolve_head_fit(merge, settings)
+    merge.spec.head_fit = bool(merge.spec.head_fit)
     plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
-    if merge.spec.head_fit and not any(isinstance(t.recipe, RegMeanTensor) and t.recipe.layer is None
-                                       for t in plan.tensors):
-        if automatic:  # --weights left one model's head: nothing to refit
-            merge.spec.head_fit = False
-            plan = convert(build_plan(merge), output.layout)
-        elif merge.config.get("tie_word_embeddings"):
+    regmean_head = any(isinstance(t.recipe, RegMeanTensor) and t.recipe.layer is None for t in plan.tensors)
+    if merge.spec.head_fit and not regmean_head:
+        if merge.config.get("tie_word_embeddings"):
             raise SurgeryError(f"--head-fit: {merge.reference.checkpoint.directory} ties its head to the embedding "
                                "(tie_word_embeddings), so there is no separate head to refit")
-        else:
-            raise SurgeryError("--head-fit refits a RegMean++ head, and only one model's non-FFN weights are averaged "
-                               "here (--weights), so the head is that model's copy")
+        raise SurgeryError("--head-fit refits a RegMean++ head, and only one model's non-FFN weights are averaged "
+                           "here (--weights), so the head is that model's copy")
+    if automatic and regmean_head and merge.spec.non_ffn == "regmean++" and head_fit_affordable(merge, settings):
+        merge.spec.head_fit = True
+        plan = convert(build_plan(merge), output.layout)  # its head's recipe says it is refitted
     unique = {m.checkpoint.directory.resolve(): m.checkpoint.path for m in reversed(merge.members)}
     sources = [unique[key] for key in dict.fromkeys(m.checkpoint.directory.resolve() for m in merge.members)]
     check = PostWriteCheck(sources, exact=False, settings=settings)
@@ -65,15 +63,13 @@ def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), 
     return _run_calibrated(merge, plan, Path(out), output, check)
 
 
-def resolve_head_fit(merge: Merge, settings: RunSettings) -> bool:
-    """--head-fit auto: the head of a RegMean++ merge is refitted when the fit's cost, from the config alone (so
+def head_fit_affordable(merge: Merge, settings: RunSettings) -> bool:
+    """--head-fit auto, for a merge whose head RegMean++ fits: whether the fit's cost, from the config alone (so
     --dry-run shows the decision), is within what ``head_fit.auto_skip_reason`` allows on the device the merge
     runs on; a fit skipped is said, with why and how to run it."""
     from surgery.execution.placement import free_gpu_memory
     from surgery.head_fit import auto_skip_reason
 
-    if merge.spec.non_ffn != "regmean++" or merge.config.get("tie_word_embeddings"):
-        return False
     device = settings.placement().device
     free = None
     if device.startswith("cuda"):

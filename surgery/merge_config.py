@@ -79,7 +79,7 @@ class MergeSpec:
     format_choices: tuple[str, ...] = ()  # with format auto: the formats a mergekit architecture names
     origin: object = None  # mergekit_moe.Origin when read from a mergekit-moe config (its notes)
     head_fit: bool | None = None  # refit the RegMean++ head to the experts' next-token distributions
-    # (surgery.head_fit); None: auto, decided by the merge (btx_merge.resolve_head_fit)
+    # (surgery.head_fit); None: auto, decided by the merge (btx_merge.run_merge, head_fit_affordable)
 
     def names(self) -> list[str]:
         return ([name for name, _ in self.experts] + ([SEED_NAME] if self.seed else [])
