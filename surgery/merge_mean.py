@@ -1,8 +1,8 @@
 """The weighted mean of one tensor across merged models, computed with numpy in blocks of rows.
 
 ``BlockedMean`` is the recipe ``surgery merge`` gives every non-FFN tensor it averages: float32
-arithmetic as ``recipes.WeightedMean`` does it, read ``MEAN_BLOCK_BYTES`` of rows at a time per input,
-with no torch unless an input is float8. The helpers read a block of stored rows straight into numpy
+arithmetic as ``recipes.WeightedMean`` does it, read ``MEAN_BLOCK_BYTES`` of rows at a time per input
+and written a block at a time, with no torch unless an input is float8. The helpers read a block of stored rows straight into numpy
 and widen it to float32.
 """
 
@@ -19,7 +19,8 @@ class BlockedMean(Recipe):
 
     The arithmetic per element is that of ``recipes.WeightedMean`` (x_0 * (w_0/W), then + x_i * (w_i/W)
     in order, every step rounded to float32), done in numpy: a merge of float32/float16 models needs
-    no torch at all. Reading row blocks keeps memory at the output tensor plus two blocks.
+    no torch at all. The writer takes the mean a block of rows at a time (``array_blocks``), so a merge
+    holds a few blocks, never the tensor (a 32k x 4096 embedding: 512 MB in float32).
     """
 
     def __init__(self, checkpoints: list, name: str, weights: list[float], block_bytes: int = MEAN_BLOCK_BYTES):
@@ -65,6 +66,21 @@ class BlockedMean(Recipe):
         return torch.from_numpy(result)
 
     def compute_array(self, dtype):
+        import numpy as np
+
+        from surgery.recipes import NUMPY_FLOATS
+
+        shape = tuple(self.checkpoints[0].info(self.name).shape)
+        result = np.empty(shape, dtype=NUMPY_FLOATS.get(dtype, "float32"))
+        flat, start = result.reshape(shape[0] if shape else 1, -1), 0
+        for block in self.array_blocks(dtype):
+            flat[start:start + len(block)] = block
+            start += len(block)
+        return result
+
+    def array_blocks(self, dtype):
+        """The mean `block_bytes` of float32 rows at a time, in `dtype`: one reused block buffer (and one per
+        stored dtype for the raw values read), never the whole tensor."""
         import math
 
         import numpy as np
@@ -73,16 +89,15 @@ class BlockedMean(Recipe):
 
         shape = tuple(self.checkpoints[0].info(self.name).shape)
         factors = self.factors()
-        result = np.empty(shape, dtype=np.float32)
         rows = shape[0] if shape else 1
         row_elements = math.prod(shape[1:]) if shape else 1
-        flat = result.reshape(rows, row_elements)
         step = max(1, self.block_bytes // (4 * max(row_elements, 1)))
-        product = np.empty((min(step, rows), row_elements), dtype=np.float32)
+        target_buffer = np.empty((min(step, rows), row_elements), dtype=np.float32)
+        product = np.empty_like(target_buffer)
         scratch = {}  # stored dtype -> one reusable block buffer of raw values
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            target = flat[start:stop]
+            target = target_buffer[:stop - start]
             for index, (checkpoint, factor) in enumerate(zip(self.checkpoints, factors)):
                 stored = checkpoint.info(self.name).dtype
                 if stored not in scratch:
@@ -96,7 +111,7 @@ class BlockedMean(Recipe):
                 else:
                     np.multiply(value, factor, out=product[:stop - start])
                     np.add(target, product[:stop - start], out=target)
-        return result if dtype == "F32" else result.astype(NUMPY_FLOATS.get(dtype, "float32"))
+            yield target if dtype == "F32" else target.astype(NUMPY_FLOATS.get(dtype, "float32"))
 
 
 class TokenWeightedMean(BlockedMean):

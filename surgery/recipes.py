@@ -46,6 +46,12 @@ class Recipe:
         """This tensor as a numpy array of safetensors dtype `dtype`; only where `numpy_ready(dtype)`."""
         raise NotImplementedError
 
+    def array_blocks(self, dtype: str):
+        """This tensor as numpy arrays of consecutive rows, in order (what the writer writes; only where
+        `numpy_ready(dtype)`). One block, the whole tensor, unless the recipe computes it block by block, so
+        the writer holds a block and never the tensor. A block may be a buffer reused for the next one."""
+        yield self.compute_array(dtype)
+
 
 NUMPY_FLOATS = {"F32": "float32", "F16": "float16", "F64": "float64"}  # safetensors dtype -> numpy dtype name
 

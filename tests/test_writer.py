@@ -127,6 +127,33 @@ def test_a_nonfinite_input_of_a_computed_tensor_is_named_with_its_file(tmp_path)
     assert str(raised.value).startswith(f"{tmp_path / 'src' / 'model.safetensors'}: tensor 'w' has 1 NaN and 0 Inf")
 
 
+def _two_sources(tmp_path, values_a, values_b):
+    return [_source(tmp_path / name, {"w": value}) for name, value in (("a", values_a), ("b", values_b))]
+
+
+def test_an_averaged_tensor_is_computed_in_blocks_of_rows_and_written_whole(tmp_path):
+    from surgery.merge_mean import BlockedMean
+
+    sources = _two_sources(tmp_path, torch.arange(40.0).reshape(10, 4), torch.ones(10, 4))
+    mean = BlockedMean(sources, "w", [1.0, 3.0], block_bytes=3 * 4 * 4)  # 3 rows of 4 float32 per block
+    assert [len(block) for block in mean.array_blocks("F32")] == [3, 3, 3, 1]
+    writer.write_plan(_plan(sources[0], [OutputTensor("w", (10, 4), "F32", mean)]), tmp_path / "out")
+    expected = torch.arange(40.0).reshape(10, 4) * 0.25 + 0.75
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["w"], expected)
+
+
+def test_a_nonfinite_value_in_a_later_block_of_an_averaged_tensor_is_refused(tmp_path):
+    from surgery.merge_mean import BlockedMean
+
+    values = torch.zeros(10, 4)
+    values[8, 1] = float("inf")
+    sources = _two_sources(tmp_path, values, torch.ones(10, 4))
+    mean = BlockedMean(sources, "w", [1.0, 1.0], block_bytes=3 * 4 * 4)
+    with pytest.raises(SurgeryError, match=r"tensor 'w' has 0 NaN and 1 Inf"):
+        writer.write_plan(_plan(sources[0], [OutputTensor("w", (10, 4), "F32", mean)]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _deferred_plan(source):
     from surgery.recipes import Deferred
 

@@ -102,17 +102,26 @@ def _copy_checked(handle, recipe: Copy, checker: FiniteCheck, scratch: bytearray
 
 
 def _write_array(handle, tensor: OutputTensor, checker: FiniteCheck) -> None:
-    """A tensor computed with numpy (recipe.numpy_ready): checked and written without torch."""
+    """A tensor computed with numpy (recipe.numpy_ready): checked and written without torch, a block of rows at
+    a time as the recipe yields them."""
+    import math
+
     import numpy as np
 
-    array = np.ascontiguousarray(tensor.recipe.compute_array(tensor.dtype))
-    if tuple(array.shape) != tuple(tensor.shape) or array.nbytes != tensor.nbytes:
-        raise AssertionError(f"recipe for {tensor.name} produced {array.dtype} {list(array.shape)}, plan says "
-                             f"{tensor.dtype} {list(tensor.shape)}")
-    data = memoryview(array.reshape(-1)).cast("B")
-    with checking_output(tensor, checker) as where:
-        checker.check_bytes(data, tensor.dtype, where)
-    write_all(handle, data)
+    written, row_shape = 0, tuple(tensor.shape[1:])
+    for block in tensor.recipe.array_blocks(tensor.dtype):
+        block = np.ascontiguousarray(block)
+        if math.prod(block.shape[1:]) != math.prod(row_shape) or written + block.nbytes > tensor.nbytes:
+            raise AssertionError(f"recipe for {tensor.name} produced a {block.dtype} block {list(block.shape)} "
+                                 f"beyond the plan's {tensor.dtype} {list(tensor.shape)}")
+        data = memoryview(block.reshape(-1)).cast("B")
+        with checking_output(tensor, checker) as where:
+            checker.check_bytes(data, tensor.dtype, where)
+        write_all(handle, data)
+        written += block.nbytes
+    if written != tensor.nbytes:
+        raise AssertionError(f"recipe for {tensor.name} produced {written} bytes, plan says {tensor.dtype} "
+                             f"{list(tensor.shape)} ({tensor.nbytes} bytes)")
 
 
 def _write_tensor(handle, tensor: OutputTensor, checker: FiniteCheck) -> None:
