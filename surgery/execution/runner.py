@@ -17,6 +17,7 @@ See ``surgery.execution.skeleton`` for how transformers' own modules do every co
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -52,16 +53,11 @@ def bound_process_memory() -> None:
       time unchanged (13.0 vs 13.3 s, two runs each). The capacities are read at the first bfloat16 product,
       so this runs before a runner computes anything.
     """
-    import ctypes
-    import ctypes.util
-
     for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         os.environ.setdefault(variable, KERNEL_CACHE_ENTRIES)
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
+    if libc is not None:
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 class LayerRunner:
@@ -363,8 +359,27 @@ def _refuse_nonfinite(value, name: str, label: str) -> None:
 
 
 def _release(device: str) -> None:
-    """Return a dropped layer's memory (tensors are freed by reference counting; the CUDA cache is not)."""
+    """Return a dropped layer's memory: tensors are freed by reference counting, but the CUDA cache keeps its
+    blocks, and glibc keeps the free pages inside its heap resident (the small allocations of a layer's run
+    leave 40-60 MiB of them on the 168M merge); malloc_trim hands those back (layer-end RSS 520 -> 470 MiB)."""
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.empty_cache()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, for its allocator's settings; None where the C library is another (nothing to tune there)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # glibc's own calls
+    except (OSError, AttributeError):
+        return None
+    return libc
