@@ -36,6 +36,7 @@ from surgery.io.hashing import TailHasher
 from surgery.io.read_ahead import ReadAhead
 from surgery.io.sharding import Shard, assign_shards, is_deferred, needs_torch
 from surgery.io.tensor_bytes import write_piece
+from surgery.process_memory import bound_process_memory
 from surgery.plan import OutputTensor, Plan
 from surgery.recipes import Joined
 from surgery.safetensors_format import encode_header, read_header
@@ -186,6 +187,7 @@ def _import_torch_in_background(shards: list[Shard]) -> threading.Thread | None:
         except BaseException:  # the main thread's own import reports any real problem
             pass
 
+    bound_process_memory()  # before the thread allocates: one malloc arena for the process
     thread = threading.Thread(target=load, name="import-torch", daemon=True)
     thread.start()
     return thread

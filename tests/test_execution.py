@@ -441,3 +441,86 @@ def test_collected_rows_come_back_grouped_by_domain_in_batch_order_and_are_let_g
     assert inputs[:, 0].tolist() == [1.0] * 2 + [3.0] * 4 + [0.0] * 1 + [2.0] * 3
     assert labels.tolist() == [0] * 6 + [1] * 4
     assert collect.parts == []
+
+
+def _reads(monkeypatch):
+    """The names of the tensors ModelWeights materializes, in order, recorded as the runner asks."""
+    names = []
+    original = ModelWeights.materialize
+
+    def materialize(self, tensors, dtype, device):
+        names.extend(tensor.name for tensor in tensors)
+        return original(self, tensors, dtype, device)
+    monkeypatch.setattr(ModelWeights, "materialize", materialize)
+    return names
+
+
+def test_a_pass_stopped_at_the_router_input_reads_no_weight_of_the_mlp_block(models, monkeypatch):
+    """The router fit's pass runs without the MoE block (most of a layer); a full run reads the block then."""
+    from surgery.execution.session import Collect, router_input_probe
+
+    with Checkpoint.open(models("mixtral")) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        family = weights.family
+        runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        hidden = runner.embed()
+        names = _reads(monkeypatch)
+        with runner.layer(0) as session:
+            session.run(hidden, [router_input_probe(family, Collect())], stop_after=family.router_input)
+            stopped = list(names)
+            session.run(hidden)
+        assert stopped and not any(name.startswith(family.router_input + ".") for name in stopped)
+        assert any(name.startswith(family.router_input + ".experts") for name in names[len(stopped):])
+
+
+def test_a_router_set_before_its_block_is_read_is_the_one_the_layer_runs_with(models):
+    with Checkpoint.open(models("mixtral")) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        router = weights.family.router_input + ".gate.weight"
+        shape = next(tensor.shape for tensor in weights.layer_tensors(0) if tensor.name == router)
+        rows = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        hidden = runner.embed()
+        outputs = []
+        for read_first in (False, True):
+            with runner.layer(0) as session:
+                if read_first:
+                    session.parameter(router)  # the whole layer is read
+                session.set_parameter(router, rows)
+                outputs.append(session.run(hidden))
+        with runner.layer(0) as session:
+            untouched = session.run(hidden)
+        for index in range(len(batches())):
+            assert torch.equal(outputs[0].get(index), outputs[1].get(index))
+            assert not torch.equal(outputs[0].get(index), untouched.get(index))
+
+
+def test_a_taken_batch_leaves_a_store_held_in_memory():
+    store = HiddenStore()
+    for batch in (0, 1):
+        store.put(batch, torch.full((2, 3), float(batch)))
+    assert store.take(0).tolist() == [[0.0] * 3] * 2
+    assert store.nbytes == 2 * 3 * 4
+    assert store.get(1).tolist() == [[1.0] * 3] * 2
+
+
+def test_a_spilled_store_still_reads_a_taken_batch_from_its_file(tmp_path):
+    store = HiddenStore(tmp_path)
+    store.put(0, torch.ones(2, 3))
+    assert store.take(0).tolist() == store.get(0).tolist() == [[1.0] * 3] * 2
+    store.close()
+
+
+def test_the_process_memory_bounds_leave_a_setting_the_user_made():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ['LRU_CACHE_CAPACITY'] = '5'\n"
+            "from surgery.process_memory import bound_process_memory; bound_process_memory()\n"
+            "print(os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
+    unset = {name: value for name, value in os.environ.items()
+             if name not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=unset)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["5", "16"]

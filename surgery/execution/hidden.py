@@ -97,6 +97,13 @@ class HiddenStore:
             value = torch.frombuffer(raw, dtype=kept).reshape(shape)
         return value.to(device=device, dtype=dtype or torch.float32)
 
+    def take(self, batch: int, device: str = "cpu", dtype=None):
+        """``get`` for the last read of a batch: held in memory, it is dropped from the store (a spilled one
+        stays in the file, removed with it)."""
+        value = self.get(batch, device, dtype)
+        self._memory.pop(batch, None)
+        return value
+
     def close(self) -> None:
         self._memory.clear()
         if self._fd is not None:

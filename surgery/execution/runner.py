@@ -17,7 +17,6 @@ See ``surgery.execution.skeleton`` for how transformers' own modules do every co
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import tempfile
 from pathlib import Path
@@ -30,34 +29,11 @@ from surgery.execution.layer_calls import rows_of, shared
 from surgery.execution.placement import Placement
 from surgery.execution.probes import StopLayer, gathered_probes, probe_hooks
 from surgery.execution.weights import ModelWeights
+from surgery.process_memory import bound_process_memory, trim_heap
 
 HEAD_CHUNK_BYTES = 64 * 2**20  # logits computed at once per model (rows x T x vocab x 4 bytes)
 CALL_TOKENS = 256  # tokens of a batch run through a layer at once: one call's activations; on the 168M merge in
 # bfloat16 on 2 CPU cores, 256 ran 8-12 % faster than 512 (4 interleaved runs each) and 2048 slower still
-
-
-MMAP_THRESHOLD = 2**20  # bytes: larger allocations get their own mapping, returned to the system when freed
-KERNEL_CACHE_ENTRIES = "16"  # oneDNN primitives and PyTorch's ideep computations kept for reuse (each default: 1024)
-
-
-def bound_process_memory() -> None:
-    """Two process settings that keep peak RSS flat across layers; each is only set when the user has not.
-
-    - glibc raises its mmap threshold after large blocks are freed, so the next layers' tensors come from a
-      heap it never shrinks and peak RSS creeps up layer after layer; a fixed threshold keeps every large
-      tensor in its own mapping, unmapped when freed (measured on the 168M merge: peak RSS 1115 -> 933 MiB).
-    - A bfloat16 matrix product on the CPU goes through oneDNN, which compiles a kernel for every new shape
-      and caches it (ONEDNN_PRIMITIVE_CACHE_CAPACITY), as does PyTorch's ideep layer (LRU_CACHE_CAPACITY).
-      An MoE layer's experts see a different token count in almost every call, so both caches fill to their
-      default 1024 entries: on the 168M merge in bfloat16, peak RSS 818 -> 669 MiB with 16 entries each, wall
-      time unchanged (13.0 vs 13.3 s, two runs each). The capacities are read at the first bfloat16 product,
-      so this runs before a runner computes anything.
-    """
-    for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-        os.environ.setdefault(variable, KERNEL_CACHE_ENTRIES)
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
 
 
 class LayerRunner:
@@ -138,20 +114,29 @@ class LayerRunner:
 
     @contextlib.contextmanager
     def layer(self, layer: int):
-        """Decoder layer `layer` with its weights on the device, for the duration of the block."""
+        """Decoder layer `layer` with its weights on the device, for the duration of the block.
+
+        The weights of the block the router reads (``Family.router_input``: the MLP or MoE block, most of a
+        layer) are read when first needed: a pass stopped at that block's input (a router fit's) runs without
+        them, so the fit's data and the experts are never in memory together, and a last layer whose output
+        nobody reads never has them read at all."""
         tensors = self.weights.layer_tensors(layer)
         self.skeleton.check_layer(layer, tensors)
-        state = self.weights.materialize(tensors, self.placement.dtype, self.placement.device)
-        for name, value in state.items():
-            _refuse_nonfinite(value, f"layer {layer} {name}", self.weights.label)
-        module = self.skeleton.materialize(layer, state)
-        del state
-        session = LayerSession(self, layer, module)
+        block = self.weights.family.router_input + "."
+        session = LayerSession(self, layer, self._load(layer, [t for t in tensors if not t.name.startswith(block)]),
+                               [t for t in tensors if t.name.startswith(block)])
         try:
             yield session
         finally:
-            del session.module, module
+            session.close()
             _release(self.placement.device)
+
+    def _load(self, layer: int, tensors: list, module=None):
+        """A copy of decoder layer `layer` holding `tensors` (into `module`, a partly loaded one, if given)."""
+        state = self.weights.materialize(tensors, self.placement.dtype, self.placement.device)
+        for name, value in state.items():
+            _refuse_nonfinite(value, f"layer {layer} {name}", self.weights.label)
+        return self.skeleton.materialize(layer, state, module)
 
     def forward(self, visit: Callable | None = None, last: int | None = None, keep_inputs: bool = False,
                 final_output: bool = True, description: str = "running layers", before_layer: Callable | None = None):
@@ -174,7 +159,7 @@ class LayerRunner:
                     session.needs_output = layer < last or final_output
                     result = visit(layer, session, hidden) if visit else None
                     if result is None and session.needs_output:
-                        result = session.run(hidden)
+                        result = session.run(hidden, consume=not keep_inputs)
                 if keep_inputs:
                     kept.append(hidden)
                 else:
@@ -226,21 +211,52 @@ def heads(runs: list, consume: Callable, *, grad: bool = False, norm_output: boo
 
 
 class LayerSession:
-    """One materialized decoder layer and the passes that use it."""
+    """One materialized decoder layer and the passes that use it. Its router-input block is loaded at the
+    first use that needs it (``module``, a pass not stopped at that block, ``parameter``)."""
 
-    def __init__(self, runner: LayerRunner, layer: int, module):
-        self.runner, self.layer, self.module = runner, layer, module
+    def __init__(self, runner: LayerRunner, layer: int, module, pending: list):
+        self.runner, self.layer = runner, layer
+        self._module, self._pending, self._overrides = module, pending, {}
         self.needs_output = True  # whether the next layer (or the head) will read this layer's output
         self._attention: HiddenStore | None = None  # kept by a stopped pass (runner.reuse_attention)
+
+    @property
+    def module(self):
+        """The decoder layer with all its weights."""
+        if self._pending:
+            import torch
+
+            pending, self._pending = self._pending, []
+            module = self.runner._load(self.layer, pending, self._module)
+            if any(parameter.is_meta for parameter in module.parameters()):
+                raise AssertionError(f"layer {self.layer}: weights left unread")
+            with torch.no_grad():
+                for name, value in self._overrides.items():
+                    parameter = module.get_parameter(name)
+                    parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
+            self._overrides = {}
+        return self._module
+
+    def _module_for(self, stop_after: str | None):
+        """The layer as a pass stopped at `stop_after` needs it: without its router-input block when the pass
+        stops at that block's input."""
+        return self._module if stop_after == self.runner.weights.family.router_input else self.module
+
+    def close(self) -> None:
+        self._module, self._pending, self._overrides = None, [], {}
 
     def parameter(self, name: str):
         return self.module.get_parameter(name)
 
     def set_parameter(self, name: str, value) -> None:
+        """Set a weight of the layer; one in the block not loaded yet is set when the block is loaded."""
         import torch
 
+        if any(name == t.name for t in self._pending):
+            self._overrides[name] = value.detach().clone()
+            return
         with torch.no_grad():
-            parameter = self.module.get_parameter(name)
+            parameter = self._module.get_parameter(name)
             parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
 
     def _chunks(self, index: int, rows: int):
@@ -263,13 +279,14 @@ class LayerSession:
         import torch
 
         mask = self.runner.batches[index].attention_mask.to(self.runner.placement.device).bool()
+        module = self._module_for(stop_after)
         outputs, stopped = [], False
         with gathered_probes(probes, index) as gathered:
             for part, (args, kwargs) in self._chunks(index, int(hidden.shape[0])):
-                with probe_hooks(self.module, gathered, mask[part].reshape(-1), stop_after), \
-                        self._attention_kept(attention, None if replay is None else replay[part]):
+                with probe_hooks(module, gathered, mask[part].reshape(-1), stop_after), \
+                        self._attention_kept(module, attention, None if replay is None else replay[part]):
                     try:
-                        output = self.module(hidden[part], *args, **kwargs)
+                        output = module(hidden[part], *args, **kwargs)
                     except StopLayer:
                         stopped = True
                         continue
@@ -277,13 +294,13 @@ class LayerSession:
         return None if stopped else torch.cat(outputs)
 
     @contextlib.contextmanager
-    def _attention_kept(self, sink: list | None, replay):
+    def _attention_kept(self, module, sink: list | None, replay):
         """Keep the attention module's output in `sink`, or return `replay` in place of computing it (its
         second output, the attention weights, is None: the decoder layers discard it)."""
         if sink is None and replay is None:
             yield
             return
-        attention = self.module.get_submodule(self.runner.weights.family.attention_module)
+        attention = module.get_submodule(self.runner.weights.family.attention_module)
         if replay is not None:
             attention.forward = lambda *args, **kwargs: (replay, None)
             try:
@@ -297,10 +314,12 @@ class LayerSession:
         finally:
             handle.remove()
 
-    def run(self, hidden: HiddenStore, probes: tuple | list = (), outputs: bool = True, stop_after: str | None = None):
+    def run(self, hidden: HiddenStore, probes: tuple | list = (), outputs: bool = True, stop_after: str | None = None,
+            consume: bool = False):
         """Every batch through this layer; returns the output hidden states (None when `outputs` is
         False). `stop_after`: a module path; each batch's pass stops once that module's input has
-        been seen by the probes (what comes after it is not computed)."""
+        been seen by the probes (what comes after it is not computed). `consume`: `hidden` is not read
+        again, so each batch's input is dropped once it has run (the outputs take its place)."""
         import torch
 
         runner = self.runner
@@ -311,10 +330,11 @@ class LayerSession:
         placement = runner.placement
         with torch.no_grad():
             for index in range(len(runner.batches)):
-                value = hidden.get(index, placement.device, placement.dtype)
+                value = (hidden.take if consume else hidden.get)(index, placement.device, placement.dtype)
                 pieces = [] if keep else None
                 result = self.call(index, value, probes, stop_after, attention=pieces,
-                                   replay=None if replay is None else replay.get(index, placement.device, placement.dtype))
+                                   replay=None if replay is None else replay.take(index, placement.device, placement.dtype))
+                del value
                 if out is not None:
                     out.put(index, result)
                 if keep:
@@ -360,26 +380,9 @@ def _refuse_nonfinite(value, name: str, label: str) -> None:
 
 def _release(device: str) -> None:
     """Return a dropped layer's memory: tensors are freed by reference counting, but the CUDA cache keeps its
-    blocks, and glibc keeps the free pages inside its heap resident (the small allocations of a layer's run
-    leave 40-60 MiB of them on the 168M merge); malloc_trim hands those back (layer-end RSS 520 -> 470 MiB)."""
+    blocks, and glibc the free pages inside its heap (``process_memory.trim_heap``)."""
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.empty_cache()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    """glibc, for its allocator's settings; None where the C library is another (nothing to tune there)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim  # glibc's own calls
-    except (OSError, AttributeError):
-        return None
-    return libc
+    trim_heap()

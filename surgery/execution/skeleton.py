@@ -76,6 +76,10 @@ def import_in_background(model_type: str):
     warms the import cache: any failure is left for the real import to report. Returns the thread."""
     import threading
 
+    from surgery.process_memory import bound_process_memory
+
+    bound_process_memory()  # before the thread allocates: one malloc arena for the process
+
     def work():
         try:
             import transformers
@@ -141,10 +145,13 @@ class Skeleton:
             raise SurgeryError(f"{self.label}: layer {layer} does not match transformers' "
                                f"{type(self.templates[layer]).__name__} ({details})")
 
-    def materialize(self, layer: int, state: dict):
-        """A real copy of decoder layer `layer` holding `state` (names relative to the layer)."""
-        module = copy.deepcopy(self.templates[layer])
-        module.load_state_dict(state, strict=True, assign=True)
+    def materialize(self, layer: int, state: dict, module=None):
+        """A real copy of decoder layer `layer` holding `state` (names relative to the layer), or `module` (such
+        a copy) given more of its weights. Weights not in `state` stay on the meta device until given."""
+        module = copy.deepcopy(self.templates[layer]) if module is None else module
+        unexpected = module.load_state_dict(state, strict=False, assign=True).unexpected_keys
+        if unexpected:
+            raise AssertionError(f"layer {layer}: {unexpected[:3]} are not weights of the layer")
         for parameter in module.parameters():
             parameter.requires_grad_(False)
         return module.eval()
