@@ -1,9 +1,9 @@
 """The weighted mean of one tensor across merged models, computed with numpy in blocks of rows.
 
 ``BlockedMean`` is the recipe ``surgery merge`` gives every non-FFN tensor it averages: float32
-arithmetic as ``recipes.WeightedMean`` does it, read ``MEAN_BLOCK_BYTES`` of rows at a time per input
-and written a block at a time, with no torch unless an input is float8. The helpers read a block of stored rows straight into numpy
-and widen it to float32.
+arithmetic as ``recipes.WeightedMean`` does it, read ``MEAN_BLOCK_BYTES`` of rows at a time per input and
+written a block at a time, with no torch unless an input is float8. The helpers read a block of stored rows
+straight into numpy and widen it to float32.
 """
 
 from __future__ import annotations
