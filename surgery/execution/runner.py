@@ -224,17 +224,13 @@ class LayerSession:
     def module(self):
         """The decoder layer with all its weights."""
         if self._pending:
-            import torch
-
             pending, self._pending = self._pending, []
             module = self.runner._load(self.layer, pending, self._module)
             if any(parameter.is_meta for parameter in module.parameters()):
                 raise AssertionError(f"layer {self.layer}: weights left unread")
-            with torch.no_grad():
-                for name, value in self._overrides.items():
-                    parameter = module.get_parameter(name)
-                    parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
-            self._overrides = {}
+            overrides, self._overrides = self._overrides, {}
+            for name, value in overrides.items():
+                self.set_parameter(name, value)
         return self._module
 
     def _module_for(self, stop_after: str | None):
