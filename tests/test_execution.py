@@ -405,7 +405,7 @@ def test_no_calibrating_or_verifying_path_loads_a_whole_model(models, tmp_path, 
 def test_batches_run_in_row_chunks_give_the_same_logits_and_probe_rows(models, monkeypatch):
     """A batch goes through a layer a few rows at a time (bounded activations); masks are cut with the rows,
     and probes still receive each batch's real tokens once, in order."""
-    from surgery.execution import runner as runner_module
+    from surgery.execution import layer_session as runner_module
     from surgery.execution.probes import Probe
 
     directory = models("qwen2_moe")
@@ -448,10 +448,17 @@ def _reads(monkeypatch):
     names = []
     original = ModelWeights.materialize
 
+    one_expert = ModelWeights.materialize_expert
+
     def materialize(self, tensors, dtype, device):
         names.extend(tensor.name for tensor in tensors)
         return original(self, tensors, dtype, device)
+
+    def materialize_expert(self, tensors, expert, dtype, device):
+        names.extend(f"{tensor.name}[{expert}]" for tensor in tensors)
+        return one_expert(self, tensors, expert, dtype, device)
     monkeypatch.setattr(ModelWeights, "materialize", materialize)
+    monkeypatch.setattr(ModelWeights, "materialize_expert", materialize_expert)
     return names
 
 

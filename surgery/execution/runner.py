@@ -17,23 +17,21 @@ See ``surgery.execution.skeleton`` for how transformers' own modules do every co
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from surgery import console
 from surgery.errors import SurgeryError
+from surgery.execution.expert_stream import ExpertLayout, expert_layout, streamable
 from surgery.execution.hidden import HiddenStore, MemoryBudget
-from surgery.execution.layer_calls import rows_of, shared
+from surgery.execution.layer_calls import shared
+from surgery.execution.layer_session import LayerSession
 from surgery.execution.placement import Placement
-from surgery.execution.probes import StopLayer, gathered_probes, probe_hooks
 from surgery.execution.weights import ModelWeights
 from surgery.process_memory import bound_process_memory, trim_heap
 
 HEAD_CHUNK_BYTES = 64 * 2**20  # logits computed at once per model (rows x T x vocab x 4 bytes)
-CALL_TOKENS = 256  # tokens of a batch run through a layer at once: one call's activations; on the 168M merge in
-# bfloat16 on 2 CPU cores, 256 ran 8-12 % faster than 512 (4 interleaved runs each) and 2048 slower still
 
 
 class LayerRunner:
@@ -49,25 +47,77 @@ class LayerRunner:
         self.num_layers = weights.num_layers
         element = placement.element_size
         self.layer_bytes = weights.largest_layer_bytes(element)
+        self.expert_layouts = {layer: expert_layout(weights.layer_tensors(layer), element)
+                               for layer in range(self.num_layers)}
         top = max(weights.nbytes(weights.top_tensors(role), element) for role in ("embed", "lm_head"))
         hidden = int(weights.config["hidden_size"])
         hidden_bytes = sum(int(b.input_ids.numel()) for b in batches) * hidden * min(4, element)  # see HiddenStore
-        on_cpu = placement.device == "cpu"
-        weights_in_ram = (max(self.layer_bytes[1], top) if on_cpu else 0)
-        if weights_in_ram > budget.limit:
-            layer, size = self.layer_bytes
-            what = f"layer {layer} needs {format_bytes(size)}" if size >= top else f"the embedding needs {format_bytes(top)}"
-            raise SurgeryError(f"{budget.text} is too small to run one layer of {weights.label}: {what} in "
-                               f"{placement.dtype_name}")
         self.reuse_attention = reuse_attention
         stores = (self.num_layers + 2 if keep_layer_inputs else 2) + (1 if reuse_attention else 0)
+        self.stream_experts, in_memory, weights_in_ram = self._placement(
+            budget, top, stores * hidden_bytes, (2 if reuse_attention else 3) * hidden_bytes)
         self.spill_dir = None
-        if weights_in_ram + stores * hidden_bytes > budget.limit:
+        if not in_memory:
             self.spill_dir = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
             console.info(f"hidden states ({format_bytes(stores * hidden_bytes)}) do not fit in {budget.text} beside "
                          f"one layer: spilled to a temporary file in {self.spill_dir}")
+        if self.stream_experts and weights_in_ram < self.layer_bytes[1] and self.layer_bytes[1] > budget.limit:
+            console.info(f"layer {self.layer_bytes[0]} ({format_bytes(self.layer_bytes[1])} in "
+                         f"{placement.dtype_name}) does not fit in {budget.text}: its experts are read one at a time")
         self._skeleton = None
         self._calls: list | None = None  # per batch: [(args, kwargs)] per layer
+
+    def _placement(self, budget: MemoryBudget, top: int, stores: int, stream_stores: int) -> tuple[bool, bool, int]:
+        """(experts read one at a time, hidden states in memory, weights in memory at once) for a full pass:
+        the smallest footprint that keeps the hidden states in memory, else the smallest with them spilled.
+        Reading experts one at a time (``expert_stream``) needs one expert instead of all, and `stream_stores`
+        more hidden states; on a GPU, which holds the weights, experts are read together."""
+        from surgery.units import format_bytes
+
+        on_cpu = self.placement.device == "cpu"
+        whole = self.layer_bytes[1]
+        streamed = max(layout.other_bytes + layout.expert_bytes if layout and layout.count > 1 else
+                       self.weights.nbytes(self.weights.layer_tensors(layer), self.placement.element_size)
+                       for layer, layout in self.expert_layouts.items())
+        if not on_cpu:  # the weights are on the GPU: only the hidden states take CPU memory
+            return False, stores <= budget.limit, 0
+        options = [(False, whole)] + ([(True, streamed)] if streamed < whole else [])
+        for in_memory in (True, False):
+            fits = []
+            for streams, weights in options:
+                hidden = (stores + (stream_stores if streams else 0)) if in_memory else 0
+                if max(weights, top) + hidden <= budget.limit:  # the embedding or head runs when no layer is read
+                    fits.append((weights + hidden, streams, weights))
+            if fits:
+                _, streams, weights = min(fits)
+                return streams, in_memory, weights
+        layer, size = self.layer_bytes
+        what = f"layer {layer} needs {format_bytes(size)}" if size >= top else f"the embedding needs {format_bytes(top)}"
+        if streamed < size and size >= top:
+            what += f" ({format_bytes(max(streamed, top))} with its experts read one at a time)"
+        raise SurgeryError(f"{budget.text} is too small to run one layer of {self.weights.label}: {what} in "
+                           f"{self.placement.dtype_name}")
+
+    def streamed_experts(self, layer: int, pending: list, probes) -> ExpertLayout | None:
+        """The layer's experts, when a full pass reads them one at a time: the runner chose to, they are not
+        read yet, and no probe looks inside them."""
+        layout = self.expert_layouts.get(layer)
+        if not self.stream_experts or layout is None or layout.count < 2:
+            return None
+        if not set(layout.names) <= {tensor.name for tensor in pending}:
+            return None
+        if any(probe.module == layout.module or probe.module.startswith(layout.module + ".") for probe in probes):
+            return None
+        template = self.skeleton.templates[layer].get_submodule(layout.module)
+        return layout if streamable(template, layout) else None
+
+    def load_expert(self, layer: int, layout: ExpertLayout, expert: int) -> dict:
+        """Expert `expert`'s [1, ...] slices of the layer's fused expert tensors, on the device."""
+        tensors = [tensor for tensor in self.weights.layer_tensors(layer) if tensor.name in layout.names]
+        state = self.weights.materialize_expert(tensors, expert, self.placement.dtype, self.placement.device)
+        for name, value in state.items():
+            _refuse_nonfinite(value, f"layer {layer} {name} (expert {expert})", self.weights.label)
+        return state
 
     # ---------------------------------------------------------------- pieces
     @property
@@ -208,161 +258,6 @@ def heads(runs: list, consume: Callable, *, grad: bool = False, norm_output: boo
                 consume(index, part, logits, extras)
     del states
     _release(placement.device)
-
-
-class LayerSession:
-    """One materialized decoder layer and the passes that use it. Its router-input block is loaded at the
-    first use that needs it (``module``, a pass not stopped at that block, ``parameter``)."""
-
-    def __init__(self, runner: LayerRunner, layer: int, module, pending: list):
-        self.runner, self.layer = runner, layer
-        self._module, self._pending, self._overrides = module, pending, {}
-        self.needs_output = True  # whether the next layer (or the head) will read this layer's output
-        self._attention: HiddenStore | None = None  # kept by a stopped pass (runner.reuse_attention)
-
-    @property
-    def module(self):
-        """The decoder layer with all its weights."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            module = self.runner._load(self.layer, pending, self._module)
-            if any(parameter.is_meta for parameter in module.parameters()):
-                raise AssertionError(f"layer {self.layer}: weights left unread")
-            overrides, self._overrides = self._overrides, {}
-            for name, value in overrides.items():
-                self.set_parameter(name, value)
-        return self._module
-
-    def _module_for(self, stop_after: str | None):
-        """The layer as a pass stopped at `stop_after` needs it: without its router-input block when the pass
-        stops at that block's input."""
-        return self._module if stop_after == self.runner.weights.family.router_input else self.module
-
-    def close(self) -> None:
-        self._module, self._pending, self._overrides = None, [], {}
-
-    def parameter(self, name: str):
-        return self.module.get_parameter(name)
-
-    def set_parameter(self, name: str, value) -> None:
-        """Set a weight of the layer; one in the block not loaded yet is set when the block is loaded."""
-        import torch
-
-        if any(name == t.name for t in self._pending):
-            self._overrides[name] = value.detach().clone()
-            return
-        with torch.no_grad():
-            parameter = self._module.get_parameter(name)
-            parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
-
-    def _chunks(self, index: int, rows: int):
-        """Row slices of batch `index` run at once: at most CALL_TOKENS tokens, so one call's activations stay
-        small whatever the batch; the arguments the model passes are sliced along the batch rows."""
-        length = int(self.runner.batches[index].input_ids.shape[1])
-        step = max(1, CALL_TOKENS // max(1, length))
-        args, kwargs = self.runner._calls[index][self.layer]
-        for start in range(0, rows, step):
-            part = slice(start, min(rows, start + step))
-            whole = part.start == 0 and part.stop == rows
-            yield part, (args, kwargs) if whole else (rows_of(args, part, rows), rows_of(kwargs, part, rows))
-
-    def call(self, index: int, hidden, probes: tuple | list = (), stop_after: str | None = None,
-             attention: list | None = None, replay=None):
-        """Batch `index` (its hidden states `hidden`, on the device) through this layer, probes attached;
-        each probe sees the batch's real tokens once. Returns the layer's output, or None when `stop_after`
-        stopped the pass. `attention`: a list that receives the attention output of each row chunk;
-        `replay`: the batch's attention output, used instead of computing it."""
-        import torch
-
-        mask = self.runner.batches[index].attention_mask.to(self.runner.placement.device).bool()
-        module = self._module_for(stop_after)
-        outputs, stopped = [], False
-        with gathered_probes(probes, index) as gathered:
-            for part, (args, kwargs) in self._chunks(index, int(hidden.shape[0])):
-                with probe_hooks(module, gathered, mask[part].reshape(-1), stop_after), \
-                        self._attention_kept(module, attention, None if replay is None else replay[part]):
-                    try:
-                        output = module(hidden[part], *args, **kwargs)
-                    except StopLayer:
-                        stopped = True
-                        continue
-                outputs.append(output[0] if isinstance(output, tuple) else output)
-        return None if stopped else torch.cat(outputs)
-
-    @contextlib.contextmanager
-    def _attention_kept(self, module, sink: list | None, replay):
-        """Keep the attention module's output in `sink`, or return `replay` in place of computing it (its
-        second output, the attention weights, is None: the decoder layers discard it)."""
-        if sink is None and replay is None:
-            yield
-            return
-        attention = module.get_submodule(self.runner.weights.family.attention_module)
-        if replay is not None:
-            attention.forward = lambda *args, **kwargs: (replay, None)
-            try:
-                yield
-            finally:
-                del attention.forward
-            return
-        handle = attention.register_forward_hook(lambda _m, _args, output: sink.append(output[0].detach()))
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def run(self, hidden: HiddenStore, probes: tuple | list = (), outputs: bool = True, stop_after: str | None = None,
-            consume: bool = False):
-        """Every batch through this layer; returns the output hidden states (None when `outputs` is
-        False). `stop_after`: a module path; each batch's pass stops once that module's input has
-        been seen by the probes (what comes after it is not computed). `consume`: `hidden` is not read
-        again, so each batch's input is dropped once it has run (the outputs take its place)."""
-        import torch
-
-        runner = self.runner
-        out = runner.store("output") if outputs and stop_after is None else None
-        keep = stop_after is not None and runner.reuse_attention
-        kept = runner.store("attention") if keep else None
-        replay, self._attention = (self._attention, None) if stop_after is None else (None, None)
-        placement = runner.placement
-        with torch.no_grad():
-            for index in range(len(runner.batches)):
-                value = (hidden.take if consume else hidden.get)(index, placement.device, placement.dtype)
-                pieces = [] if keep else None
-                result = self.call(index, value, probes, stop_after, attention=pieces,
-                                   replay=None if replay is None else replay.take(index, placement.device, placement.dtype))
-                del value
-                if out is not None:
-                    out.put(index, result)
-                if keep:
-                    kept.put(index, torch.cat(pieces))
-        if replay is not None:
-            replay.close()
-        self._attention = kept
-        return out
-
-    def backward(self, hidden: HiddenStore, grad: HiddenStore, probes: tuple | list = ()) -> HiddenStore:
-        """Back-propagate the loss gradient of this layer's output (`grad`, per batch) to its input,
-        recomputing the layer from its stored input; probes receive values and their gradients."""
-        import torch
-
-        runner = self.runner
-        out = runner.store("gradient")
-        for index, batch in enumerate(runner.batches):
-            mask = batch.attention_mask.to(runner.placement.device).bool()
-            value = hidden.get(index, runner.placement.device, runner.placement.dtype)
-            upstream = grad.get(index, runner.placement.device, value.dtype)
-            grads = []
-            with gathered_probes(probes, index, with_grad=True) as gathered:
-                for part, (args, kwargs) in self._chunks(index, int(value.shape[0])):
-                    piece = value[part].detach().requires_grad_(True)
-                    with torch.enable_grad(), probe_hooks(self.module, gathered, mask[part].reshape(-1), None,
-                                                     with_grad=True):
-                        result = self.module(piece, *args, **kwargs)
-                        result = result[0] if isinstance(result, tuple) else result
-                        result.backward(upstream[part].to(result.dtype))
-                    grads.append(piece.grad)
-            out.put(index, torch.cat(grads))
-        return out
 
 
 def _refuse_nonfinite(value, name: str, label: str) -> None:

@@ -33,6 +33,7 @@ class MemoryTensor:
     name: str  # relative to its module (the decoder layer, or the model for embeddings and head)
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    group: str = ""  # the table's group ("experts": a fused [E, ...] tensor, expert e at index e)
 
     @property
     def numel(self) -> int:
@@ -133,6 +134,26 @@ class ModelWeights:
             out[tensor.name] = full
         return out
 
+    def materialize_expert(self, tensors: list[MemoryTensor], expert: int, dtype, device) -> dict:
+        """Expert `expert`'s slice of each fused expert tensor ([1, ...]), reading only that expert's stored
+        tensors (or rows of a fused stored tensor)."""
+        import torch
+
+        out = {}
+        for tensor in tensors:
+            shape = (1, *tensor.shape[1:])
+            pieces = [piece for piece in tensor.pieces if piece.index and piece.index[0] == expert]
+            if pieces:
+                value = torch.empty(shape, dtype=dtype, device=device)
+                for piece in pieces:
+                    target = value[(0, *piece.index[1:])]
+                    target.copy_(self._value(piece.name, tuple(target.shape)))
+            else:  # stored fused: the expert is row `expert` of the stored tensor
+                (piece,) = tensor.pieces
+                value = self._value(piece.name, shape, rows=[expert]).to(device=device, dtype=dtype)
+            out[tensor.name] = value
+        return out
+
     def _stored_dtype(self, name: str):
         from surgery.checkpoint import torch_dtype
 
@@ -150,8 +171,9 @@ class ModelWeights:
             target.copy_(self._value(piece.name, tuple(target.shape)))
         return out
 
-    def _value(self, name: str, shape: tuple):
-        value = self.recipes[name].compute()
+    def _value(self, name: str, shape: tuple, rows: list | None = None):
+        recipe = self.recipes[name]
+        value = recipe.compute() if rows is None else recipe.compute_rows(rows)
         stored = self._stored_dtype(name)
         if value.dtype != stored:  # a plan's value, rounded as the writer will round it
             value = value.to(stored)
@@ -176,9 +198,9 @@ def _layer_layout(family: arch.Family, config: dict, layer: int, stored_layout: 
             stored = (family.fused_router or family.router) if stored_layout == "fused" else family.router
             out.append(MemoryTensor(name, entry.shape, (Piece((), stored.name(layer)),)))
         elif entry.group == "experts" and stored_layout != "fused":
-            out.append(MemoryTensor(name, entry.shape, _expert_pieces(family, entry, layer)))
+            out.append(MemoryTensor(name, entry.shape, _expert_pieces(family, entry, layer), entry.group))
         else:
-            out.append(MemoryTensor(name, entry.shape, (Piece((), entry.name),)))
+            out.append(MemoryTensor(name, entry.shape, (Piece((), entry.name),), entry.group))
     return out
 
 

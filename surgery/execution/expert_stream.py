@@ -1,0 +1,157 @@
+"""A decoder layer's full pass with its experts read one at a time.
+
+An MoE layer's experts are most of its weights (4 experts of the 168M merge: 132 of its 148 MiB in
+float32; 128 experts of a large MoE: a layer bigger than the machine's memory). Instead of reading them
+all, the pass runs in three steps, every computation still transformers' own:
+
+1. capture: every batch runs through the layer (its attention replayed, or computed and kept) up to the
+   experts module, whose arguments are kept (hidden states, ``top_k_index``, ``top_k_weights``: the router
+   ran as usual) and the rest of the call is skipped;
+2. experts: for expert e in order, its weights alone are read into a one-expert copy of the experts
+   module, which runs on the kept arguments with ``top_k_index`` remapped (e -> 0, every other expert ->
+   transformers' "no expert" index); its output is added to the running sum of the experts' output;
+3. replay: every batch runs through the whole layer again (attention replayed), the experts module
+   returning the sum instead of computing it, so the rest of the layer (residual, shared expert, norms)
+   and every probe see exactly what a plain pass gives.
+
+transformers' experts add each expert's rows into a zero tensor in expert order; step 2 adds the same
+rows, from the same row chunks, in the same order, so the output is bit-identical to the plain pass on the
+CPU. Memory: the layer's other weights, one expert, and two more sets of hidden states (the experts' input
+and output; three without a kept attention output), in memory or spilled as the budget decides.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")  # transformers 5's experts modules
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a layer's experts are and what one of them costs."""
+
+    module: str  # the experts module, relative to the decoder layer ("mlp.experts")
+    count: int
+    names: tuple[str, ...]  # its fused [E, ...] memory tensors
+    expert_bytes: int  # one expert, in the compute dtype
+    other_bytes: int  # the rest of the layer
+
+
+def expert_layout(tensors: list, element_size: int) -> ExpertLayout | None:
+    """The experts of a layer given its memory tensors (None: a dense layer)."""
+    experts = [tensor for tensor in tensors if tensor.group == "experts"]
+    if not experts:
+        return None
+    modules = {tensor.name.rpartition(".")[0] for tensor in experts}
+    counts = {tensor.shape[0] for tensor in experts}
+    if len(modules) != 1 or len(counts) != 1:
+        return None
+    (module,), (count,) = modules, counts
+    expert_bytes = sum(tensor.numel for tensor in experts) // count * element_size
+    total = sum(tensor.numel for tensor in tensors) * element_size
+    return ExpertLayout(module, count, tuple(tensor.name for tensor in experts), expert_bytes,
+                        total - expert_bytes * count)
+
+
+def streamable(experts_module, layout: ExpertLayout) -> bool:
+    """Whether transformers' experts module takes (hidden_states, top_k_index, top_k_weights) and skips the
+    index ``num_experts`` (transformers 5's modules do)."""
+    try:
+        parameters = list(inspect.signature(type(experts_module).forward).parameters)[1:4]
+    except (TypeError, ValueError):
+        return False
+    return tuple(parameters) == ARGUMENTS and getattr(experts_module, "num_experts", None) == layout.count
+
+
+def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, out):
+    """The layer's full pass over every batch (see the module docstring); writes each batch's output to
+    `out` (a HiddenStore) and returns it."""
+    import torch
+
+    runner = session.runner
+    placement = runner.placement
+    device, dtype = placement.device, placement.dtype
+    session.load_block(skip=layout.names)
+    experts = session._module.get_submodule(layout.module)
+    replay, session._attention = session._attention, None
+    kept = runner.store("attention") if replay is None else None
+    inputs, sums = runner.store("experts-input"), runner.store("experts-output")
+    routes: dict[int, list] = {}  # batch -> per row chunk: (tokens, top_k_index, top_k_weights)
+    batches = range(len(runner.batches))
+    with torch.no_grad():
+        for index in batches:  # 1. capture
+            capture = _Capture()
+            pieces = [] if kept is not None else None
+            session.call(index, hidden.get(index, device, dtype), (), attention=pieces, experts=capture,
+                         replay=None if replay is None else replay.get(index, device, dtype))
+            if kept is not None:
+                kept.put(index, torch.cat(pieces))
+            inputs.put(index, torch.cat([rows for rows, _, _ in capture.calls]))
+            routes[index] = [(int(rows.shape[0]), chosen, weights) for rows, chosen, weights in capture.calls]
+        for expert in range(layout.count):  # 2. one expert at a time
+            module = _one_expert(experts, runner.load_expert(session.layer, layout, expert))
+            for index in batches:
+                rows = inputs.get(index, device, dtype)
+                total = sums.take(index, device, dtype) if expert else torch.zeros_like(rows)
+                start = 0
+                for count, chosen, weights in routes[index]:
+                    part = slice(start, start + count)
+                    mine = torch.where(chosen == expert, 0, 1).to(chosen.dtype)
+                    total[part] += module(rows[part], mine, weights)
+                    start += count
+                sums.put(index, total)
+                del rows, total
+            del module
+        inputs.close()
+        attention = replay if replay is not None else kept
+        for index in batches:  # 3. the whole layer, the experts' output replayed
+            value = (hidden.take if consume else hidden.get)(index, device, dtype)
+            replayed = _Replay(sums.take(index, device, dtype), routes.pop(index))
+            result = session.call(index, value, probes, experts=replayed, replay=attention.take(index, device, dtype))
+            del value
+            out.put(index, result)
+        attention.close()
+        sums.close()
+    return out
+
+
+class _Capture:
+    """In place of the experts' forward: keeps its arguments and stops the call."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def __call__(self, *args, **kwargs):
+        from surgery.execution.probes import StopLayer
+
+        bound = dict(zip(ARGUMENTS, args), **kwargs)
+        self.calls.append(tuple(bound[name] for name in ARGUMENTS))
+        raise StopLayer
+
+
+class _Replay:
+    """In place of the experts' forward: returns the experts' summed output of each row chunk in turn."""
+
+    def __init__(self, total, route: list):
+        self.total, self.sizes, self.start = total, [count for count, _, _ in route], 0
+
+    def __call__(self, *args, **kwargs):
+        count = self.sizes.pop(0)
+        self.start += count
+        return self.total[self.start - count:self.start]
+
+
+def _one_expert(experts, state: dict):
+    """A copy of transformers' experts module holding one expert (`state`: its [1, ...] tensors): the
+    same forward, with index 1 as its "no expert"."""
+    import torch
+
+    leaves = {name.rpartition(".")[2]: value for name, value in state.items()}
+    module = copy.copy(experts)
+    module._parameters = {name: torch.nn.Parameter(leaves[name], requires_grad=False) if name in leaves else value
+                          for name, value in experts._parameters.items()}
+    module.num_experts = 1
+    return module

@@ -1,0 +1,143 @@
+"""A full pass that reads an MoE layer's experts one at a time gives what the plain pass gives, bit for bit,
+and holds one expert at a time: a layer bigger than the memory budget still runs."""
+
+import pytest
+import torch
+
+from surgery.checkpoint import Checkpoint
+from surgery.errors import SurgeryError
+from surgery.execution.hidden import MemoryBudget
+from surgery.execution.placement import Placement
+from surgery.execution.probes import Probe
+from surgery.execution.runner import LayerRunner
+from surgery.execution.session import Collect, router_input_probe
+from surgery.execution.weights import ModelWeights
+from surgery.samples import batches as make_batches
+from test_execution import assert_same_on_real_tokens, batches, runner_logits, whole_logits
+from tiny_models import build_model, save_model
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "flex_olmo"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("expert-stream")
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = save_model(root / family, family, seed=5)
+        return built[family]
+    return get
+
+
+def layer_outputs(directory, streamed: bool, dtype="float32", fit_pass=False, probes=()):
+    """Every layer's output (and, with `fit_pass`, after a router-fit-like pass stopped at the router input,
+    whose attention output the full pass replays), with the experts read one at a time or all together."""
+    with Checkpoint.open(directory) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        runner = LayerRunner(weights, batches(), Placement.resolve("cpu", dtype), MemoryBudget.parse(None),
+                             reuse_attention=fit_pass)
+        runner.stream_experts = streamed
+        reads, load_expert = [], runner.load_expert
+        runner.load_expert = lambda *args: (reads.append(args[-1]), load_expert(*args))[1]
+        hidden, outputs = runner.embed(), []
+        for layer in range(runner.num_layers):
+            with runner.layer(layer) as session:
+                if fit_pass:
+                    session.run(hidden, [router_input_probe(weights.family, Collect())],
+                                stop_after=weights.family.router_input)
+                hidden = session.run(hidden, probes)
+            outputs.append([hidden.get(index, dtype=hidden.get(index).dtype) for index in range(len(batches()))])
+        assert bool(reads) == streamed  # the streamed path really ran (or really did not)
+        return outputs
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_a_pass_reading_experts_one_at_a_time_equals_the_plain_pass_bit_for_bit(saved, family):
+    plain, streamed = layer_outputs(saved(family), False), layer_outputs(saved(family), True)
+    for mine, theirs in zip(streamed, plain):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_streamed_pass_replaying_a_kept_attention_output_equals_the_plain_pass(saved, dtype):
+    plain = layer_outputs(saved("mixtral"), False, dtype, fit_pass=True)
+    streamed = layer_outputs(saved("mixtral"), True, dtype, fit_pass=True)
+    for mine, theirs in zip(streamed, plain):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_probes_see_the_same_rows_in_a_streamed_pass(saved):
+    def seen(streamed):
+        rows = {}
+        probes = [Probe(module, where, lambda batch, value, key=(module, where): rows.setdefault(key, []).append(value))
+                  for module, where in (("mlp.gate", "output"), ("mlp", "output"), ("", "output"))]
+        layer_outputs(saved("mixtral"), streamed, probes=probes)
+        return rows
+
+    plain, streamed = seen(False), seen(True)
+    assert plain.keys() == streamed.keys() and len(plain) == 3
+    for key in plain:
+        assert len(plain[key]) == len(streamed[key])  # each batch once per layer: the router runs twice, seen once
+        assert all(torch.equal(a, b) for a, b in zip(plain[key], streamed[key]))
+
+
+def test_a_streamed_pass_reads_each_expert_alone_and_in_order(saved, monkeypatch):
+    layers, experts = [], []
+    whole, one = ModelWeights.materialize, ModelWeights.materialize_expert
+    monkeypatch.setattr(ModelWeights, "materialize", lambda self, tensors, *a: (
+        layers.extend(t.name for t in tensors), whole(self, tensors, *a))[1])
+    monkeypatch.setattr(ModelWeights, "materialize_expert", lambda self, tensors, expert, *a: (
+        experts.append(expert), one(self, tensors, expert, *a))[1])
+    layer_outputs(saved("mixtral"), True)
+    assert layers and not any(".experts." in name for name in layers)
+    count = build_model("mixtral").config.num_local_experts
+    assert experts == list(range(count)) * build_model("mixtral").config.num_hidden_layers
+
+
+def test_experts_stored_fused_are_read_one_expert_row_at_a_time(tmp_path):
+    model = build_model("mixtral", seed=2)
+    model.save_pretrained(tmp_path / "fused", save_original_format=False)
+    model.save_pretrained(tmp_path / "per-expert")
+    plain, streamed = layer_outputs(tmp_path / "per-expert", False), layer_outputs(tmp_path / "fused", True)
+    for mine, theirs in zip(streamed, plain):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def streamed_budget(weights) -> MemoryBudget:
+    """The smallest budget that runs the model: the embedding or the head, or one layer's weights but its
+    experts and one expert, whichever is larger (the hidden states spilled)."""
+    top = max(weights.nbytes(weights.top_tensors(role), 4) for role in ("embed", "lm_head"))
+    runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+    layer = max(layout.other_bytes + layout.expert_bytes for layout in runner.expert_layouts.values())
+    return MemoryBudget(max(layer, top), "--memory-budget (test)")
+
+
+def test_a_layer_larger_than_the_budget_runs_with_its_experts_read_one_at_a_time(tmp_path, capsys):
+    directory = save_model(tmp_path / "wide", "mixtral", seed=1, intermediate_size=256, vocab_size=96)
+    with Checkpoint.open(directory) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        budget = streamed_budget(weights)
+        assert budget.limit < weights.largest_layer_bytes(4)[1]
+        assert_same_on_real_tokens(runner_logits(weights, budget, tmp_path), whole_logits(directory))
+    assert "its experts are read one at a time" in capsys.readouterr().err
+
+
+def test_a_budget_smaller_than_one_expert_beside_the_rest_of_a_layer_is_refused(tmp_path):
+    directory = save_model(tmp_path / "wide", "mixtral", seed=1, intermediate_size=256, vocab_size=96)
+    with Checkpoint.open(directory) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        budget = MemoryBudget(streamed_budget(weights).limit - 1, "--memory-budget (test)")
+        with pytest.raises(SurgeryError, match=r"too small to run one layer of .*: layer \d+ needs .* \(.* with its "
+                                               r"experts read one at a time\) in float32"):
+            LayerRunner(weights, batches(), Placement.resolve("cpu"), budget)
+
+
+def test_the_runner_reads_experts_one_at_a_time_only_where_that_takes_less_memory(saved):
+    with Checkpoint.open(saved("mixtral")) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        many = list(make_batches([list(range(3, 15))] * 64, 8, 12, 0))  # hidden states larger than 3 experts
+        few = list(make_batches([list(range(3, 15))], 8, 12, 0))
+        assert not LayerRunner(weights, many, Placement.resolve("cpu"), MemoryBudget.parse(None)).stream_experts
+        assert LayerRunner(weights, few, Placement.resolve("cpu"), MemoryBudget.parse(None)).stream_experts
