@@ -54,14 +54,14 @@ class LayerRunner:
         hidden_bytes = sum(int(b.input_ids.numel()) for b in batches) * hidden * min(4, element)  # see HiddenStore
         self.reuse_attention = reuse_attention
         stores = (self.num_layers + 2 if keep_layer_inputs else 2) + (1 if reuse_attention else 0)
-        self.stream_experts, in_memory, weights_in_ram = self._placement(
+        self.stream_experts, in_memory, _ = self._placement(
             budget, top, stores * hidden_bytes, (2 if reuse_attention else 3) * hidden_bytes)
         self.spill_dir = None
         if not in_memory:
             self.spill_dir = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
             console.info(f"hidden states ({format_bytes(stores * hidden_bytes)}) do not fit in {budget.text} beside "
                          f"one layer: spilled to a temporary file in {self.spill_dir}")
-        if self.stream_experts and weights_in_ram < self.layer_bytes[1] and self.layer_bytes[1] > budget.limit:
+        if self.stream_experts and self.layer_bytes[1] > budget.limit:
             console.info(f"layer {self.layer_bytes[0]} ({format_bytes(self.layer_bytes[1])} in "
                          f"{placement.dtype_name}) does not fit in {budget.text}: its experts are read one at a time")
         self._skeleton = None

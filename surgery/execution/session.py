@@ -58,8 +58,8 @@ def run_options(func=None, *, compute_dtype: bool = True):
                                  "the CPU (bfloat16 is much faster on CPUs with native bfloat16 matmul).")(func)
     func = click.option("--memory-budget", default=None, metavar="SIZE|auto",
                         help="CPU memory for one layer's weights and the calibration hidden states; hidden states "
-                             "that do not fit go to a temporary file beside the output [default: auto, 80% of the "
-                             "available memory].")(func)
+                             "that do not fit go to a temporary file beside the output, and an MoE layer that does not "
+                             "fit is run one expert at a time [default: auto, 80% of the available memory].")(func)
     func = click.option("--device", default="auto", show_default=True,
                         help="Where the model runs: auto (the GPU when there is one, bfloat16 there; else the CPU, "
                              "float32), cpu, cuda or cuda:N.")(func)
