@@ -50,9 +50,14 @@ def regmean_module(family, config: dict, expected) -> str | None:
         return ""
     if expected.group != "attention" or expected.role not in ("q", "k", "v", "o"):
         return None
-    name = family.spec("attention", expected.role).name(expected.layer)
+    return _projection_module(family, config, expected.layer, expected.role)
+
+
+def _projection_module(family, config: dict, layer: int, role: str) -> str:
+    """The module holding attention projection `role` (q, k, v, o) of `layer`, relative to the layer."""
+    name = family.spec("attention", role).name(layer)
     stored = arch.source_views(family, config).get(name, (name,))[0]  # Phi-3: the fused qkv_proj holds q
-    return stored.split(f"layers.{expected.layer}.", 1)[1].removesuffix(".weight")
+    return stored.split(f"layers.{layer}.", 1)[1].removesuffix(".weight")
 
 
 class _Gram:
@@ -60,6 +65,7 @@ class _Gram:
 
     def __init__(self):
         self.value = None
+        self.last = None  # the last batch's rows, for modules that read the same input (``_SameInput``)
 
     def __call__(self, batch, rows):
         import torch
@@ -67,6 +73,21 @@ class _Gram:
         rows = rows.detach().to("cpu", torch.float32)
         gram = (rows.T @ rows).double()  # one batch's products in float32 (4x faster), summed in float64
         self.value = gram if self.value is None else self.value + gram
+        self.last = rows
+
+
+class _SameInput:
+    """The probe of a module that reads what another module's ``_Gram`` just saw (k and v read q's input): its
+    Gram matrix is that one, so it is not computed or held twice; the rows are checked to be equal."""
+
+    def __init__(self, gram: _Gram, module: str, other: str):
+        self.gram, self.module, self.other = gram, module, other
+
+    def __call__(self, batch, rows):
+        import torch
+
+        if self.gram.last is None or not torch.equal(rows.detach().to("cpu", torch.float32), self.gram.last):
+            raise AssertionError(f"regmean: the input of {self.module} differs from that of {self.other}")
 
 
 BLOCK_BYTES = 16 * 2**20  # float64 bytes of one block of output rows (an lm_head is merged block by block)
@@ -188,16 +209,23 @@ class _Runs:
         modules = sorted({t.recipe.module for t in here})
         o_proj = self.merge.source_family.spec("attention", "o").name(layer)
         end = next((t.recipe.module for t in here if t.recipe.source_name == o_proj), None) if stop else None
+        family, config = self.merge.source_family, self.merge.config
+        projections = [_projection_module(family, config, layer, role) for role in ("q", "k", "v")]
+        shared = {m: projections[0] for m in projections[1:] if m in modules and projections[0] in modules and
+                  m != projections[0]}  # every attention projects q, k and v from one tensor
         grams, outputs = [], []
         for (_, runner), store in zip(self.runs, inputs):
-            sums = {module: _Gram() for module in modules}
+            sums = {module: _Gram() for module in modules if module not in shared}
+            probes = [Probe(module, "input", sums[module]) for module in modules if module not in shared] + [
+                Probe(module, "input", _SameInput(sums[other], module, other)) for module, other in shared.items()]
             with runner.layer(layer) as session:
-                outputs.append(session.run(store, [Probe(module, "input", sums[module]) for module in modules],
-                                           outputs=not stop, stop_after=end))
+                outputs.append(session.run(store, probes, outputs=not stop, stop_after=end))
             store.close()
-            grams.append(sums)
+            for gram in sums.values():
+                gram.last = None
+            grams.append({module: sums[shared.get(module, module)].value for module in modules})
         for tensor in here:
-            _merge(tensor, self.merge, self.members, [g[tensor.recipe.module].value for g in grams], self.patch)
+            _merge(tensor, self.merge, self.members, [g[tensor.recipe.module] for g in grams], self.patch)
         return outputs
 
     def merge_head(self, inputs: list, patch=None) -> None:

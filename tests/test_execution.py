@@ -480,6 +480,23 @@ def test_a_pass_stopped_at_the_router_input_reads_no_weight_of_the_mlp_block(mod
         assert any(name.startswith(family.router_input + ".experts") for name in names[len(stopped):])
 
 
+def test_a_pass_stopped_inside_the_attention_reads_no_weight_of_the_mlp_block(models, monkeypatch):
+    """RegMean's passes stop at o_proj's input: the FFN (most of a dense layer) is never read for them."""
+    from surgery.execution.probes import Probe
+
+    with Checkpoint.open(models("llama")) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        family = weights.family
+        runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        hidden = runner.embed()
+        names = _reads(monkeypatch)
+        seen = []
+        with runner.layer(0) as session:
+            session.run(hidden, [Probe("self_attn.o_proj", "input", lambda batch, rows: seen.append(rows))],
+                        outputs=False, stop_after="self_attn.o_proj")
+        assert seen and names and not any(name.startswith(family.router_input + ".") for name in names)
+
+
 def test_a_router_set_before_its_block_is_read_is_the_one_the_layer_runs_with(models):
     with Checkpoint.open(models("mixtral")) as checkpoint:
         weights = ModelWeights.from_checkpoint(checkpoint)

@@ -88,9 +88,10 @@ def layer1_grams(models, merged=None) -> dict:
 def assert_layer1_is_regmean(out_dir, models, grams):
     out = load_file(out_dir / "model.safetensors")
     sources = {name: load_file(models[name] / "model.safetensors") for name in ("a", "b")}
-    for part in ("q", "o"):
+    for part in ("q", "k", "v", "o"):  # k and v read q's input: q's Gram matrices are theirs
         key = f"model.layers.1.self_attn.{part}_proj.weight"
-        expected = merged_weight(grams[part], [sources[name][key] for name in ("a", "b")], ALPHA)
+        expected = merged_weight(grams["o" if part == "o" else "q"], [sources[name][key] for name in ("a", "b")],
+                                 ALPHA)
         assert torch.allclose(out[key], expected, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(out[key], (sources["a"][key] + sources["b"][key]) / 2, atol=1e-3)  # not the mean
 
@@ -110,6 +111,16 @@ def token_counts(models, name):
     calibration = CalibrationSet.from_text(TEXTS[name], load_tokenizer(models["a"]), config, 16384, name)
     ids = torch.cat([b.input_ids[b.attention_mask.bool()] for b in calibration.batches])
     return torch.bincount(ids, minlength=config["vocab_size"]).double()
+
+
+def test_a_projection_whose_input_is_not_q_s_is_refused_not_given_q_s_gram():
+    from surgery.merge_regmean import _Gram, _SameInput
+
+    gram = _Gram()
+    gram(0, torch.ones(3, 4))
+    _SameInput(gram, "self_attn.k_proj", "self_attn.q_proj")(0, torch.ones(3, 4))  # the same rows: nothing to do
+    with pytest.raises(AssertionError, match="the input of self_attn.k_proj differs from that of self_attn.q_proj"):
+        _SameInput(gram, "self_attn.k_proj", "self_attn.q_proj")(0, torch.zeros(3, 4))
 
 
 def test_embedding_rows_are_weighted_by_each_models_token_counts(tmp_path, run_cli, models):

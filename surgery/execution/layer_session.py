@@ -54,10 +54,12 @@ class LayerSession:
 
     def _module_for(self, stop_after: str | None, experts_replaced: bool = False):
         """The layer as a pass stopped at `stop_after` needs it: without its router-input block when the pass
-        stops at that block's input; without its experts when their forward is replaced."""
-        if stop_after == self.runner.weights.family.router_input or experts_replaced:
-            return self._module
-        return self.module
+        stops at that block's input or inside the attention before it (RegMean's passes stop at o_proj's
+        input); without its experts when their forward is replaced."""
+        family = self.runner.weights.family
+        before_block = stop_after is not None and (stop_after == family.router_input or stop_after == (
+            family.attention_module) or stop_after.startswith(family.attention_module + "."))
+        return self._module if before_block or experts_replaced else self.module
 
     def close(self) -> None:
         self._module, self._pending, self._overrides = None, [], {}
