@@ -5,6 +5,7 @@ autograd) on the same batches; the layer-by-layer runner must match it to float 
 is in practice bit-identical in float32.
 """
 
+import contextlib
 import json
 
 import numpy as np
@@ -462,39 +463,40 @@ def _reads(monkeypatch):
     return names
 
 
-def test_a_pass_stopped_at_the_router_input_reads_no_weight_of_the_mlp_block(models, monkeypatch):
-    """The router fit's pass runs without the MoE block (most of a layer); a full run reads the block then."""
-    from surgery.execution.session import Collect, router_input_probe
-
-    with Checkpoint.open(models("mixtral")) as checkpoint:
+@contextlib.contextmanager
+def layer_zero(directory, monkeypatch):
+    """Layer 0 of the model in `directory`, opened by a fresh runner: (session, its input, family, the names of
+    the tensors read from the moment the layer is opened)."""
+    with Checkpoint.open(directory) as checkpoint:
         weights = ModelWeights.from_checkpoint(checkpoint)
-        family = weights.family
         runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
         hidden = runner.embed()
         names = _reads(monkeypatch)
         with runner.layer(0) as session:
-            session.run(hidden, [router_input_probe(family, Collect())], stop_after=family.router_input)
-            stopped = list(names)
-            session.run(hidden)
-        assert stopped and not any(name.startswith(family.router_input + ".") for name in stopped)
-        assert any(name.startswith(family.router_input + ".experts") for name in names[len(stopped):])
+            yield session, hidden, weights.family, names
+
+
+def test_a_pass_stopped_at_the_router_input_reads_no_weight_of_the_mlp_block(models, monkeypatch):
+    """The router fit's pass runs without the MoE block (most of a layer); a full run reads the block then."""
+    from surgery.execution.session import Collect, router_input_probe
+
+    with layer_zero(models("mixtral"), monkeypatch) as (session, hidden, family, names):
+        session.run(hidden, [router_input_probe(family, Collect())], stop_after=family.router_input)
+        stopped = list(names)
+        session.run(hidden)
+    assert stopped and not any(name.startswith(family.router_input + ".") for name in stopped)
+    assert any(name.startswith(family.router_input + ".experts") for name in names[len(stopped):])
 
 
 def test_a_pass_stopped_inside_the_attention_reads_no_weight_of_the_mlp_block(models, monkeypatch):
     """RegMean's passes stop at o_proj's input: the FFN (most of a dense layer) is never read for them."""
     from surgery.execution.probes import Probe
 
-    with Checkpoint.open(models("llama")) as checkpoint:
-        weights = ModelWeights.from_checkpoint(checkpoint)
-        family = weights.family
-        runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
-        hidden = runner.embed()
-        names = _reads(monkeypatch)
-        seen = []
-        with runner.layer(0) as session:
-            session.run(hidden, [Probe("self_attn.o_proj", "input", lambda batch, rows: seen.append(rows))],
-                        outputs=False, stop_after="self_attn.o_proj")
-        assert seen and names and not any(name.startswith(family.router_input + ".") for name in names)
+    seen = []
+    with layer_zero(models("llama"), monkeypatch) as (session, hidden, family, names):
+        session.run(hidden, [Probe("self_attn.o_proj", "input", lambda batch, rows: seen.append(rows))],
+                    outputs=False, stop_after="self_attn.o_proj")
+    assert seen and names and not any(name.startswith(family.router_input + ".") for name in names)
 
 
 def test_a_router_set_before_its_block_is_read_is_the_one_the_layer_runs_with(models):
