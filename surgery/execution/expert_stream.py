@@ -26,6 +26,8 @@ import copy
 import inspect
 from dataclasses import dataclass
 
+from surgery.execution.probes import StopLayer
+
 ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")  # transformers 5's experts modules
 
 
@@ -41,13 +43,12 @@ class ExpertLayout:
 
 
 def expert_layout(tensors: list, element_size: int) -> ExpertLayout | None:
-    """The experts of a layer given its memory tensors (None: a dense layer)."""
+    """The experts of a layer given its memory tensors (None: a dense layer, or a single expert: nothing to read
+    apart)."""
     experts = [tensor for tensor in tensors if tensor.group == "experts"]
-    if not experts:
-        return None
     modules = {tensor.name.rpartition(".")[0] for tensor in experts}
     counts = {tensor.shape[0] for tensor in experts}
-    if len(modules) != 1 or len(counts) != 1:
+    if len(modules) != 1 or len(counts) != 1 or counts == {1}:
         return None
     (module,), (count,) = modules, counts
     expert_bytes = sum(tensor.numel for tensor in experts) // count * element_size
@@ -125,8 +126,6 @@ class _Capture:
         self.calls: list = []
 
     def __call__(self, *args, **kwargs):
-        from surgery.execution.probes import StopLayer
-
         bound = dict(zip(ARGUMENTS, args), **kwargs)
         self.calls.append(tuple(bound[name] for name in ARGUMENTS))
         raise StopLayer

@@ -160,7 +160,7 @@ class LayerSession:
         streamed = runner.streamed_experts(self.layer, self._pending, probes) if full else None
         if streamed is not None:
             return run_streamed(self, streamed, hidden, probes, consume, runner.store("output"))
-        out = runner.store("output") if outputs and stop_after is None else None
+        out = runner.store("output") if full else None
         keep = stop_after is not None and runner.reuse_attention
         kept = runner.store("attention") if keep else None
         replay, self._attention = (self._attention, None) if stop_after is None else (None, None)

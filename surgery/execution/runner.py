@@ -54,7 +54,7 @@ class LayerRunner:
         hidden_bytes = sum(int(b.input_ids.numel()) for b in batches) * hidden * min(4, element)  # see HiddenStore
         self.reuse_attention = reuse_attention
         stores = (self.num_layers + 2 if keep_layer_inputs else 2) + (1 if reuse_attention else 0)
-        self.stream_experts, in_memory, _ = self._placement(
+        self.stream_experts, in_memory = self._placement(
             budget, top, stores * hidden_bytes, (2 if reuse_attention else 3) * hidden_bytes)
         self.spill_dir = None
         if not in_memory:
@@ -67,30 +67,28 @@ class LayerRunner:
         self._skeleton = None
         self._calls: list | None = None  # per batch: [(args, kwargs)] per layer
 
-    def _placement(self, budget: MemoryBudget, top: int, stores: int, stream_stores: int) -> tuple[bool, bool, int]:
-        """(experts read one at a time, hidden states in memory, weights in memory at once) for a full pass:
+    def _placement(self, budget: MemoryBudget, top: int, stores: int, stream_stores: int) -> tuple[bool, bool]:
+        """(experts read one at a time, hidden states in memory) for a full pass:
         the smallest footprint that keeps the hidden states in memory, else the smallest with them spilled.
         Reading experts one at a time (``expert_stream``) needs one expert instead of all, and `stream_stores`
         more hidden states; on a GPU, which holds the weights, experts are read together."""
         from surgery.units import format_bytes
 
-        on_cpu = self.placement.device == "cpu"
+        if self.placement.device != "cpu":  # the weights are on the GPU: only the hidden states take CPU memory
+            return False, stores <= budget.limit
         whole = self.layer_bytes[1]
-        streamed = max(layout.other_bytes + layout.expert_bytes if layout and layout.count > 1 else
+        streamed = max(layout.other_bytes + layout.expert_bytes if layout else
                        self.weights.nbytes(self.weights.layer_tensors(layer), self.placement.element_size)
                        for layer, layout in self.expert_layouts.items())
-        if not on_cpu:  # the weights are on the GPU: only the hidden states take CPU memory
-            return False, stores <= budget.limit, 0
         options = [(False, whole)] + ([(True, streamed)] if streamed < whole else [])
         for in_memory in (True, False):
             fits = []
             for streams, weights in options:
                 hidden = (stores + (stream_stores if streams else 0)) if in_memory else 0
                 if max(weights, top) + hidden <= budget.limit:  # the embedding or head runs when no layer is read
-                    fits.append((weights + hidden, streams, weights))
+                    fits.append((weights + hidden, streams))
             if fits:
-                _, streams, weights = min(fits)
-                return streams, in_memory, weights
+                return min(fits)[1], in_memory
         layer, size = self.layer_bytes
         what = f"layer {layer} needs {format_bytes(size)}" if size >= top else f"the embedding needs {format_bytes(top)}"
         if streamed < size and size >= top:
@@ -102,7 +100,7 @@ class LayerRunner:
         """The layer's experts, when a full pass reads them one at a time: the runner chose to, they are not
         read yet, and no probe looks inside them."""
         layout = self.expert_layouts.get(layer)
-        if not self.stream_experts or layout is None or layout.count < 2:
+        if not self.stream_experts or layout is None:
             return None
         if not set(layout.names) <= {tensor.name for tensor in pending}:
             return None

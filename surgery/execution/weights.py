@@ -137,21 +137,16 @@ class ModelWeights:
     def materialize_expert(self, tensors: list[MemoryTensor], expert: int, dtype, device) -> dict:
         """Expert `expert`'s slice of each fused expert tensor ([1, ...]), reading only that expert's stored
         tensors (or rows of a fused stored tensor)."""
-        import torch
-
         out = {}
         for tensor in tensors:
             shape = (1, *tensor.shape[1:])
-            pieces = [piece for piece in tensor.pieces if piece.index and piece.index[0] == expert]
+            pieces = tuple(Piece((0, *piece.index[1:]), piece.name) for piece in tensor.pieces
+                           if piece.index and piece.index[0] == expert)
             if pieces:
-                value = torch.empty(shape, dtype=dtype, device=device)
-                for piece in pieces:
-                    target = value[(0, *piece.index[1:])]
-                    target.copy_(self._value(piece.name, tuple(target.shape)))
+                out[tensor.name] = self._assemble(MemoryTensor(tensor.name, shape, pieces), dtype, device)
             else:  # stored fused: the expert is row `expert` of the stored tensor
                 (piece,) = tensor.pieces
-                value = self._value(piece.name, shape, rows=[expert]).to(device=device, dtype=dtype)
-            out[tensor.name] = value
+                out[tensor.name] = self._value(piece.name, shape, rows=[expert]).to(device=device, dtype=dtype)
         return out
 
     def _stored_dtype(self, name: str):
