@@ -66,6 +66,9 @@ def group(verbose, quiet):
 
 def main(argv=None):
     from surgery.errors import SurgeryError
+    from surgery.process_memory import bound_process_memory
+
+    bound_process_memory()  # before torch loads: some settings are read once, at its first products
 
     args = sys.argv[1:] if argv is None else list(argv)
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
