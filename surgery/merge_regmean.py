@@ -179,6 +179,9 @@ class _Batches:
     def get(self, index: int, device: str = "cpu", dtype=None):
         return self.store.get(self.indices[index], device, dtype)
 
+    def rows(self, index: int, device: str = "cpu", dtype=None, last: bool = False):
+        return self.store.rows(self.indices[index], device, dtype)  # read only: the owner's batch stays
+
     def close(self) -> None:
         pass
 

@@ -537,6 +537,73 @@ def test_a_spilled_store_still_reads_a_taken_batch_from_its_file(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("spilled", [False, True], ids=["in memory", "spilled"])
+def test_a_batch_put_as_row_pieces_reads_back_as_the_joined_batch(tmp_path, spilled):
+    store = HiddenStore(tmp_path if spilled else None)
+    pieces = [torch.randn(2, 4, 8), torch.randn(1, 4, 8)]
+    store.put(0, pieces)
+    assert torch.equal(store.get(0), torch.cat(pieces))
+    assert store.nbytes == 3 * 4 * 8 * 4
+    store.close()
+
+
+@pytest.mark.parametrize("spilled", [False, True], ids=["in memory", "spilled"])
+def test_rows_of_a_batch_are_read_and_written_alone(tmp_path, spilled):
+    store = HiddenStore(tmp_path if spilled else None)
+    store.zeros(0, (4, 3), torch.float32)
+    store.write(0, slice(1, 3), torch.tensor([[1.0, 2, 3], [4, 5, 6]]))
+    assert store.get(0).tolist() == [[0.0] * 3, [1.0, 2, 3], [4.0, 5, 6], [0.0] * 3]
+    assert store.get(0, rows=slice(2, 4)).tolist() == [[4.0, 5, 6], [0.0] * 3]
+    view = store.rows(0)
+    assert tuple(view.shape) == (4, 3) and view[1:2].tolist() == [[1.0, 2, 3]]
+    store.close()
+
+
+def test_a_spilled_batch_is_given_to_a_layer_call_as_rows_read_when_sliced(tmp_path, monkeypatch):
+    import surgery.safetensors_format as io
+
+    store = HiddenStore(tmp_path)
+    store.put(0, torch.arange(40.0).reshape(10, 4))
+    sizes = []
+    pread = io.pread_exact
+    monkeypatch.setattr(io, "pread_exact", lambda fd, size, *args: (sizes.append(size), pread(fd, size, *args))[1])
+    view = store.rows(0)
+    assert sizes == []  # nothing read yet
+    assert view[3:5].tolist() == [[12.0, 13, 14, 15], [16.0, 17, 18, 19]]
+    assert sizes == [2 * 4 * 4]
+    store.close()
+
+
+def test_released_weights_leave_memory_and_are_read_again_by_the_next_pass_that_needs_them(models):
+    with Checkpoint.open(models("mixtral")) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        attention = weights.family.attention_module
+        runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        runner.stream_experts = False  # the whole layer is read (expert_stream releases the attention itself)
+        hidden = runner.embed()
+        with runner.layer(0) as session:
+            before = session.run(hidden)
+            session.release(attention)
+            assert all(p.is_meta for p in session._module.get_submodule(attention).parameters())
+            after = session.run(hidden)
+            assert not any(p.is_meta for p in session._module.parameters())
+        for index in range(len(batches())):
+            assert torch.equal(before.get(index), after.get(index))
+
+
+def test_a_weight_set_by_the_caller_is_never_released(models):
+    with Checkpoint.open(models("mixtral")) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        router = weights.family.router_input + ".gate.weight"
+        runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        with runner.layer(0) as session:
+            rows = torch.randn(session.parameter(router).shape)
+            session.set_parameter(router, rows)
+            session.release(weights.family.router_input)
+            assert torch.equal(session._module.get_parameter(router), rows)
+            assert session._module.get_submodule(weights.family.router_input + ".experts").gate_up_proj.is_meta
+
+
 def test_the_process_memory_bounds_leave_a_setting_the_user_made():
     import os
     import subprocess
@@ -544,9 +611,24 @@ def test_the_process_memory_bounds_leave_a_setting_the_user_made():
 
     code = ("import os; os.environ['LRU_CACHE_CAPACITY'] = '5'\n"
             "from surgery.process_memory import bound_process_memory; bound_process_memory()\n"
-            "print(os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
+            "print(os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], "
+            "os.environ['MKL_DISABLE_FAST_MM'])")
     unset = {name: value for name, value in os.environ.items()
-             if name not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+             if name not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MKL_DISABLE_FAST_MM")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=unset)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["5", "16"]
+    assert result.stdout.split() == ["5", "16", "1"]
+
+
+def test_the_command_line_bounds_process_memory_before_torch_is_imported():
+    import subprocess
+    import sys
+
+    code = ("import sys, os\n"
+            "from surgery.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, os.environ.get('MKL_DISABLE_FAST_MM'), file=sys.stderr)")
+    env = {name: value for name, value in __import__("os").environ.items() if name != "MKL_DISABLE_FAST_MM"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.split()[-2:] == ["False", "1"]

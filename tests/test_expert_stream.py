@@ -1,12 +1,15 @@
 """A full pass that reads an MoE layer's experts one at a time gives what the plain pass gives, bit for bit,
 and holds one expert at a time: a layer bigger than the memory budget still runs."""
 
+import contextlib
+
 import pytest
 import torch
 
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.execution.hidden import MemoryBudget
+from surgery.execution.hidden import HiddenStore, MemoryBudget
+from surgery.execution.layer_session import CALL_TOKENS
 from surgery.execution.placement import Placement
 from surgery.execution.probes import Probe
 from surgery.execution.runner import LayerRunner
@@ -31,14 +34,17 @@ def saved(tmp_path_factory):
     return get
 
 
-def layer_outputs(directory, streamed: bool, dtype="float32", fit_pass=False, probes=()):
+def layer_outputs(directory, streamed: bool, dtype="float32", fit_pass=False, probes=(), spill_dir=None):
     """Every layer's output (and, with `fit_pass`, after a router-fit-like pass stopped at the router input,
-    whose attention output the full pass replays), with the experts read one at a time or all together."""
+    whose attention output the full pass replays), with the experts read one at a time or all together, and
+    the hidden states in memory or (`spill_dir`) spilled."""
     with Checkpoint.open(directory) as checkpoint:
         weights = ModelWeights.from_checkpoint(checkpoint)
         runner = LayerRunner(weights, batches(), Placement.resolve("cpu", dtype), MemoryBudget.parse(None),
                              reuse_attention=fit_pass)
         runner.stream_experts = streamed
+        if spill_dir is not None:
+            runner.spill_dir = spill_dir
         reads, load_expert = [], runner.load_expert
         runner.load_expert = lambda *args: (reads.append(args[-1]), load_expert(*args))[1]
         hidden, outputs = runner.embed(), []
@@ -64,6 +70,62 @@ def test_a_pass_reading_experts_one_at_a_time_equals_the_plain_pass_bit_for_bit(
 def test_a_streamed_pass_replaying_a_kept_attention_output_equals_the_plain_pass(saved, dtype):
     plain = layer_outputs(saved("mixtral"), False, dtype, fit_pass=True)
     streamed = layer_outputs(saved("mixtral"), True, dtype, fit_pass=True)
+    for mine, theirs in zip(streamed, plain):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+@pytest.mark.parametrize("fit_pass", [False, True])
+def test_a_streamed_pass_with_spilled_hidden_states_equals_the_plain_pass(saved, tmp_path, fit_pass):
+    plain = layer_outputs(saved("mixtral"), False, fit_pass=fit_pass)
+    streamed = layer_outputs(saved("mixtral"), True, fit_pass=fit_pass, spill_dir=tmp_path)
+    for mine, theirs in zip(streamed, plain):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    assert list(tmp_path.iterdir()) == []  # every spill file removed
+
+
+def test_a_streamed_pass_reads_spilled_hidden_states_a_row_chunk_at_a_time(saved, tmp_path, monkeypatch):
+    length = batches()[0].input_ids.shape[1]
+    monkeypatch.setattr("surgery.execution.layer_session.CALL_TOKENS", length)  # one sequence per layer call
+    reads = []
+    get = HiddenStore.get
+
+    def spy(self, batch, *args, **kwargs):
+        value = get(self, batch, *args, **kwargs)
+        reads.append((self._path.name.split("-")[1], value.shape[0]))
+        return value
+
+    monkeypatch.setattr(HiddenStore, "get", spy)
+    layer_outputs(saved("mixtral"), True, fit_pass=True, spill_dir=tmp_path)
+    sequences = len(batches()[0].input_ids)
+    assert sequences > 1
+    assert {rows for label, rows in reads if label == "attention"} == {1}  # [sequences, length, hidden]: one
+    assert {rows for label, rows in reads if label == "experts"} == {length}  # [tokens, hidden]: one sequence's
+
+
+@pytest.mark.parametrize("fit_pass", [False, True])
+def test_the_experts_run_without_the_attention_weights_in_memory(saved, fit_pass, monkeypatch):
+    attention_in_memory = []
+    load_expert = LayerRunner.load_expert
+
+    def spy(self, layer, layout, expert):
+        session_module = self._open_sessions[-1]._module
+        attention = session_module.get_submodule("self_attn")
+        attention_in_memory.append(any(not parameter.is_meta for parameter in attention.parameters()))
+        return load_expert(self, layer, layout, expert)
+
+    monkeypatch.setattr(LayerRunner, "load_expert", spy)
+    layer = LayerRunner.layer
+
+    @contextlib.contextmanager
+    def opened(self, index):
+        with layer(self, index) as session:
+            self._open_sessions = [session]
+            yield session
+
+    monkeypatch.setattr(LayerRunner, "layer", opened)
+    plain = layer_outputs(saved("mixtral"), False, fit_pass=fit_pass)
+    streamed = layer_outputs(saved("mixtral"), True, fit_pass=fit_pass)
+    assert attention_in_memory and not any(attention_in_memory)
     for mine, theirs in zip(streamed, plain):
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
 

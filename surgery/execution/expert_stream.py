@@ -16,8 +16,10 @@ all, the pass runs in three steps, every computation still transformers' own:
 
 transformers' experts add each expert's rows into a zero tensor in expert order; step 2 adds the same
 rows, from the same row chunks, in the same order, so the output is bit-identical to the plain pass on the
-CPU. Memory: the layer's other weights, one expert, and two more sets of hidden states (the experts' input
-and output; three without a kept attention output), in memory or spilled as the budget decides.
+CPU. Memory: the layer's other weights but its attention's (dropped once the attention output is kept,
+read again by the next pass that computes it), one expert, and two more sets of hidden states (the
+experts' input and output; three without a kept attention output), in memory or spilled as the budget
+decides; spilled ones are read and written a row chunk at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import inspect
 from dataclasses import dataclass
 
 from surgery.execution.probes import StopLayer
+from surgery.process_memory import trim_heap
 
 ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")  # transformers 5's experts modules
 
@@ -75,9 +78,11 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
     runner = session.runner
     placement = runner.placement
     device, dtype = placement.device, placement.dtype
-    session.load_block(skip=layout.names)
     experts = session._module.get_submodule(layout.module)
+    attention_module = runner.weights.family.attention_module
     replay, session._attention = session._attention, None
+    if replay is not None:  # the attention's output is replayed: its weights are not needed in this pass
+        session.release(attention_module)
     kept = runner.store("attention") if replay is None else None
     inputs, sums = runner.store("experts-input"), runner.store("experts-output")
     routes: dict[int, list] = {}  # batch -> per row chunk: (tokens, top_k_index, top_k_weights)
@@ -86,34 +91,37 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
         for index in batches:  # 1. capture
             capture = _Capture()
             pieces = [] if kept is not None else None
-            session.call(index, hidden.get(index, device, dtype), (), attention=pieces, experts=capture,
-                         replay=None if replay is None else replay.get(index, device, dtype))
+            session.call(index, hidden.rows(index, device, dtype), (), attention=pieces, experts=capture,
+                         replay=None if replay is None else replay.rows(index, device, dtype))
             if kept is not None:
-                kept.put(index, torch.cat(pieces))
-            inputs.put(index, torch.cat([rows for rows, _, _ in capture.calls]))
+                kept.put(index, pieces)
+            inputs.put(index, [rows for rows, _, _ in capture.calls])
+            shape = (sum(int(rows.shape[0]) for rows, _, _ in capture.calls), *capture.calls[0][0].shape[1:])
+            sums.zeros(index, shape, dtype)
             routes[index] = [(int(rows.shape[0]), chosen, weights) for rows, chosen, weights in capture.calls]
-        for expert in range(layout.count):  # 2. one expert at a time
+            del capture, pieces  # the batch's rows are in the stores now
+        session.release(attention_module)  # replayed from here on
+        trim_heap()  # step 1's freed activations (peak 512 -> 505 MiB on bench_btx's budget row)
+        for expert in range(layout.count):  # 2. one expert at a time, a row chunk at a time
             module = _one_expert(experts, runner.load_expert(session.layer, layout, expert))
             for index in batches:
-                rows = inputs.get(index, device, dtype)
-                total = sums.take(index, device, dtype) if expert else torch.zeros_like(rows)
                 start = 0
                 for count, chosen, weights in routes[index]:
                     part = slice(start, start + count)
                     mine = torch.where(chosen == expert, 0, 1).to(chosen.dtype)
-                    total[part] += module(rows[part], mine, weights)
+                    total = sums.get(index, device, dtype, part)
+                    total += module(inputs.get(index, device, dtype, part), mine, weights)
+                    sums.write(index, part, total)
                     start += count
-                sums.put(index, total)
-                del rows, total
             del module
+            trim_heap()  # the expert's compute's (its read: 510 -> 494 MiB)
         inputs.close()
         attention = replay if replay is not None else kept
         for index in batches:  # 3. the whole layer, the experts' output replayed
-            value = (hidden.take if consume else hidden.get)(index, device, dtype)
-            replayed = _Replay(sums.take(index, device, dtype), routes.pop(index))
-            result = session.call(index, value, probes, experts=replayed, replay=attention.take(index, device, dtype))
-            del value
-            out.put(index, result)
+            replayed = _Replay(sums.rows(index, device, dtype, last=True), routes.pop(index))
+            out.put(index, session.call(index, hidden.rows(index, device, dtype, last=consume), probes,
+                                        experts=replayed, replay=attention.rows(index, device, dtype, last=True),
+                                        joined=False))
         attention.close()
         sums.close()
     return out

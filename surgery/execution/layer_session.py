@@ -30,36 +30,60 @@ class LayerSession:
     def __init__(self, runner: "LayerRunner", layer: int, module, pending: list):
         self.runner, self.layer = runner, layer
         self._module, self._pending, self._overrides = module, pending, {}
+        self._set: set[str] = set()  # weights set by set_parameter: never released
         self.needs_output = True  # whether the next layer (or the head) will read this layer's output
         self._attention: HiddenStore | None = None  # kept by a stopped pass (runner.reuse_attention)
 
     @property
     def module(self):
         """The decoder layer with all its weights."""
-        self.load_block()
+        self._read(self._pending)
         return self._module
 
-    def load_block(self, skip: tuple = ()) -> None:
-        """Read the router-input block's weights not read yet, but those named in `skip` (experts read one at
-        a time); a weight set before it was read (``set_parameter``) is applied once it is."""
-        pending = [tensor for tensor in self._pending if tensor.name not in skip]
-        if not pending:
+    def _read(self, tensors: list) -> None:
+        """Read `tensors` (pending ones: not read yet, or released); a weight set before it was read
+        (``set_parameter``) is applied once it is."""
+        if not tensors:
             return
-        self._pending = [tensor for tensor in self._pending if tensor.name in skip]
-        module = self.runner._load(self.layer, pending, self._module)
-        if not skip and any(parameter.is_meta for parameter in module.parameters()):
+        names = {tensor.name for tensor in tensors}
+        self._pending = [tensor for tensor in self._pending if tensor.name not in names]
+        module = self.runner._load(self.layer, tensors, self._module)
+        if not self._pending and any(parameter.is_meta for parameter in module.parameters()):
             raise AssertionError(f"layer {self.layer}: weights left unread")
-        for name in [name for name in self._overrides if name not in skip]:
+        for name in [name for name in self._overrides if name in names]:
             self.set_parameter(name, self._overrides.pop(name))
 
-    def _module_for(self, stop_after: str | None, experts_replaced: bool = False):
-        """The layer as a pass stopped at `stop_after` needs it: without its router-input block when the pass
-        stops at that block's input or inside the attention before it (RegMean's passes stop at o_proj's
-        input); without its experts when their forward is replaced."""
+    def release(self, prefix: str) -> None:
+        """Drop the weights under module `prefix` ("self_attn") from memory until a pass needs them again
+        (they are read again then); weights set by ``set_parameter`` stay."""
+        import torch
+
+        prefix, pending = prefix + ".", {tensor.name for tensor in self._pending}
+        loaded = [tensor for tensor in self.runner.weights.layer_tensors(self.layer)
+                  if tensor.name.startswith(prefix) and tensor.name not in self._set | pending]
+        for tensor in loaded:
+            path, _, leaf = tensor.name.rpartition(".")
+            owner = self._module.get_submodule(path)
+            owner._parameters[leaf] = torch.nn.Parameter(torch.empty(tensor.shape, device="meta"),
+                                                         requires_grad=False)
+        self._pending += loaded
+
+    def _module_for(self, stop_after: str | None, experts_replaced: bool = False, attention_replayed: bool = False):
+        """The layer with the weights a pass reads: without its router-input block when the pass stops at that
+        block's input or inside the attention before it (RegMean's passes stop at o_proj's input); without its
+        experts when their forward is replaced; without its attention when its output is replayed."""
         family = self.runner.weights.family
-        before_block = stop_after is not None and (stop_after == family.router_input or stop_after == (
-            family.attention_module) or stop_after.startswith(family.attention_module + "."))
-        return self._module if before_block or experts_replaced else self.module
+        attention = family.attention_module
+        skip = []
+        if stop_after is not None and (stop_after in (family.router_input, attention)
+                                       or stop_after.startswith(attention + ".")):
+            skip.append(family.router_input + ".")
+        if attention_replayed:
+            skip.append(attention + ".")
+        names = set(self.runner.expert_layouts[self.layer].names) if experts_replaced else set()
+        self._read([tensor for tensor in self._pending
+                    if tensor.name not in names and not tensor.name.startswith(tuple(skip))])
+        return self._module
 
     def close(self) -> None:
         self._module, self._pending, self._overrides = None, [], {}
@@ -71,6 +95,7 @@ class LayerSession:
         """Set a weight of the layer; one in the block not loaded yet is set when the block is loaded."""
         import torch
 
+        self._set.add(name)
         if any(name == t.name for t in self._pending):
             self._overrides[name] = value.detach().clone()
             return
@@ -90,16 +115,18 @@ class LayerSession:
             yield part, (args, kwargs) if whole else (rows_of(args, part, rows), rows_of(kwargs, part, rows))
 
     def call(self, index: int, hidden, probes: tuple | list = (), stop_after: str | None = None,
-             attention: list | None = None, replay=None, experts: Callable | None = None):
+             attention: list | None = None, replay=None, experts: Callable | None = None, joined: bool = True):
         """Batch `index` (its hidden states `hidden`, on the device) through this layer, probes attached;
         each probe sees the batch's real tokens once. Returns the layer's output, or None when `stop_after`
         (or `experts`, raising ``StopLayer``) stopped the pass. `attention`: a list that receives the attention
         output of each row chunk; `replay`: the batch's attention output, used instead of computing it;
-        `experts`: called instead of the experts module's forward (``expert_stream``)."""
+        `experts`: called instead of the experts module's forward (``expert_stream``). `hidden` and `replay` are
+        tensors or ``HiddenStore.rows`` views (sliced a row chunk at a time); `joined`: False returns the
+        output as its list of row pieces (what ``HiddenStore.put`` takes)."""
         import torch
 
         mask = self.runner.batches[index].attention_mask.to(self.runner.placement.device).bool()
-        module = self._module_for(stop_after, experts is not None)
+        module = self._module_for(stop_after, experts is not None, replay is not None)
         outputs, stopped = [], False
         with gathered_probes(probes, index) as gathered:
             for part, (args, kwargs) in self._chunks(index, int(hidden.shape[0])):
@@ -112,7 +139,7 @@ class LayerSession:
                         stopped = True
                         continue
                 outputs.append(output[0] if isinstance(output, tuple) else output)
-        return None if stopped else torch.cat(outputs)
+        return None if stopped else torch.cat(outputs) if joined else outputs
 
     @contextlib.contextmanager
     def _attention_kept(self, module, sink: list | None, replay):
@@ -167,15 +194,15 @@ class LayerSession:
         placement = runner.placement
         with torch.no_grad():
             for index in range(len(runner.batches)):
-                value = (hidden.take if consume else hidden.get)(index, placement.device, placement.dtype)
                 pieces = [] if keep else None
-                result = self.call(index, value, probes, stop_after, attention=pieces,
-                                   replay=None if replay is None else replay.take(index, placement.device, placement.dtype))
-                del value
+                result = self.call(index, hidden.rows(index, placement.device, placement.dtype, last=consume), probes,
+                                   stop_after, attention=pieces, joined=False,
+                                   replay=None if replay is None else replay.rows(index, placement.device,
+                                                                                  placement.dtype, last=True))
                 if out is not None:
                     out.put(index, result)
                 if keep:
-                    kept.put(index, torch.cat(pieces))
+                    kept.put(index, pieces)
         if replay is not None:
             replay.close()
         self._attention = kept
