@@ -34,13 +34,15 @@ def words(path: Path, vocab: int, count: int, seed: int = 1) -> Path:
 
 
 def timed_json(command: list[str], env: dict) -> tuple[float, float, dict]:
-    """(wall seconds, peak RSS MiB, the JSON report on stdout) of a command, under /usr/bin/time -v."""
+    """(wall seconds, peak RSS MiB, the JSON report on stdout) of a command, under /usr/bin/time -v. It runs in
+    env's PYTHONPATH: `python -m` puts the working directory first on sys.path, so run from a checkout it would
+    import that checkout's code whatever PYTHONPATH says."""
     import re
     import time
 
     started = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
-                            env={**os.environ, **env})
+                            env={**os.environ, **env}, cwd=env["PYTHONPATH"])
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
