@@ -30,8 +30,9 @@ def bound_process_memory() -> None:
       default 1024 entries: peak RSS 818 -> 669 MiB with 16 entries each, wall time unchanged (13.0 vs 13.3 s,
       two runs each). The capacities are read at the first bfloat16 product.
     - MKL keeps the buffers of its float32 products for reuse (its "fast memory manager"), about 10 MiB
-      resident between layers; MKL_DISABLE_FAST_MM frees them (layer-start RSS 441 -> 431 MiB, peak
-      512 -> 505 MiB on the float32 merge with --memory-budget 200MB). Read at MKL's first allocation.
+      resident between layers; MKL_DISABLE_FAST_MM frees them (layer-start RSS 441 -> 431 MiB, highest phase
+      peak 512 -> 506 MiB on the float32 merge with --memory-budget 200MB). Set by the runner, after torch had
+      loaded and run, it changed nothing: the command line sets it when it starts (``cli.main``).
     """
     for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         os.environ.setdefault(variable, KERNEL_CACHE_ENTRIES)

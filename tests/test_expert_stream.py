@@ -9,7 +9,6 @@ import torch
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.execution.hidden import HiddenStore, MemoryBudget
-from surgery.execution.layer_session import CALL_TOKENS
 from surgery.execution.placement import Placement
 from surgery.execution.probes import Probe
 from surgery.execution.runner import LayerRunner
