@@ -112,12 +112,9 @@ class HiddenStore:
         if self._fd is None:
             value = self._memory[batch] if rows is None else self._memory[batch][rows]
         else:
-            offset, shape, kept, nbytes = self._blocks[batch]
-            start, stop, _ = (rows or slice(None)).indices(shape[0])
-            row_bytes = nbytes // shape[0]
-            raw = pread_exact(self._fd, (stop - start) * row_bytes, offset + start * row_bytes, self._path,
-                              f"hidden states of batch {batch}")
-            value = torch.frombuffer(raw, dtype=kept).reshape(stop - start, *shape[1:])
+            offset, size, shape, kept = self._span(batch, rows)
+            raw = pread_exact(self._fd, size, offset, self._path, f"hidden states of batch {batch}")
+            value = torch.frombuffer(raw, dtype=kept).reshape(shape)
         return value.to(device=device, dtype=dtype or torch.float32)
 
     def rows(self, batch: int, device: str = "cpu", dtype=None, last: bool = False):
@@ -135,12 +132,18 @@ class HiddenStore:
             if value.data_ptr() != target.data_ptr():  # not the stored rows themselves, as ``get`` gives them
                 target.copy_(value)
             return
-        offset, shape, kept, nbytes = self._blocks[batch]
-        start, stop, _ = rows.indices(shape[0])
+        offset, size, shape, kept = self._span(batch, rows)
         value = value.detach().to("cpu", kept).contiguous()
-        if value.nbytes != (stop - start) * (nbytes // shape[0]):
-            raise AssertionError(f"batch {batch}: rows {start}:{stop} given {tuple(value.shape)}")
-        self._write_at(offset + start * (nbytes // shape[0]), value)
+        if tuple(value.shape) != shape:
+            raise AssertionError(f"batch {batch}: rows {rows} are {shape}, given {tuple(value.shape)}")
+        self._write_at(offset, value)
+
+    def _span(self, batch: int, rows: slice | None) -> tuple:
+        """(offset, bytes, shape, dtype) of rows `rows` (None: all) of spilled batch `batch` in the file."""
+        offset, shape, kept, nbytes = self._blocks[batch]
+        start, stop, _ = (rows or slice(None)).indices(shape[0])
+        row_bytes = nbytes // shape[0]
+        return offset + start * row_bytes, (stop - start) * row_bytes, (stop - start, *shape[1:]), kept
 
     def _write_at(self, offset: int, value) -> None:
         import torch

@@ -29,8 +29,8 @@ class LayerSession:
 
     def __init__(self, runner: "LayerRunner", layer: int, module, pending: list):
         self.runner, self.layer = runner, layer
-        self._module, self._pending, self._overrides = module, pending, {}
-        self._set: set[str] = set()  # weights set by set_parameter: never released
+        self._module, self._pending = module, pending
+        self._overrides: dict = {}  # weights set by set_parameter: applied whenever read, never released
         self.needs_output = True  # whether the next layer (or the head) will read this layer's output
         self._attention: HiddenStore | None = None  # kept by a stopped pass (runner.reuse_attention)
 
@@ -50,8 +50,8 @@ class LayerSession:
         module = self.runner._load(self.layer, tensors, self._module)
         if not self._pending and any(parameter.is_meta for parameter in module.parameters()):
             raise AssertionError(f"layer {self.layer}: weights left unread")
-        for name in [name for name in self._overrides if name in names]:
-            self.set_parameter(name, self._overrides.pop(name))
+        for name in names & self._overrides.keys():
+            self._apply(name)
 
     def release(self, prefix: str) -> None:
         """Drop the weights under module `prefix` ("self_attn") from memory until a pass needs them again
@@ -60,7 +60,7 @@ class LayerSession:
 
         prefix, pending = prefix + ".", {tensor.name for tensor in self._pending}
         loaded = [tensor for tensor in self.runner.weights.layer_tensors(self.layer)
-                  if tensor.name.startswith(prefix) and tensor.name not in self._set | pending]
+                  if tensor.name.startswith(prefix) and tensor.name not in pending | self._overrides.keys()]
         for tensor in loaded:
             path, _, leaf = tensor.name.rpartition(".")
             owner = self._module.get_submodule(path)
@@ -93,15 +93,16 @@ class LayerSession:
 
     def set_parameter(self, name: str, value) -> None:
         """Set a weight of the layer; one in the block not loaded yet is set when the block is loaded."""
+        self._overrides[name] = value.detach().clone()
+        if not any(name == t.name for t in self._pending):
+            self._apply(name)
+
+    def _apply(self, name: str) -> None:
         import torch
 
-        self._set.add(name)
-        if any(name == t.name for t in self._pending):
-            self._overrides[name] = value.detach().clone()
-            return
         with torch.no_grad():
             parameter = self._module.get_parameter(name)
-            parameter.copy_(value.to(device=parameter.device, dtype=parameter.dtype))
+            parameter.copy_(self._overrides[name].to(device=parameter.device, dtype=parameter.dtype))
 
     def _chunks(self, index: int, rows: int):
         """Row slices of batch `index` run at once: at most CALL_TOKENS tokens, so one call's activations stay
