@@ -94,13 +94,13 @@ class Evaluator:
         return out
 
     def of_path(self, path: Path) -> dict[str, float]:
-        from surgery.loading import load_model
+        from surgery.execution.loading import load_model
 
         return self.losses(load_model(path, "cpu", "float32"))
 
 
 def dense_average(world: Path):
-    from surgery.loading import load_model
+    from surgery.execution.loading import load_model
 
     models = [load_model(world / name, "cpu", "float32") for name in ("seed",) + DOMAINS]
     states = [model.state_dict() for model in models]
@@ -113,16 +113,16 @@ def surgery_merge(world: Path, out: Path, *, init: str, non_ffn: str = "average"
                   top_k: int = 2, fit: str = "logistic", weights=(), head_fit: bool | None = False) -> float:
     """`surgery merge` in-process (same code path as the CLI); returns seconds."""
     from surgery import console
-    from surgery.btx_merge import run_merge
-    from surgery.merge_model import open_merge, resolve_router_init
+    from surgery.btx.members import open_merge, resolve_router_init
+    from surgery.btx.run import run_merge
+    from surgery.btx.spec import spec_from_options
     from surgery.operations.output import OutputOptions
-    from surgery.merge_config import spec_from_options
 
     console.VERBOSITY["level"] = -1
     spec = spec_from_options([f"{d}={world / d}" for d in DOMAINS], str(world / "seed"), include_seed,
                              [w for w in weights if not w.startswith("task-arithmetic")], non_ffn, top_k, "auto", init,
-                             [f"{d}={world / 'data' / f'{d}.calibration.txt'}" for d in DOMAINS], None,
-                             router_fit=fit, head_fit=head_fit)
+                             [f"{d}={world / 'data' / f'{d}.calibration.txt'}" for d in DOMAINS], None, 0, 16384, fit,
+                             head_fit)
     for item in weights:  # seed + lambda * sum(expert - seed): a negative seed weight, which the CLI refuses
         if item.startswith("task-arithmetic="):
             scale = float(item.split("=")[1])

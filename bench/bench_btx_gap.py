@@ -50,7 +50,7 @@ def main():
 
     import torch
 
-    from surgery.loading import load_model
+    from surgery.execution.loading import load_model
 
     torch.set_num_threads(args.threads)
     world = Path(args.world)

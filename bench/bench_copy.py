@@ -31,7 +31,7 @@ def main():
         warm(source)
         inputs = sorted(source.glob("*.safetensors"))
         floor = min(io_floor(inputs, size, work / "floor") for _ in range(args.repeat))
-        base = baseline_rss("import numpy, safetensors, rich.progress, surgery.cli, surgery.copy, surgery.writer")
+        base = baseline_rss("import numpy, safetensors, rich.progress, surgery.cli, surgery.copy, surgery.writer.stream")
         rows = [["I/O floor (read once, write once)", f"{floor:.2f}", f"{size / floor / 1e6:.0f}", "1.00", "", ""]]
         for shard in ("200MB", "5GB"):
             runs = []

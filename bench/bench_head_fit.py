@@ -1,4 +1,4 @@
-"""The head fit's optimiser (`surgery.head_fit`): held-back KL and seconds of each way to run it, on one fit's data.
+"""The head fit's optimiser (`surgery.btx.head_fit`): held-back KL and seconds of each way to run it, on one fit's data.
 
     python bench/bench_head_fit.py --world /tmp/btxworld
 
@@ -27,7 +27,7 @@ from common import markdown_table
 
 def captured_inputs(world: Path, work: Path) -> tuple:
     """(start head, [Domain]) as the default merge of the world hands them to ``fit_head``."""
-    import surgery.head_fit as head_fit
+    import surgery.btx.head_fit as head_fit
 
     seen = {}
     real = head_fit.fit_head
@@ -48,7 +48,7 @@ def variant(start, domains, *, batch: int | None, lr: float, steps: int, decay: 
     """Held-back KL of a fit like ``fit_head`` with one setting changed (`batch` None: every fitted token)."""
     import torch
 
-    from surgery.head_fit import HELD_BACK, CHECK_EVERY, Domain, _Buffers, _kl
+    from surgery.btx.head_fit import HELD_BACK, CHECK_EVERY, Domain, _Buffers, _kl
     from surgery.seeds import derive
 
     parts = []
@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from surgery.head_fit import BATCH_TOKENS, LEARNING_RATE, MAX_STEPS, fit_head
+    from surgery.btx.head_fit import BATCH_TOKENS, LEARNING_RATE, MAX_STEPS, fit_head
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-head-fit-") as work:

@@ -75,7 +75,7 @@ def fmt(losses: dict) -> list[str]:
 
 
 def kept_experts(out: Path) -> str:
-    from surgery.checkpoint import Checkpoint
+    from surgery.io.checkpoint import Checkpoint
 
     with Checkpoint.open(out) as checkpoint:
         record = json.loads(next(iter(checkpoint.metadata.values()))["surgery_prune"])

@@ -40,9 +40,9 @@ TOLERANCE = 0.10
 # (hidden, intermediate, vocab): full runs use TinyLlama-1.1B's matrix shapes; --quick smaller ones so
 # that 0.2 GB still holds a few layers.
 SHAPES = {"full": (2048, 5632, 32000), "quick": (1024, 2816, 8000)}
-COPY_IMPORTS = "import numpy, safetensors, click, rich, surgery.cli, surgery.copy, surgery.writer"
-UPCYCLE_IMPORTS = ("import torch, numpy, safetensors, click, rich, surgery.cli, surgery.writer, surgery.upcycle, "
-                   "surgery.moe_plan")
+COPY_IMPORTS = "import numpy, safetensors, click, rich, surgery.cli, surgery.copy, surgery.writer.stream"
+UPCYCLE_IMPORTS = ("import torch, numpy, safetensors, click, rich, surgery.cli, surgery.writer.stream, surgery.upcycle, "
+                   "surgery.plan.moe")
 DISK_MARGIN = 2 * 10**9
 
 

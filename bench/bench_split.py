@@ -87,8 +87,8 @@ class Scorer:
     """Mean next-token loss (nats/token) on fixed held-out batches."""
 
     def __init__(self, model: Path, text: str, max_tokens: int):
-        from surgery import samples
-        from surgery.loading import load_tokenizer
+        from surgery.execution import batches as samples
+        from surgery.execution.loading import load_tokenizer
 
         tokenizer = load_tokenizer(model)
         self.batches = list(samples.text_batches(tokenizer, text, batch_size=8, seq_len=256, max_tokens=max_tokens))
@@ -97,7 +97,7 @@ class Scorer:
     def loss(self, path: Path) -> float:
         import torch
 
-        from surgery.loading import load_model
+        from surgery.execution.loading import load_model
 
         model = load_model(path, "cpu", "float32")
         total, count = 0.0, 0
@@ -118,11 +118,13 @@ def quality(model: Path, quick: bool, eval_tokens: int, calibration_tokens: int,
 
     torch.set_num_threads(1)  # a 1M-parameter model: thread hand-offs cost more than they save on 2 busy cores
     from surgery import split as split_module
+    from surgery.partition import plan as split_plan
     from surgery.execution.calibration import CalibrationSet
     from surgery.partition.calibrated import partition_layers
-    from surgery.moe_plan import open_dense_source, parse_moe_layers
-    from surgery.samples import SAMPLE_TEXT, read_text
-    from surgery.writer import write_plan
+    from surgery.plan.sources import open_dense_source
+    from surgery.plan.moe import parse_moe_layers
+    from surgery.io.data_files import SAMPLE_TEXT, read_text
+    from surgery.writer.stream import write_plan
 
     source, family = open_dense_source(model)
     ffn, layers_count = source.config["intermediate_size"], source.config["num_hidden_layers"]
@@ -143,7 +145,7 @@ def quality(model: Path, quick: bool, eval_tokens: int, calibration_tokens: int,
     for strategy in strategies:
         options = split_module.SplitOptions(NUM_EXPERTS, 2, strategy, calibration_tokens=calibration_tokens)
         started = time.perf_counter()
-        partitions = partition_layers(source, family, options, layers, ffn, split_module.shared_count(options, ffn),
+        partitions = partition_layers(source, family, options, layers, ffn, split_plan.shared_count(options, ffn),
                                       calibration=calibration, settings=options.run).partitions
         times[strategy] = time.perf_counter() - started
         for k in top_ks:
@@ -152,13 +154,13 @@ def quality(model: Path, quick: bool, eval_tokens: int, calibration_tokens: int,
             for router in routers:
                 done = {}  # scale value -> loss: labels with equal values (auto = N/K at 2/8) are scored once
                 for scale in scales:
-                    value = split_module.resolve_expert_scale(scale, NUM_EXPERTS, k)
+                    value = split_plan.resolve_expert_scale(scale, NUM_EXPERTS, k)
                     if value in done:
                         results[strategy, k, router, scale] = done[value]
                         continue
                     options = split_module.SplitOptions(NUM_EXPERTS, k, strategy, router_init=router, expert_scale=scale,
                                                         calibration_tokens=calibration_tokens)
-                    plan = split_module.build_plan(source, family, options, calibration=calibration,
+                    plan = split_plan.build_plan(source, family, options, calibration=calibration,
                                                    partitions=partitions)
                     write_plan(plan, scratch / "moe", force=True)
                     results[strategy, k, router, scale] = done[value] = scorer.loss(scratch / "moe")
@@ -179,7 +181,7 @@ def quality(model: Path, quick: bool, eval_tokens: int, calibration_tokens: int,
     print(markdown_table(headers, rows))
     if len(scales) > 1:
         print(f"\n### Expert scale: mean Δ loss over the {len(strategies)} strategies\n")
-        headers = ["top-k", "router"] + [f"scale {s}" for s in SCALES] + [f"auto (= {split_module.AUTO_SCALE})"]
+        headers = ["top-k", "router"] + [f"scale {s}" for s in SCALES] + [f"auto (= {split_plan.AUTO_SCALE})"]
         rows = []
         for k in top_ks:
             for router in routers:
@@ -226,7 +228,7 @@ def memory(scratch: Path) -> None:
     config = llama_config(hidden=1024, ffn=4096, layers=8, vocab=8192)
     source = make_random_llama(scratch / "random-llama", config)
     size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-    baseline = timed([sys.executable, "-c", "import torch, sklearn.cluster, safetensors, surgery.writer"])[1]
+    baseline = timed([sys.executable, "-c", "import torch, sklearn.cluster, safetensors, surgery.writer.stream"])[1]
     rows = []
     for strategy in ("random", "clustering"):
         wall, rss, _ = timed(surgery_command("split", source, scratch / f"out-{strategy}", "-n", 8, "-k", 2,

@@ -26,7 +26,7 @@ from common import (REPO, dir_bytes, io_floor, llama_config, make_random_llama, 
                     surgery_command, timed, warm)
 
 EXPERTS, TOP_K = 8, 2
-SURGERY_IMPORTS = "import numpy, safetensors, click, rich, surgery.writer, surgery.upcycle, surgery.moe_plan"  # no torch: copies and numpy router init
+SURGERY_IMPORTS = "import numpy, safetensors, click, rich, surgery.writer.stream, surgery.upcycle, surgery.plan.moe"  # no torch: copies and numpy router init
 MERGEKIT_IMPORTS = "import torch, transformers, mergekit.scripts.moe"
 
 
@@ -43,7 +43,7 @@ def planned_output_bytes(source: Path) -> int:
 
 def largest_tensor_bytes(source: Path) -> int:
     sys.path.insert(0, str(REPO))
-    from surgery.checkpoint import Checkpoint
+    from surgery.io.checkpoint import Checkpoint
 
     with Checkpoint.open(source) as checkpoint:
         return max(info.nbytes for info in checkpoint.tensors.values())

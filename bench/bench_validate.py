@@ -76,7 +76,7 @@ def forward_loop(directory: Path, tokens: Path, settings: dict) -> tuple[float, 
 
 
 def run_validate(directory: Path, tokens: Path, settings: dict) -> tuple[float, float, int]:
-    from surgery.validate import validate
+    from surgery.checks.validation import validate
 
     started = time.perf_counter()
     result = validate(directory, tokens=tokens, batch_size=settings["batch_size"], seq_len=settings["seq_len"],
@@ -94,11 +94,11 @@ def tolerance_rows(quick: bool) -> list[list]:
     import torch
     import transformers
 
-    from surgery.checkpoint import Checkpoint
-    from surgery.execution.compare import compare_layers
-    from surgery.execution.session import RunSettings
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.checks.compare import compare_layers
+    from surgery.execution.settings import RunSettings
     from surgery.execution.weights import ModelWeights
-    from surgery.samples import batches
+    from surgery.execution.batches import batches
 
     shapes = [(128, 4, 344, 512)] if quick else [(128, 4, 344, 512), (256, 8, 688, 2000), (256, 24, 688, 2000)]
     rows = []

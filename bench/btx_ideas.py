@@ -21,8 +21,8 @@ def distilled(world: Path, merged: Path, evaluator, train=norms_and_routers, ste
     domain's expert on its calibration text (KL(expert || merge), Adam, `steps` steps); returns held-out losses."""
     import torch
 
-    from surgery.loading import load_model, load_tokenizer
-    from surgery.samples import text_batches
+    from surgery.execution.loading import load_model, load_tokenizer
+    from surgery.execution.batches import text_batches
 
     torch.manual_seed(0)
     model, tokenizer = load_model(merged, "cpu", "float32"), load_tokenizer(merged)

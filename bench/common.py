@@ -109,8 +109,8 @@ def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from surgery.io import write_all
-    from surgery.safetensors_format import encode_header
+    from surgery.io.file_io import write_all
+    from surgery.io.safetensors_format import encode_header
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,139 +1,85 @@
 """`surgery merge`: Branch-Train-MiX. Domain-trained copies of one seed become one MoE.
 
-FFN of layer l of model i -> expert i of MoE layer l (bit-exact copies); ``--include-seed`` adds the
-seed's FFN as one more expert (the BTX paper's generalist). Every other tensor (embeddings,
-attention, norms, lm_head) is the weighted mean of all models (seed included when given),
-computed in float32 and cast to the output dtype, one output tensor at a time; ``--non-ffn
-seed|NAME`` copies one model's instead (mergekit-moe's behaviour). Routers: see
-``surgery.btx_router``.
-
-Memory: the zero, normal and embedding inits stream (about one tensor in memory, like every
-plan). The calibrated init writes the merge as a draft beside OUT with its routers deferred, runs the
-draft layer by layer (``surgery.btx_router.fit_calibrated``) and writes the fitted rows into it before
-it becomes OUT: peak memory is one merged decoder layer in the compute dtype plus the calibration
-hidden states, and every weight is read and averaged once.
+FFN of layer l of model i -> expert i of MoE layer l (bit-exact copies); ``--include-seed`` adds the seed's FFN as
+one more expert (the BTX paper's generalist). Every other tensor (embeddings, attention, norms, lm_head) is, by
+``--non-ffn``, fitted to the models' inputs (RegMean, RegMean++), their weighted mean, or one model's copy
+(mergekit-moe's behaviour). The merge's machinery is ``surgery.btx``: what is asked (``spec``, or a YAML file,
+ours or mergekit-moe's), its members and their compatibility, its plan, and running it (``run``: calibrated
+routers, RegMean and the head fit fitted on the written draft).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from surgery import families as arch
-from surgery import console
 from surgery.errors import SurgeryError
-from surgery.merge_config import FITS_DEFAULT, MergeSpec
-from surgery.merge_model import Merge, open_merge, reference_tokenizer, resolve_non_ffn, resolve_router_init
-from surgery.merge_plan import build_plan, model_card
-from surgery.merge_regmean import RegMeanTensor
-from surgery.execution.session import RunSettings, run_options
-from surgery.operations.output import OutputOptions, PostWriteCheck, dtype_option, output_options, write
-from surgery.plan import Plan
-from surgery.recipes import Deferred
+from surgery.execution.settings import RunsModel
+from surgery.btx.config_file import load_config
+from surgery.btx.members import open_merge, resolve_non_ffn, resolve_router_init
+from surgery.btx.run import run_merge
+from surgery.btx.spec import (FITS_DEFAULT, ROUTER_FITS, ROUTER_INITS, MergeSpec, check_spec, parse_weights,
+                                read_calibration, spec_from_options)
+from surgery.operations.options import FORMATS, calibration_options, dtype_option, parse_pairs, run_options
+from surgery.operations.output import OutputOptions, output_options
 
 
-# ------------------------------------------------------------------ running
-def run_merge(merge: Merge, out: Path, output: OutputOptions = OutputOptions(), settings=None):
-    """Write the merge (calibrated routers: fitted on the written draft); returns a ``Result``."""
-    from surgery.execution.session import RunSettings
+@dataclass(frozen=True)
+class MergeOptions(RunsModel):
+    experts: tuple | dict = ()  # NAME=PATH in expert order (the API: {name: directory})
+    config: str | None = None  # a YAML file (ours or a mergekit-moe config); options given explicitly override it
+    seed: str | None = None  # the seed model the experts were branched from (averaged in)
+    include_seed: bool = False
+    weights: tuple | dict = ()  # NAME=W,... averaging weights of the non-FFN tensors (the API: {name: weight})
+    non_ffn: str = "auto"
+    head_fit: bool | None = None  # None: auto
+    top_k: int = 2
+    format: str = "auto"
+    router_init: str = "auto"
+    router_fit: str = FITS_DEFAULT
+    calibration: tuple | dict = ()  # NAME=FILE: an expert's text or token ids (the API: {name: file})
+    calibration_tokens: int = 16384  # per domain
+    router_seed: int = 0
+    dtype: str = "keep"
+    device: str = "auto"
+    memory_budget: str | None = None
+    compute_dtype: str = "auto"
 
-    output.check()
-    settings = settings or RunSettings()
-    from surgery.layouts import convert
-
-    automatic = merge.spec.head_fit is None
-    merge.spec.head_fit = bool(merge.spec.head_fit)
-    plan = convert(build_plan(merge), output.layout)  # before the deferred routers are named
-    regmean_head = any(isinstance(t.recipe, RegMeanTensor) and t.recipe.layer is None for t in plan.tensors)
-    if merge.spec.head_fit and not regmean_head:
-        if merge.config.get("tie_word_embeddings"):
-            raise SurgeryError(f"--head-fit: {merge.reference.checkpoint.directory} ties its head to the embedding "
-                               "(tie_word_embeddings), so there is no separate head to refit")
-        raise SurgeryError("--head-fit refits a RegMean++ head, and only one model's non-FFN weights are averaged "
-                           "here (--weights), so the head is that model's copy")
-    if automatic and regmean_head and merge.spec.non_ffn == "regmean++" and head_fit_affordable(merge, settings):
-        merge.spec.head_fit = True
-        plan = convert(build_plan(merge), output.layout)  # its head's recipe says it is refitted
-    unique = {m.checkpoint.directory.resolve(): m.checkpoint.path for m in reversed(merge.members)}
-    sources = [unique[key] for key in dict.fromkeys(m.checkpoint.directory.resolve() for m in merge.members)]
-    check = PostWriteCheck(sources, exact=False, settings=settings)
-    if not any(isinstance(t.recipe, Deferred) for t in plan.tensors) or output.dry_run:
-        return write(plan, out, output, check=check)
-    return _run_calibrated(merge, plan, Path(out), output, check)
-
-
-def head_fit_affordable(merge: Merge, settings: RunSettings) -> bool:
-    """--head-fit auto, for a merge whose head RegMean++ fits: whether the fit's cost, from the config alone (so
-    --dry-run shows the decision), is within what ``head_fit.auto_skip_reason`` allows on the device the merge
-    runs on; a fit skipped is said, with why and how to run it."""
-    from surgery.execution.placement import free_gpu_memory
-    from surgery.head_fit import auto_skip_reason
-
-    device = settings.placement().device
-    free = None
-    if device.startswith("cuda"):
-        free = free_gpu_memory()[int(device.partition(":")[2] or 0)]
-    reason = auto_skip_reason(int(merge.config["vocab_size"]), int(merge.config["hidden_size"]), len(merge.experts),
-                              merge.spec.calibration_tokens, device, free)
-    if reason is None:
-        return True
-    console.note(f"head fit skipped (auto): {reason}; --head-fit runs it, --no-head-fit skips it quietly")
-    return False
+    def spec(self, given=frozenset()) -> MergeSpec:
+        """What the merge is asked to do: these options, or the --config file with the options in `given` (those
+        the caller gave explicitly) overriding it."""
+        if self.config is None:
+            return spec_from_options(self.experts, self.seed, self.include_seed, self.weights, self.non_ffn,
+                                     self.top_k, self.format, self.router_init, self.calibration, self.dtype,
+                                     self.router_seed, self.calibration_tokens, self.router_fit, self.head_fit)
+        if self.experts:
+            raise SurgeryError(f"--config {self.config} lists the experts; do not also give --expert")
+        spec = load_config(self.config)
+        for name in ("seed", "include_seed", "non_ffn", "top_k", "format", "router_init", "router_fit", "dtype",
+                     "router_seed", "calibration_tokens", "head_fit"):
+            if name in given:
+                setattr(spec, name, getattr(self, name))
+        if "format" in given:
+            spec.format_choices = ()  # --format wins over a mergekit architecture
+        if "weights" in given:
+            spec.weights.update(parse_weights(self.weights))
+        if "calibration" in given:
+            for name, path in parse_pairs(self.calibration, "--calibration", "FILE"):
+                spec.calibration[name] = read_calibration(path)
+        check_spec(spec, where=str(self.config))
+        return spec
 
 
-def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, check: PostWriteCheck):
-    """Write the merge with its data-fitted tensors deferred, then fill them in on the draft: RegMean's linear
-    layers (each model run on its own text), then the routers (the merged draft run layer by layer). Every
-    weight is read and computed once."""
-    from surgery.btx_router import PendingRouter, calibration_parts, fit_calibrated, print_routing, routing_table_text
-    from surgery.checkpoint import Checkpoint
-    from surgery.execution.skeleton import import_in_background
-    from surgery.execution.weights import ModelWeights
-    from surgery.io.deferred import Filled
-    from surgery.execution.calibration import CalibrationSet
-    from surgery.merge_regmean import MergedInputs, RegMeanTensor, fit_regmean, set_token_counts
-    from surgery.writer import check_output_path
-
-    check_output_path(out, plan.sources, output.force)
-    parts = calibration_parts(merge, reference_tokenizer(merge))  # a bad calibration text is refused before writing
-    set_token_counts(merge, plan, parts)
-    names = {d.expert: d.name for d in merge.domains()}
-    routers = {t.name: t.recipe for t in plan.tensors if isinstance(t.recipe, PendingRouter)}
-
-    def fill(draft: Path, patch) -> Filled:
-        importing.join(timeout=120)  # no import of the same modules from two threads at once
-        plus = merge.spec.non_ffn == "regmean++"
-        if any(isinstance(t.recipe, RegMeanTensor) for t in plan.tensors) and not plus:
-            fit_regmean(merge, plan, parts, check.settings, patch, spill_dir=out.resolve().parent)
-        if not routers and not plus:
-            return Filled({})
-        console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
-                     f"({', '.join(names.values())}) and fitting {len(routers)} routers"
-                     + (" and shared-expert gates" if merge.shared_gate == "fitted" else ""))
-        with Checkpoint.open(draft) as checkpoint:
-            merged_inputs = MergedInputs(merge, plan, CalibrationSet.combine(parts), check.settings, patch,
-                                         out.resolve().parent) if plus else None
-            fit = fit_calibrated(merge, ModelWeights.from_checkpoint(checkpoint), parts, check.settings,
-                                 spill_dir=out.resolve().parent, merged_inputs=merged_inputs)
-        domain_names = [names[e] for e in sorted(names)]
-        expert_names = [m.name for m in merge.experts]
-        print_routing(fit, domain_names, expert_names)
-        card = model_card(merge, routing_table_text(fit, domain_names, expert_names))
-        return Filled({name: fit.rows(r.kind)[r.layer] for name, r in routers.items()}, {"README.md": card})
-
-    importing = import_in_background(merge.config["model_type"])  # while the draft is written
-    return write(plan, out, output, check=check, fill=fill)
-
-
-# ------------------------------------------------------------------ command line
 @click.command("merge")
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--expert", "expert", multiple=True, metavar="NAME=PATH",
+@click.option("--expert", "experts", multiple=True, metavar="NAME=PATH",
               help="A domain-trained model; its FFNs become expert i (in the order given). Repeat per expert.")
-@click.option("--config", "config_file", type=click.Path(path_type=str),
+@click.option("--config", type=click.Path(path_type=str),
               help="A YAML file with the merge (ours or a mergekit-moe config); options given here override it.")
-@click.option("--seed", "seed", metavar="PATH", help="The seed model the experts were branched from (averaged in).")
+@click.option("--seed", metavar="PATH", help="The seed model the experts were branched from (averaged in).")
 @click.option("--include-seed", is_flag=True, help="Add the seed's FFN as one more (generalist) expert.")
 @click.option("--weights", multiple=True, metavar="NAME=W,...",
               help="Averaging weights of the non-FFN tensors (default 1 each; the seed is named 'seed').")
@@ -149,52 +95,38 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
                    "steps of 3 x 2048 tokens per domain x hidden x vocab multiply-adds are at most 1e13 on a CPU "
                    "(minutes) or 1e16 on a GPU (and fit in its free memory), and says so when it skips it.")
 @click.option("--top-k", "-k", type=int, default=2, show_default=True, help="Experts per token.")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", *arch.moe_formats()]), help="Output MoE format.")
-@click.option("--router-init", default="auto", show_default=True,
-              type=click.Choice(["auto", "zero", "normal", "embedding", "calibrated"]),
-              help="auto: calibrated when every expert has --calibration text, else normal (a zero router ties every logit).")
-@click.option("--router-fit", default=FITS_DEFAULT, show_default=True, type=click.Choice(["logistic", "class-mean"]),
-              help="How calibrated routers are fitted per layer.")
-@click.option("--calibration", multiple=True, metavar="NAME=FILE", help="Text of an expert's domain. Repeat per expert.")
-@click.option("--calibration-tokens", type=int, default=16384, show_default=True,
-              help="Calibration tokens used per domain.")
+@click.option("--format", default="auto", show_default=True, type=click.Choice(FORMATS),
+              help="Output MoE format.")
+@click.option("--router-init", default="auto", show_default=True, type=click.Choice(ROUTER_INITS.names),
+              help="Router rows: " + ROUTER_INITS.help)
+@click.option("--router-fit", default=FITS_DEFAULT, show_default=True, type=click.Choice(ROUTER_FITS.names),
+              help="How calibrated routers are fitted per layer: " + ROUTER_FITS.help)
+@calibration_options(MergeOptions, multiple=True, metavar="NAME=FILE", tokens="Calibration tokens used per domain.",
+                     calibration="Text (or token ids .npy/.pt/.jsonl) of an expert's domain. Repeat per expert.")
 @click.option("--router-seed", type=int, default=0, show_default=True,
               help="Seed of the merge's random draws: --router-init normal, mergekit's noise_scale.")
 @dtype_option
 @run_options
 @output_options
-def command(out, expert, config_file, seed, include_seed, weights, non_ffn, head_fit, top_k, fmt, router_init,
-            router_fit, calibration, calibration_tokens, router_seed, dtype, device, memory_budget, compute_dtype,
-            output):
+def command(out, output, **options):
     """Merge domain-trained copies of one seed model into a Mixture-of-Experts (Branch-Train-MiX).
 
     \b
     surgery merge OUT --seed seed --expert code=code --expert prose=prose --calibration code=code.txt ...
     surgery merge OUT --config merge.yml
     """
-    from surgery.merge_config import check_spec, load_config, spec_from_options
-
-    values = dict(expert=expert, seed=seed, include_seed=include_seed, weights=weights, non_ffn=non_ffn, top_k=top_k,
-                  fmt=fmt, router_init=router_init, router_fit=router_fit, calibration=calibration, dtype=dtype,
-                  router_seed=router_seed, calibration_tokens=calibration_tokens, head_fit=head_fit)
-    if config_file:
-        if expert:
-            raise SurgeryError(f"--config {config_file} lists the experts; do not also give --expert")
-        spec = load_config(config_file)
-        _override(spec, values, click.get_current_context())
-        check_spec(spec, where=str(config_file))
-    else:
-        spec = spec_from_options(expert, seed, include_seed, weights, non_ffn, top_k, fmt, router_init, calibration,
-                                 dtype, router_seed, calibration_tokens, router_fit, head_fit)
-    run(spec, out, output, RunSettings(device, memory_budget, compute_dtype))
+    context = click.get_current_context()
+    given = {name for name in options if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    run(out, MergeOptions(**options), output, given=given)
 
 
-def run(spec: MergeSpec, out, output: OutputOptions = OutputOptions(), settings=None):
-    """Merge as `spec` says into OUT (the command and ``surgery.merge`` both land here); returns a ``Result``."""
-    settings = settings or RunSettings()
+def run(out, options: MergeOptions, output: OutputOptions = OutputOptions(), given=frozenset()):
+    """Merge into OUT as `options` say (the command and ``surgery.merge`` both land here); returns a ``Result``.
+    With a --config file, the options in `given` (given explicitly) override the file's."""
+    settings = options.run
     settings.check()
     output.check()
+    spec = options.spec(given)
     spec.router_init = resolve_router_init(spec)
     spec.non_ffn = resolve_non_ffn(spec)
     if spec.head_fit and spec.non_ffn != "regmean++":
@@ -206,30 +138,3 @@ def run(spec: MergeSpec, out, output: OutputOptions = OutputOptions(), settings=
     finally:
         for member in merge.members:
             member.checkpoint.close()
-
-
-def _override(spec: MergeSpec, values: dict, ctx) -> None:
-    """Options given on the command line win over the YAML file."""
-    from click.core import ParameterSource
-
-    from surgery.merge_config import parse_weights, read_calibration
-
-    def given(name):
-        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
-
-    simple = {"seed": "seed", "include_seed": "include_seed", "non_ffn": "non_ffn", "top_k": "top_k", "fmt": "format",
-              "router_init": "router_init", "router_fit": "router_fit", "dtype": "dtype", "router_seed": "router_seed",
-              "calibration_tokens": "calibration_tokens", "head_fit": "head_fit"}
-    for option, attribute in simple.items():
-        if given(option):
-            setattr(spec, attribute, values[option])
-    if given("fmt"):
-        spec.format_choices = ()  # --format wins over a mergekit architecture
-    if given("weights"):
-        spec.weights.update(parse_weights(values["weights"]))
-    if given("calibration"):
-        from surgery.merge_config import parse_pair
-
-        for item in values["calibration"]:
-            name, path = parse_pair(item, "--calibration", "FILE")
-            spec.calibration[name] = read_calibration(path)

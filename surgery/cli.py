@@ -1,8 +1,8 @@
-"""The `surgery` command line: a click group whose commands live beside the code they run.
+"""The `surgery` command line: a click group of the commands in the registry (``surgery.commands``).
 
-Commands are imported only when used, and no command module imports torch at import time, so
-`surgery --help` stays fast. Every user-facing failure is a ``SurgeryError`` printed as one line
-``surgery: error: ...`` with exit code 2 (the traceback only with -v).
+Each command's entry module is imported only when that command is used, and no entry module imports torch at
+import time, so `surgery --help` stays fast. Every user-facing failure is a ``SurgeryError`` printed as one
+line ``surgery: error: ...`` with exit code 2 (the traceback only with -v).
 """
 
 from __future__ import annotations
@@ -13,41 +13,22 @@ import traceback
 
 import click
 
-from surgery import __version__
-
-# command name -> (module, attribute, one-line help shown by `surgery --help`)
-COMMANDS = {
-    "inspect": ("surgery.inspect", "command", "Show a checkpoint's layout, architecture, parameters and problems."),
-    "copy": ("surgery.copy", "command", "Re-shard or cast a checkpoint (identity plan)."),
-    "upcycle": ("surgery.upcycle", "command", "Dense -> MoE: copy the FFN into N experts and add a router."),
-    "split": ("surgery.split", "command", "Dense -> MoE: partition each FFN's neurons into N smaller experts."),
-    "merge": ("surgery.btx_merge", "command", "Branch-Train-MiX: merge domain-trained copies into one MoE."),
-    "prune": ("surgery.prune", "command", "MoE -> MoE: keep the best-scored routed experts of every MoE layer."),
-    "extract": ("surgery.extract", "command", "MoE -> dense: one expert's FFN, or the experts' averaged, in every layer."),
-    "add-experts": ("surgery.add_experts", "command", "MoE -> MoE: each dense model's FFN as a new expert in every MoE layer."),
-    "validate": ("surgery.validate", "command", "Load a model, measure loss, compare with references, show routing."),
-    "verify": ("surgery.verify", "command", "Check a written checkpoint's structure and manifest."),
-}
-
+from surgery import __version__, console
+from surgery.commands import COMMANDS
+from surgery.errors import SurgeryError
+from surgery.process_memory import bound_process_memory
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return [name for name, (module, _, _) in COMMANDS.items() if importlib.util.find_spec(module) is not None]
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        module_name, attribute, _ = COMMANDS[name]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                return None
-            raise
-        return getattr(module, attribute, None)
+        return importlib.import_module(f"surgery.{COMMANDS[name].module}").command
 
     def format_commands(self, ctx, formatter):
-        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        rows = [(name, COMMANDS[name].summary) for name in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
@@ -59,15 +40,10 @@ class LazyGroup(click.Group):
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and results.")
 def group(verbose, quiet):
     """Checkpoint surgery for LLMs: turn dense safetensors checkpoints into Mixture-of-Experts ones."""
-    from surgery import console
-
     console.VERBOSITY["level"] = -1 if quiet else min(verbose, 1)
 
 
 def main(argv=None):
-    from surgery.errors import SurgeryError
-    from surgery.process_memory import bound_process_memory
-
     bound_process_memory()  # before torch loads: some settings are read once, at its first products
 
     args = sys.argv[1:] if argv is None else list(argv)

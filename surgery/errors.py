@@ -13,3 +13,9 @@ class SurgeryError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def check_choice(option: str, value, choices) -> None:
+    """The one refusal of an option value outside its choices (the Python API passes values click never saw)."""
+    if value not in choices:
+        raise SurgeryError(f"{option} {value!r}: expected one of {', '.join(map(str, choices))}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 MMAP_THRESHOLD = 2**20  # bytes: larger allocations get their own mapping, returned to the system when freed
 ARENAS = 1  # glibc malloc arenas for the whole process
@@ -66,3 +67,14 @@ def _libc():
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def available_memory() -> int:
+    """The kernel's MemAvailable: memory a new allocation can get without swapping."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

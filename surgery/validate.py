@@ -1,311 +1,38 @@
 """`surgery validate`: loss on a sample batch, comparison with references, routing statistics.
 
-The pass, in order:
-
-1. structure check of MODEL and every reference from headers (tensors and shapes per config.json,
-   index consistency) before anything is loaded;
-2. strict load through ``surgery.loading.load_model`` (missing / unexpected / mismatched keys are
-   refused), then a NaN/Inf check of the loaded parameters;
-3. streaming evaluation, batch by batch: MODEL and the references run on the same batch, and only
-   running sums are kept (loss, KL, top-1 agreement, max abs difference, routing counts), so memory
-   is bounded by one batch whatever the length of the data. When MODEL and all references do not
-   fit in memory together, references are loaded one at a time and MODEL runs once per reference.
-
-Padding is masked out of every statistic. The tolerances of ``--expect-exact`` are explained in
-docs/validate.md.
+What it computes is ``surgery.checks.validation``'s (a structure check from headers, a strict load or a
+layer-by-layer run, running sums batch by batch); what it prints, ``surgery.checks.report_view``'s. The
+tolerances of ``--expect-exact`` are explained in docs/validate.md.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import click
 
 from surgery import console
+from surgery.checks.report_view import plot_load, print_result, require_matplotlib
+from surgery.checks.structure import check_structure, print_structure, problems_error
 from surgery.errors import SurgeryError
-from surgery.execution.placement import Placement, _gib, available_memory, resolve_placement  # noqa: F401 (API)
-from surgery.execution.session import run_options
-from surgery.validate_view import plot_load, print_result, require_matplotlib  # noqa: F401 (API)
-
-RANDOM_SEED = 0
-TOGETHER_HEADROOM = 0.7  # fraction of free memory MODEL and all references may take together
-VERIFY_TOKENS = 2048  # tokens of the validation sample a --verify compares layer by layer
+from surgery.operations.options import COMPUTE_DTYPES, run_options
 
 
-# ------------------------------------------------------------------------------ sample batch
-@dataclass
-class Sample:
-    rows: list  # token id lists, at most seq_len long
-    source: str
-    pad_token_id: int
-    notes: list = field(default_factory=list)
-
-
-def sample_rows(model_path, references, *, data, text, tokens, batch_size, seq_len, vocab_size,
-                max_tokens=None) -> Sample:
-    """The token rows to evaluate: --tokens, --data / --text through the tokenizer, the shipped sample
-    text, or (no tokenizer anywhere) seeded pseudo-random ids from the vocabulary."""
-    from surgery import samples
-    from surgery.loading import load_tokenizer
-
-    given = [name for name, value in (("--data", data), ("--text", text), ("--tokens", tokens)) if value is not None]
-    if len(given) > 1:
-        raise SurgeryError(f"{' and '.join(given)} are exclusive: give one sample source")
-    if tokens is not None:
-        rows = [piece for row in samples.read_token_ids(tokens) for piece in samples.chunk_rows(row, seq_len)]
-        return Sample(rows, str(tokens), 0)
-    tokenizer, tokenizer_path = None, None
-    for path in (model_path, *references):
-        tokenizer = load_tokenizer(path)
-        if tokenizer is not None:
-            tokenizer_path = path
-            break
-    notes = []
-    if tokenizer is not None and tokenizer_path != model_path:
-        notes.append(f"MODEL has no tokenizer; using the tokenizer of reference {tokenizer_path}")
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    if data is not None or text is not None:
-        if tokenizer is None:
-            raise SurgeryError(f"{model_path}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json) to "
-                               f"tokenize {'--data' if data is not None else '--text'}; pass ids with --tokens")
-        body = samples.read_text(data) if data is not None else text
-        if not body.strip():
-            raise SurgeryError("--text is empty")
-        rows = _token_rows(tokenizer, body, seq_len)
-        return Sample(rows, str(data) if data is not None else "--text", pad or 0, notes)
-    if tokenizer is not None and samples.SAMPLE_TEXT.is_file():
-        body = samples.read_text(samples.SAMPLE_TEXT)
-        rows = _token_rows(tokenizer, body, seq_len)
-        return Sample(rows, f"shipped sample text ({samples.SAMPLE_TEXT.name})", pad or 0, notes)
-    import torch
-
-    rows = batch_size if max_tokens is None else max(1, min(batch_size, -(-max_tokens // seq_len)))
-    generator = torch.Generator().manual_seed(RANDOM_SEED)
-    ids = torch.randint(0, vocab_size, (rows, seq_len), generator=generator)
-    reason = "no tokenizer in MODEL" if tokenizer is None else f"{samples.SAMPLE_TEXT} is missing"
-    notes.append(f"{reason} and no --tokens: evaluating {rows}×{seq_len} pseudo-random token ids "
-                 f"(seed {RANDOM_SEED}) from the vocabulary; the loss means little, comparisons with "
-                 f"references are still valid")
-    return Sample(ids.tolist(), f"pseudo-random token ids (seed {RANDOM_SEED})", 0, notes)
-
-
-def _token_rows(tokenizer, text: str, seq_len: int) -> list[list[int]]:
-    """The text tokenised in one piece, cut into rows of seq_len, BOS prepended to every row when known."""
-    from surgery import samples
-
-    return samples.chunk_rows(samples.tokenize(tokenizer, text), seq_len, getattr(tokenizer, "bos_token_id", None))
-
-
-# ------------------------------------------------------------------------------ the pass
-def _parameters(path) -> int:
-    from surgery.checkpoint import Checkpoint
-
-    with Checkpoint.open(path, require_config=True) as checkpoint:
-        return sum(info.numel for info in checkpoint.tensors.values())
-
-
-def _structure_first(path, label: str, notes: list):
-    """Header-level structure check before any load (an unsupported architecture is refused here,
-    with the supported ones listed). Returns config.json's vocab_size."""
-    from surgery import families as arch
-    from surgery.checkpoint import Checkpoint
-    from surgery.structure import require_structure
-
-    with Checkpoint.open(path, require_config=True) as checkpoint:
-        vocab = checkpoint.config.get("vocab_size")
-        arch.detect_family(checkpoint.config, checkpoint.directory / "config.json")
-    require_structure(path, scan=False)
-    return vocab
-
-
-def _token_count(rows, seq_len: int, max_tokens: int | None) -> int:
-    """Real tokens samples.batches will yield for these rows (without building the batches)."""
-    total = 0
-    for row in rows:
-        count = min(len(row), seq_len)
-        if max_tokens is not None:
-            count = min(count, max_tokens - total)
-        total += count
-        if max_tokens is not None and total >= max_tokens:
-            break
-    return total
-
-
-def evaluate(model_path, references=(), *, data=None, text=None, tokens=None, batch_size=8, seq_len=256,
-             max_tokens=None, device="auto", dtype="auto", expect_exact=False, stream=None, memory_budget=None) -> dict:
-    """The validation report as a dict (what --json prints); `exact.passed` says whether
-    --expect-exact holds, without raising (``validate`` raises). `stream`: run layer by layer (None:
-    when MODEL does not fit in memory)."""
-    import torch
-
-    from surgery import samples
-    from surgery.execution import evaluation
-    from surgery.execution.session import RunSettings
-
-    references = [str(path) for path in references]
-    if batch_size < 1 or seq_len < 2 or (max_tokens is not None and max_tokens < 1):
-        raise SurgeryError(f"batch size ({batch_size}) and --max-tokens must be positive, --seq-len ({seq_len}) at least 2")
-    if expect_exact and len(references) != 1:
-        raise SurgeryError(f"--expect-exact needs exactly one --reference, got {len(references)}")
-    notes: list[str] = []
-    vocab = _structure_first(model_path, "MODEL", notes)
-    if type(vocab) is not int or vocab <= 0:
-        raise SurgeryError(f"{Path(model_path) / 'config.json'}: vocab_size must be a positive integer, found {vocab!r}")
-    for reference in references:
-        reference_vocab = _structure_first(reference, "reference", notes)
-        if reference_vocab != vocab:
-            raise SurgeryError(f"{reference}: vocab_size {reference_vocab} differs from MODEL's {vocab} ({model_path}); "
-                               f"logits cannot be compared")
-
-    settings = RunSettings(device, memory_budget, dtype)
-    parameters = [_parameters(path) for path in (model_path, *references)]
-    placement = resolve_placement(device, dtype, parameters[0])
-    reference_placements = [resolve_placement(device, dtype, count, label=f"reference {ref}")
-                            for ref, count in zip(references, parameters[1:])]
-    sample = sample_rows(model_path, references, data=data, text=text, tokens=tokens, batch_size=batch_size,
-                         seq_len=seq_len, vocab_size=vocab, max_tokens=max_tokens)
-    per_pass = _token_count(sample.rows, seq_len, max_tokens)
-    if per_pass == 0:
-        raise SurgeryError(f"the sample ({sample.source}) produced no tokens")
-    element = torch.empty((), dtype=placement.dtype).element_size()
-    reason = _stream_reason(stream, placement, element * parameters[0], settings)
-    notes += sample.notes
-    if reason:
-        notes.append(f"running layer by layer ({reason}): one decoder layer in memory at a time")
-    else:
-        notes += placement.notes + [n for p in reference_placements for n in p.notes]
-    total_bytes = element * sum(parameters)
-    together = total_bytes <= TOGETHER_HEADROOM * available_memory(placement)
-    if references and not together and not reason:
-        groups = [[index] for index in range(len(references))]
-        notes.append(f"MODEL and {len(references)} reference(s) ({_gib(total_bytes)}) do not fit in memory together: "
-                     f"references are loaded one at a time and MODEL runs once per reference")
-    else:
-        groups = [list(range(len(references)))]
-    for message in notes:
-        console.note(message)
-
-    def make_batches():
-        return samples.batches(sample.rows, batch_size, seq_len, sample.pad_token_id, max_tokens, vocab)
-
-    if reason:
-        body = evaluation.streamed(model_path, references, list(make_batches()), settings)
-    else:
-        body = evaluation.in_memory(model_path, references, make_batches, placement, reference_placements, groups,
-                                    per_pass)
-    result = {
-        "model": str(model_path),
-        "device": placement.device,
-        "device_map": None if reason else placement.device_map,
-        "dtype": placement.dtype_name,
-        "layer_by_layer": bool(reason),
-        "experts_implementation": body["experts_implementation"],
-        "sample": {"source": sample.source, "tokens": body["tokens"], "batches": body["batches"],
-                   "batch_size": batch_size, "seq_len": seq_len, "max_tokens": max_tokens},
-        **body["model_loss"].result(),
-        "references": [{"path": ref, **body["reference_losses"][i].result(), **body["comparisons"][i].result()}
-                       for i, ref in enumerate(references)],
-        "routing": body["routing"],
-        "exact": None,
-        "timing": {"load_seconds": body["load_seconds"], "eval_seconds": body["eval_seconds"],
-                   "tokens_per_second": (body["tokens"] * body["passes"] / body["eval_seconds"]
-                                         if body["eval_seconds"] else None),
-                   "passes": body["passes"]},
-        "peak_memory_bytes": None,
-        "notes": notes,
-    }
-    if result["loss"] is not None and not math.isfinite(result["loss"]):
-        notes.append("MODEL's loss is not finite: its logits hold NaN or Inf")
-    if expect_exact:
-        result["exact"] = compare_exact(model_path, references[0], list(make_batches()), settings)
-    result["peak_memory_bytes"] = _peak_memory(placement)
-    return _finite_json(result)
-
-
-def _stream_reason(stream, placement, model_bytes: int, settings) -> str | None:
-    """Why MODEL runs layer by layer, or None when it is loaded whole."""
-    if stream:
-        return "--stream"
-    if stream is None and placement.device_map:
-        return f"MODEL ({_gib(model_bytes)}) does not fit on one GPU"
-    if stream is None and placement.device == "cpu" and model_bytes > TOGETHER_HEADROOM * available_memory(placement):
-        return f"MODEL ({_gib(model_bytes)}) does not fit in {TOGETHER_HEADROOM:.0%} of the available memory"
-    return None
-
-
-def compare_exact(model_path, reference_path, batches, settings, rounding: str | None = None) -> dict:
-    """The layer-by-layer exactness report of MODEL against the reference (see surgery.execution.compare);
-    float32 unless a compute dtype was asked for."""
-    from dataclasses import replace
-
-    from surgery.checkpoint import Checkpoint
-    from surgery.execution.compare import compare_layers, difference_text
-    from surgery.execution.weights import ModelWeights
-
-    dtype = "float32" if settings.dtype == "auto" else settings.dtype
-    with Checkpoint.open(model_path, require_config=True) as model, \
-            Checkpoint.open(reference_path, require_config=True) as reference:
-        report = compare_layers(ModelWeights.from_checkpoint(model), ModelWeights.from_checkpoint(reference), batches,
-                                replace(settings, dtype=dtype), dtype, rounding)
-    report["reference"] = str(reference_path)
-    report["rule"] = (f"every layer's attention, FFN/MoE and output, the embedding and the logits within "
-                      f"{report['tolerance']:.1e} relative (float noise in {report['dtype']}"
-                      + (f", and the {rounding} rounding of weights the operation scaled)" if rounding else ")"))
-    report["message"] = None if report["passed"] else difference_text(report)
-    return report
-
-
-def _peak_memory(placement: Placement) -> dict:
-    import resource
-
-    import torch
-
-    peak = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if placement.device.startswith("cuda") and torch.cuda.is_available():
-        peak["gpu_allocated_bytes"] = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-    return peak
-
-
-def _finite_json(value):
-    """NaN/Inf floats become None, so the report is valid JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite_json(item) for item in value]
-    return value
-
-
-def exact_error(result: dict) -> SurgeryError | None:
-    exact = result.get("exact")
-    if not exact or exact["passed"]:
-        return None
-    return SurgeryError(f"{result['model']} does not reproduce {exact['reference']}: {exact['message']}")
-
-
-def validate(model_path, references=(), *, data=None, text=None, tokens=None, batch_size=8, seq_len=256,
-             max_tokens=None, device="auto", dtype="auto", expect_exact=False, stream=None, memory_budget=None) -> dict:
-    """Validate MODEL (see the module doc). Returns the report dict; raises SurgeryError when
-    `expect_exact` is set and MODEL does not reproduce the single reference within tolerance."""
-    result = evaluate(model_path, references, data=data, text=text, tokens=tokens, batch_size=batch_size,
-                      seq_len=seq_len, max_tokens=max_tokens, device=device, dtype=dtype, expect_exact=expect_exact,
-                      stream=stream, memory_budget=memory_budget)
-    error = exact_error(result)
-    if error is not None:
-        raise error
-    return result
-
-
-def _is_moe(path) -> bool:
-    from surgery import families as arch
-    from surgery.checkpoint import Checkpoint
-
-    with Checkpoint.open(path, require_config=True) as checkpoint:
-        return arch.detect_family(checkpoint.config, checkpoint.directory / "config.json").kind == "moe"
+@dataclass(frozen=True)
+class ValidateOptions:
+    references: tuple = ()  # checkpoints to compare MODEL with
+    data: str | None = None  # a UTF-8 text file, tokenised with MODEL's tokenizer
+    text: str | None = None  # text to evaluate on
+    tokens: str | None = None  # pre-tokenised ids: .npy, .pt or .jsonl
+    batch_size: int = 8
+    seq_len: int = 256
+    max_tokens: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"  # the compute dtype: auto is bfloat16 on a GPU, float32 on the CPU (--expect-exact: float32)
+    expect_exact: bool = False  # raise unless MODEL reproduces the single reference layer by layer
+    stream: bool | None = None  # run one decoder layer at a time (None: only when MODEL does not fit in memory)
+    memory_budget: str | None = None
 
 
 @click.command("validate")
@@ -318,8 +45,7 @@ def _is_moe(path) -> bool:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(2), help="Tokens per row.")
 @click.option("--max-tokens", type=click.IntRange(1), help="Stop after this many real tokens.")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(COMPUTE_DTYPES),
               help="Compute dtype. auto: bfloat16 on CUDA, float32 on CPU (--expect-exact: float32).")
 @click.option("--stream/--no-stream", default=None,
               help="Run one decoder layer at a time (default: only when MODEL does not fit in memory).")
@@ -331,12 +57,9 @@ def _is_moe(path) -> bool:
               help="Only check tensors, shapes, index and NaN/Inf from the files; load no model.")
 @click.option("--plot", type=click.Path(path_type=str), help="Write the layer × expert load heat map (PNG; needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(model, references, data, text, tokens, batch_size, seq_len, max_tokens, dtype, stream, device,
-            memory_budget, expect_exact, structure_only, plot, as_json):
+def command(model, structure_only, plot, as_json, **options):
     """Load MODEL, measure its loss, compare it with references, and show MoE routing statistics."""
     if structure_only:
-        from surgery.structure import check_structure, print_structure, problems_error
-
         report = check_structure(model, scan=True)
         if as_json:
             console.stdout.print_json(json.dumps(report))
@@ -345,13 +68,13 @@ def command(model, references, data, text, tokens, batch_size, seq_len, max_toke
         if report["problems"]:
             raise problems_error(model, report)
         return
+    from surgery.checks.validation import evaluate, exact_error, is_moe  # lazy: runs models, imports torch
+
     if plot:
-        if not _is_moe(model):
+        if not is_moe(model):
             raise SurgeryError(f"--plot: {model} is a dense model; there is no routing to plot")
         require_matplotlib()
-    result = evaluate(model, references, data=data, text=text, tokens=tokens, batch_size=batch_size, seq_len=seq_len,
-                      max_tokens=max_tokens, device=device, dtype=dtype, expect_exact=expect_exact, stream=stream,
-                      memory_budget=memory_budget)
+    result = evaluate(model, **vars(ValidateOptions(**options)))
     if as_json:
         console.stdout.print_json(json.dumps(result))
     else:
@@ -364,7 +87,11 @@ def command(model, references, data, text, tokens, batch_size, seq_len, max_toke
         raise error
 
 
-# `surgery.validate(...)`: this module is also the API function (surgery.api.validate)
-from surgery.api import callable_module  # noqa: E402
+def run(model, options: ValidateOptions = ValidateOptions()) -> dict:
+    """Loss of MODEL on a sample (and of each reference on the same tokens), routing statistics of an
+    MoE, and with `expect_exact` the layer-by-layer comparison with the one reference (raises
+    ``SurgeryError`` when it fails). Returns the report dict (what ``surgery validate --json`` prints)."""
+    from surgery.checks.validation import validate  # lazy: runs models, imports torch
 
-callable_module(__name__)
+    return validate(str(model), [str(r) for r in options.references],
+                    **{key: value for key, value in vars(options).items() if key != "references"})

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgery import families as arch
-from surgery.routing import router_modules
+from surgery.execution.routing_stats import router_modules
 from tiny_models import load_model, save_model, tensors
 from surgery.cli import main
 
@@ -344,7 +344,7 @@ def test_keep_is_the_default(moe, dense_of, tmp_path, run_cli):
 
 
 def test_dry_run_reads_no_weights(moe, dense_of, tmp_path, run_cli, monkeypatch):
-    from surgery.checkpoint import Checkpoint
+    from surgery.io.checkpoint import Checkpoint
 
     source = moe("qwen3_moe", "fused")
     dense = dense_of(source, "code", own_non_ffn=True)
@@ -353,7 +353,7 @@ def test_dry_run_reads_no_weights(moe, dense_of, tmp_path, run_cli, monkeypatch)
     def refuse(self, file):
         raise AssertionError(f"a dry run read {file}")
 
-    monkeypatch.setattr(Checkpoint, "_fd", refuse)
+    monkeypatch.setattr(Checkpoint, "descriptor", refuse)
     code, stdout, err = run_cli("add-experts", source, out, "--expert", f"code={dense}", "--calibration",
                                 f"code={text}", "--non-ffn", "average", "--dry-run", "--json")
     assert code == 0, err

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from tiny_models import CONFIGS, load_model, logits, sample_ids, save_model
 
 

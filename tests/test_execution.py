@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from surgery.execution.calibration import CalibrationSet
-from surgery.execution.hidden import HiddenStore, MemoryBudget
+from surgery.execution.hidden import HiddenStore
+from surgery.execution.settings import MemoryBudget
 from surgery.execution.placement import Placement
+from surgery.execution.layer_pass import LayerPass, Step
 from surgery.execution.runner import LayerRunner
 from surgery.execution.weights import ModelWeights
-from surgery.samples import batches as make_batches
+from surgery.execution.batches import batches as make_batches
 from tiny_models import load_model, router_inputs_by_hooks, save_model
 
 ROWS = [list(range(3, 15)), list(range(20, 27)), [5, 80, 81, 7], list(range(40, 52))]  # padding in two rows
@@ -50,10 +52,10 @@ def whole_logits(directory):
 
 
 def runner_logits(weights, budget=None, spill_dir=None):
-    runner = LayerRunner(weights, batches(), Placement.resolve("cpu"), budget or MemoryBudget.parse(None), spill_dir)
-    hidden, _ = runner.forward()
+    layer_pass = LayerPass(weights, batches(), Placement.resolve("cpu"), budget or MemoryBudget.parse(None), spill_dir)
+    hidden = layer_pass.forward()
     out = {}
-    runner.head(hidden, lambda index, part, logits, extra: out.setdefault(index, []).append(logits))
+    layer_pass.head(hidden, lambda index, part, logits, extra: out.setdefault(index, []).append(logits))
     return [torch.cat(out[index]) for index in sorted(out)]
 
 
@@ -77,11 +79,11 @@ def test_the_head_can_stop_at_the_final_norm(models):
     directory = models("llama")
     model = load_model(directory)
     with Checkpoint.open(directory) as checkpoint:
-        runner = LayerRunner(ModelWeights.from_checkpoint(checkpoint), batches(), Placement.resolve("cpu"),
-                             MemoryBudget.parse(None))
-        hidden, _ = runner.forward()
+        layer_pass = LayerPass(ModelWeights.from_checkpoint(checkpoint), batches(), Placement.resolve("cpu"),
+                               MemoryBudget.parse(None))
+        hidden = layer_pass.forward()
         seen = {}
-        runner.head(hidden, lambda index, part, logits, extra: seen.setdefault(index, (logits, extra["norm"])),
+        layer_pass.head(hidden, lambda index, part, logits, extra: seen.setdefault(index, (logits, extra["norm"])),
                     norm_only=True)
     for index, batch in enumerate(batches()):
         with torch.no_grad():
@@ -131,12 +133,12 @@ def test_a_bfloat16_run_gives_the_same_logits_with_its_hidden_states_spilled(mod
         tight = MemoryBudget(max(weights.largest_layer_bytes(2)[1], weights.nbytes(weights.top_tensors("embed"), 2))
                              + 1, "--memory-budget (test)")
         for name, budget in (("memory", roomy), ("file", tight)):
-            runner = LayerRunner(weights, batches(), placement, budget, tmp_path)
-            assert (runner.spill_dir is not None) == (name == "file")
-            hidden, _ = runner.forward()
+            layer_pass = LayerPass(weights, batches(), placement, budget, tmp_path)
+            assert (layer_pass.runner().spill_dir is not None) == (name == "file")
+            hidden = layer_pass.forward()
             assert hidden.nbytes == sum(b.input_ids.numel() for b in batches()) * weights.config["hidden_size"] * 2
             got[name] = []
-            runner.head(hidden, lambda index, part, logits, extra: got[name].append(logits))
+            layer_pass.head(hidden, lambda index, part, logits, extra: got[name].append(logits))
             hidden.close()
     assert all(torch.equal(a, b) for a, b in zip(got["memory"], got["file"]))
     assert list(tmp_path.iterdir()) == []
@@ -155,7 +157,7 @@ def test_a_budget_smaller_than_one_layer_is_refused_before_anything_runs(models)
 def test_a_plan_runs_as_the_checkpoint_it_will_write(models, tmp_path):
     """An upcycle plan run from its recipes (nothing written) gives the written model's logits."""
     from surgery.upcycle import build_plan
-    from surgery.writer import write_plan
+    from surgery.writer.stream import write_plan
 
     plan = build_plan(models("llama"), 4, 2, granularity=2, router_init="normal")
     planned = runner_logits(ModelWeights.from_plan(plan))
@@ -202,7 +204,8 @@ def re_escape(text):
 
 # ------------------------------------------------------------------ statistics against the whole model
 def test_upcycle_calibrated_routers_are_kmeans_of_the_whole_models_router_inputs(models, tmp_path, run_cli):
-    from surgery.execution.routers import fit_router
+    from surgery.execution.routers.registry import make
+    from surgery.execution.routers.request import RouterRequest
     from surgery.seeds import sklearn_state
 
     source = models("qwen3")
@@ -214,8 +217,8 @@ def test_upcycle_calibrated_routers_are_kmeans_of_the_whole_models_router_inputs
     reference = router_inputs_by_hooks(load_model(source), calibration.batches, [0, 1])
     with Checkpoint.open(tmp_path / "out") as written:
         for layer in (0, 1):
-            expected = fit_router("kmeans", reference[layer], rows=4, seed=sklearn_state(5, "kmeans", layer),
-                                  scale=0.02 * 32 ** 0.5)
+            expected = make("kmeans", RouterRequest(4, 32, seed=sklearn_state(5, "kmeans", layer), std=0.02,
+                                                    inputs=reference[layer])).rows
             assert torch.allclose(written.read(f"model.layers.{layer}.mlp.gate.weight"), expected, atol=1e-5)
 
 
@@ -274,9 +277,9 @@ def split_options(strategy, calibration_path, **extra):
 
 
 def run_split_statistics(source, options):
-    from surgery.moe_plan import open_dense_source
+    from surgery.plan.sources import open_dense_source
     from surgery.partition.calibrated import partition_layers
-    from surgery.split import load_calibration, shared_count
+    from surgery.partition.plan import load_calibration, shared_count
 
     checkpoint, family = open_dense_source(source)
     with checkpoint:
@@ -288,7 +291,8 @@ def run_split_statistics(source, options):
 
 def test_firing_bits_and_router_targets_equal_the_whole_models(models, tmp_path, monkeypatch):
     from surgery.execution.neurons import FiringBits, membership
-    from surgery.execution.routers import fit_router
+    from surgery.execution.routers.registry import make
+    from surgery.execution.routers.request import RouterRequest
 
     source = models("llama")
     ids = calibration_of(tmp_path, random_rows(1, 5, 50))
@@ -304,7 +308,7 @@ def test_firing_bits_and_router_targets_equal_the_whole_models(models, tmp_path,
         assert np.array_equal(seen[layer].firing, firing.bits())
         masses = torch.cat([rows.abs() for rows, _ in values[layer]]) @ torch.as_tensor(
             membership(splits.partitions[layer], 44))
-        expected = fit_router("ridge", inputs[layer], rows=4, targets=masses)
+        expected = make("ridge", RouterRequest(4, 32, inputs=inputs[layer], targets=masses)).rows
         assert torch.allclose(torch.as_tensor(splits.routers[layer]), expected, atol=1e-5)
 
 
@@ -412,18 +416,21 @@ def test_batches_run_in_row_chunks_give_the_same_logits_and_probe_rows(models, m
     directory = models("qwen2_moe")
     with Checkpoint.open(directory) as checkpoint:
         weights = ModelWeights.from_checkpoint(checkpoint)
-        whole = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        whole = LayerPass(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
         seen = {"whole": {}, "chunked": {}}
 
-        def run(runner, label):
-            def visit(layer, session, hidden):
-                probe = Probe("mlp", "input", lambda batch, rows: seen[label].setdefault(batch, []).append(rows))
-                return session.run(hidden, [probe]) if layer == 1 else None
-            return runner.forward(visit)[0]
+        def run(layer_pass, label):
+            class Inputs(Step):  # the input of layer 1's mlp
+                def wants(self, layer):
+                    return layer == 1
+
+                def probes(self, layer, session):
+                    return [Probe("mlp", "input", lambda batch, rows: seen[label].setdefault(batch, []).append(rows))]
+            return layer_pass.forward([Inputs()])
 
         expected = run(whole, "whole")
         monkeypatch.setattr(runner_module, "CALL_TOKENS", 1)  # one row per call
-        chunked = LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        chunked = LayerPass(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
         got = run(chunked, "chunked")
         for index in range(len(batches())):
             assert torch.allclose(got.get(index), expected.get(index), atol=1e-5)
@@ -432,7 +439,7 @@ def test_batches_run_in_row_chunks_give_the_same_logits_and_probe_rows(models, m
 
 
 def test_collected_rows_come_back_grouped_by_domain_in_batch_order_and_are_let_go():
-    from surgery.execution.session import Collect
+    from surgery.execution.layer_pass import Collect
 
     calibration = CalibrationSet(batches=[], source="test", domains=[1, 0, 1, 0])
     collect = Collect()
@@ -478,7 +485,7 @@ def layer_zero(directory, monkeypatch):
 
 def test_a_pass_stopped_at_the_router_input_reads_no_weight_of_the_mlp_block(models, monkeypatch):
     """The router fit's pass runs without the MoE block (most of a layer); a full run reads the block then."""
-    from surgery.execution.session import Collect, router_input_probe
+    from surgery.execution.layer_pass import Collect, router_input_probe
 
     with layer_zero(models("mixtral"), monkeypatch) as (session, hidden, family, names):
         session.run(hidden, [router_input_probe(family, Collect())], stop_after=family.router_input)
@@ -560,7 +567,7 @@ def test_rows_of_a_batch_are_read_and_written_alone(tmp_path, spilled):
 
 
 def test_a_spilled_batch_is_given_to_a_layer_call_as_rows_read_when_sliced(tmp_path, monkeypatch):
-    import surgery.safetensors_format as io
+    import surgery.execution.hidden as io  # where the store looks up its reads
 
     store = HiddenStore(tmp_path)
     store.put(0, torch.arange(40.0).reshape(10, 4))

@@ -6,15 +6,16 @@ import contextlib
 import pytest
 import torch
 
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.execution.hidden import HiddenStore, MemoryBudget
+from surgery.execution.hidden import HiddenStore
+from surgery.execution.settings import MemoryBudget
 from surgery.execution.placement import Placement
 from surgery.execution.probes import Probe
 from surgery.execution.runner import LayerRunner
-from surgery.execution.session import Collect, router_input_probe
+from surgery.execution.layer_pass import Collect, router_input_probe
 from surgery.execution.weights import ModelWeights
-from surgery.samples import batches as make_batches
+from surgery.execution.batches import batches as make_batches
 from test_execution import assert_same_on_real_tokens, batches, runner_logits, whole_logits
 from tiny_models import build_model, save_model
 

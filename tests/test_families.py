@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from surgery import families as arch
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from tiny_models import CONFIGS, save_model
 
@@ -156,14 +156,15 @@ def test_importing_the_families_imports_neither_torch_nor_transformers():
 
 
 def test_format_choices_are_the_registered_moe_formats():
-    from surgery import merge_config, split, upcycle
+    from surgery import split, upcycle
+    from surgery.btx import spec as merge_config
     from surgery.btx_merge import command as merge_command
 
     formats = ("auto", *arch.moe_formats())
     assert upcycle.FORMATS == split.FORMATS == merge_config.FORMATS == formats
     [option] = [p for p in merge_command.params if p.name == "fmt" or "--format" in getattr(p, "opts", ())]
     assert tuple(option.type.choices) == formats
-    from surgery.mergekit_moe import architectures
+    from surgery.btx.mergekit import architectures
 
     assert architectures() == {"mixtral": "mixtral", "qwen moe": "qwen2_moe", "qwen3 moe": "qwen3_moe"}
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from surgery import families as arch
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from surgery.execution.calibration import CalibrationSet
-from surgery.execution.routers import fit_router, router_norm
+from surgery.execution.routers.registry import make
+from surgery.execution.routers.request import RouterRequest
 from surgery.seeds import sklearn_state
 from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
@@ -80,11 +81,11 @@ def test_the_format_help_comes_from_the_registry(run_cli, command):
 
 def test_layer_by_layer_execution_equals_the_whole_model(tmp_path):
     """The streaming runner (used by --verify and calibration) computes transformers' numbers, padding included."""
-    from surgery.execution.hidden import MemoryBudget
+    from surgery.execution.settings import MemoryBudget
     from surgery.execution.placement import Placement
-    from surgery.execution.runner import LayerRunner
+    from surgery.execution.layer_pass import LayerPass
     from surgery.execution.weights import ModelWeights
-    from surgery.samples import batches as make_batches
+    from surgery.execution.batches import batches as make_batches
 
     batches = list(make_batches(ROWS, 3, 12, 0))
     for family in ("olmo2", "flex_olmo"):
@@ -93,11 +94,11 @@ def test_layer_by_layer_execution_equals_the_whole_model(tmp_path):
         with torch.no_grad():
             expected = [model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in batches]
         with Checkpoint.open(directory) as checkpoint:
-            runner = LayerRunner(ModelWeights.from_checkpoint(checkpoint), batches, Placement.resolve("cpu"),
-                                 MemoryBudget.parse(None))
-            hidden, _ = runner.forward()
+            layer_pass = LayerPass(ModelWeights.from_checkpoint(checkpoint), batches, Placement.resolve("cpu"),
+                                   MemoryBudget.parse(None))
+            hidden = layer_pass.forward()
             out = {}
-            runner.head(hidden, lambda index, part, value, extra: out.setdefault(index, []).append(value))
+            layer_pass.head(hidden, lambda index, part, value, extra: out.setdefault(index, []).append(value))
         for batch, index, theirs in zip(batches, sorted(out), expected):
             real = batch.attention_mask.bool()
             assert torch.equal(torch.cat(out[index])[real], theirs[real]), family
@@ -191,8 +192,8 @@ def test_calibrated_router_rows_are_kmeans_of_the_post_attention_residual_stream
     written = tensors_of(tmp_path / "out")
     for layer in (0, 1):
         def fit(inputs):
-            return fit_router("kmeans", inputs, rows=4, seed=sklearn_state(5, "kmeans", layer),
-                              scale=router_norm(0.02, 32))
+            return make("kmeans", RouterRequest(4, 32, seed=sklearn_state(5, "kmeans", layer), std=0.02,
+                                                inputs=inputs)).rows
         rows = written[f"model.layers.{layer}.mlp.gate.weight"]
         assert torch.allclose(rows, fit(residual[layer]), atol=1e-5)
         unit = torch.nn.functional.normalize

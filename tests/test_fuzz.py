@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from tiny_models import save_model
 
@@ -59,10 +59,10 @@ def run_every_command(directory: Path) -> None:
 
 
 def _every_command(directory: Path) -> None:
-    from surgery.copy import build_plan
+    from surgery.plan.identity import build_plan
     from surgery.inspect import analyse
     from surgery.upcycle import build_plan as upcycle_plan
-    from surgery.writer import write_plan
+    from surgery.writer.stream import write_plan
 
     try:
         with Checkpoint.open(directory) as checkpoint:

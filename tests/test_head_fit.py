@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import surgery.head_fit
-from surgery.head_fit import Domain, _Buffers, _kl, fit_head
+import surgery.btx.head_fit
+from surgery.btx.head_fit import Domain, _Buffers, _kl, fit_head
 from test_merge import TEXTS, save_member
 from test_regmean import models  # noqa: F401  (two llama experts a, b and their texts)
 from tiny_models import load_model
@@ -50,7 +50,7 @@ def test_the_fit_finds_a_head_both_experts_agree_on_from_tokens_it_never_saw():
 def test_domains_larger_than_a_minibatch_are_fitted_on_seeded_draws(monkeypatch):
     """Minibatches of 50 of 400 tokens: the same seed gives the same head, another seed another head, and
     both get close to the head behind the targets."""
-    monkeypatch.setattr(surgery.head_fit, "BATCH_TOKENS", 50)
+    monkeypatch.setattr(surgery.btx.head_fit, "BATCH_TOKENS", 50)
     target = torch.randn(11, 6, generator=torch.Generator().manual_seed(7))
     domains = [domain(tokens=400, seed=5, same_as=target), domain(tokens=400, seed=6, same_as=target)]
     first, again, other = (fit_head(torch.zeros(11, 6), domains, seed=seed) for seed in (0, 0, 1))
@@ -99,7 +99,7 @@ def test_auto_fits_the_head_when_the_fit_is_cheap(tmp_path, run_cli, models):
 
 
 def test_auto_skips_a_costly_head_fit_and_says_how_to_run_it(tmp_path, run_cli, models, monkeypatch):
-    monkeypatch.setattr(surgery.head_fit, "AUTO_PRODUCTS", {"cpu": 1000, "cuda": 2000})
+    monkeypatch.setattr(surgery.btx.head_fit, "AUTO_PRODUCTS", {"cpu": 1000, "cuda": 2000})
     code, _, err = run_cli("merge", tmp_path / "auto", *args(models, "--device", "cpu"))
     assert code == 0 and "head fit skipped (auto): 800 steps of 3 x 2 x 2048 tokens x" in err
     assert "above what it runs by itself on cpu (1e+03 on a CPU, 2e+03 on a GPU); --head-fit runs it" in err
@@ -111,7 +111,7 @@ def test_auto_skips_a_costly_head_fit_and_says_how_to_run_it(tmp_path, run_cli, 
 
 
 def test_auto_decides_by_the_device_kind_and_on_a_gpu_by_its_free_memory():
-    from surgery.head_fit import auto_skip_reason, planned_bytes
+    from surgery.btx.head_fit import auto_skip_reason, planned_bytes
 
     world = dict(vocab=1024, hidden=128, domains=3, tokens=16384)  # the BTX world: 1.9e12 multiply-adds
     seven_b = dict(vocab=32000, hidden=4096, domains=3, tokens=16384)  # 1.9e15

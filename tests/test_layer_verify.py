@@ -87,7 +87,7 @@ def test_a_granular_upcycle_without_its_down_projection_scale_is_caught(tmp_path
 
 def test_the_verify_of_a_corrupted_write_fails_with_exit_2_and_keeps_the_output(tmp_path, run_cli, sources, monkeypatch):
     """The writer itself corrupting an expert (simulated) is what --verify exists to catch."""
-    from surgery import recipes as recipes_module
+    from surgery.plan import nodes as recipes_module
 
     original = recipes_module.Scale.compute
 
@@ -113,7 +113,7 @@ def test_a_bfloat16_split_into_6_experts_verifies_within_the_rounding_it_introdu
 
 
 def test_folded_factors_that_are_powers_of_two_round_nothing():
-    from surgery.moe_plan import folded_rounding
+    from surgery.plan.moe import folded_rounding
 
     assert folded_rounding([2.0, 0.5, 4.0], "BF16") is None
     assert folded_rounding([6.0], "BF16") == "BF16" and folded_rounding([3.0], "F16") == "F16"

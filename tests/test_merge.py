@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from surgery import families as arch
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 TEXTS = {
@@ -176,8 +176,8 @@ def test_provenance_metadata_and_model_card_name_every_expert(tmp_path, world, r
 # ------------------------------------------------------------------ routers
 def own_expert_share(directory, world, layer_count=2):
     """Per layer, the share of each domain's tokens whose top-1 expert is the domain's own expert."""
-    from surgery.loading import load_model as strict_load, load_tokenizer
-    from surgery.samples import text_batches
+    from surgery.execution.loading import load_model as strict_load, load_tokenizer
+    from surgery.execution.batches import text_batches
 
     model, tokenizer = strict_load(directory), load_tokenizer(directory)
     shares = []
@@ -206,8 +206,9 @@ def test_calibrated_routers_equal_fitting_the_written_merge_loaded_whole(tmp_pat
     """The layer-by-layer fit gives the routers of the former whole-model procedure: write the merge with
     zero routers, load it with transformers, and fit each layer's router in order on its hooked inputs."""
     from surgery.execution.calibration import CalibrationSet
-    from surgery.execution.routers import fit_router
-    from surgery.loading import load_tokenizer
+    from surgery.execution.loading import load_tokenizer
+    from surgery.execution.routers.registry import make
+    from surgery.execution.routers.request import RouterRequest
 
     common = ["--seed", world["seed"], *expert_args(world), "--calibration-tokens", 300, "--non-ffn", "average"]
     assert run_cli("merge", tmp_path / "fitted", *common, *calibration_args(world), "--router-init", "calibrated",
@@ -220,7 +221,8 @@ def test_calibrated_routers_equal_fitting_the_written_merge_loaded_whole(tmp_pat
     for layer in range(2):
         inputs = {expert: router_inputs_by_hooks(model, batches, [layer])[layer] for expert, batches in domains.items()}
         labels = torch.cat([torch.full((len(inputs[e]),), e) for e in sorted(inputs)])
-        rows = fit_router(fit, torch.cat([inputs[e] for e in sorted(inputs)]), rows=3, targets=labels)
+        rows = make(fit, RouterRequest(3, 32, inputs=torch.cat([inputs[e] for e in sorted(inputs)]),
+                                       targets=labels)).rows
         with torch.no_grad():
             model.model.layers[layer].mlp.gate.weight.copy_(rows)
         assert torch.allclose(fitted[f"model.layers.{layer}.block_sparse_moe.gate.weight"], rows, atol=1e-5)
@@ -228,13 +230,15 @@ def test_calibrated_routers_equal_fitting_the_written_merge_loaded_whole(tmp_pat
 
 @pytest.mark.parametrize("fit", ["logistic", "class-mean"])
 def test_fitted_router_rows_separate_domain_clusters(fit):
-    from surgery.execution.routers import fit_router, routing_shares
+    from surgery.execution.routers.measure import routing_shares
+    from surgery.execution.routers.registry import make
+    from surgery.execution.routers.request import RouterRequest
 
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=generator)
     inputs = {expert: centres[expert] + 0.5 * torch.randn(200, 16, generator=generator) for expert in range(3)}
     labels = torch.cat([torch.full((200,), expert) for expert in range(3)])
-    rows = fit_router(fit, torch.cat(list(inputs.values())), rows=4, targets=labels)  # expert 3: no domain, zero row
+    rows = make(fit, RouterRequest(4, 16, inputs=torch.cat(list(inputs.values())), targets=labels)).rows  # expert 3: no domain, zero row
     assert torch.count_nonzero(rows[3]) == 0
     shares = routing_shares(inputs, rows, top_k=1)
     assert all(shares[expert, expert] > 0.95 for expert in range(3))
@@ -346,7 +350,7 @@ def test_a_tensor_stored_with_another_shape_is_refused_with_its_name(tmp_path, w
 
 
 def test_rope_in_4x_and_5x_forms_compares_equal():
-    from surgery.compat import rope_settings
+    from surgery.btx.compatibility import rope_settings
 
     assert rope_settings({"rope_theta": 10000}) == rope_settings({"rope_parameters": {"rope_type": "default",
                                                                                       "rope_theta": 10000.0}})
@@ -429,34 +433,36 @@ def test_unknown_yaml_keys_are_refused_with_the_key_named(tmp_path, world, run_c
 
 
 def test_blocked_mean_equals_the_plan_weighted_mean_bit_exactly(world):
-    from surgery.merge_mean import BlockedMean
-    from surgery.recipes import Copy, WeightedMean
+    from surgery.plan.mean import WeightedMean
+    from surgery.plan.nodes import Copy
 
     checkpoints = [Checkpoint.open(world[name]) for name in ("a", "b", "seed")]
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.self_attn.o_proj.weight"):
-        whole = WeightedMean([Copy(c, name) for c in checkpoints], [1.0, 2.5, 0.5]).compute()
-        blocked = BlockedMean(checkpoints, name, [1.0, 2.5, 0.5], block_bytes=300).compute()  # 2-3 rows per block
+        whole = WeightedMean([Copy(c, name) for c in checkpoints], [1.0, 2.5, 0.5]).compute_with_torch()
+        blocked = WeightedMean([Copy(c, name) for c in checkpoints], [1.0, 2.5, 0.5],
+                               block_bytes=300).compute()  # 2-3 rows per block
         assert torch.equal(whole, blocked)
 
 
 def test_blocked_mean_of_bf16_models_equals_the_plan_weighted_mean(tmp_path):
-    from surgery.merge_mean import BlockedMean
-    from surgery.recipes import Copy, WeightedMean
+    from surgery.plan.mean import WeightedMean
+    from surgery.plan.nodes import Copy
 
     checkpoints = [Checkpoint.open(save_model(tmp_path / str(seed), "llama", seed=seed, dtype="bfloat16"))
                    for seed in (1, 2)]
     for name in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"):
-        whole = WeightedMean([Copy(c, name) for c in checkpoints], [1.0, 3.0]).compute()
-        assert torch.equal(whole, BlockedMean(checkpoints, name, [1.0, 3.0], block_bytes=500).compute())
+        whole = WeightedMean([Copy(c, name) for c in checkpoints], [1.0, 3.0]).compute_with_torch()
+        blocked = WeightedMean([Copy(c, name) for c in checkpoints], [1.0, 3.0], block_bytes=500)
+        assert torch.equal(whole, blocked.compute())
 
 
 def test_verify_validates_the_output_against_every_source(tmp_path, world, run_cli, monkeypatch):
-    import surgery.validate
+    from surgery.checks import report_view, validation
 
     calls = []
-    monkeypatch.setattr(surgery.validate, "validate",
+    monkeypatch.setattr(validation, "validate",
                         lambda out, references, **options: calls.append((out, references)) or {"loss": None})
-    monkeypatch.setattr(surgery.validate, "print_result", lambda result: None)
+    monkeypatch.setattr(report_view, "print_result", lambda result: None)
     code, _, err = run_cli("merge", tmp_path / "out", "--seed", world["seed"], *expert_args(world, ("a", "b")),
                            "--router-init", "zero", "--verify")
     assert code == 0, err

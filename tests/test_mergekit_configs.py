@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from test_merge import save_member
 from tiny_models import load_model
 

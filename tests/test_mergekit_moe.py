@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from test_merge import TEXTS, digest, save_member, tensors_of
 from tiny_models import load_model
@@ -144,23 +144,27 @@ def test_residual_scale_multiplies_that_experts_down_proj_only(tmp_path, world, 
 
 # ------------------------------------------------------------------ negative prompts
 def test_negative_tokens_pull_their_experts_routing_weight_down():
-    from surgery.execution.routers import fit_router, routing_weights
+    from surgery.execution.routers.measure import routing_weights
+    from surgery.execution.routers.registry import make
+    from surgery.execution.routers.request import RouterRequest
 
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(2, 16, generator=generator)
     inputs = torch.cat([centres[e] + 0.8 * torch.randn(200, 16, generator=generator) for e in range(2)])
     labels = torch.cat([torch.zeros(200), torch.ones(200)]).long()
     avoid = centres[0] + 0.8 * torch.randn(100, 16, generator=generator)  # expert 0's region, marked "not expert 0"
-    plain = fit_router("logistic", inputs, rows=2, targets=labels)
-    pushed = fit_router("logistic", inputs, rows=2, targets=labels, negatives=(avoid, torch.zeros(100).long()))
+    plain = make("logistic", RouterRequest(2, 16, inputs=inputs, targets=labels)).rows
+    pushed = make("logistic", RouterRequest(2, 16, inputs=inputs, targets=labels,
+                                            negatives=(avoid, torch.zeros(100).long()))).rows
     assert routing_weights(avoid, pushed, 1)[:, 0].mean() < routing_weights(avoid, plain, 1)[:, 0].mean() - 0.1
 
 
 def test_embedding_rows_subtract_the_mean_embedding_of_the_negative_prompts(world):
-    from surgery.btx_router import Domain, embedding_rows
-    from surgery.execution.routers import centred_unit_rows
-    from surgery.loading import load_tokenizer
-    from surgery.samples import tokenize
+    from surgery.execution.batches import tokenize
+    from surgery.execution.loading import load_tokenizer
+    from surgery.execution.routers.classifier import centred_unit_rows
+    from surgery.execution.routers.registry import make
+    from surgery.execution.routers.request import RouterRequest
 
     tokenizer = load_tokenizer(world["a"])
     embedding = tensors_of(world["a"])["model.embed_tokens.weight"]
@@ -168,8 +172,14 @@ def test_embedding_rows_subtract_the_mean_embedding_of_the_negative_prompts(worl
     def mean(text):
         return embedding[torch.tensor(tokenize(tokenizer, text))].mean(0)
 
-    rows = embedding_rows(embedding, tokenizer, [Domain(0, "a", "def f(x):"), Domain(1, "b", "Once upon a time")], 2,
-                          100, negatives=[Domain(0, "a", "hello there")])
+    def vectors(texts):  # the embedding rows of each text's tokens, labelled with its expert
+        ids = [(expert, tokenize(tokenizer, text)) for expert, text in texts]
+        return (torch.cat([embedding[torch.tensor(tokens)] for _, tokens in ids]),
+                torch.cat([torch.full((len(tokens),), expert) for expert, tokens in ids]))
+
+    inputs, labels = vectors([(0, "def f(x):"), (1, "Once upon a time")])
+    rows = make("embedding", RouterRequest(2, 32, inputs=inputs, targets=labels,
+                                           negatives=vectors([(0, "hello there")]))).rows
     expected = centred_unit_rows({0: mean("def f(x):") - mean("hello there"), 1: mean("Once upon a time")}, 2, 32)
     torch.testing.assert_close(rows, expected)
 
@@ -200,12 +210,12 @@ def test_base_model_listed_again_as_an_expert_enters_the_average_once(tmp_path, 
 
 
 def test_verify_validates_against_each_directory_once(tmp_path, world, run_cli, monkeypatch):
-    import surgery.validate
+    from surgery.checks import report_view, validation
 
     calls = []
-    monkeypatch.setattr(surgery.validate, "validate",
+    monkeypatch.setattr(validation, "validate",
                         lambda out, references, **options: calls.append(references) or {"loss": None})
-    monkeypatch.setattr(surgery.validate, "print_result", lambda result: None)
+    monkeypatch.setattr(report_view, "print_result", lambda result: None)
     config = write_config(tmp_path, base_model=str(world["seed"]), gate_mode="random",
                           experts=experts_of(world, ["seed", "a"]))
     assert run_cli("merge", tmp_path / "out", "--config", config, "--verify")[0] == 0
@@ -256,7 +266,7 @@ def test_out_dtype_is_the_output_dtype_and_the_note_says_mergekit_moe_ignores_it
     ("qwen2_moe", ("qwen2_moe",)), ("flex_olmo", ("flex_olmo",)),
 ])
 def test_architecture_names_the_formats_whose_mergekit_name_it_begins(tmp_path, spelling, formats):
-    from surgery.mergekit_moe import _formats
+    from surgery.btx.mergekit import _formats
 
     assert _formats(spelling, tmp_path / "mk.yml") == formats
 
@@ -268,7 +278,7 @@ def test_architecture_names_the_formats_whose_mergekit_name_it_begins(tmp_path, 
               "qwen moe, qwen3 moe, or a format:"),
 ])
 def test_other_architectures_are_refused_with_the_reason(tmp_path, spelling, message):
-    from surgery.mergekit_moe import _formats
+    from surgery.btx.mergekit import _formats
 
     with pytest.raises(SurgeryError) as refused:
         _formats(spelling, tmp_path / "mk.yml")
@@ -283,7 +293,7 @@ def test_other_architectures_are_refused_with_the_reason(tmp_path, spelling, mes
     ({"model": "./base", "lora": "./lora"}, "lora is not supported: merge the adapter into its model first"),
 ])
 def test_references_that_are_not_local_directories_are_refused_with_what_to_do(tmp_path, reference, message):
-    from surgery.mergekit_moe import model_path
+    from surgery.btx.mergekit import model_path
 
     with pytest.raises(SurgeryError) as refused:
         model_path(reference, tmp_path / "mk.yml", "base_model")

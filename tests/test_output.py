@@ -53,8 +53,8 @@ def assert_fits(text: str) -> None:
 
 
 def test_the_validate_report_fits_80_columns_with_a_long_reference_path(models, narrow):
-    from surgery.validate import evaluate
-    from surgery.validate_view import print_result
+    from surgery.checks.validation import evaluate
+    from surgery.checks.report_view import print_result
 
     result = evaluate(models["mixtral"], [models["llama"]], tokens=models["ids"], device="cpu")
     print_result(result)
@@ -68,7 +68,7 @@ def test_the_validate_report_fits_80_columns_with_a_long_reference_path(models, 
 
 
 def test_the_layer_by_layer_comparison_fits_80_columns(models, narrow):
-    from surgery.verification import verify_exact
+    from surgery.checks.post_write import verify_exact
 
     verify_exact(models["llama"], models["llama"])
     text = narrow()

@@ -5,9 +5,10 @@ import pytest
 
 from surgery.errors import SurgeryError
 from surgery.partition import LayerInputs, Partition, default_shared, files, strategy
-from surgery.partition.balanced import balanced_assign, balanced_kmeans
-from surgery.execution.routers import fit_router, oracle_hit_rate
-from surgery.partition.routers import centroid_router
+from surgery.execution.routers.measure import oracle_hit_rate
+from surgery.execution.routers.registry import make
+from surgery.execution.routers.request import RouterRequest
+from surgery.partition.balanced import balanced_assign, balanced_kmeans, normalize_rows
 
 
 def layer_inputs(ffn=48, experts=4, shared=0, seed=0, weights=None, **extra):
@@ -203,7 +204,7 @@ def test_calibrated_router_ranks_experts_by_activation_mass():
     inputs = rng.standard_normal((2000, 16))
     directions = rng.standard_normal((16, 8))
     masses = np.exp(inputs @ directions / 4)  # expert mass grows with the input's projection on its direction
-    router = fit_router("ridge", inputs, rows=8, targets=masses).numpy()
+    router = make("ridge", RouterRequest(8, 16, inputs=inputs, targets=masses)).rows.numpy()
     assert router.shape == (8, 16)
     assert oracle_hit_rate(inputs, masses, router, 2) > 0.9
     assert oracle_hit_rate(inputs, masses, rng.standard_normal((8, 16)), 2) < 0.5
@@ -212,6 +213,6 @@ def test_calibrated_router_ranks_experts_by_activation_mass():
 def test_centroid_router_points_each_expert_at_its_neurons_gate_direction():
     rows, truth = planted_rows()
     partition = Partition([np.flatnonzero(truth == g) for g in range(4)])
-    router = centroid_router(rows, partition)
+    router = make("centroid", RouterRequest(4, 16, inputs=normalize_rows(rows), targets=partition.experts)).rows.numpy()
     logits = np.eye(16)[:4] @ router.T  # an input along group g's direction
     assert np.argmax(logits, axis=1).tolist() == [0, 1, 2, 3]

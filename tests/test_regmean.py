@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgery.merge_regmean import ALPHA, merged_weight
+from surgery.btx.regmean import ALPHA, merged_weight
 from test_merge import TEXTS, save_member
 from tiny_models import load_model, logits, sample_ids
 
@@ -57,7 +57,7 @@ def layer1_grams(models, merged=None) -> dict:
     each model's own transformers forward over its own text; with `merged` (a loaded merge), layer 1's input is
     replaced by the hidden states the merge gives at layer 1 (RegMean++'s inputs)."""
     from surgery.execution.calibration import CalibrationSet
-    from surgery.loading import load_tokenizer
+    from surgery.execution.loading import load_tokenizer
 
     grams = {"q": [], "o": []}
     for name in ("a", "b"):
@@ -105,7 +105,7 @@ def test_q_and_o_are_the_regmean_of_each_models_own_inputs(tmp_path, run_cli, mo
 def token_counts(models, name):
     """Real-token counts of model `name`'s calibration text, tokenized as the merge does."""
     from surgery.execution.calibration import CalibrationSet
-    from surgery.loading import load_tokenizer
+    from surgery.execution.loading import load_tokenizer
 
     config = json.loads((models[name] / "config.json").read_text())
     calibration = CalibrationSet.from_text(TEXTS[name], load_tokenizer(models["a"]), config, 16384, name)
@@ -114,7 +114,7 @@ def token_counts(models, name):
 
 
 def test_a_projection_whose_input_is_not_q_s_is_refused_not_given_q_s_gram():
-    from surgery.merge_regmean import _Gram, _SameInput
+    from surgery.btx.regmean import _Gram, _SameInput
 
     gram = _Gram()
     gram(0, torch.ones(3, 4))
@@ -145,7 +145,7 @@ def test_norms_keep_the_mean_and_the_metadata_says_regmean(tmp_path, run_cli, mo
     sources = [load_file(models[name] / "model.safetensors") for name in ("a", "b")]
     for key in ("model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert torch.allclose(out[key], (sources[0][key] + sources[1][key]) / 2, atol=1e-6)
-    from surgery.checkpoint import Checkpoint
+    from surgery.io.checkpoint import Checkpoint
 
     metadata = next(iter(Checkpoint.open(tmp_path / "out").metadata.values()))
     assert json.loads(metadata["surgery_non_ffn"])["method"].startswith(f"regmean (alpha {ALPHA}, each model's own inputs)")
@@ -193,7 +193,7 @@ def test_regmean_plus_plus_needs_calibrated_routers(tmp_path, run_cli, models):
 
 
 def non_ffn_method(directory):
-    from surgery.checkpoint import Checkpoint
+    from surgery.io.checkpoint import Checkpoint
 
     with Checkpoint.open(directory) as checkpoint:
         return json.loads(next(iter(checkpoint.metadata.values()))["surgery_non_ffn"])["method"]

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from surgery import families as arch
-from surgery.checkpoint import Checkpoint
-from surgery.routing import load_bars, routing_statistics
-from surgery.samples import batches
+from surgery.io.checkpoint import Checkpoint
+from surgery.checks.report_view import load_bars
+from surgery.execution.routing_stats import routing_statistics
+from surgery.execution.batches import batches
 from tiny_models import build_model, router_inputs_by_hooks, save_model
 
 ROWS = [list(range(3, 40)), list(range(50, 61)), [7, 9, 11, 13, 90, 91, 92]]  # unequal lengths: padding
@@ -21,7 +22,7 @@ def padded_batches(batch_size=3):
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     directory = save_model(tmp_path_factory.mktemp("routing") / "mixtral", "mixtral", seed=3)
-    from surgery.loading import load_model
+    from surgery.execution.loading import load_model
 
     return directory, load_model(directory)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from tiny_models import load_model, logits, sample_ids, save_model
 
 STRATEGIES = ["random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation"]
@@ -80,7 +80,7 @@ def test_k_equals_n_with_a_zero_router_reproduces_the_dense_logits(tmp_path, run
 
 
 def test_qwen2_moe_without_shared_neurons_gets_the_same_inert_shared_expert_as_upcycle(tmp_path, run_cli, sources):
-    from surgery.moe_plan import INERT_SHARED_FFN
+    from surgery.plan.moe import INERT_SHARED_FFN
 
     split(run_cli, sources["llama"], tmp_path / "out", "-n", 4, "-k", 4, "--strategy", "random", "--format", "qwen2_moe")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -349,7 +349,7 @@ def test_default_router_without_tokenizer_or_calibration_is_the_centroid_router_
 def test_with_defaults_only_a_split_of_the_demo_model_uses_every_expert_in_every_layer(tmp_path, run_cli):
     """The default router at top-2 of 8 (calibrated on the shipped sample) leaves no expert unused."""
     from conftest import DEMO_MODEL
-    from surgery.validate import validate
+    from surgery.checks.validation import validate
 
     split(run_cli, DEMO_MODEL, tmp_path / "out", "-n", 8, "-k", 2, "--strategy", "random")
     routing = validate(tmp_path / "out", device="cpu", max_tokens=2048)["routing"]

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgery.checkpoint import Checkpoint
-from surgery.structure import check_structure, scan_nonfinite
-from surgery.verify import MANIFEST_NAME, verify
+from surgery.io.checkpoint import Checkpoint
+from surgery.checks.structure import check_structure, scan_nonfinite
+from surgery.writer.manifest import MANIFEST_NAME
+from surgery.verify import verify
 from tiny_models import save_model
 
 

@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from surgery.checkpoint import Checkpoint
+from surgery.io.checkpoint import Checkpoint
 from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 TOLERANCE = 1e-5
@@ -228,7 +228,8 @@ def test_calibrated_router_is_exact_and_deterministic(tmp_path, run_cli, source,
 
 def test_calibrated_router_rows_fit_the_router_inputs_better_than_random_rows(tmp_path, run_cli, source, token_file):
     """k-means rows point into the data: tokens are closer (cosine) to their best row than with random rows."""
-    from surgery.samples import batches, read_token_ids
+    from surgery.execution.batches import batches
+    from surgery.io.data_files import read_token_ids
 
     src = source("llama")
     for init in ("calibrated", "normal"):
@@ -252,7 +253,7 @@ def add_word_tokenizer(directory, vocab_size=96):
 
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from surgery.samples import SAMPLE_TEXT
+    from surgery.io.data_files import SAMPLE_TEXT
 
     words = Counter(SAMPLE_TEXT.read_text().split()).most_common(vocab_size - 3)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{word: i + 3 for i, (word, _) in enumerate(words)}}
@@ -338,7 +339,7 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path
 
 
 def test_diversity_functions_touch_only_the_given_neurons():
-    from surgery import diversity
+    from surgery.plan import diversity
 
     weight = torch.randn(10, 6)
     dropped = diversity.drop_reinit(weight, [1, 4], axis=1, mean=5.0, std=0.0, seed=0)
@@ -351,7 +352,7 @@ def test_diversity_functions_touch_only_the_given_neurons():
 
 
 def test_matrix_stats_match_torch_in_float64_when_computed_in_blocks():
-    from surgery import diversity
+    from surgery.plan import diversity
 
     weight = torch.randn(300, 70, generator=torch.Generator().manual_seed(1)) * 0.3 + 0.1
     std, mean = torch.std_mean(weight.double())
@@ -411,10 +412,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, run_cli, source):
 
 @pytest.fixture
 def fake_validate(monkeypatch):
-    """A stand-in surgery.verification with its contract (verify_written raises SurgeryError when not exact)."""
+    """A stand-in surgery.checks.post_write with its contract (verify_written raises SurgeryError when not exact)."""
     from surgery.errors import SurgeryError
 
-    module = types.ModuleType("surgery.verification")
+    module = types.ModuleType("surgery.checks.post_write")
     module.calls, module.exact = [], True
 
     def verify_written(out, sources, *, exact, settings=None, max_tokens=None, rounding=None):
@@ -425,10 +426,7 @@ def fake_validate(monkeypatch):
         return {"passed": True}
 
     module.verify_written = verify_written
-    import surgery
-
-    monkeypatch.setitem(sys.modules, "surgery.verification", module)
-    monkeypatch.setattr(surgery, "verification", module, raising=False)  # `from surgery import verification` reads this
+    monkeypatch.setitem(sys.modules, "surgery.checks.post_write", module)  # what `write` imports when it verifies
     return module
 
 
@@ -460,7 +458,7 @@ def test_verify_with_the_real_validator_passes_on_a_granular_shared_upcycle(tmp_
 def test_with_defaults_only_an_upcycle_of_the_demo_model_uses_every_expert_in_every_layer(tmp_path, run_cli):
     """The default normal router breaks every tie: no expert is left unused at top-2 of 8."""
     from conftest import DEMO_MODEL
-    from surgery.validate import validate
+    from surgery.checks.validation import validate
 
     upcycle(run_cli, DEMO_MODEL, tmp_path / "out", "-n", "8", "-k", "2")
     routing = validate(tmp_path / "out", device="cpu", max_tokens=2048)["routing"]

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surgery import families as arch
-from surgery import validate as validate_module
-from surgery.checkpoint import Checkpoint
+from surgery.checks import validation as validate_module
+from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.execution.compare import tolerance_for
-from surgery.execution.session import RunSettings
-from surgery.validate import evaluate, resolve_placement, validate
-from surgery.verification import verify_exact
+from surgery.checks.compare import tolerance_for
+from surgery.execution.settings import RunSettings
+from surgery.checks.validation import evaluate, resolve_placement, validate
+from surgery.checks.post_write import verify_exact
 from tiny_models import build_model, load_model, save_model
 
 GIB = 2**30
@@ -384,7 +384,7 @@ def test_cli_tables_and_failed_expect_exact(built, tmp_path, run_cli):
 
 
 def test_cli_structure_only_loads_nothing(built, tmp_path, run_cli, monkeypatch):
-    monkeypatch.setattr("surgery.loading.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("surgery.execution.loading.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     code, out, _ = run_cli("validate", built["llama"], "--structure-only", "--json")
     assert code == 0 and json.loads(out)["problems"] == [] and json.loads(out)["scanned"]
     bad = perturbed_copy(built["llama"], tmp_path / "bad", "model.norm.weight", float("inf"))

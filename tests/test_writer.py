@@ -9,15 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgery import writer
-from surgery.checkpoint import Checkpoint
+from surgery.writer import stream as writer
+from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.io.deferred import Filled
-from surgery.io.read_ahead import ReadAhead
-from surgery.io.sharding import assign_shards
-from surgery.plan import OutputTensor, Plan
-from surgery.recipes import Copy, Rows, Scale
-from surgery.safetensors_format import read_header
+from surgery.writer.deferred import Filled
+from surgery.writer.read_ahead import ReadAhead
+from surgery.writer.shards import assign_shards
+from surgery.writer.manifest import MANIFEST_NAME
+from surgery.plan.plan import OutputTensor, Plan
+from surgery.plan.nodes import Copy, Rows, Scale
+from surgery.io.safetensors_format import read_header
 from tiny_models import save_model
 
 
@@ -65,7 +66,7 @@ def test_read_ahead_advises_the_inputs_of_the_next_tensors_up_to_the_budget(tmp_
     source = _source(tmp_path / "src", {name: torch.ones(256) for name in names})  # 1 KiB each
     tensors = [OutputTensor(name, (256,), "F32", Copy(source, name)) for name in names]
     advised = []
-    monkeypatch.setattr("surgery.io.read_ahead.READ_AHEAD_BYTES", 2048)
+    monkeypatch.setattr("surgery.writer.read_ahead.READ_AHEAD_BYTES", 2048)
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append((offset, length)))
     read_ahead = ReadAhead(tensors)
     offsets = [source.info(name).offset for name in names]
@@ -83,7 +84,7 @@ def test_read_ahead_advises_the_inputs_of_the_next_tensors_up_to_the_budget(tmp_
 def test_read_ahead_can_be_turned_off(tmp_path, monkeypatch):
     source = _source(tmp_path / "src", {"a": torch.ones(4)})
     advised = []
-    monkeypatch.setattr("surgery.io.read_ahead.READ_AHEAD_BYTES", 0)
+    monkeypatch.setattr("surgery.writer.read_ahead.READ_AHEAD_BYTES", 0)
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: advised.append(args))
     ReadAhead([OutputTensor("a", (4,), "F32", Copy(source, "a"))]).before(0)
     assert advised == []
@@ -132,10 +133,11 @@ def _two_sources(tmp_path, values_a, values_b):
 
 
 def test_an_averaged_tensor_is_computed_in_blocks_of_rows_and_written_whole(tmp_path):
-    from surgery.merge_mean import BlockedMean
+    from surgery.plan.mean import WeightedMean
+    from surgery.plan.nodes import Copy
 
     sources = _two_sources(tmp_path, torch.arange(40.0).reshape(10, 4), torch.ones(10, 4))
-    mean = BlockedMean(sources, "w", [1.0, 3.0], block_bytes=3 * 4 * 4)  # 3 rows of 4 float32 per block
+    mean = WeightedMean([Copy(s, "w") for s in sources], [1.0, 3.0], block_bytes=3 * 4 * 4)  # 3 rows of 4 float32 per block
     assert [len(block) for block in mean.array_blocks("F32")] == [3, 3, 3, 1]
     writer.write_plan(_plan(sources[0], [OutputTensor("w", (10, 4), "F32", mean)]), tmp_path / "out")
     expected = torch.arange(40.0).reshape(10, 4) * 0.25 + 0.75
@@ -143,19 +145,20 @@ def test_an_averaged_tensor_is_computed_in_blocks_of_rows_and_written_whole(tmp_
 
 
 def test_a_nonfinite_value_in_a_later_block_of_an_averaged_tensor_is_refused(tmp_path):
-    from surgery.merge_mean import BlockedMean
+    from surgery.plan.mean import WeightedMean
+    from surgery.plan.nodes import Copy
 
     values = torch.zeros(10, 4)
     values[8, 1] = float("inf")
     sources = _two_sources(tmp_path, values, torch.ones(10, 4))
-    mean = BlockedMean(sources, "w", [1.0, 1.0], block_bytes=3 * 4 * 4)
+    mean = WeightedMean([Copy(s, "w") for s in sources], [1.0, 1.0], block_bytes=3 * 4 * 4)
     with pytest.raises(SurgeryError, match=r"tensor 'w' has 0 NaN and 1 Inf"):
         writer.write_plan(_plan(sources[0], [OutputTensor("w", (10, 4), "F32", mean)]), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def _deferred_plan(source):
-    from surgery.recipes import Deferred
+    from surgery.plan.nodes import Deferred
 
     return _plan(source, [OutputTensor("r", (2, 2), "BF16", Deferred("fitted later")),
                           OutputTensor("a", (4,), "F32", Scale(Copy(source, "a"), 2.0)),
@@ -179,12 +182,12 @@ def test_a_deferred_tensor_is_written_last_with_the_value_fill_gives_from_the_dr
 
 
 def test_the_manifest_hashes_the_filled_shard(tmp_path):
-    from surgery.verify import sha256_file
+    from surgery.writer.manifest import sha256_file
 
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
     writer.write_plan(_deferred_plan(source), tmp_path / "out",
                       fill=lambda draft, patch: Filled({"r": torch.full((2, 2), 7.0)}))
-    manifest = (tmp_path / "out" / writer.MANIFEST_NAME).read_text()
+    manifest = (tmp_path / "out" / MANIFEST_NAME).read_text()
     assert sha256_file(tmp_path / "out" / "model.safetensors") in manifest
 
 
@@ -209,7 +212,7 @@ def test_a_failing_fill_leaves_no_output(tmp_path):
 
 
 def test_a_fill_may_write_deferred_values_as_it_computes_them(tmp_path):
-    from surgery.verify import sha256_file
+    from surgery.writer.manifest import sha256_file
 
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
 
@@ -219,14 +222,14 @@ def test_a_fill_may_write_deferred_values_as_it_computes_them(tmp_path):
 
     writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
     assert load_file(tmp_path / "out" / "model.safetensors")["r"].float().tolist() == [[3.0, 3.0], [3.0, 3.0]]
-    assert sha256_file(tmp_path / "out" / "model.safetensors") in (tmp_path / "out" / writer.MANIFEST_NAME).read_text()
+    assert sha256_file(tmp_path / "out" / "model.safetensors") in (tmp_path / "out" / MANIFEST_NAME).read_text()
 
 
 @pytest.mark.parametrize("dtype,code", [(torch.float32, "F32"), (torch.bfloat16, "BF16"), (torch.float16, "F16")])
 def test_a_nonfinite_value_in_a_kernel_copied_tensor_is_found_where_it_is_hashed(tmp_path, monkeypatch, dtype, code):
     """Byte copies are kernel copies whose NaN/Inf check runs on the bytes the hasher reads back. With 8-byte hash
     reads and a 6-byte tensor first, the copied tensor starts mid-read; its last element is the bad one."""
-    monkeypatch.setattr("surgery.io.hashing.COPY_CHUNK", 8)
+    monkeypatch.setattr("surgery.writer.hashing.COPY_CHUNK", 8)
     values = torch.zeros(37, dtype=dtype)
     values[-1] = float("nan")
     source = _source(tmp_path / "src", {"a": torch.ones(3, dtype=torch.bfloat16), "w": values})
@@ -239,7 +242,7 @@ def test_a_nonfinite_value_in_a_kernel_copied_tensor_is_found_where_it_is_hashed
 
 
 def test_finite_kernel_copies_checked_in_small_hash_reads_are_written(tmp_path, monkeypatch):
-    monkeypatch.setattr("surgery.io.hashing.COPY_CHUNK", 8)
+    monkeypatch.setattr("surgery.writer.hashing.COPY_CHUNK", 8)
     tensors = {"a": torch.ones(3, dtype=torch.bfloat16), "w": torch.arange(37, dtype=torch.float32),
                "h": torch.full((5,), 65504.0, dtype=torch.float16)}
     source = _source(tmp_path / "src", tensors)
@@ -264,7 +267,7 @@ def test_a_nonfinite_copied_input_of_a_draft_is_refused_before_the_fill_runs(tmp
 
 
 def test_a_fill_may_write_a_deferred_tensor_in_blocks_of_rows(tmp_path):
-    from surgery.verify import sha256_file
+    from surgery.writer.manifest import sha256_file
 
     source = _source(tmp_path / "src", {"a": torch.ones(4), "b": torch.ones(4)})
 
@@ -275,7 +278,7 @@ def test_a_fill_may_write_a_deferred_tensor_in_blocks_of_rows(tmp_path):
 
     writer.write_plan(_deferred_plan(source), tmp_path / "out", fill=fill)
     assert load_file(tmp_path / "out" / "model.safetensors")["r"].float().tolist() == [[1.0, 2.0], [5.0, 6.0]]
-    assert sha256_file(tmp_path / "out" / "model.safetensors") in (tmp_path / "out" / writer.MANIFEST_NAME).read_text()
+    assert sha256_file(tmp_path / "out" / "model.safetensors") in (tmp_path / "out" / MANIFEST_NAME).read_text()
 
 
 def test_a_deferred_tensor_missing_rows_is_not_complete(tmp_path):

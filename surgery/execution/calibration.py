@@ -15,15 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.execution.batches import batches, chunk_rows, tokenize
+from surgery.execution.loading import load_tokenizer
+from surgery.io.data_files import (
+    SAMPLE_TEXT,
+    TOKEN_FILE_SUFFIXES,
+    read_text,
+    read_token_ids,
+)
 
 SEQ_LEN = 256
 BATCH_SIZE = 8
-TOKEN_FILE_SUFFIXES = (".npy", ".pt", ".jsonl")
 
 
 @dataclass
 class CalibrationSet:
-    batches: list  # samples.Batch
+    batches: list  # execution.batches.Batch
     source: str  # what the tokens are, for messages
     domains: list[int] = field(default_factory=list)  # per batch: the domain (merge: expert index); [] = one domain
 
@@ -42,34 +49,33 @@ class CalibrationSet:
     @classmethod
     def load(cls, path, model_dir, config: dict, max_tokens: int, option: str = "--calibration") -> "CalibrationSet":
         """`path` (text or token ids; None: the shipped sample text) tokenised for the model in `model_dir`."""
-        from surgery import samples
-
-        seq_len = sequence_length(config)
         if path is not None and Path(path).suffix in TOKEN_FILE_SUFFIXES:
-            rows = [piece for row in samples.read_token_ids(path) for piece in samples.chunk_rows(row, seq_len)]
-            return cls.from_rows(rows, str(path), config, max_tokens, pad_token_id=_config_pad(config))
-        text_path = Path(path) if path is not None else samples.SAMPLE_TEXT
+            return cls.from_token_rows(read_token_ids(path), str(path), config, max_tokens)
+        text_path = Path(path) if path is not None else SAMPLE_TEXT
         if path is None and not text_path.exists():
             raise SurgeryError(f"no shipped sample text at {text_path}; pass {option} FILE")
-        text = samples.read_text(text_path)
+        text = read_text(text_path)
         tokenizer = _tokenizer(model_dir, text_path, option)
         source = str(text_path) if path is not None else f"the shipped sample text ({text_path.name})"
         return cls.from_text(text, tokenizer, config, max_tokens, source)
 
     @classmethod
-    def from_text(cls, text: str, tokenizer, config: dict, max_tokens: int, source: str) -> "CalibrationSet":
-        from surgery import samples
+    def from_token_rows(cls, rows: list[list[int]], source: str, config: dict, max_tokens: int) -> "CalibrationSet":
+        """Rows of token ids (a token file's), each cut to the model's sequence length."""
+        seq_len = sequence_length(config)
+        pieces = [piece for row in rows for piece in chunk_rows(row, seq_len)]
+        return cls.from_rows(pieces, source, config, max_tokens, pad_token_id=_config_pad(config))
 
-        ids = samples.tokenize(tokenizer, text)
-        rows = samples.chunk_rows(ids, sequence_length(config), getattr(tokenizer, "bos_token_id", None)) if ids else []
+    @classmethod
+    def from_text(cls, text: str, tokenizer, config: dict, max_tokens: int, source: str) -> "CalibrationSet":
+        ids = tokenize(tokenizer, text)
+        rows = chunk_rows(ids, sequence_length(config), getattr(tokenizer, "bos_token_id", None)) if ids else []
         pad = getattr(tokenizer, "pad_token_id", None)
         return cls.from_rows(rows, source, config, max_tokens, pad_token_id=pad if pad is not None else _config_pad(config))
 
     @classmethod
     def from_rows(cls, rows: list[list[int]], source: str, config: dict, max_tokens: int,
                   pad_token_id: int = 0) -> "CalibrationSet":
-        from surgery import samples
-
         if max_tokens < 2:
             raise SurgeryError(f"--calibration-tokens {max_tokens}: expected at least 2")
         vocab = config.get("vocab_size")
@@ -77,23 +83,23 @@ class CalibrationSet:
             bad = [token for token in row if vocab is not None and token >= vocab]
             if bad:
                 raise SurgeryError(f"{source}: token id {bad[0]} is out of range for a vocabulary of {vocab}")
-        batches = list(samples.batches(rows, BATCH_SIZE, sequence_length(config), pad_token_id, max_tokens))
-        tokens = sum(batch.tokens for batch in batches)
+        made = list(batches(rows, BATCH_SIZE, sequence_length(config), pad_token_id, max_tokens))
+        tokens = sum(batch.tokens for batch in made)
         if tokens < 2:
             raise SurgeryError(f"{source}: calibration data gives {tokens} token(s); at least 2 are needed")
-        real = [int(t) for batch in batches for t in batch.input_ids[batch.attention_mask.bool()].tolist()]
+        real = [int(t) for batch in made for t in batch.input_ids[batch.attention_mask.bool()].tolist()]
         if pad_token_id is not None and all(token == pad_token_id for token in real):
             raise SurgeryError(f"{source}: calibration data holds only the padding token (id {pad_token_id})")
-        return cls(batches, source)
+        return cls(made, source)
 
     @classmethod
     def combine(cls, parts: list[tuple[int, "CalibrationSet"]]) -> "CalibrationSet":
         """One set of several domains (merge: expert index -> that expert's text); batches keep their domain."""
-        batches, domains = [], []
+        joined, domains = [], []
         for domain, part in parts:
-            batches += part.batches
+            joined += part.batches
             domains += [domain] * len(part.batches)
-        return cls(batches, ", ".join(part.source for _, part in parts), domains)
+        return cls(joined, ", ".join(part.source for _, part in parts), domains)
 
 
 def sequence_length(config: dict) -> int:
@@ -106,8 +112,6 @@ def _config_pad(config: dict) -> int:
 
 
 def _tokenizer(model_dir, text_path: Path, option: str):
-    from surgery.loading import load_tokenizer
-
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise SurgeryError(f"{model_dir}: no tokenizer files, so {text_path} cannot be tokenised; pass token ids "

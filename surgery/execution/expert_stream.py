@@ -28,6 +28,8 @@ import copy
 import inspect
 from dataclasses import dataclass
 
+import torch
+
 from surgery.execution.probes import StopLayer
 from surgery.process_memory import trim_heap
 
@@ -73,8 +75,6 @@ def streamable(experts_module, layout: ExpertLayout) -> bool:
 def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, out):
     """The layer's full pass over every batch (see the module docstring); writes each batch's output to
     `out` (a HiddenStore) and returns it."""
-    import torch
-
     runner = session.runner
     placement = runner.placement
     device, dtype = placement.device, placement.dtype
@@ -154,8 +154,6 @@ class _Replay:
 def _one_expert(experts, state: dict):
     """A copy of transformers' experts module holding one expert (`state`: its [1, ...] tensors): the
     same forward, with index 1 as its "no expert"."""
-    import torch
-
     leaves = {name.rpartition(".")[2]: value for name, value in state.items()}
     module = copy.copy(experts)
     module._parameters = {name: torch.nn.Parameter(leaves[name], requires_grad=False) if name in leaves else value

@@ -1,8 +1,8 @@
-"""Hidden states of the whole token set between two layers, and the memory budget that places them.
+"""Hidden states of the whole token set between two layers, in memory or spilled to a file.
 
 Each batch's hidden states are kept on the CPU in float32, or in the 16-bit type a layer computed them
 in (bfloat16 or float16: the same values in half the memory; every use converts them back). When
-the budget cannot hold them next to one layer's weights, they go to a temporary file beside the
+the memory budget (``surgery.execution.settings.MemoryBudget``) cannot hold them next to one layer's weights, they go to a temporary file beside the
 output instead, written and read with positioned I/O (not a mapping, whose resident pages would
 count towards the process's memory); the file is removed when the run ends, whatever happens.
 """
@@ -12,37 +12,12 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from surgery.errors import SurgeryError
-from surgery.io import WRITE_CHUNK
-from surgery.execution.placement import cpu_available_memory
+import torch
 
-AUTO_SHARE = 0.8  # --memory-budget auto: this share of the memory available when the run starts
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    """How much CPU memory a model run may use for weights and hidden states."""
-
-    limit: int  # bytes
-    text: str  # how the user set it, for messages
-
-    @classmethod
-    def parse(cls, text: str | None) -> "MemoryBudget":
-        from surgery.units import format_bytes, parse_size
-
-        if text is None or str(text).strip().lower() == "auto":
-            limit = int(cpu_available_memory() * AUTO_SHARE)
-            return cls(limit, f"auto ({AUTO_SHARE:.0%} of available memory: {format_bytes(limit)})")
-        try:
-            limit = parse_size(text)
-        except SurgeryError:
-            raise SurgeryError(f"--memory-budget {text!r}: expected auto or a size such as 4GiB, 800MB") from None
-        if limit <= 0:
-            raise SurgeryError(f"--memory-budget {text!r}: must be positive")
-        return cls(limit, f"--memory-budget {text}")
+from surgery.io.file_io import WRITE_CHUNK
+from surgery.io.file_io import pread_exact
 
 
 class HiddenStore:
@@ -73,8 +48,6 @@ class HiddenStore:
     def put(self, batch: int, value) -> None:
         """Keep batch `batch`: a tensor, or a list of its row pieces in order (spilled, written one after the
         other, never joined in memory)."""
-        import torch
-
         pieces = [piece.detach().to("cpu", _kept(piece.dtype)).contiguous()
                   for piece in (value if isinstance(value, list) else [value])]
         if self._fd is None:
@@ -91,8 +64,6 @@ class HiddenStore:
     def zeros(self, batch: int, shape: tuple, dtype) -> None:
         """Batch `batch` as zeros of `shape` (kept as ``put`` keeps `dtype`), to be filled rows at a time
         (``write``); spilled, it is a hole in the file, which reads as zeros and takes no memory."""
-        import torch
-
         kept = _kept(dtype)
         if self._fd is None:
             self._memory[batch] = torch.zeros(shape, dtype=kept)
@@ -105,10 +76,6 @@ class HiddenStore:
     def get(self, batch: int, device: str = "cpu", dtype=None, rows: slice | None = None):
         """Batch `batch` (only `rows` of it when given: spilled, only those are read) on `device` in `dtype`
         (default float32). Held in memory in that type and place, it is the stored tensor itself."""
-        import torch
-
-        from surgery.safetensors_format import pread_exact
-
         if self._fd is None:
             value = self._memory[batch] if rows is None else self._memory[batch][rows]
         else:
@@ -146,7 +113,6 @@ class HiddenStore:
         return offset + start * row_bytes, (stop - start) * row_bytes, (stop - start, *shape[1:]), kept
 
     def _write_at(self, offset: int, value) -> None:
-        import torch
 
         data = value.view(torch.uint8).reshape(-1).numpy()
         written = 0
@@ -187,6 +153,4 @@ class _SpilledRows:
 
 def _kept(dtype):
     """The type hidden states are kept in: float32, or the 16-bit float type they were computed in."""
-    import torch
-
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32

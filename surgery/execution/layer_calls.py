@@ -7,12 +7,12 @@ batch's rows, leaving tensors that broadcast over rows whole.
 
 from __future__ import annotations
 
+import torch
+
 
 def rows_of(value, part: slice, rows: int):
     """`value` with every tensor whose first dimension is the batch's rows cut to `part` (masks); other
     tensors (rotary embeddings, broadcast over rows) are kept whole."""
-    import torch
-
     if isinstance(value, torch.Tensor):
         return value[part] if value.dim() and value.shape[0] == rows and rows > 1 else value
     if isinstance(value, tuple):
@@ -25,8 +25,6 @@ def rows_of(value, part: slice, rows: int):
 def shared(calls: list, earlier: list) -> list:
     """The batch's per-layer arguments, with tensors equal to ones already kept replaced by those
     (position embeddings and masks repeat from batch to batch)."""
-    import torch
-
     pool = {}
     for previous in earlier[-1:]:
         for args, kwargs in previous:
@@ -47,7 +45,6 @@ def shared(calls: list, earlier: list) -> list:
 
 
 def _tensors(args, kwargs):
-    import torch
 
     for value in list(args) + list(kwargs.values()):
         items = value if isinstance(value, tuple) else (value,)

@@ -9,15 +9,14 @@ block the router reads are read at the first use that needs them.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
+
+import torch
 
 from surgery.execution.expert_stream import run_streamed
 from surgery.execution.hidden import HiddenStore
 from surgery.execution.layer_calls import rows_of
 from surgery.execution.probes import StopLayer, gathered_probes, probe_hooks
-
-if TYPE_CHECKING:
-    from surgery.execution.runner import LayerRunner
 
 CALL_TOKENS = 256  # tokens of a batch run through a layer at once: one call's activations; on the 168M merge in
 # bfloat16 on 2 CPU cores, 256 ran 8-12 % faster than 512 (4 interleaved runs each) and 2048 slower still
@@ -27,7 +26,8 @@ class LayerSession:
     """One materialized decoder layer and the passes that use it. Its router-input block is loaded at the
     first use that needs it (``module``, a pass not stopped at that block, ``parameter``)."""
 
-    def __init__(self, runner: "LayerRunner", layer: int, module, pending: list):
+    def __init__(self, runner, layer: int, module, pending: list):
+        """`runner`: the ``LayerRunner`` that opened the session (its weights, batches, placement and stores)."""
         self.runner, self.layer = runner, layer
         self._module, self._pending = module, pending
         self._overrides: dict = {}  # weights set by set_parameter: applied whenever read, never released
@@ -47,7 +47,7 @@ class LayerSession:
             return
         names = {tensor.name for tensor in tensors}
         self._pending = [tensor for tensor in self._pending if tensor.name not in names]
-        module = self.runner._load(self.layer, tensors, self._module)
+        module = self.runner.load_layer(self.layer, tensors, self._module)
         if not self._pending and any(parameter.is_meta for parameter in module.parameters()):
             raise AssertionError(f"layer {self.layer}: weights left unread")
         for name in names & self._overrides.keys():
@@ -56,8 +56,6 @@ class LayerSession:
     def release(self, prefix: str) -> None:
         """Drop the weights under module `prefix` ("self_attn") from memory until a pass needs them again
         (they are read again then); weights set by ``set_parameter`` stay."""
-        import torch
-
         prefix, pending = prefix + ".", {tensor.name for tensor in self._pending}
         loaded = [tensor for tensor in self.runner.weights.layer_tensors(self.layer)
                   if tensor.name.startswith(prefix) and tensor.name not in pending | self._overrides.keys()]
@@ -98,7 +96,6 @@ class LayerSession:
             self._apply(name)
 
     def _apply(self, name: str) -> None:
-        import torch
 
         with torch.no_grad():
             parameter = self._module.get_parameter(name)
@@ -109,7 +106,7 @@ class LayerSession:
         small whatever the batch; the arguments the model passes are sliced along the batch rows."""
         length = int(self.runner.batches[index].input_ids.shape[1])
         step = max(1, CALL_TOKENS // max(1, length))
-        args, kwargs = self.runner._calls[index][self.layer]
+        args, kwargs = self.runner.calls[index][self.layer]
         for start in range(0, rows, step):
             part = slice(start, min(rows, start + step))
             whole = part.start == 0 and part.stop == rows
@@ -124,8 +121,6 @@ class LayerSession:
         `experts`: called instead of the experts module's forward (``expert_stream``). `hidden` and `replay` are
         tensors or ``HiddenStore.rows`` views (sliced a row chunk at a time); `joined`: False returns the
         output as its list of row pieces (what ``HiddenStore.put`` takes)."""
-        import torch
-
         mask = self.runner.batches[index].attention_mask.to(self.runner.placement.device).bool()
         module = self._module_for(stop_after, experts is not None, replay is not None)
         outputs, stopped = [], False
@@ -181,8 +176,6 @@ class LayerSession:
         False). `stop_after`: a module path; each batch's pass stops once that module's input has
         been seen by the probes (what comes after it is not computed). `consume`: `hidden` is not read
         again, so each batch's input is dropped once it has run (the outputs take its place)."""
-        import torch
-
         runner = self.runner
         full = outputs and stop_after is None
         streamed = runner.streamed_experts(self.layer, self._pending, probes) if full else None
@@ -212,8 +205,6 @@ class LayerSession:
     def backward(self, hidden: HiddenStore, grad: HiddenStore, probes: tuple | list = ()) -> HiddenStore:
         """Back-propagate the loss gradient of this layer's output (`grad`, per batch) to its input,
         recomputing the layer from its stored input; probes receive values and their gradients."""
-        import torch
-
         runner = self.runner
         out = runner.store("gradient")
         for index, batch in enumerate(runner.batches):

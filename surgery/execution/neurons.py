@@ -17,6 +17,7 @@ is kept:
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 FIRING_QUANTILE = 0.9  # a neuron "fires" on a token when |h| is in the top 10% of the layer's |h| values
 MIN_SEQUENCES_PER_CLUSTER = 2
@@ -51,7 +52,6 @@ class ImportanceSums:
     """Σ over each cluster's tokens of |h * dL/dh|; `labels[batch]` gives each real token's cluster (-1: none)."""
 
     def __init__(self, ffn: int, clusters: int, labels: list):
-        import torch
 
         self.sums = torch.zeros(clusters, ffn, dtype=torch.float64)
         self.labels = labels
@@ -70,7 +70,6 @@ class ExpertMass:
     """Per token: each expert's mass sum |h_i| over its neurons (`members`: [ffn, experts] 0/1 matrix)."""
 
     def __init__(self, members):
-        import torch
 
         self.members = torch.as_tensor(members, dtype=torch.float32)
         self.parts = []
@@ -79,7 +78,6 @@ class ExpertMass:
         self.parts.append(rows.float().abs().cpu() @ self.members)
 
     def tensor(self):
-        import torch
 
         return torch.cat(self.parts)
 
@@ -97,8 +95,6 @@ def token_clusters(batches: list, sequence_means, count: int, seed: int) -> tupl
 
     `sequence_means`: [sequences, hidden] mean final hidden state of each sequence, in batch order.
     """
-    import torch
-
     sequences = len(sequence_means)
     labels = None
     if sequences >= MIN_SEQUENCES_PER_CLUSTER * count:
@@ -128,8 +124,6 @@ def token_clusters(batches: list, sequence_means, count: int, seed: int) -> tupl
 
 def next_token_loss(logits, batch):
     """Sum over real tokens of the next-token cross-entropy (targets on padding are ignored)."""
-    import torch
-
     targets = batch.input_ids[:, 1:].clone().to(logits.device)
     targets[batch.attention_mask[:, 1:].to(logits.device) == 0] = -100
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

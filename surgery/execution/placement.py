@@ -5,11 +5,13 @@ auto picks the GPU when there is one (bfloat16 there by default) and the CPU oth
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
+
+import torch
 
 from surgery.errors import SurgeryError
+from surgery.execution.loading import resolve_dtype
+from surgery.process_memory import available_memory as cpu_available_memory
 
 GPU_HEADROOM = 0.85  # fraction of free GPU memory the weights may take (the rest: activations)
 
@@ -27,7 +29,6 @@ class Placement:
 
     @property
     def element_size(self) -> int:
-        import torch
 
         return torch.empty((), dtype=self.dtype).element_size()
 
@@ -39,8 +40,6 @@ class Placement:
 
 def free_gpu_memory() -> list[int]:
     """Free bytes of every visible CUDA device ([] without CUDA)."""
-    import torch
-
     if not torch.cuda.is_available():
         return []
     return [torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count())]
@@ -55,10 +54,6 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", parameters: int
     GPU_HEADROOM of one GPU's free memory is spread over all visible GPUs with accelerate's
     ``device_map="auto"`` (which offloads to CPU what still does not fit).
     """
-    import torch
-
-    from surgery.loading import resolve_dtype
-
     gpus = free_gpu_memory() if gpus is None else list(gpus)
     if device == "auto":
         device = "cuda" if gpus else "cpu"
@@ -98,14 +93,3 @@ def available_memory(placement: Placement) -> int:
             return sum(gpus)
         return gpus[int(placement.device.partition(":")[2] or 0)]
     return cpu_available_memory()
-
-
-def cpu_available_memory() -> int:
-    """The kernel's MemAvailable: memory a new allocation can get without swapping."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -12,6 +12,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 
 @dataclass
 class Probe:
@@ -35,8 +37,6 @@ class StopLayer(Exception):
 def gathered_probes(probes, index: int, with_grad: bool = False):
     """Stand-in probes that collect a batch's pieces (one per row chunk); each real probe then receives the
     whole batch once, in row order, when the block ends."""
-    import torch
-
     pieces = [[] for _ in probes]
 
     def collector(number):

@@ -1,11 +1,13 @@
-"""Running a model one decoder layer at a time over a fixed token set (sequential execution).
+"""The engine of a layer pass: a model's embedding, one decoder layer, and its head, over a fixed token set.
 
     runner = LayerRunner(weights, calibration.batches, placement, budget)
     hidden = runner.embed()                      # hidden states entering layer 0, every batch
-    for layer in range(runner.num_layers):
-        with runner.layer(layer) as session:     # this layer's weights, on the device
-            hidden = session.run(hidden, probes)  # every batch through it; probes see what they need
-    logits = runner.head(hidden, ...)            # final norm and head, in chunks of rows
+    with runner.layer(layer) as session:         # this layer's weights, on the device
+        hidden = session.run(hidden, probes)     # every batch through it; probes see what they need
+    runner.head(hidden, consume)                 # final norm and head, in chunks of rows
+
+Which layers run, in which order, with which probes, is the layer pass's (``surgery.execution.layer_pass``):
+nothing else loops over a model's layers.
 
 Memory: one decoder layer's weights in the compute dtype, the hidden states of the token set
 (float32, or the compute dtype when it is 16-bit; in memory or spilled to a file as the budget decides),
@@ -21,15 +23,21 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from surgery import console
 from surgery.errors import SurgeryError
 from surgery.execution.expert_stream import ExpertLayout, expert_layout, streamable
-from surgery.execution.hidden import HiddenStore, MemoryBudget
+from surgery.execution.hidden import HiddenStore
 from surgery.execution.layer_calls import shared
 from surgery.execution.layer_session import LayerSession
 from surgery.execution.placement import Placement
+from surgery.execution.settings import MemoryBudget
+from surgery.execution.skeleton import Skeleton
 from surgery.execution.weights import ModelWeights
+from surgery.io.finite import nonfinite_counts
 from surgery.process_memory import bound_process_memory, trim_heap
+from surgery.units import format_bytes
 
 HEAD_CHUNK_BYTES = 64 * 2**20  # logits computed at once per model (rows x T x vocab x 4 bytes)
 
@@ -40,8 +48,6 @@ class LayerRunner:
         """`reuse_attention`: a pass stopped inside a layer (``LayerSession.run(stop_after=...)``) keeps the
         attention output of every batch, and the layer's next full run replays it instead of computing it
         again (the same values: same inputs, same weights); it costs one more set of hidden states."""
-        from surgery.units import format_bytes
-
         bound_process_memory()
         self.weights, self.batches, self.placement, self.budget = weights, batches, placement, budget
         self.num_layers = weights.num_layers
@@ -65,15 +71,13 @@ class LayerRunner:
             console.info(f"layer {self.layer_bytes[0]} ({format_bytes(self.layer_bytes[1])} in "
                          f"{placement.dtype_name}) does not fit in {budget.text}: its experts are read one at a time")
         self._skeleton = None
-        self._calls: list | None = None  # per batch: [(args, kwargs)] per layer
+        self.calls: list | None = None  # per batch: [(args, kwargs)] per layer (recorded by embed)
 
     def _placement(self, budget: MemoryBudget, top: int, stores: int, stream_stores: int) -> tuple[bool, bool]:
         """(experts read one at a time, hidden states in memory) for a full pass:
         the smallest footprint that keeps the hidden states in memory, else the smallest with them spilled.
         Reading experts one at a time (``expert_stream``) needs one expert instead of all, and `stream_stores`
         more hidden states; on a GPU, which holds the weights, experts are read together."""
-        from surgery.units import format_bytes
-
         if self.placement.device != "cpu":  # the weights are on the GPU: only the hidden states take CPU memory
             return False, stores <= budget.limit
         whole = self.layer_bytes[1]
@@ -121,7 +125,6 @@ class LayerRunner:
     @property
     def skeleton(self):
         if self._skeleton is None:
-            from surgery.execution.skeleton import Skeleton
 
             self._skeleton = Skeleton(self.weights.config, self.weights.family, self.placement.device,
                                       self.placement.dtype, self.weights.label)
@@ -138,13 +141,17 @@ class LayerRunner:
         return state
 
     # ---------------------------------------------------------------- phases
+    def record_calls(self) -> None:
+        """Record the arguments the model passes each layer for each batch (masks, rotary embeddings), once: a run
+        of single layers on another model's hidden states needs them without this model's own embedding."""
+        if self.calls is None:
+            self.embed().close()
+
     def embed(self) -> HiddenStore:
         """Hidden states entering layer 0 for every batch (and the per-layer arguments of each batch).
 
         Only the embedding rows of the token ids in the batches are read (the embedding of a 150k
         vocabulary is larger than a decoder layer)."""
-        import torch
-
         ids = torch.unique(torch.cat([batch.input_ids.reshape(-1) for batch in self.batches])).tolist()
         state = self.weights.materialize_rows(self.weights.top_tensors("embed"), ids, self.placement.dtype,
                                               self.placement.device)
@@ -156,7 +163,7 @@ class LayerRunner:
             hidden, batch_calls = self.skeleton.record(state, batch)
             out.put(index, hidden)
             calls.append(shared(batch_calls, calls))
-        self._calls = calls
+        self.calls = calls
         del state
         return out
 
@@ -171,7 +178,7 @@ class LayerRunner:
         tensors = self.weights.layer_tensors(layer)
         self.skeleton.check_layer(layer, tensors)
         block = self.weights.family.router_input + "."
-        session = LayerSession(self, layer, self._load(layer, [t for t in tensors if not t.name.startswith(block)]),
+        session = LayerSession(self, layer, self.load_layer(layer, [t for t in tensors if not t.name.startswith(block)]),
                                [t for t in tensors if t.name.startswith(block)])
         try:
             yield session
@@ -179,42 +186,12 @@ class LayerRunner:
             session.close()
             _release(self.placement.device)
 
-    def _load(self, layer: int, tensors: list, module=None):
+    def load_layer(self, layer: int, tensors: list, module=None):
         """A copy of decoder layer `layer` holding `tensors` (into `module`, a partly loaded one, if given)."""
         state = self.weights.materialize(tensors, self.placement.dtype, self.placement.device)
         for name, value in state.items():
             _refuse_nonfinite(value, f"layer {layer} {name}", self.weights.label)
         return self.skeleton.materialize(layer, state, module)
-
-    def forward(self, visit: Callable | None = None, last: int | None = None, keep_inputs: bool = False,
-                final_output: bool = True, description: str = "running layers", before_layer: Callable | None = None):
-        """Every batch through layers 0..`last` (default: all). `visit(layer, session, hidden)` may run the
-        layer itself (returning the next hidden states, or None when ``session.needs_output`` is False)
-        or return None to let it run plainly. `before_layer(layer, hidden)` runs before the layer's weights are
-        read (it may write them: a draft filled layer by layer). `final_output`: whether the last layer's output
-        is needed; `description`: the progress bar's label (None: no bar).
-        Returns (hidden states after the last layer run, [inputs of every layer] when `keep_inputs`)."""
-        last = self.num_layers - 1 if last is None else last
-        hidden = self.embed()
-        kept = []
-        bar = console.progress(description, last + 1, unit_bytes=False) if description else contextlib.nullcontext(
-            lambda amount, text=None: None)  # no bar: e.g. a run in a background thread beside the writer's bar
-        with bar as advance:
-            for layer in range(last + 1):
-                if before_layer is not None:
-                    before_layer(layer, hidden)
-                with self.layer(layer) as session:
-                    session.needs_output = layer < last or final_output
-                    result = visit(layer, session, hidden) if visit else None
-                    if result is None and session.needs_output:
-                        result = session.run(hidden, consume=not keep_inputs)
-                if keep_inputs:
-                    kept.append(hidden)
-                else:
-                    hidden.close()
-                hidden = result
-                advance(1, f"layer {layer}")
-        return hidden, kept
 
     def head(self, hidden: HiddenStore, consume: Callable, *, grad: bool = False, norm_output: bool = False,
              norm_only: bool = False):
@@ -233,8 +210,6 @@ def heads(runs: list, consume: Callable, *, grad: bool = False, norm_output: boo
           norm_only: bool = False) -> None:
     """The head of several models over the same batches, chunk by chunk, in lockstep:
     consume(batch_index, rows, [logits of each model], [extra of each model]). `runs`: [(runner, last hidden)]."""
-    import torch
-
     first = runs[0][0]
     states = [runner._top_state(*(("final_norm",) if norm_only else ("final_norm", "lm_head"))) for runner, _ in runs]
     vocab = int(first.weights.config["vocab_size"])
@@ -259,11 +234,7 @@ def heads(runs: list, consume: Callable, *, grad: bool = False, norm_output: boo
 
 
 def _refuse_nonfinite(value, name: str, label: str) -> None:
-    """A sum in the tensor's own dtype is finite unless the tensor holds NaN/Inf or the sum overflows; only
-    a non-finite sum is checked element by element (a float32 sum of bfloat16 values costs 4x more)."""
-    import torch
-
-    if value.is_floating_point() and not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
+    if nonfinite_counts(value) is not None:
         raise SurgeryError(f"{label}: NaN or Inf in {name}; running the model would give meaningless numbers")
 
 
@@ -271,7 +242,6 @@ def _release(device: str) -> None:
     """Return a dropped layer's memory: tensors are freed by reference counting, but the CUDA cache keeps its
     blocks, and glibc the free pages inside its heap (``process_memory.trim_heap``)."""
     if device.startswith("cuda"):
-        import torch
 
         torch.cuda.empty_cache()
     trim_heap()

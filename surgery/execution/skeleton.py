@@ -23,8 +23,14 @@ import contextlib
 import copy
 import functools
 
+import torch
+import transformers
+from accelerate import init_empty_weights
+
 from surgery import families as arch
 from surgery.errors import SurgeryError
+from surgery.execution.loading import quiet_transformers
+
 
 class _Stop(Exception):
     """Raised by the last recorder: the rest of the forward is not needed."""
@@ -40,8 +46,6 @@ def _layer_stand_in(inner, forward):
 def _stand_in_class():
     """The stand-in class, defined once (a class made per call would hold its closures in a reference
     cycle, and with them hidden states, until the garbage collector runs)."""
-    import torch
-
     class StandIn(torch.nn.Module):
         def __init__(self, inner, forward):
             super().__init__()
@@ -70,39 +74,11 @@ def experts_implementation(family: arch.Family, config: dict, device: str, dtype
     return "eager"
 
 
-def import_in_background(model_type: str):
-    """Start importing transformers' modeling code for `model_type` (seconds of Python import) in a daemon
-    thread, so a run that first writes a draft has it ready when it starts the model. The thread only
-    warms the import cache: any failure is left for the real import to report. Returns the thread."""
-    import threading
-
-    from surgery.process_memory import bound_process_memory
-
-    bound_process_memory()  # before the thread allocates: one malloc arena for the process
-
-    def work():
-        try:
-            import transformers
-
-            config = transformers.AutoConfig.for_model(model_type)
-            transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module
-        except Exception:  # noqa: BLE001 - the real import reports it
-            pass
-
-    thread = threading.Thread(target=work, name="surgery-import", daemon=True)
-    thread.start()
-    return thread
-
-
 class Skeleton:
     """The meta-device model of a config, and the three ways execution uses it."""
 
     def __init__(self, config: dict, family: arch.Family, device: str, dtype, label: str):
-        import torch
-        import transformers
-        from accelerate import init_empty_weights
 
-        from surgery.loading import quiet_transformers
 
         self.family, self.device, self.dtype, self.label = family, device, dtype, label
         settings = {key: value for key, value in config.items() if key != "model_type"}

@@ -18,8 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from surgery import families as arch
+from surgery.io.dtypes import torch_dtype
 from surgery.errors import SurgeryError
+from surgery.plan.nodes import Copy
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,6 @@ class ModelWeights:
     # ---------------------------------------------------------------- sources
     @classmethod
     def from_checkpoint(cls, checkpoint) -> "ModelWeights":
-        from surgery.recipes import Copy
 
         where = checkpoint.directory / "config.json"
         if checkpoint.config is None:
@@ -121,8 +124,6 @@ class ModelWeights:
     def materialize_rows(self, tensors: list[MemoryTensor], rows, dtype, device) -> dict:
         """Like ``materialize``, but only rows `rows` are read and written (an embedding looked up by known
         token ids): the rest of each tensor is allocated, never touched, so it takes no memory on the CPU."""
-        import torch
-
         rows = sorted({int(row) for row in rows})
         out = {}
         for tensor in tensors:
@@ -150,12 +151,10 @@ class ModelWeights:
         return out
 
     def _stored_dtype(self, name: str):
-        from surgery.checkpoint import torch_dtype
 
         return torch_dtype(self.dtypes[name])
 
     def _assemble(self, tensor: MemoryTensor, dtype, device):
-        import torch
 
         if len(tensor.pieces) == 1 and tensor.pieces[0].index == ():
             value = self._value(tensor.pieces[0].name, tensor.shape)

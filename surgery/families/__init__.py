@@ -21,7 +21,7 @@ package is cheap: no torch, no transformers.
 from surgery.families.base import (
     BASE_DEFAULTS, DENSE_FFN, FUSED_EXPERTS, FUSED_PARTS, GLOBAL, NORMS, O_BIAS, QK_NORM, QKVO, QWEN_SPARSE_DEFAULTS, L,
     Conversion, Expected, Family, FusedSource, Spec, config_value, detect_expert_layout, dimensions, expected_tensors,
-    is_moe_layer, per_expert, qkv_bias, shape_of, source_views, specs)
+    is_moe_layer, moe_layers, per_expert, qkv_bias, shape_of, source_views, specs)
 from surgery.families.sliding import SLIDING_FROM_MAX_WINDOW_LAYERS, SlidingWindow, layer_windows, windows_config
 from surgery.families.registry import (
     CONVERSIONS, DEFAULT_TARGET, FAMILIES, TARGET_SETTINGS, auto_formats, detect_family, family_modules, moe_formats,

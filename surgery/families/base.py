@@ -15,12 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from surgery.errors import SurgeryError
-
-if TYPE_CHECKING:
-    from surgery.families.sliding import SlidingWindow
+from surgery.families.sliding import SlidingWindow
 
 
 @dataclass(frozen=True)
@@ -245,6 +242,11 @@ def _applies(spec: Spec, family: Family, config: dict) -> bool:
     negate = spec.when.startswith("not ")
     value = bool(config_value(family, config, spec.when.removeprefix("not ")))
     return value != negate
+
+
+def moe_layers(family: Family, config: dict) -> list[int]:
+    """The MoE layers of a model of `family` with `config` (none for a dense family)."""
+    return [layer for layer in range(dimensions(family, config)["layers"]) if is_moe_layer(family, config, layer)]
 
 
 def is_moe_layer(family: Family, config: dict, layer: int) -> bool:

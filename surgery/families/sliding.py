@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from surgery.errors import SurgeryError
 
-if TYPE_CHECKING:
-    from surgery.families.base import Family
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ def layer_count(config: dict, where: Path | str) -> int:
     return layers
 
 
-def sliding_settings(family: Family, config: dict) -> dict:
+def sliding_settings(family, config: dict) -> dict:
     """The keys `family.sliding` reads, absent ones at transformers' defaults, the window switched."""
     rule = family.sliding
     settings = {**rule.defaults, **{key: config[key] for key in rule.defaults if key in config}}
@@ -63,7 +61,7 @@ def sliding_settings(family: Family, config: dict) -> dict:
     return settings
 
 
-def layer_windows(family: Family, config: dict, where: Path | str = "config.json") -> dict[int, object]:
+def layer_windows(family, config: dict, where: Path | str = "config.json") -> dict[int, object]:
     """{layer: window} for every layer that transformers builds with sliding-window attention from
     this config (empty: every layer attends fully). The window is the config's value, whatever it is."""
     rule = family.sliding
@@ -90,7 +88,7 @@ def layer_windows(family: Family, config: dict, where: Path | str = "config.json
     return {layer: window for layer, kind in enumerate(kinds) if kind == "sliding_attention"}
 
 
-def windows_config(family: Family, windows: dict[int, object], layers: int) -> dict | None:
+def windows_config(family, windows: dict[int, object], layers: int) -> dict | None:
     """The config keys that make `family` slide exactly the layers of `windows` with their window,
     or None where its config cannot say that (one window for every layer or none, one window size)."""
     rule = family.sliding

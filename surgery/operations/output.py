@@ -16,7 +16,13 @@ from pathlib import Path
 import click
 
 from surgery import console
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, check_choice
+from surgery.families import FAMILIES
+from surgery.operations.plan_view import print_plan
+from surgery.operations.result import Result
+from surgery.plan.layouts import convert
+from surgery.units import format_bytes, parse_size
+from surgery.writer.stream import write_plan
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,6 @@ class OutputOptions:
     layout: str = "per-expert"  # experts of an MoE output: per-expert, fused, or keep (the plan's own)
 
     def check(self) -> None:
-        from surgery.units import parse_size
 
         parse_size(self.max_shard_size)
         if self.verify_tokens < 2:
@@ -41,23 +46,8 @@ class OutputOptions:
         check_choice("--layout", self.layout, LAYOUT_CHOICES)
 
 
-def check_choice(option: str, value, choices) -> None:
-    """The one refusal of an option value outside its choices (the Python API passes values click never saw)."""
-    if value not in choices:
-        raise SurgeryError(f"{option} {value!r}: expected one of {', '.join(map(str, choices))}")
-
-
 OUTPUT_FIELDS = tuple(f.name for f in fields(OutputOptions))
 LAYOUT_CHOICES = ("keep", "per-expert", "fused")
-OUTPUT_DTYPES = ("keep", "fp32", "bf16", "fp16")  # --dtype of every writing command
-
-
-def dtype_option(func):
-    """--dtype keep|fp32|bf16|fp16: the output's floating-point dtype (keep: the inputs')."""
-    return click.option("--dtype", default="keep", show_default=True, type=click.Choice(OUTPUT_DTYPES),
-                        help="Output dtype of floating-point tensors (keep: the inputs').")(func)
-
-
 @dataclass(frozen=True)
 class PostWriteCheck:
     """What --verify compares OUT with: its sources, exactly (layer by layer) or by the loss change."""
@@ -105,7 +95,6 @@ def output_options(func=None, *, verify: bool = True, layout: str = "per-expert"
 
 
 def _fused_only() -> str:
-    from surgery.families import FAMILIES
 
     return ", ".join(name for name, family in FAMILIES.items() if family.stored_layouts == ("fused",)) or "no formats"
 
@@ -114,9 +103,6 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     """Print the plan (dry run) or write it (`fill`: see ``surgery.writer.write_plan``), then run the
     post-write check when ``output.verify``. The plan's notes are printed before a dry run's plan and
     after a real write (where the user sees them last). Returns a ``Result``."""
-    from surgery.layouts import convert
-    from surgery.operations.result import Result
-    from surgery.units import format_bytes, parse_size
 
     output.check()
     plan = convert(plan, output.layout)
@@ -130,11 +116,9 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
         if output.as_json:
             console.stdout.print_json(json.dumps(plan.to_json()))
         else:
-            from surgery.plan_view import print_plan
 
             print_plan(plan, limit)
         return result
-    from surgery.writer import write_plan
 
     started = time.perf_counter()
     filling = [0.0]
@@ -158,7 +142,8 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     for message in plan.notes:
         console.note(message)
     if output.verify and check is not None:
-        from surgery.verification import verify_written
+
+        from surgery.checks.post_write import verify_written  # lazy: --verify runs models, imports torch
 
         result.verification = verify_written(out, check.sources, exact=check.exact, settings=check.settings,
                                              max_tokens=output.verify_tokens, rounding=plan.rounding)

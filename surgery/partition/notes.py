@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from surgery.moe_plan import inert_shared_note
+from surgery.plan.moe import inert_shared_note
 
 
 def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -> list[str]:

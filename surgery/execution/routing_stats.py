@@ -1,0 +1,241 @@
+"""Per-layer routing statistics of an MoE model, measured with forward hooks on its routers.
+
+For every MoE layer, on the real (unpadded) tokens of the batches:
+
+- ``share``: the fraction of the top-k assignments that go to each expert (sums to 1);
+- ``mean_probability``: the router's softmax probability of each expert, averaged over tokens (p_i);
+- ``load_entropy``: entropy (nats) of ``share``; ``log(N)`` when the load is perfectly balanced;
+- ``router_entropy``: mean per-token entropy (nats) of the router's softmax over all N experts;
+- ``unused_experts``: experts that receive no token;
+- ``load_balancing_loss``: Switch / BTX ``alpha * N * sum_i u_i * p_i`` with u_i = ``share``;
+  it equals ``alpha`` for a uniform router, and grows toward ``alpha * N`` as the load collapses
+  onto one expert that also takes all the probability mass;
+- ``router_z_loss``: ST-MoE z-loss, mean over tokens of ``logsumexp(router logits) ** 2``
+  (unweighted; ST-MoE multiplies it by 1e-3 in training).
+
+The hooks only accumulate sums (counts, probabilities, entropies), so memory stays bounded by one
+batch however many batches are measured. Which module is the router is asked of the architecture
+table (``router_path``: the router as transformers holds it, ``mlp.gate``). A model run layer by
+layer gets the same sums through one probe per MoE layer (``RoutingSums``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from surgery import families as arch
+from surgery.errors import SurgeryError
+from surgery.execution.layer_pass import Step
+from surgery.execution.probes import Probe
+
+LOAD_BALANCING_ALPHA = 0.01  # BTX (Sukhbaatar et al. 2024) and Switch Transformer
+
+
+def model_family(model):
+    config = model.config.to_dict()
+    return arch.detect_family(config, f"{type(model).__name__}.config"), config
+
+
+def router_path(family) -> str:
+    """The router's module path inside a decoder layer as transformers holds it (``mlp.gate``)."""
+    spec = family.fused_router or family.router
+    return family.memory_name(spec.template.split("{layer}.", 1)[1]).removesuffix(".weight")
+
+
+def router_modules(model) -> dict[int, object]:
+    """{layer: router module} for every MoE layer of a transformers model ({} for a dense model)."""
+    family, config = model_family(model)
+    if family.kind != "moe":
+        return {}
+    dims = arch.dimensions(family, config, f"{type(model).__name__}.config")
+    routers = {}
+    for layer, module in enumerate(model.get_submodule(arch.L.split(".{layer}")[0])):
+        if not arch.is_moe_layer(family, config, layer):
+            continue
+        try:
+            found = module.get_submodule(router_path(family))
+        except AttributeError:
+            found = None
+        weight = getattr(found, "weight", None)
+        if weight is None or tuple(weight.shape) != (dims["experts"], dims["hidden"]):
+            raise SurgeryError(f"{type(model).__name__}: layer {layer} should be an MoE layer, but it has no router "
+                               f"{router_path(family)!r} with weight [{dims['experts']}, {dims['hidden']}]")
+        routers[layer] = found
+    return routers
+
+
+class RoutingSums(Step):
+    """Routing statistics of a model run layer by layer: a step of the layer pass, one probe per MoE layer on its
+    router's output."""
+
+    def __init__(self, family, config: dict, alpha: float = LOAD_BALANCING_ALPHA):
+        self.family, self.config, self.alpha = family, config, alpha
+        self.sums = {}
+        if family.kind == "moe":
+            dims = arch.dimensions(family, config)
+            self.sums = {layer: LayerRouting(dims["experts"], dims["top_k"]) for layer in range(dims["layers"])
+                         if arch.is_moe_layer(family, config, layer)}
+
+    def wants(self, layer: int) -> bool:
+        return layer in self.sums
+
+    def probes(self, layer: int, session=None) -> list:
+        return [Probe(router_path(self.family), "output", lambda _batch, logits: self.sums[layer].add(logits, None))]
+
+    def results(self) -> list[dict]:
+        return [self.sums[layer].result(layer, self.alpha) for layer in sorted(self.sums)]
+
+
+class LayerRouting:
+    """The routing sums of one MoE layer over the real tokens it saw (updated per forward call), the one
+    routing-statistics collector: each token's top-k experts, from the router's softmax, counted per expert; the
+    softmax probabilities, entropy and z-loss; and, given the experts module and its input, the REAP sums (gate
+    weight x expert output norm, renormalised over the top-k where the family's router does) that ``surgery
+    prune`` scores experts by."""
+
+    def __init__(self, experts: int, top_k: int, renormalise: bool = True):
+        self.experts, self.top_k, self.renormalise = experts, top_k, renormalise
+        self.tokens = 0
+        self.counts = torch.zeros(experts, dtype=torch.float64)
+        self.probability = torch.zeros(experts, dtype=torch.float64)
+        self.entropy = 0.0
+        self.z = 0.0
+        self.reap = torch.zeros(experts, dtype=torch.float64)
+        self.norm = torch.zeros(experts, dtype=torch.float64)
+
+    def add(self, logits, indices=None, hidden=None, experts_module=None) -> None:
+        """One call's real tokens: their router `logits` (and the `indices` the router chose, when it says);
+        with `hidden` and `experts_module`, each routed expert's output on its tokens too."""
+        logits = logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        weights = None
+        if indices is None:
+            weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        self.tokens += logits.shape[0]
+        self.counts += torch.bincount(indices.reshape(-1), minlength=self.experts).double().cpu()
+        self.probability += probs.sum(0).double().cpu()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        self.entropy += float(-(probs * log_probs).sum(-1).double().sum())
+        self.z += float(torch.logsumexp(logits, dim=-1).double().pow(2).sum())
+        if experts_module is not None:
+            if weights is None:
+                weights = probs.gather(-1, indices)
+            self._add_outputs(hidden, indices, weights, experts_module)
+
+    def _add_outputs(self, hidden, chosen, weights, experts_module) -> None:
+        """Each routed expert on its tokens (transformers' experts module, every token sent to that expert with
+        weight 1): the sum of its output norms, and of gate weight x output norm."""
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        for expert in chosen.unique().tolist():
+            token, slot = (chosen == expert).nonzero(as_tuple=True)
+            rows = hidden[token]
+            index = torch.full((len(token), 1), expert, dtype=torch.long, device=rows.device)
+            ones = torch.ones((len(token), 1), dtype=rows.dtype, device=rows.device)
+            norms = experts_module(rows, index, ones).float().norm(dim=-1).double()
+            self.norm[expert] += float(norms.sum())
+            self.reap[expert] += float((weights[token, slot].double() * norms).sum())
+
+    def share(self):
+        """The fraction of the top-k slots each expert took."""
+        return self.counts / self.counts.sum()
+
+    def scores(self) -> dict:
+        """What ``surgery prune`` ranks experts by: routed tokens, frequency, mean output norm (activation) and
+        mean gate weight x output norm (reap) over the tokens routed to each expert (None: no token)."""
+        def mean(sums):
+            return [float(s / c) if c > 0 else None for s, c in zip(sums.tolist(), self.counts.tolist())]
+
+        return {"tokens": self.tokens, "routed": [int(c) for c in self.counts.tolist()],
+                "frequency": [float(c / self.tokens) for c in self.counts.tolist()],
+                "activation": mean(self.norm), "reap": mean(self.reap)}
+
+    def result(self, layer: int, alpha: float) -> dict:
+        if self.tokens == 0:
+            raise SurgeryError(f"layer {layer}: the router saw no real token (empty batches?)")
+        share = self.share()
+        mean_probability = self.probability / self.tokens
+        nonzero = share[share > 0]
+        return {
+            "layer": layer,
+            "experts": self.experts,
+            "top_k": self.top_k,
+            "tokens": self.tokens,
+            "share": [float(v) for v in share],
+            "mean_probability": [float(v) for v in mean_probability],
+            "load_entropy": float(-(nonzero * nonzero.log()).sum()),
+            "max_entropy": math.log(self.experts),
+            "router_entropy": self.entropy / self.tokens,
+            "unused_experts": [expert for expert in range(self.experts) if self.counts[expert] == 0],
+            "load_balancing_loss": alpha * self.experts * float((share * mean_probability).sum()),
+            "load_balancing_alpha": alpha,
+            "router_z_loss": self.z / self.tokens,
+        }
+
+
+class RoutingCollector:
+    """Hooks on every router of `model`; call ``set_mask(attention_mask)`` before each forward.
+
+    Use as a context manager; ``results()`` gives one dict per MoE layer (see the module doc).
+    """
+
+    def __init__(self, model, alpha: float = LOAD_BALANCING_ALPHA, strict: bool = True):
+        """`strict=False`: a model whose architecture is not in the table gets no hooks instead of an error."""
+        self.alpha = alpha
+        self._keep = None
+        self._handles = []
+        try:
+            family, config = model_family(model)
+        except SurgeryError:
+            if strict:
+                raise
+            family = None
+        self.routers, dims = {}, {}
+        if family is not None and family.kind == "moe":
+            dims = arch.dimensions(family, config, f"{type(model).__name__}.config")
+            self.routers = router_modules(model)
+        self.sums = {layer: LayerRouting(dims["experts"], dims["top_k"]) for layer in self.routers}
+
+    def set_mask(self, attention_mask) -> None:
+        self._keep = attention_mask.reshape(-1).bool()
+
+    def _hook(self, layer):
+        def hook(_module, _inputs, output):
+            logits, indices = (output[0], output[2] if len(output) > 2 else None) if isinstance(output, tuple) else (output, None)
+            logits = logits.reshape(-1, logits.shape[-1])
+            keep = self._keep
+            if keep is None or keep.numel() != logits.shape[0]:
+                raise SurgeryError(f"layer {layer}: the router saw {logits.shape[0]} tokens, but the attention "
+                                   f"mask has {None if keep is None else keep.numel()} (set_mask before each forward)")
+            keep = keep.to(logits.device)
+            if indices is not None and indices.dtype.is_floating_point:
+                indices = None
+            self.sums[layer].add(logits[keep].detach(), None if indices is None else indices.reshape(logits.shape[0], -1)[keep])
+        return hook
+
+    def __enter__(self):
+        self._handles = [router.register_forward_hook(self._hook(layer)) for layer, router in self.routers.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def results(self) -> list[dict]:
+        return [self.sums[layer].result(layer, self.alpha) for layer in sorted(self.sums)]
+
+
+def routing_statistics(model, batches, alpha: float = LOAD_BALANCING_ALPHA) -> list[dict]:
+    """One dict per MoE layer (empty list for a dense model); `batches` yield ``Batch`` objects."""
+    collector = RoutingCollector(model, alpha)
+    if not collector.routers:
+        return []
+    device = next(model.parameters()).device
+    with torch.inference_mode(), collector:
+        for batch in batches:
+            collector.set_mask(batch.attention_mask)
+            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    return collector.results()

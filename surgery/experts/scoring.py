@@ -1,0 +1,55 @@
+"""The calibrated pass that scores an MoE's experts: every MoE layer's routing and expert outputs on the
+calibration tokens, up to the last MoE layer (``surgery.experts.scores`` says what the scores mean)."""
+
+from __future__ import annotations
+
+from surgery import families as arch
+from surgery.execution.calibration import CalibrationSet
+from surgery.execution.layer_pass import LayerPass, Step
+from surgery.execution.probes import Probe
+from surgery.execution.routing_stats import LayerRouting, router_path
+from surgery.execution.weights import ModelWeights
+from surgery.experts.scores import FORMAT
+
+
+class ExpertScores(Step):
+    """At each MoE layer: its router's logits and its experts' input on every batch, and each routed expert run on
+    its tokens (``LayerRouting``'s REAP sums)."""
+
+    def __init__(self, family, config: dict):
+        dims = arch.dimensions(family, config)
+        self.family, self.experts, self.top_k = family, dims["experts"], dims["top_k"]
+        self.renormalise = family.top_k_norm is None or bool(arch.config_value(family, config, family.top_k_norm))
+        self.layers = arch.moe_layers(family, config)
+        self.last_layer = max(self.layers)
+        self.experts_path = family.router_input + ".experts"
+        self.sums = {}
+
+    def wants(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def probes(self, layer: int, session) -> list[Probe]:
+        sums = self.sums[layer] = LayerRouting(self.experts, self.top_k, self.renormalise)
+        experts_module = session.module.get_submodule(self.experts_path)
+        logits = {}
+
+        def on_logits(batch, rows):
+            logits[batch] = rows
+
+        def on_inputs(batch, rows):  # after the batch's pass: the probes' hooks are gone, so calling the module is safe
+            sums.add(logits.pop(batch), hidden=rows, experts_module=experts_module)
+
+        return [Probe(router_path(self.family), "output", on_logits), Probe(self.experts_path, "input", on_inputs)]
+
+
+def calibrated_scores(source, family, calibration_path, calibration_tokens: int, settings) -> dict:
+    """{"calibration", "tokens", "layers": {layer: {"tokens", "routed", "frequency", "activation", "reap"}}}
+    from one layer-by-layer pass of `source` over the calibration tokens (up to its last MoE layer)."""
+    config = source.config
+    calibration = CalibrationSet.load(calibration_path, source.directory, config, calibration_tokens)
+    layer_pass = LayerPass.for_settings(ModelWeights.from_checkpoint(source), calibration.batches, settings)
+    step = ExpertScores(family, config)
+    layer_pass.forward([step], final_output=False, description="scoring experts")
+    return {"format": FORMAT, "source": str(source.directory), "calibration": calibration.source,
+            "tokens": calibration.tokens, "experts": step.experts, "top_k": step.top_k,
+            "layers": {layer: step.sums[layer].scores() for layer in step.layers}}

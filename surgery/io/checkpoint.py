@@ -1,0 +1,282 @@
+"""Opening a checkpoint: a directory (single file or shards + index) or one .safetensors file.
+
+A ``Checkpoint`` knows every tensor's file, offset, dtype and shape from the headers alone, and
+reads tensor data lazily, one tensor (or a subset of its rows) at a time, with positioned reads
+(``os.preadv``) into a buffer owned by the returned tensor. Positioned reads rather than mmap keep
+the process's resident memory at about one tensor: pages of a mapped file count towards RSS for
+as long as the mapping lives, which for a whole shard is the shard's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+from surgery.io.dtypes import torch_dtype
+from surgery.io.file_io import pread_exact, pread_into
+from surgery.io.safetensors_format import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files that are weights or derived from them; never copied as side files.
+WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES + (".gguf", ".h5", ".msgpack", ".onnx")
+SIDE_FILE_MAX_BYTES = 64 * 2**20
+
+def refuse_pickle(path: Path) -> None:
+    raise SurgeryError(
+        f"{path}: pickle checkpoints are refused (unpickling runs code from the file); convert it to "
+        "safetensors first, e.g. load it in a trusted environment and call "
+        "model.save_pretrained(dir, safe_serialization=True)")
+
+
+class Checkpoint:
+    """A safetensors checkpoint opened for lazy reading."""
+
+    def __init__(self, path: Path, directory: Path, shards: list[Path], tensors: dict[str, TensorInfo],
+                 config: dict | None, index: dict | None, metadata: dict[Path, dict[str, str]]):
+        self.path = path
+        self.directory = directory
+        self.shards = shards
+        self.tensors = tensors
+        self.config = config
+        self.index = index
+        self.metadata = metadata
+        self.label: str | None = None  # short name shown in plans (merge: the expert's name)
+        self._fds: dict[Path, int] = {}
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path, require_config: bool = False) -> "Checkpoint":
+        path = Path(path)
+        if not path.exists():
+            raise SurgeryError(f"{path}: no such file or directory")
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                refuse_pickle(path)
+            if path.suffix != ".safetensors" and path.name != INDEX_NAME:
+                raise SurgeryError(f"{path}: not a checkpoint: expected a directory, a .safetensors file or {INDEX_NAME}")
+            directory = path.parent
+        else:
+            directory = path
+        config = _read_config(directory / "config.json", require_config)
+        if path.is_file() and path.suffix == ".safetensors":
+            shards, tensors, index, metadata = _open_single(path)
+        elif (directory / INDEX_NAME).exists():
+            shards, tensors, index, metadata = _open_indexed(directory / INDEX_NAME)
+        elif (directory / SINGLE_NAME).exists():
+            shards, tensors, index, metadata = _open_single(directory / SINGLE_NAME)
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                if pickles:
+                    refuse_pickle(pickles[0])
+                raise SurgeryError(f"{directory}: no {SINGLE_NAME}, {INDEX_NAME} or other .safetensors file found")
+            shards, tensors, index, metadata = _open_unindexed(files)
+        return cls(path, directory, shards, tensors, config, index, metadata)
+
+    def add_view(self, name: str, stored: str, rows: tuple[int, int]) -> None:
+        """Expose rows a:b of stored tensor `stored` (a contiguous block along its first dimension, e.g. the q
+        rows of a fused qkv_proj) as tensor `name`: readers, row reads and byte copies then treat it as
+        any stored tensor."""
+        info = self.info(stored)
+        start, stop = rows
+        if len(info.shape) < 1 or not 0 <= start <= stop <= info.shape[0]:
+            raise SurgeryError(f"{info.file}: tensor {stored!r} has shape {list(info.shape)}; cannot take rows "
+                               f"{start}:{stop} as {name!r}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        self.tensors[name] = TensorInfo(name, info.dtype, (stop - start,) + tuple(info.shape[1:]), info.file,
+                                        info.offset + start * row_bytes, (stop - start) * row_bytes)
+
+    # ---------------------------------------------------------------- reading
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise SurgeryError(f"{self.directory}: tensor {name!r} not found in the checkpoint") from None
+
+    def descriptor(self, file: Path) -> int:
+        """An open read-only descriptor of `file` (one of this checkpoint's shards), kept until ``close``."""
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = os.open(file, os.O_RDONLY)
+            except OSError as exc:
+                raise SurgeryError(f"{file}: cannot open: {exc.strerror}") from None
+            self._fds[file] = fd
+        return fd
+
+    def read_bytes(self, name: str) -> bytearray:
+        info = self.info(name)
+        return pread_exact(self.descriptor(info.file), info.nbytes, info.offset, info.file, name)
+
+    def read(self, name: str):
+        """The whole tensor, in its stored dtype, owning its memory."""
+        import torch
+
+        info = self.info(name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(self.read_bytes(name), dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+    def read_rows(self, name: str, rows):
+        """Rows `rows` (first-dimension indices, any order) of a tensor, reading only those rows."""
+        import torch
+
+        info = self.info(name)
+        rows = [int(r) for r in rows]
+        if not info.shape:
+            raise SurgeryError(f"{info.file}: tensor {name!r} is a scalar; cannot select rows")
+        for row in rows:
+            if not 0 <= row < info.shape[0]:
+                raise SurgeryError(f"{info.file}: tensor {name!r}: row {row} out of range for shape {list(info.shape)}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        out = bytearray(row_bytes * len(rows))
+        fd = self.descriptor(info.file)
+        start = 0
+        while start < len(rows):  # one read per run of consecutive rows
+            end = start + 1
+            while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                end += 1
+            chunk = pread_exact(fd, row_bytes * (end - start), info.offset + rows[start] * row_bytes, info.file, name)
+            out[start * row_bytes:end * row_bytes] = chunk
+            start = end
+        shape = (len(rows),) + tuple(info.shape[1:])
+        if not out:
+            return torch.empty(shape, dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(out, dtype=torch_dtype(info.dtype)).reshape(shape)
+
+    def read_rows_into(self, name: str, start: int, stop: int, out) -> None:
+        """Rows start:stop of a stored tensor, read with positioned reads straight into numpy array `out`."""
+        info = self.info(name)
+        rows = info.shape[0] if info.shape else 1
+        if not 0 <= start <= stop <= rows or out.nbytes * rows != info.nbytes * (stop - start):
+            raise SurgeryError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, cannot read rows "
+                               f"{start}:{stop}")
+        row_bytes = info.nbytes // rows if rows else 0
+        if out.nbytes:
+            pread_into(self.descriptor(info.file), memoryview(out).cast("B"), info.offset + row_bytes * start,
+                       info.file, name)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def side_files(self) -> list[Path]:
+        """Small non-weight files to carry into an output: tokenizer, generation config, templates."""
+        found = []
+        for entry in sorted(self.directory.iterdir()):
+            if not entry.is_file() or entry.name in ("config.json", INDEX_NAME) or entry.name.startswith("."):
+                continue
+            if entry.suffix in WEIGHT_SUFFIXES or entry.name.endswith(".index.json"):
+                continue
+            if entry.name.lower() in ("readme.md", "surgery-manifest.json"):
+                continue  # the source's model card describes the source, not our output
+            if entry.stat().st_size > SIDE_FILE_MAX_BYTES:
+                continue
+            found.append(entry)
+        return found
+
+
+def read_json(path: Path):
+    """A JSON file the user gave us (config, index, manifest); invalid JSON is a one-line error."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SurgeryError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
+
+
+def _read_config(path: Path, required: bool) -> dict | None:
+    if not path.exists():
+        if required:
+            raise SurgeryError(f"{path}: no such file (operations need the model's config)")
+        return None
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise SurgeryError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _open_single(file: Path):
+    header = read_header(file)
+    return [file], dict(header.tensors), None, {file: header.metadata}
+
+
+def _open_unindexed(files: list[Path]):
+    tensors: dict[str, TensorInfo] = {}
+    metadata = {}
+    for file in files:
+        header = read_header(file)
+        metadata[file] = header.metadata
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise SurgeryError(f"{file.parent}: tensor {name!r} is stored in two shards, {tensors[name].file.name} "
+                                  f"and {file.name} (expected exactly one)")
+            tensors[name] = info
+    return files, tensors, None, metadata
+
+
+def _open_indexed(index_path: Path):
+    directory = index_path.parent
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise SurgeryError(f"{index_path}: expected an object with a 'weight_map' of tensor name -> shard file")
+    root = directory.resolve()
+    shard_names: list[str] = []
+    for name, shard in weight_map.items():
+        if not shard or "\x00" in shard:
+            raise SurgeryError(f"{index_path}: tensor {name!r} points to shard {shard!r}, which is not a valid file name")
+        candidate = Path(shard)
+        if candidate.is_absolute() or ".." in candidate.parts or not (root / candidate).resolve().is_relative_to(root):
+            raise SurgeryError(f"{index_path}: tensor {name!r} points to shard {shard!r} outside the checkpoint directory (refused)")
+        if shard not in shard_names:
+            shard_names.append(shard)
+    for shard in shard_names:
+        if not (directory / shard).is_file():
+            listed = next(name for name, s in weight_map.items() if s == shard)
+            raise SurgeryError(f"{index_path}: shard {shard!r} (listed for tensor {listed!r}) is missing from {directory}")
+    tensors: dict[str, TensorInfo] = {}
+    metadata = {}
+    files = []
+    for shard in sorted(shard_names):
+        file = directory / shard
+        files.append(file)
+        header = read_header(file)
+        metadata[file] = header.metadata
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise SurgeryError(f"{index_path}: tensor {name!r} is stored in two shards, {tensors[name].file.name} "
+                                  f"and {file.name} (expected exactly one)")
+            listed = weight_map.get(name)
+            if listed is None:
+                raise SurgeryError(f"{file}: tensor {name!r} is in the shard but not in {index_path.name}")
+            if listed != shard:
+                raise SurgeryError(f"{index_path}: tensor {name!r} is listed in {listed!r} but found in {shard!r}")
+            tensors[name] = info
+    for name, shard in weight_map.items():
+        if name not in tensors:
+            raise SurgeryError(f"{directory / shard}: tensor {name!r} is listed in {index_path.name} but absent from the shard")
+    ordered = {name: tensors[name] for name in weight_map}
+    return files, ordered, index, metadata

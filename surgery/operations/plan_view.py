@@ -1,0 +1,23 @@
+"""The --dry-run view of a plan: a rich table of output tensors and their recipes."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from surgery import console
+from surgery.writer.shards import assign_shards
+from surgery.units import format_bytes, format_count
+
+
+def print_plan(plan, max_shard_size: int, limit_rows: int | None = None) -> None:
+    table = Table(title=f"{plan.operation} plan", show_lines=False, header_style="bold")
+    for column in ("output tensor", "shape", "dtype", "recipe"):
+        table.add_column(column, overflow="fold")
+    rows = plan.tensors if limit_rows is None else plan.tensors[:limit_rows]
+    for tensor in rows:
+        table.add_row(tensor.name, "×".join(map(str, tensor.shape)) or "scalar", tensor.dtype, tensor.recipe.describe())
+    console.stdout.print(table)
+    shards = assign_shards(plan.tensors, max_shard_size)
+    console.stdout.print(f"{len(plan.tensors)} tensors, {format_count(plan.parameters)} parameters, "
+                         f"{format_bytes(plan.total_bytes)} in {len(shards)} shard(s); "
+                         f"side files: {', '.join([p.name for p in plan.side_files] + sorted(plan.extra_files)) or 'none'}")

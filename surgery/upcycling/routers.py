@@ -1,0 +1,64 @@
+"""`surgery upcycle --router-init calibrated`: router rows fitted on the dense source's own router inputs.
+
+The source runs layer by layer (``surgery.execution.layer_pass``) up to the last MoE layer; at each MoE
+layer its router inputs on the calibration tokens are clustered by k-means into one centroid per copy (the
+registry's ``kmeans``); each row is the unit centroid times the norm of a normal(0, router_std) row, repeated
+G times. The experts are copies of the FFN, so the MoE computes what the source computes and the source's
+activations are the MoE's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from surgery import console
+from surgery.execution.calibration import CalibrationSet
+from surgery.execution.layer_pass import Collect, LayerPass, Step, router_input_probe
+from surgery.execution.routers.registry import make
+from surgery.execution.routers.request import RouterRequest
+from surgery.execution.routing_stats import LayerRouting
+from surgery.execution.weights import ModelWeights
+from surgery.seeds import sklearn_state
+
+
+class KMeansRouters(Step):
+    """At each MoE layer: the router inputs of its run, clustered into the layer's router rows."""
+
+    def __init__(self, family, layers: list[int], options, hidden: int):
+        self.family, self.layers, self.options, self.hidden = family, layers, options, hidden
+        self.last_layer = max(layers)
+        self.routers, self.loads = {}, []
+        self._inputs = None
+
+    def wants(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def probes(self, layer: int, session) -> list:
+        self._inputs = Collect()
+        return [router_input_probe(self.family, self._inputs)]
+
+    def after(self, layer: int, session, rerun) -> None:
+        options, inputs = self.options, self._inputs.tensor()
+        request = RouterRequest(options.copies, self.hidden, seed=sklearn_state(options.seed, "kmeans", layer),
+                                std=options.router_std, inputs=inputs)
+        rows = make("kmeans", request).rows
+        self.routers[layer] = rows.repeat_interleave(options.granularity, dim=0).contiguous()
+        load = LayerRouting(options.num_experts, options.top_k)
+        load.add(inputs @ self.routers[layer].float().T)
+        self.loads.append(load.share())
+
+
+def calibrated_routers(source, family, options, layers: list[int], hidden_size: int, spill_dir=None):
+    """({layer: FloatTensor[E, hidden]}, note): the calibrated router rows of every MoE layer in `layers`."""
+    calibration = CalibrationSet.load(options.calibration, source.directory, source.config, options.calibration_tokens)
+    layer_pass = LayerPass.for_settings(ModelWeights.from_checkpoint(source), calibration.batches, options.run,
+                                        spill_dir)
+    console.info(f"calibrating routers: running {source.directory.name} on {calibration.source} "
+                 f"({calibration.tokens} tokens, {layer_pass.placement.device}, {layer_pass.placement.dtype_name})")
+    step = KMeansRouters(family, layers, options, hidden_size)
+    layer_pass.forward([step], final_output=False, description="calibrating routers")
+    share = torch.stack(step.loads)
+    note = (f"calibrated routers on {calibration.tokens} tokens: share of top-{options.top_k} slots per expert "
+            f"ranges {float(share.min()):.1%}-{float(share.max()):.1%} over {len(layers)} MoE layer(s) "
+            f"(uniform: {1 / options.num_experts:.1%})")
+    return step.routers, note
