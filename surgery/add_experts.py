@@ -17,7 +17,7 @@ import click
 
 from surgery import families as arch
 from surgery.errors import SurgeryError, check_choice
-from surgery.execution.settings import RunsModel
+from surgery.execution.settings import RunOptions
 from surgery.experts.add_plan import build_plan, check_dense
 from surgery.io.checkpoint import Checkpoint
 from surgery.operations.options import calibration_options, run_options, unique_pairs
@@ -29,14 +29,11 @@ NON_FFN = ("keep", "average")  # --non-ffn: the MoE's non-FFN weights, or their 
 
 
 @dataclass(frozen=True)
-class AddExpertsOptions(RunsModel):
+class AddExpertsOptions(RunOptions):
     expert: tuple = ()
     calibration: tuple = ()
     calibration_tokens: int = 2048
     non_ffn: str = "keep"
-    device: str = "auto"
-    memory_budget: str | None = None
-    compute_dtype: str = "auto"
 
     def experts(self) -> dict[str, str]:
         return unique_pairs(self.expert, "--expert", "PATH")

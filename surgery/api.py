@@ -25,8 +25,10 @@ import inspect
 
 from surgery import console
 from surgery.commands import BY_FUNCTION, COMMANDS, Command
+from surgery.execution.settings import RunOptions
 from surgery.operations.output import OutputOptions
 
+RUN_FIELDS = {field.name for field in dataclasses.fields(RunOptions)}
 OUTPUT_FIELDS = [field for field in dataclasses.fields(OutputOptions) if field.name != "as_json"]  # --json: CLI only
 
 
@@ -61,7 +63,8 @@ def _signature(name: str) -> inspect.Signature:
     for name in command.positional:
         default = _default(fields[name]) if name in fields else inspect.Parameter.empty
         parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
-    keywords = [field for name, field in fields.items() if name not in command.positional]
+    keywords = sorted((field for name, field in fields.items() if name not in command.positional),
+                      key=lambda field: field.name in RUN_FIELDS)  # the command's own options first
     if command.writes:
         keywords += [field for field in OUTPUT_FIELDS if field.name not in fields]
     for field in keywords:

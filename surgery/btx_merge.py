@@ -16,19 +16,19 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from surgery.errors import SurgeryError
-from surgery.execution.settings import RunsModel
 from surgery.btx.config_file import load_config
 from surgery.btx.members import open_merge, resolve_non_ffn, resolve_router_init
 from surgery.btx.run import run_merge
 from surgery.btx.spec import (FITS_DEFAULT, ROUTER_FITS, ROUTER_INITS, MergeSpec, check_spec, parse_weights,
-                                read_calibration, spec_from_options)
+                              read_calibration, spec_from_options)
+from surgery.errors import SurgeryError
+from surgery.execution.settings import RunOptions
 from surgery.operations.options import FORMATS, calibration_options, dtype_option, parse_pairs, run_options
 from surgery.operations.output import OutputOptions, output_options
 
 
 @dataclass(frozen=True)
-class MergeOptions(RunsModel):
+class MergeOptions(RunOptions):
     experts: tuple | dict = ()  # NAME=PATH in expert order (the API: {name: directory})
     config: str | None = None  # a YAML file (ours or a mergekit-moe config); options given explicitly override it
     seed: str | None = None  # the seed model the experts were branched from (averaged in)
@@ -44,9 +44,6 @@ class MergeOptions(RunsModel):
     calibration_tokens: int = 16384  # per domain
     router_seed: int = 0
     dtype: str = "keep"
-    device: str = "auto"
-    memory_budget: str | None = None
-    compute_dtype: str = "auto"
 
     def spec(self, given=frozenset()) -> MergeSpec:
         """What the merge is asked to do: these options, or the --config file with the options in `given` (those

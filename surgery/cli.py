@@ -18,6 +18,7 @@ from surgery.commands import COMMANDS
 from surgery.errors import SurgeryError
 from surgery.process_memory import bound_process_memory
 
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return list(COMMANDS)

@@ -14,7 +14,7 @@ import click
 
 from surgery import families as arch
 from surgery.errors import SurgeryError, check_choice
-from surgery.execution.settings import RunsModel
+from surgery.execution.settings import RunOptions
 from surgery.experts.extract_plan import build_plan, describe, layer_weights, shared_rule
 from surgery.families.convert import dense_family
 from surgery.io.checkpoint import Checkpoint
@@ -27,15 +27,12 @@ SHARED_GATES = ("fold", "drop")
 
 
 @dataclass(frozen=True)
-class ExtractOptions(RunsModel):
+class ExtractOptions(RunOptions):
     expert: int | None = None
     average: str | None = None
     shared_gate: str | None = None
     calibration: str | None = None
     calibration_tokens: int = 2048
-    device: str = "auto"
-    memory_budget: str | None = None
-    compute_dtype: str = "auto"
 
     def check(self) -> None:
         if (self.expert is None) == (self.average is None):

@@ -8,6 +8,8 @@ cores); bench/bench_btx.py measures the whole run.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import os
 from pathlib import Path
@@ -58,9 +60,6 @@ def trim_heap() -> None:
 @functools.lru_cache(maxsize=1)
 def _libc():
     """glibc, for its allocator's settings; None where the C library is another (nothing to tune there)."""
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt, libc.malloc_trim  # glibc's own calls

@@ -13,7 +13,7 @@ import click
 
 from surgery import families as arch
 from surgery.errors import SurgeryError, check_choice
-from surgery.execution.settings import RunsModel
+from surgery.execution.settings import RunOptions
 from surgery.experts import scores
 from surgery.experts.prune_plan import build_plan, choose, kept_count, output_top_k
 from surgery.experts.scores import CALIBRATED, CRITERIA
@@ -25,7 +25,7 @@ from surgery.plan.sources import moe_family
 
 
 @dataclass(frozen=True)
-class PruneOptions(RunsModel):
+class PruneOptions(RunOptions):
     keep: int | None = None
     ratio: float | None = None
     criterion: str = "reap"
@@ -35,9 +35,6 @@ class PruneOptions(RunsModel):
     seed: int = 0
     scores: str | None = None
     save_scores: str | None = None
-    device: str = "auto"
-    memory_budget: str | None = None
-    compute_dtype: str = "auto"
 
     def check(self) -> None:
         check_choice("--criterion", self.criterion, CRITERIA)

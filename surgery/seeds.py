@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
+
 
 def derive(seed: int, purpose: str, *indices: int) -> int:
     """A 63-bit seed for the stream (seed, purpose, indices...)."""
-    import numpy as np
-
     if int(seed) < 0:
         raise ValueError(f"seed {seed} must be non-negative")
     entropy = [int(seed), zlib.crc32(purpose.encode("utf-8")), *(int(index) for index in indices)]
@@ -29,8 +29,6 @@ def router_seed(seed: int, layer: int) -> int:
 
 def generator(seed: int, purpose: str, *indices: int):
     """A numpy Generator for the stream (seed, purpose, indices...)."""
-    import numpy as np
-
     return np.random.default_rng(derive(seed, purpose, *indices))
 
 

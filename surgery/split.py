@@ -13,17 +13,17 @@ from pathlib import Path
 import click
 
 from surgery import families as arch
-from surgery.execution.settings import RunsModel
+from surgery.execution.settings import RunOptions
 from surgery.operations.options import FORMATS, calibration_options, dtype_option, run_options
 from surgery.operations.output import OutputOptions, PostWriteCheck, output_options, write
 from surgery.partition import STRATEGIES
-from surgery.partition.plan import AUTO_SCALE, ROUTERS, build_plan, resolve_expert_scale
+from surgery.partition.plan import AUTO_SCALE, ROUTERS, build_plan, resolve_expert_scale, resolve_router_init
 from surgery.plan.sources import open_dense_source
 from surgery.writer.stream import check_output_path
 
 
-@dataclass
-class SplitOptions(RunsModel):
+@dataclass(frozen=True)
+class SplitOptions(RunOptions):
     num_experts: int
     top_k: int
     strategy: str | None = None
@@ -40,9 +40,6 @@ class SplitOptions(RunsModel):
     partition: str | None = None
     save_partition: str | None = None
     dtype: str = "keep"
-    device: str = "auto"
-    memory_budget: str | None = None
-    compute_dtype: str = "auto"
 
     def record(self) -> dict:
         """The options as written into the output's metadata (paths as given)."""
@@ -88,6 +85,7 @@ def run(src, out, options: SplitOptions, output: OutputOptions = OutputOptions()
         if not output.dry_run:
             check_output_path(Path(out), [source], output.force)  # before the (possibly long) partitioning
         plan = build_plan(source, family, options, spill_dir=Path(out).resolve().parent)
-        exact = options.top_k == options.num_experts and options.router_init == "zero" and \
+        router = resolve_router_init(options, source)[0].router_init  # what `auto` became
+        exact = options.top_k == options.num_experts and router == "zero" and \
             resolve_expert_scale(options.expert_scale, options.num_experts, options.top_k) == options.num_experts
         return write(plan, Path(out), output, check=PostWriteCheck([src], exact=exact, settings=options.run))

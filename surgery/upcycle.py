@@ -15,7 +15,7 @@ import click
 
 from surgery import families as arch
 from surgery.errors import SurgeryError, check_choice
-from surgery.execution.settings import RunsModel
+from surgery.execution.settings import RunOptions
 from surgery.operations.options import FORMATS, OUTPUT_DTYPES, calibration_options, dtype_option, run_options
 from surgery.operations.output import OutputOptions, PostWriteCheck, output_options, write
 from surgery.plan.moe import check_expert_counts
@@ -25,7 +25,7 @@ from surgery.upcycling.plan import ROUTERS
 
 
 @dataclass(frozen=True)
-class UpcycleOptions(RunsModel):
+class UpcycleOptions(RunOptions):
     num_experts: int
     top_k: int
     format: str = "auto"
@@ -41,9 +41,6 @@ class UpcycleOptions(RunsModel):
     calibration: str | None = None
     calibration_tokens: int = 2048
     dtype: str = "keep"
-    device: str = "auto"
-    memory_budget: str | None = None
-    compute_dtype: str = "auto"
 
     @property
     def copies(self) -> int:

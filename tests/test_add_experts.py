@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import load_model, save_model, tensors
 
 from surgery import families as arch
-from surgery.execution.routing_stats import router_modules
-from tiny_models import load_model, save_model, tensors
 from surgery.cli import main
+from surgery.execution.routing_stats import router_modules
 
 CASES = [("mixtral", "per-expert"), ("mixtral", "fused"), ("qwen3_moe", "per-expert"), ("qwen3_moe", "fused"),
          ("granitemoe", "fused")]

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from tiny_models import load_model, logits, sample_ids, save_model
 
 import surgery
 from surgery.errors import SurgeryError
-from tiny_models import load_model, logits, sample_ids, save_model
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import hashlib
 import shutil
 
 import pytest
-
 from bad_inputs import CORPUS
 from tiny_models import save_model
 

@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from surgery.io.checkpoint import Checkpoint
-from surgery.errors import SurgeryError
 from tiny_models import save_model
+
+from surgery.errors import SurgeryError
+from surgery.io.checkpoint import Checkpoint
 
 
 @pytest.fixture

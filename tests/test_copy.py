@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from tiny_models import CONFIGS, load_model, logits, sample_ids, save_model
 
 from surgery.io.checkpoint import Checkpoint
-from tiny_models import CONFIGS, load_model, logits, sample_ids, save_model
 
 
 def tensors_of(directory):

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_models import load_model, logits, sample_ids, save_model
 
 

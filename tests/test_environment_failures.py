@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from tiny_models import save_model
 
 

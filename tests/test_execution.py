@@ -11,17 +11,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import load_model, router_inputs_by_hooks, save_model
 
-from surgery.io.checkpoint import Checkpoint
+from surgery.execution.batches import batches as make_batches
 from surgery.execution.calibration import CalibrationSet
 from surgery.execution.hidden import HiddenStore
-from surgery.execution.settings import MemoryBudget
+from surgery.execution.layer_pass import LayerPass
 from surgery.execution.placement import Placement
-from surgery.execution.layer_pass import LayerPass, Step
 from surgery.execution.runner import LayerRunner
+from surgery.execution.settings import MemoryBudget
+from surgery.execution.step import Step
 from surgery.execution.weights import ModelWeights
-from surgery.execution.batches import batches as make_batches
-from tiny_models import load_model, router_inputs_by_hooks, save_model
+from surgery.io.checkpoint import Checkpoint
 
 ROWS = [list(range(3, 15)), list(range(20, 27)), [5, 80, 81, 7], list(range(40, 52))]  # padding in two rows
 FAMILIES = [("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("mixtral", {}), ("qwen2_moe", {}),
@@ -277,9 +278,9 @@ def split_options(strategy, calibration_path, **extra):
 
 
 def run_split_statistics(source, options):
-    from surgery.plan.sources import open_dense_source
     from surgery.partition.calibrated import partition_layers
     from surgery.partition.plan import load_calibration, shared_count
+    from surgery.plan.sources import open_dense_source
 
     checkpoint, family = open_dense_source(source)
     with checkpoint:
@@ -439,7 +440,7 @@ def test_batches_run_in_row_chunks_give_the_same_logits_and_probe_rows(models, m
 
 
 def test_collected_rows_come_back_grouped_by_domain_in_batch_order_and_are_let_go():
-    from surgery.execution.layer_pass import Collect
+    from surgery.execution.step import Collect
 
     calibration = CalibrationSet(batches=[], source="test", domains=[1, 0, 1, 0])
     collect = Collect()
@@ -485,7 +486,7 @@ def layer_zero(directory, monkeypatch):
 
 def test_a_pass_stopped_at_the_router_input_reads_no_weight_of_the_mlp_block(models, monkeypatch):
     """The router fit's pass runs without the MoE block (most of a layer); a full run reads the block then."""
-    from surgery.execution.layer_pass import Collect, router_input_probe
+    from surgery.execution.step import Collect, router_input_probe
 
     with layer_zero(models("mixtral"), monkeypatch) as (session, hidden, family, names):
         session.run(hidden, [router_input_probe(family, Collect())], stop_after=family.router_input)

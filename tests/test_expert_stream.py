@@ -5,19 +5,19 @@ import contextlib
 
 import pytest
 import torch
+from test_execution import assert_same_on_real_tokens, batches, runner_logits, whole_logits
+from tiny_models import build_model, save_model
 
-from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
+from surgery.execution.batches import batches as make_batches
 from surgery.execution.hidden import HiddenStore
-from surgery.execution.settings import MemoryBudget
 from surgery.execution.placement import Placement
 from surgery.execution.probes import Probe
 from surgery.execution.runner import LayerRunner
-from surgery.execution.layer_pass import Collect, router_input_probe
+from surgery.execution.settings import MemoryBudget
+from surgery.execution.step import Collect, router_input_probe
 from surgery.execution.weights import ModelWeights
-from surgery.execution.batches import batches as make_batches
-from test_execution import assert_same_on_real_tokens, batches, runner_logits, whole_logits
-from tiny_models import build_model, save_model
+from surgery.io.checkpoint import Checkpoint
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "flex_olmo"]
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import load_model, logits, sample_ids, save_model, tensors
 
 from surgery import families as arch
-from tiny_models import load_model, logits, sample_ids, save_model, tensors
 
 UPCYCLES = [("llama", "mixtral", "mistral"), ("mistral", "mixtral", "mistral"), ("qwen2", "qwen2_moe", "qwen2"),
             ("qwen3", "qwen3_moe", "qwen3"), ("olmo2", "flex_olmo", "olmo2"), ("granite", "granitemoe", "granite")]

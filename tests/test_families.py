@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import CONFIGS, save_model
 
 from surgery import families as arch
-from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from tiny_models import CONFIGS, save_model
+from surgery.io.checkpoint import Checkpoint
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

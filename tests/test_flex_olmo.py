@@ -13,14 +13,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 from surgery import families as arch
-from surgery.io.checkpoint import Checkpoint
 from surgery.execution.calibration import CalibrationSet
 from surgery.execution.routers.registry import make
 from surgery.execution.routers.request import RouterRequest
+from surgery.io.checkpoint import Checkpoint
 from surgery.seeds import sklearn_state
-from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 EXACT = 1e-5
 ROWS = [list(range(3, 15)), list(range(20, 27)), [5, 80, 81, 7], list(range(40, 52))]  # padding in two rows
@@ -81,11 +81,11 @@ def test_the_format_help_comes_from_the_registry(run_cli, command):
 
 def test_layer_by_layer_execution_equals_the_whole_model(tmp_path):
     """The streaming runner (used by --verify and calibration) computes transformers' numbers, padding included."""
-    from surgery.execution.settings import MemoryBudget
-    from surgery.execution.placement import Placement
-    from surgery.execution.layer_pass import LayerPass
-    from surgery.execution.weights import ModelWeights
     from surgery.execution.batches import batches as make_batches
+    from surgery.execution.layer_pass import LayerPass
+    from surgery.execution.placement import Placement
+    from surgery.execution.settings import MemoryBudget
+    from surgery.execution.weights import ModelWeights
 
     batches = list(make_batches(ROWS, 3, 12, 0))
     for family in ("olmo2", "flex_olmo"):

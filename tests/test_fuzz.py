@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from surgery.io.checkpoint import Checkpoint
-from surgery.errors import SurgeryError
 from tiny_models import save_model
+
+from surgery.errors import SurgeryError
+from surgery.io.checkpoint import Checkpoint
 
 EXAMPLES = int(os.environ.get("SURGERY_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -59,8 +59,8 @@ def run_every_command(directory: Path) -> None:
 
 
 def _every_command(directory: Path) -> None:
-    from surgery.plan.identity import build_plan
     from surgery.inspect import analyse
+    from surgery.plan.identity import build_plan
     from surgery.upcycle import build_plan as upcycle_plan
     from surgery.writer.stream import write_plan
 

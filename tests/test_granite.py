@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from tiny_models import build_model, load_model, logits, sample_ids, save_model, tensors
 
 MULTIPLIERS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")

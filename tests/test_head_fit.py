@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import surgery.btx.head_fit
-from surgery.btx.head_fit import Domain, _Buffers, _kl, fit_head
 from test_merge import TEXTS, save_member
 from test_regmean import models  # noqa: F401  (two llama experts a, b and their texts)
 from tiny_models import load_model
+
+import surgery.btx.head_fit
+from surgery.btx.head_fit import Domain, _Buffers, _kl, fit_head
 
 
 def domain(tokens=40, hidden=6, vocab=11, seed=0, same_as=None):

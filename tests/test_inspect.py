@@ -4,7 +4,6 @@ import json
 
 import torch
 from safetensors.torch import load_file, save_file
-
 from tiny_models import build_model, save_model
 
 

@@ -4,7 +4,6 @@ import shutil
 
 import pytest
 from safetensors.torch import load_file, save_file
-
 from tiny_models import save_model
 
 EXACT_CASES = [

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_models import build_model, load_model, logits, sample_ids, save_model, tensors
 
 from surgery.io.checkpoint import Checkpoint
-from tiny_models import build_model, load_model, logits, sample_ids, save_model, tensors
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
+from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 from surgery import families as arch
 from surgery.io.checkpoint import Checkpoint
-from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 TEXTS = {
     "a": "def add(x, y):\n    return x + y\n\nclass Box:\n    pass\n" * 30,
@@ -176,8 +176,9 @@ def test_provenance_metadata_and_model_card_name_every_expert(tmp_path, world, r
 # ------------------------------------------------------------------ routers
 def own_expert_share(directory, world, layer_count=2):
     """Per layer, the share of each domain's tokens whose top-1 expert is the domain's own expert."""
-    from surgery.execution.loading import load_model as strict_load, load_tokenizer
     from surgery.execution.batches import text_batches
+    from surgery.execution.loading import load_model as strict_load
+    from surgery.execution.loading import load_tokenizer
 
     model, tokenizer = strict_load(directory), load_tokenizer(directory)
     shares = []

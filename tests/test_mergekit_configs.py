@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from surgery.io.checkpoint import Checkpoint
 from test_merge import save_member
 from tiny_models import load_model
+
+from surgery.io.checkpoint import Checkpoint
 
 CORPUS = Path(__file__).parent / "mergekit_configs"
 MERGEKIT = Path("/tmp/mk/bin/mergekit-moe")

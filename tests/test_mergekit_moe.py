@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 import yaml
-
-from surgery.io.checkpoint import Checkpoint
-from surgery.errors import SurgeryError
 from test_merge import TEXTS, digest, save_member, tensors_of
 from tiny_models import load_model
+
+from surgery.errors import SurgeryError
+from surgery.io.checkpoint import Checkpoint
 
 
 @pytest.fixture(scope="module")

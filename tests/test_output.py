@@ -5,7 +5,6 @@ import json
 
 import pytest
 from rich.console import Console
-
 from tiny_models import save_model
 
 
@@ -53,8 +52,8 @@ def assert_fits(text: str) -> None:
 
 
 def test_the_validate_report_fits_80_columns_with_a_long_reference_path(models, narrow):
-    from surgery.checks.validation import evaluate
     from surgery.checks.report_view import print_result
+    from surgery.checks.validation import evaluate
 
     result = evaluate(models["mixtral"], [models["llama"]], tokens=models["ids"], device="cpu")
     print_result(result)

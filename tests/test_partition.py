@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from surgery.errors import SurgeryError
-from surgery.partition import LayerInputs, Partition, default_shared, files, strategy
 from surgery.execution.routers.measure import oracle_hit_rate
 from surgery.execution.routers.registry import make
 from surgery.execution.routers.request import RouterRequest
-from surgery.partition.balanced import balanced_assign, balanced_kmeans, normalize_rows
+from surgery.partition import LayerInputs, Partition, default_shared, files, strategy
+from surgery.partition.balanced import balanced_assign, balanced_kmeans
+from surgery.partition.base import normalize_rows
 
 
 def layer_inputs(ffn=48, experts=4, shared=0, seed=0, weights=None, **extra):

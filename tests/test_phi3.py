@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from tiny_models import load_model, logits, sample_ids, save_model, tensors
 
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,

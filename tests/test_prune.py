@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import load_model, logits, sample_ids, save_model, tensors
 
 from surgery import families as arch
-from tiny_models import load_model, logits, sample_ids, save_model, tensors
 
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo", "granitemoe"]
 LAYOUTS = ["per-expert", "fused"]

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from surgery.btx.regmean import ALPHA, merged_weight
 from test_merge import TEXTS, save_member
 from tiny_models import load_model, logits, sample_ids
+
+from surgery.btx.regmean import ALPHA, merged_weight
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
+from tiny_models import build_model, router_inputs_by_hooks, save_model
 
 from surgery import families as arch
-from surgery.io.checkpoint import Checkpoint
 from surgery.checks.report_view import load_bars
-from surgery.execution.routing_stats import routing_statistics
 from surgery.execution.batches import batches
-from tiny_models import build_model, router_inputs_by_hooks, save_model
+from surgery.execution.routing_stats import routing_statistics
+from surgery.io.checkpoint import Checkpoint
 
 ROWS = [list(range(3, 40)), list(range(50, 61)), [7, 9, 11, 13, 90, 91, 92]]  # unequal lengths: padding
 

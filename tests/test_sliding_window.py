@@ -23,10 +23,10 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import COMMON, CONFIGS, load_model, logits, sample_ids, save_model
 
 from surgery import families as arch
 from surgery.errors import SurgeryError
-from tiny_models import COMMON, CONFIGS, load_model, logits, sample_ids, save_model
 
 TOLERANCE = 1e-5
 LAYERS = 4

@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import load_model, logits, sample_ids, save_model
 
 from surgery.io.checkpoint import Checkpoint
-from tiny_models import load_model, logits, sample_ids, save_model
 
 STRATEGIES = ["random", "clustering", "sharing-inner", "sharing-inter", "shared-norm", "coactivation"]
 FORMATS = [("llama", "mixtral"), ("llama", "qwen2_moe"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe")]
@@ -349,6 +349,7 @@ def test_default_router_without_tokenizer_or_calibration_is_the_centroid_router_
 def test_with_defaults_only_a_split_of_the_demo_model_uses_every_expert_in_every_layer(tmp_path, run_cli):
     """The default router at top-2 of 8 (calibrated on the shipped sample) leaves no expert unused."""
     from conftest import DEMO_MODEL
+
     from surgery.checks.validation import validate
 
     split(run_cli, DEMO_MODEL, tmp_path / "out", "-n", 8, "-k", 2, "--strategy", "random")

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from surgery.io.checkpoint import Checkpoint
-from surgery.checks.structure import check_structure, scan_nonfinite
-from surgery.writer.manifest import MANIFEST_NAME
-from surgery.verify import verify
 from tiny_models import save_model
+
+from surgery.checks.structure import check_structure, scan_nonfinite
+from surgery.io.checkpoint import Checkpoint
+from surgery.verify import verify
+from surgery.writer.manifest import MANIFEST_NAME
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import types
 
 import pytest
 import torch
+from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 from surgery.io.checkpoint import Checkpoint
-from tiny_models import load_model, logits, router_inputs_by_hooks, sample_ids, save_model
 
 TOLERANCE = 1e-5
 
@@ -458,6 +458,7 @@ def test_verify_with_the_real_validator_passes_on_a_granular_shared_upcycle(tmp_
 def test_with_defaults_only_an_upcycle_of_the_demo_model_uses_every_expert_in_every_layer(tmp_path, run_cli):
     """The default normal router breaks every tie: no expert is left unused at top-2 of 8."""
     from conftest import DEMO_MODEL
+
     from surgery.checks.validation import validate
 
     upcycle(run_cli, DEMO_MODEL, tmp_path / "out", "-n", "8", "-k", "2")

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import build_model, load_model, save_model
 
 from surgery import families as arch
 from surgery.checks import validation as validate_module
-from surgery.io.checkpoint import Checkpoint
-from surgery.errors import SurgeryError
 from surgery.checks.compare import tolerance_for
-from surgery.execution.settings import RunSettings
-from surgery.checks.validation import evaluate, resolve_placement, validate
 from surgery.checks.post_write import verify_exact
-from tiny_models import build_model, load_model, save_model
+from surgery.checks.validation import evaluate, resolve_placement, validate
+from surgery.errors import SurgeryError
+from surgery.execution.settings import RunSettings
+from surgery.io.checkpoint import Checkpoint
 
 GIB = 2**30
 ROWS = [list(range(3, 33)), list(range(40, 52)), [5, 80, 81, 82, 7, 9]]  # unequal lengths

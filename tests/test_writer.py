@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import save_model
 
-from surgery.writer import stream as writer
-from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
+from surgery.io.checkpoint import Checkpoint
+from surgery.io.safetensors_format import read_header
+from surgery.plan.nodes import Copy, Rows, Scale
+from surgery.plan.plan import OutputTensor, Plan
+from surgery.writer import stream as writer
 from surgery.writer.deferred import Filled
+from surgery.writer.manifest import MANIFEST_NAME
 from surgery.writer.read_ahead import ReadAhead
 from surgery.writer.shards import assign_shards
-from surgery.writer.manifest import MANIFEST_NAME
-from surgery.plan.plan import OutputTensor, Plan
-from surgery.plan.nodes import Copy, Rows, Scale
-from surgery.io.safetensors_format import read_header
-from tiny_models import save_model
 
 
 def _source(directory, tensors):

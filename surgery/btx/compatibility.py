@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass
 
 from surgery import families as arch
-from surgery.io.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
+from surgery.io.checkpoint import Checkpoint
 
 # Keys that never change what the model computes: identity, storage, generation and training knobs.
 IGNORED_KEYS = frozenset({

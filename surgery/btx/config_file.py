@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from surgery.errors import SurgeryError
 from surgery.btx.mergekit import from_mergekit, is_mergekit
 from surgery.btx.spec import MergeSpec, check_spec, from_ours
+from surgery.errors import SurgeryError
 
 
 def load_config(path) -> MergeSpec:

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery import families as arch
-from surgery.errors import SurgeryError
-from surgery.execution.loading import load_tokenizer
-from surgery.io.dtypes import parse_dtype, set_config_dtype
 from surgery.btx.compatibility import Member, check_compatible, tokenizer_fingerprint
 from surgery.btx.mergekit import mergekit_notes
 from surgery.btx.spec import SEED_NAME, DomainText, MergeSpec
+from surgery.errors import SurgeryError
+from surgery.execution.loading import load_tokenizer
+from surgery.io.dtypes import parse_dtype, set_config_dtype
 from surgery.plan.moe import inert_shared_ffn, inert_shared_note
 from surgery.plan.sources import open_dense_source
 

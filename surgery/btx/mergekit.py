@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery import families
+from surgery.btx.spec import (FITS_DEFAULT, REGMEAN, SEED_NAME, DomainText, MergeSpec, integer, resolve_path,
+                              unknown_keys)
 from surgery.errors import SurgeryError
 from surgery.io.dtypes import DTYPE_ALIASES
-from surgery.btx.spec import (FITS_DEFAULT, REGMEAN, SEED_NAME, DomainText, MergeSpec, integer, resolve_path,
-                                unknown_keys)
 
 KEYS = {"base_model", "experts", "gate_mode", "experts_per_token", "dtype", "architecture", "shared_experts",
         "tokenizer_source", "tokenizer", "out_dtype"}

@@ -12,12 +12,12 @@ import json
 from dataclasses import dataclass
 
 from surgery import families as arch
-from surgery.errors import SurgeryError
-from surgery.execution.routers import registry as router_registry
-from surgery.execution.routers.request import RouterRequest
 from surgery.btx.card import ALPHA, expert_provenance, model_card, non_ffn_description
 from surgery.btx.members import Merge
 from surgery.btx.spec import REGMEAN
+from surgery.errors import SurgeryError
+from surgery.execution.routers import registry as router_registry
+from surgery.execution.routers.request import RouterRequest
 from surgery.plan.diversity import FfnNoise, stream_seed
 from surgery.plan.mean import WeightedMean
 from surgery.plan.moe import dense_ffn_names, inert_shared_expert, moe_tensors, provenance

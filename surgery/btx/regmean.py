@@ -29,13 +29,14 @@ from __future__ import annotations
 import torch
 
 from surgery import console
-from surgery.execution.calibration import CalibrationSet
-from surgery.execution.layer_pass import LayerPass, Step
-from surgery.execution.probes import Probe
-from surgery.execution.weights import ModelWeights
 from surgery.btx.card import ALPHA
 from surgery.btx.head_fit import fit_merged_head
 from surgery.btx.plan import RegMeanSlot, projection_module
+from surgery.execution.calibration import CalibrationSet
+from surgery.execution.layer_pass import LayerPass
+from surgery.execution.probes import Probe
+from surgery.execution.step import Step
+from surgery.execution.weights import ModelWeights
 from surgery.plan.mean import WeightedMean
 from surgery.plan.nodes import Deferred
 

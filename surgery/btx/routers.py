@@ -24,19 +24,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from rich.table import Table
 
 from surgery import console
 from surgery import families as arch
+from surgery.btx.members import Domain, Merge, reference_tokenizer
 from surgery.errors import SurgeryError
 from surgery.execution.batches import tokenize
 from surgery.execution.calibration import CalibrationSet
-from surgery.execution.layer_pass import Collect, LayerPass, Step, router_input_probe
+from surgery.execution.layer_pass import LayerPass
 from surgery.execution.routers.classifier import label_groups
 from surgery.execution.routers.measure import routing_shares
 from surgery.execution.routers.registry import make
 from surgery.execution.routers.request import RouterRequest
 from surgery.execution.routing_stats import router_path
-from surgery.btx.members import Domain, Merge, reference_tokenizer
+from surgery.execution.step import RouterInputs
 
 
 @dataclass
@@ -118,27 +120,17 @@ def embedding_rows(merge: Merge, embedding):
 
 
 # ------------------------------------------------------------------ calibrated init
-class RouterFitting(Step):
+class RouterFitting(RouterInputs):
     """At each MoE layer of the merged draft: its router's inputs, on a pass stopped there; the rows fitted (each
     domain's tokens to its expert) and set in the layer, and the shared expert's gate, before the layer runs."""
 
     def __init__(self, merge: Merge, calibration: CalibrationSet, fit: RouterFit):
-        self.merge, self.calibration, self.fit_result = merge, calibration, fit
-        self.target, self.config = merge.target, merge.config
-        self.stop_at = self.target.router_input
-        self.last_layer = max(arch.moe_layers(self.target, self.config))
-        self._inputs = None
-
-    def wants(self, layer: int) -> bool:
-        return arch.is_moe_layer(self.target, self.config, layer)
-
-    def fit_probes(self, layer: int, session) -> list:
-        self._inputs = Collect()
-        return [router_input_probe(self.target, self._inputs)]
+        super().__init__(merge.target, arch.moe_layers(merge.target, merge.config), fits_before_run=True)
+        self.merge, self.calibration, self.fit_result, self.target = merge, calibration, fit, merge.target
 
     def fit(self, layer: int, session) -> None:
         merge, fit, num_experts = self.merge, self.fit_result, len(self.merge.experts)
-        inputs, labels = self._inputs.by_domain(self.calibration)
+        inputs, labels = self.inputs.by_domain(self.calibration)
         hidden = int(inputs.shape[1])
         routed, negatives, labels_all = inputs, None, labels
         if bool((labels >= num_experts).any()):  # shared expert's or negative text: apart from the experts' own
@@ -207,7 +199,6 @@ def gate_text(fit: RouterFit) -> str:
 
 
 def print_routing(fit: RouterFit, domain_names: list[str], expert_names: list[str]) -> None:
-    from rich.table import Table
 
     table = Table(title="routing: mean weight per expert on each domain's tokens", header_style="bold")
     table.add_column("layer", justify="right")

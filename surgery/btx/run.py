@@ -13,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from surgery import console
+from surgery.btx.card import model_card
+from surgery.btx.members import Merge
+from surgery.btx.plan import RegMeanSlot, build_plan
 from surgery.errors import SurgeryError
 from surgery.execution.loading import import_in_background
 from surgery.execution.settings import RunSettings
 from surgery.io.checkpoint import Checkpoint
-from surgery.btx.card import model_card
-from surgery.btx.members import Merge
-from surgery.btx.plan import RegMeanSlot, build_plan
 from surgery.operations.output import OutputOptions, PostWriteCheck, write
 from surgery.plan.layouts import convert
 from surgery.plan.nodes import Deferred, RouterSlot
@@ -77,11 +77,10 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
     """Write the merge with its data-fitted tensors deferred, then fill them in on the draft: RegMean's linear
     layers (each model run on its own text), then the routers (the merged draft run layer by layer). Every
     weight is read and computed once."""
-    # lazy: the calibrated path runs models (torch); a plain merge never imports it
-    from surgery.execution.calibration import CalibrationSet
-    from surgery.execution.weights import ModelWeights
-    from surgery.btx.regmean import MergedInputs, fit_regmean, regmean_tensors, set_token_counts
-    from surgery.btx.routers import calibration_parts, fit_calibrated, print_routing, routing_table_text
+    from surgery.btx.regmean import MergedInputs, fit_regmean, regmean_tensors, set_token_counts  # lazy: runs models
+    from surgery.btx.routers import calibration_parts, fit_calibrated, print_routing, routing_table_text  # lazy: same
+    from surgery.execution.calibration import CalibrationSet  # lazy: a plain merge never imports torch
+    from surgery.execution.weights import ModelWeights  # lazy: as above
 
     check_output_path(out, plan.sources, output.force)
     parts = calibration_parts(merge)  # a bad calibration text is refused before writing

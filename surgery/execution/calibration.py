@@ -17,12 +17,7 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 from surgery.execution.batches import batches, chunk_rows, tokenize
 from surgery.execution.loading import load_tokenizer
-from surgery.io.data_files import (
-    SAMPLE_TEXT,
-    TOKEN_FILE_SUFFIXES,
-    read_text,
-    read_token_ids,
-)
+from surgery.io.data_files import SAMPLE_TEXT, TOKEN_FILE_SUFFIXES, read_text, read_token_ids
 
 SEQ_LEN = 256
 BATCH_SIZE = 8

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.io.file_io import WRITE_CHUNK
-from surgery.io.file_io import pread_exact
+from surgery.io.file_io import WRITE_CHUNK, pread_exact
 
 
 class HiddenStore:

@@ -14,7 +14,8 @@ REAP / frequency scores of a prune, the new rows of add-experts, the routing sta
   (``rereads`` says so beforehand, so that they are kept);
 * ``finish``: what it does with the last layer's output (a head).
 
-The pass owns everything else: the ``LayerRunner`` (weights one layer at a time, on the device, in the compute
+(``Step``, and ``Collect`` and ``router_input_probe`` that steps use, are in ``surgery.execution.step``: a module
+that defines a step need not import the runner.) The pass owns everything else: the ``LayerRunner`` (weights one layer at a time, on the device, in the compute
 dtype), the batches, where hidden states live (in memory or spilled beside the output), the progress bar, and
 the order of the passes through each layer. Models run together (the members of a merge, a model and its
 reference) step layer by layer in lockstep through ``together`` and ``lockstep``; the gradient pass of the
@@ -31,77 +32,9 @@ import torch
 
 from surgery import console
 from surgery.execution.hidden import HiddenStore
-from surgery.execution.probes import Probe
 from surgery.execution.runner import LayerRunner, heads
 from surgery.execution.settings import MemoryBudget, RunSettings
-
-
-class Step:
-    """One job a pass does at the layers of a model; every hook does nothing unless a step says otherwise."""
-
-    stop_at: str | None = None  # module whose input `fit_probes` see on a pass that stops there, before `fit`
-    last_layer: int | None = None  # the last layer the step works at (None: every layer, the head too)
-
-    def wants(self, layer: int) -> bool:
-        """Whether the step works at `layer` (its hooks are called only there)."""
-        return True
-
-    def before(self, layer: int, hidden: HiddenStore) -> None:
-        """Before the layer's weights are read."""
-
-    def fit_probes(self, layer: int, session) -> list[Probe]:
-        return []
-
-    def fit(self, layer: int, session) -> None:
-        """After the pass stopped at ``stop_at``: fit, and set what was fitted in the layer before it runs."""
-
-    def probes(self, layer: int, session) -> list[Probe]:
-        """What the step sees in the layer's run."""
-        return []
-
-    def rereads(self, layer: int) -> bool:
-        """Whether ``after`` will run the layer's inputs again (so they are not dropped as they are used)."""
-        return False
-
-    def after(self, layer: int, session, rerun: Callable[[list[Probe]], None]) -> None:
-        """Once the layer ran; ``rerun(probes)`` runs its inputs through it again, outputs discarded."""
-
-    def finish(self, layer_pass: "LayerPass", hidden: HiddenStore | None) -> None:
-        """After the last layer, with its output (None when no step needed it)."""
-
-
-class Collect:
-    """A probe's consumer that keeps every batch's rows (float32, CPU)."""
-
-    def __init__(self):
-        self.parts: list[tuple[int, object]] = []
-
-    def __call__(self, batch: int, rows) -> None:
-        self.parts.append((batch, rows.float().cpu()))
-
-    def tensor(self):
-        return torch.cat([rows for _, rows in self.parts])
-
-    def by_domain(self, calibration):
-        """(rows grouped by domain, in domain then batch order; the domain of each row). Each batch's rows are
-        released once copied, so the rows are held about once, not twice (the router fit's peak memory)."""
-        parts = sorted(self.parts, key=lambda part: (calibration.domain_of(part[0]), part[0]))
-        self.parts = []
-        labels = torch.cat([torch.full((len(rows),), calibration.domain_of(batch), dtype=torch.long)
-                            for batch, rows in parts])
-        inputs = torch.empty((len(labels), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
-        start = 0
-        while parts:
-            rows = parts.pop(0)[1]
-            inputs[start:start + len(rows)] = rows
-            start += len(rows)
-            del rows
-        return inputs, labels
-
-
-def router_input_probe(family, consume) -> Probe:
-    """A probe on what the router of an MoE layer reads (for a dense model: where it will read)."""
-    return Probe(family.router_input, "input", consume)
+from surgery.execution.step import Step
 
 
 class LayerPass:
@@ -123,10 +56,14 @@ class LayerPass:
         return self.weights.num_layers
 
     def runner(self, *, keep_layer_inputs: bool = False, reuse_attention: bool = False) -> LayerRunner:
-        """The runner of this pass (made on first use: its memory plan depends on what the pass keeps)."""
+        """The runner of this pass, made on first use: its memory plan depends on what the pass keeps (every
+        layer's input, for a backward pass; the attention output of a stopped pass, replayed by the full one)."""
         if self._runner is None:
             self._runner = LayerRunner(self.weights, self.batches, self.placement, self.budget, self.spill_dir,
                                        keep_layer_inputs, reuse_attention)
+        elif (keep_layer_inputs and not self._runner.keep_layer_inputs) or \
+                (reuse_attention and not self._runner.reuse_attention):
+            raise AssertionError("a layer pass's runner was made for less than it is now asked to keep")
         return self._runner
 
     # ---------------------------------------------------------------- the pass
@@ -148,7 +85,10 @@ class LayerPass:
                     step.before(layer, hidden)
                 with runner.layer(layer) as session:
                     out = _run_layer(layer, session, hidden, active, layer < last or final_output, keep_inputs)
-                (kept.append if keep_inputs else _close)(hidden)
+                if keep_inputs:
+                    kept.append(hidden)
+                else:
+                    _close(hidden)
                 hidden = out
                 advance(1, f"layer {layer}")
         for step in steps:

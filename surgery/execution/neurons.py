@@ -98,7 +98,7 @@ def token_clusters(batches: list, sequence_means, count: int, seed: int) -> tupl
     sequences = len(sequence_means)
     labels = None
     if sequences >= MIN_SEQUENCES_PER_CLUSTER * count:
-        from sklearn.cluster import KMeans
+        from sklearn.cluster import KMeans  # lazy: only the importance splits cluster sequences
 
         found = KMeans(n_clusters=count, n_init=4, random_state=seed).fit(np.asarray(sequence_means)).labels_
         if len(np.unique(found)) == count:

@@ -27,8 +27,8 @@ import torch
 
 from surgery import families as arch
 from surgery.errors import SurgeryError
-from surgery.execution.layer_pass import Step
 from surgery.execution.probes import Probe
+from surgery.execution.step import Step
 
 LOAD_BALANCING_ALPHA = 0.01  # BTX (Sukhbaatar et al. 2024) and Switch Transformer
 

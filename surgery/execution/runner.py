@@ -58,7 +58,7 @@ class LayerRunner:
         top = max(weights.nbytes(weights.top_tensors(role), element) for role in ("embed", "lm_head"))
         hidden = int(weights.config["hidden_size"])
         hidden_bytes = sum(int(b.input_ids.numel()) for b in batches) * hidden * min(4, element)  # see HiddenStore
-        self.reuse_attention = reuse_attention
+        self.reuse_attention, self.keep_layer_inputs = reuse_attention, keep_layer_inputs
         stores = (self.num_layers + 2 if keep_layer_inputs else 2) + (1 if reuse_attention else 0)
         self.stream_experts, in_memory = self._placement(
             budget, top, stores * hidden_bytes, (2 if reuse_attention else 3) * hidden_bytes)

@@ -2,7 +2,7 @@
 
 ``RunSettings`` holds ``--device``, ``--memory-budget`` (read as a ``MemoryBudget``) and ``--compute-dtype`` (the options themselves are
 declared once, in ``surgery.operations.options``); an operation's options dataclass with those three fields
-gets its ``RunSettings`` as ``.run`` from ``RunsModel``.
+gets its ``RunSettings`` as ``.run`` by deriving from ``RunOptions``.
 """
 
 from __future__ import annotations
@@ -44,9 +44,7 @@ class RunSettings:
     dtype: str = "auto"  # compute dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16
 
     def placement(self):
-        from surgery.execution.placement import (
-            Placement,  # lazy: resolving a device imports torch
-        )
+        from surgery.execution.placement import Placement  # lazy: resolving a device imports torch
 
         return Placement.resolve(self.device, self.dtype)
 
@@ -61,9 +59,14 @@ class RunSettings:
             self.placement()
 
 
-class RunsModel:
-    """For an operation's options dataclass with ``device``, ``memory_budget`` and ``compute_dtype`` fields: its
-    ``RunSettings`` as ``.run``."""
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """The options of every command that runs a model, declared once: an operation's options dataclass derives
+    from this one (its own fields stay positional; these are keywords) and gets its ``RunSettings`` as ``.run``."""
+
+    device: str = "auto"
+    memory_budget: str | None = None
+    compute_dtype: str = "auto"
 
     @property
     def run(self) -> RunSettings:

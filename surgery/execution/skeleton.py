@@ -24,8 +24,6 @@ import copy
 import functools
 
 import torch
-import transformers
-from accelerate import init_empty_weights
 
 from surgery import families as arch
 from surgery.errors import SurgeryError
@@ -78,7 +76,8 @@ class Skeleton:
     """The meta-device model of a config, and the three ways execution uses it."""
 
     def __init__(self, config: dict, family: arch.Family, device: str, dtype, label: str):
-
+        import transformers  # lazy: transformers (seconds to import) loads when a model is built, not with the runner
+        from accelerate import init_empty_weights  # lazy: as transformers
 
         self.family, self.device, self.dtype, self.label = family, device, dtype, label
         settings = {key: value for key, value in config.items() if key != "model_type"}

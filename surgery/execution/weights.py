@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from surgery import families as arch
-from surgery.io.dtypes import torch_dtype
 from surgery.errors import SurgeryError
+from surgery.io.dtypes import torch_dtype
 from surgery.plan.nodes import Copy
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from surgery.execution.layer_pass import Collect, LayerPass, Step, router_input_probe
+from surgery.execution.layer_pass import LayerPass
 from surgery.execution.routers.registry import make
 from surgery.execution.routers.request import RouterRequest
 from surgery.execution.routing_stats import router_path
+from surgery.execution.step import RouterInputs
 from surgery.execution.weights import ModelWeights
 from surgery.experts.add_plan import model_card, router_names
 from surgery.io.checkpoint import Checkpoint
@@ -26,26 +27,17 @@ from surgery.plan.plan import Plan
 from surgery.writer.deferred import Filled
 
 
-class AddedRows(Step):
+class AddedRows(RouterInputs):
     """At each MoE layer: its router's inputs on a pass stopped there; one new row per text, fitted against the
     existing rows, set (the existing rows, then the new ones) before the layer runs."""
 
     def __init__(self, family, calibration, existing: dict):
-        self.family, self.calibration, self.existing = family, calibration, existing
-        self.stop_at = family.router_input
-        self.last_layer = max(existing)
+        super().__init__(family, existing, fits_before_run=True)
+        self.calibration, self.existing = calibration, existing
         self.routers, self.wins = {}, {}
-        self._inputs = None
-
-    def wants(self, layer: int) -> bool:
-        return layer in self.existing
-
-    def fit_probes(self, layer: int, session) -> list:
-        self._inputs = Collect()
-        return [router_input_probe(self.family, self._inputs)]
 
     def fit(self, layer: int, session) -> None:
-        inputs, labels = self._inputs.by_domain(self.calibration)
+        inputs, labels = self.inputs.by_domain(self.calibration)
         existing = self.existing[layer]
         fitted = make("added-row", RouterRequest(len(torch.unique(labels)), int(inputs.shape[1]), inputs=inputs,
                                                  targets=labels, existing=existing))

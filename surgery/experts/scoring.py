@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from surgery import families as arch
 from surgery.execution.calibration import CalibrationSet
-from surgery.execution.layer_pass import LayerPass, Step
+from surgery.execution.layer_pass import LayerPass
 from surgery.execution.probes import Probe
 from surgery.execution.routing_stats import LayerRouting, router_path
+from surgery.execution.step import Step
 from surgery.execution.weights import ModelWeights
 from surgery.experts.scores import FORMAT
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.families.base import Family, config_value
-from surgery.families.sliding import layer_count, layer_windows, sliding_settings, windows_config
 from surgery.families.registry import FAMILIES, moe_formats
+from surgery.families.sliding import layer_count, layer_windows, sliding_settings, windows_config
 
 # Keys never carried from a dense source into an MoE config: identity and bookkeeping.
 DROPPED_KEYS = ("architectures", "model_type", "auto_map", "_name_or_path", "transformers_version",

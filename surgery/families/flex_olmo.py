@@ -9,7 +9,7 @@ FlexOlmo; an MoE result sets it, so the top-k weights sum to 1 and copies of one
 """
 
 from surgery.families import olmo2
-from surgery.families.base import FUSED_EXPERTS, L, Family, Spec, per_expert
+from surgery.families.base import FUSED_EXPERTS, Family, L, Spec, per_expert
 
 FAMILY = Family(
     "flex_olmo", "FlexOlmoForCausalLM", "moe", olmo2.FAMILY.attention,

@@ -8,7 +8,7 @@ reproduces the source. GraniteMoE and GraniteMoeShared (its variant with a share
 ``mlp_bias`` is refused.
 """
 
-from surgery.families.base import BASE_DEFAULTS, L, NORMS, O_BIAS, QKVO, Conversion, Family, qkv_bias, specs
+from surgery.families.base import BASE_DEFAULTS, NORMS, O_BIAS, QKVO, Conversion, Family, L, qkv_bias, specs
 
 FAMILY = Family(
     "granite", "GraniteForCausalLM", "dense",

@@ -10,7 +10,7 @@ reproduce the dense FFN.
 """
 
 from surgery.families import granite
-from surgery.families.base import L, Family, Spec, specs
+from surgery.families.base import Family, L, Spec, specs
 
 MOE = "block_sparse_moe."
 

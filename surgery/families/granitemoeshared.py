@@ -11,7 +11,7 @@ all (``shared_required`` False: a merge or a split with nothing to share writes 
 from dataclasses import replace
 
 from surgery.families import granitemoe
-from surgery.families.base import L, FusedSource, specs
+from surgery.families.base import FusedSource, L, specs
 
 FAMILY = replace(
     granitemoe.FAMILY, name="granitemoeshared", architecture="GraniteMoeSharedForCausalLM",

@@ -5,7 +5,7 @@ Qwen2-MoE; neither has an o_proj bias or FFN biases, so a source with either fla
 Llama has no sliding-window attention (whatever sliding keys its config holds): its MoE config gets none.
 """
 
-from surgery.families.base import BASE_DEFAULTS, L, NORMS, O_BIAS, QKVO, Conversion, Family, qkv_bias, specs
+from surgery.families.base import BASE_DEFAULTS, NORMS, O_BIAS, QKVO, Conversion, Family, L, qkv_bias, specs
 
 FAMILY = Family(
     "llama", "LlamaForCausalLM", "dense",

@@ -2,7 +2,7 @@
 ``sliding_window`` (4096 where absent, none where null) applies to every layer. Mixtral's absent
 ``sliding_window`` means none, so the translation writes the window out."""
 
-from surgery.families.base import BASE_DEFAULTS, L, NORMS, QKVO, Conversion, Family, specs
+from surgery.families.base import BASE_DEFAULTS, NORMS, QKVO, Conversion, Family, L, specs
 from surgery.families.sliding import SlidingWindow
 
 FAMILY = Family(

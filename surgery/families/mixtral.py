@@ -7,7 +7,7 @@ applies to every layer.
 """
 
 from surgery.families import mistral
-from surgery.families.base import FUSED_EXPERTS, L, Family, Spec, per_expert
+from surgery.families.base import FUSED_EXPERTS, Family, L, Spec, per_expert
 from surgery.families.sliding import SlidingWindow
 
 FAMILY = Family(

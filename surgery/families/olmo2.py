@@ -8,7 +8,7 @@ It becomes FlexOlmo, whose attention and norms are the same. FlexOlmo's defaults
 OLMo 2's (``rms_norm_eps`` 1e-6 vs 1e-5): the source's value is written out explicitly.
 """
 
-from surgery.families.base import BASE_DEFAULTS, DENSE_FFN, L, O_BIAS, QKVO, Conversion, Family, qkv_bias, specs
+from surgery.families.base import BASE_DEFAULTS, DENSE_FFN, O_BIAS, QKVO, Conversion, Family, L, qkv_bias, specs
 
 QK_NORM_FULL = [("q_norm", "self_attn.q_norm.weight", ("q_dim",)), ("k_norm", "self_attn.k_norm.weight", ("kv_dim",))]
 POST_NORMS = specs("norm", L, [

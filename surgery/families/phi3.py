@@ -10,7 +10,7 @@ only part of each head (``partial_rotary_factor`` 0.75), which Mixtral's attenti
 PhiMoE (its own MoE) normalises with LayerNorm with bias, which no RMSNorm target reproduces.
 """
 
-from surgery.families.base import (BASE_DEFAULTS, DENSE_FFN, L, NORMS, QKVO, Conversion, Family, FusedSource, specs)
+from surgery.families.base import BASE_DEFAULTS, DENSE_FFN, NORMS, QKVO, Conversion, Family, FusedSource, L, specs
 from surgery.families.sliding import SlidingWindow
 
 FAMILY = Family(

@@ -6,7 +6,7 @@ from ``max_window_layers`` on. Qwen2-MoE derives an absent ``layer_types`` diffe
 below ``max_window_layers``), so the translation writes the source's ``layer_types`` out.
 """
 
-from surgery.families.base import BASE_DEFAULTS, L, NORMS, QKVO, Conversion, Family, qkv_bias, specs
+from surgery.families.base import BASE_DEFAULTS, NORMS, QKVO, Conversion, Family, L, qkv_bias, specs
 from surgery.families.sliding import SLIDING_FROM_MAX_WINDOW_LAYERS
 
 FAMILY = Family(

@@ -10,7 +10,7 @@ receive it (as of 5.24), unlike Qwen2's.
 """
 
 from surgery.families import qwen2
-from surgery.families.base import FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, Spec, per_expert, specs
+from surgery.families.base import FUSED_EXPERTS, QWEN_SPARSE_DEFAULTS, Family, L, Spec, per_expert, specs
 from surgery.families.sliding import SlidingWindow
 
 SHARED_EXPERT = specs("shared_expert", L + "mlp.", [

@@ -6,7 +6,7 @@ Sliding window: as Qwen2 (``layer_types``, or layers from ``max_window_layers`` 
 every layer or none, so a source where only some layers slide is refused.
 """
 
-from surgery.families.base import (BASE_DEFAULTS, L, NORMS, O_BIAS, QK_NORM, QKVO, Conversion, Family, qkv_bias, specs)
+from surgery.families.base import BASE_DEFAULTS, NORMS, O_BIAS, QK_NORM, QKVO, Conversion, Family, L, qkv_bias, specs
 from surgery.families.sliding import SLIDING_FROM_MAX_WINDOW_LAYERS
 
 FAMILY = Family(

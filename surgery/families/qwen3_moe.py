@@ -7,7 +7,7 @@ Sliding window: with ``use_sliding_window`` on, ``sliding_window`` applies to ev
 """
 
 from surgery.families import qwen3
-from surgery.families.base import FUSED_EXPERTS, L, QWEN_SPARSE_DEFAULTS, Family, Spec, per_expert
+from surgery.families.base import FUSED_EXPERTS, QWEN_SPARSE_DEFAULTS, Family, L, Spec, per_expert
 from surgery.families.sliding import SlidingWindow
 
 FAMILY = Family(

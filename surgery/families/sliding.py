@@ -14,7 +14,6 @@ from typing import Callable
 from surgery.errors import SurgeryError
 
 
-
 @dataclass(frozen=True)
 class SlidingWindow:
     """Which layers attend through a sliding window, as transformers reads a family's config.json.

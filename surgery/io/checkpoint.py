@@ -115,7 +115,7 @@ class Checkpoint:
 
     def read(self, name: str):
         """The whole tensor, in its stored dtype, owning its memory."""
-        import torch
+        import torch  # lazy: headers, byte copies and numpy reads need no torch
 
         info = self.info(name)
         if info.nbytes == 0:
@@ -124,7 +124,7 @@ class Checkpoint:
 
     def read_rows(self, name: str, rows):
         """Rows `rows` (first-dimension indices, any order) of a tensor, reading only those rows."""
-        import torch
+        import torch  # lazy: headers, byte copies and numpy reads need no torch
 
         info = self.info(name)
         rows = [int(r) for r in rows]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from surgery.errors import SurgeryError
 
 SAMPLE_TEXT = Path(__file__).resolve().parents[1] / "data" / "sample.txt"
@@ -37,7 +39,6 @@ def read_token_ids(path) -> list[list[int]]:
     """Pre-tokenised ids: .npy / .pt (1-D or 2-D integer arrays) or .jsonl (one list of ids per line)."""
     path = Path(path)
     if path.suffix == ".npy":
-        import numpy as np
 
         try:
             array = np.load(path, allow_pickle=False)
@@ -45,7 +46,7 @@ def read_token_ids(path) -> list[list[int]]:
             raise SurgeryError(f"{path}: not a numeric .npy array ({exc})") from None
         rows = array.tolist() if array.ndim == 2 else [array.tolist()]
     elif path.suffix == ".pt":
-        import torch
+        import torch  # lazy: only a .pt token file needs torch
 
         try:
             value = torch.load(path, weights_only=True, map_location="cpu")

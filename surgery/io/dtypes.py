@@ -6,6 +6,8 @@ users write ``fp32``, ``bf16``, ``fp16`` on the command line. Every conversion b
 
 from __future__ import annotations
 
+import numpy as np
+
 from surgery.errors import SurgeryError
 
 # safetensors dtype name -> bytes per element
@@ -68,8 +70,6 @@ def raw_numpy(stored: str) -> str:
 
 def as_float32(block, stored: str):
     """float32 values of a numpy block of stored values (bfloat16 is the top half of a float32: exact)."""
-    import numpy as np
-
     if stored == "F32":
         return block
     if stored == "BF16":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 # safetensors 16-bit float dtype -> (exponent bits, mantissa bits): exponent all ones is Inf or NaN
 _HALF_BITS = {"F16": (0x7C00, 0x03FF), "BF16": (0x7F80, 0x007F)}
 
@@ -25,7 +27,6 @@ def nonfinite_counts(value) -> tuple[int, int] | None:
         if bool(torch.isfinite(value).all()):
             return None
         return int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
-    import numpy as np
 
     if value.dtype.kind != "f" or not value.size:
         return None
@@ -39,8 +40,6 @@ def nonfinite_counts(value) -> tuple[int, int] | None:
 def nonfinite_bytes(data, dtype: str) -> tuple[int, int] | None:
     """The same for raw little-endian bytes of safetensors dtype `dtype` (F32, F64, F16, BF16), with numpy
     alone: a plain copy needs no torch."""
-    import numpy as np
-
     if dtype in ("F32", "F64"):
         return nonfinite_counts(np.frombuffer(data, dtype=np.float32 if dtype == "F32" else np.float64))
     exponent, mantissa = _HALF_BITS[dtype]

@@ -103,7 +103,6 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     """Print the plan (dry run) or write it (`fill`: see ``surgery.writer.write_plan``), then run the
     post-write check when ``output.verify``. The plan's notes are printed before a dry run's plan and
     after a real write (where the user sees them last). Returns a ``Result``."""
-
     output.check()
     plan = convert(plan, output.layout)
     out = Path(out)

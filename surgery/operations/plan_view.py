@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 
 from surgery import console
-from surgery.writer.shards import assign_shards
 from surgery.units import format_bytes, format_count
+from surgery.writer.shards import assign_shards
 
 
 def print_plan(plan, max_shard_size: int, limit_rows: int | None = None) -> None:

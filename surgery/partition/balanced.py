@@ -12,6 +12,9 @@ centroids from scikit-learn's KMeans and alternates that assignment with centroi
 from __future__ import annotations
 
 import numpy as np
+from sklearn.cluster import KMeans
+
+from surgery.partition.base import normalize_rows
 
 
 def balanced_assign(scores: np.ndarray, capacities, max_swap_rounds: int = 20) -> np.ndarray:
@@ -148,19 +151,12 @@ def _positive_cycle(gain: np.ndarray, tolerance: float = 1e-9) -> list[int] | No
     return cycle
 
 
-def normalize_rows(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return matrix / np.maximum(norms, 1e-12)
-
-
 def balanced_kmeans(points: np.ndarray, k: int, seed: int, capacities=None, max_iter: int = 10) -> tuple[np.ndarray, np.ndarray, dict]:
     """Cluster L2-normalised `points` into k clusters of exactly `capacities` (default: equal, +-1).
 
     Returns (labels, unit centroids, stats) where stats holds the within-cluster cosine spread
     (mean 1 - cos(point, its centroid)) of the balanced result and of unconstrained k-means.
     """
-    from sklearn.cluster import KMeans
-
     points = normalize_rows(np.asarray(points, dtype=np.float32))
     n = len(points)
     if capacities is None:

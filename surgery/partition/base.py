@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from surgery.errors import SurgeryError
+from surgery.seeds import derive, generator
 
 
 @dataclass
@@ -96,12 +97,9 @@ class LayerInputs:
 
     def rng(self, purpose: str = "") -> np.random.Generator:
         """A generator of the stream (seed, purpose, layer): layers and uses never share a stream."""
-        from surgery.seeds import generator
-
         return generator(self.seed, purpose, self.layer)
 
     def stream_seed(self, purpose: str) -> int:
-        from surgery.seeds import derive
 
         return derive(self.seed, purpose, self.layer)
 
@@ -130,3 +128,9 @@ def split_shared(inputs: LayerInputs, score: np.ndarray | None = None) -> tuple[
     score = neuron_norm_score(inputs) if score is None else score
     shared = top_indices(score, inputs.shared_count)
     return shared, np.setdiff1d(np.arange(inputs.ffn), shared)
+
+
+def normalize_rows(matrix: np.ndarray) -> np.ndarray:
+    """Each row at unit length (a zero row stays zero)."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)

@@ -26,17 +26,18 @@ from surgery import console
 from surgery import families as arch
 from surgery.errors import SurgeryError
 from surgery.execution.batches import Batch
-from surgery.execution.layer_pass import Collect, LayerPass, Step, router_input_probe
+from surgery.execution.layer_pass import LayerPass
 from surgery.execution.neurons import (ExpertMass, FiringBits, ImportanceSums, down_input_path, membership,
                                        next_token_loss, token_clusters)
 from surgery.execution.probes import Probe
 from surgery.execution.routers.measure import oracle_hit_rate
 from surgery.execution.routers.registry import make
 from surgery.execution.routers.request import RouterRequest
+from surgery.execution.step import Collect, Step, router_input_probe
 from surgery.execution.weights import ModelWeights
 from surgery.io.finite import nonfinite_counts
 from surgery.partition import LayerInputs, strategy
-from surgery.partition.balanced import normalize_rows
+from surgery.partition.base import normalize_rows
 from surgery.plan.moe import dense_ffn_names
 from surgery.seeds import sklearn_state
 

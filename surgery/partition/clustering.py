@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from surgery.partition.balanced import balanced_kmeans, normalize_rows
-from surgery.partition.base import LayerInputs, Partition, equal_sizes, split_shared
+from surgery.partition.balanced import balanced_kmeans
+from surgery.partition.base import LayerInputs, Partition, equal_sizes, normalize_rows, split_shared
 
 NAME = "clustering"
 NEEDS: frozenset = frozenset()

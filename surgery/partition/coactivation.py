@@ -9,6 +9,7 @@ graph, rows L2-normalised) followed by balanced k-means on that embedding.
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse.linalg import eigsh
 
 from surgery.partition.balanced import balanced_kmeans
 from surgery.partition.base import LayerInputs, Partition, equal_sizes, split_shared
@@ -39,7 +40,6 @@ def spectral_embedding(counts: np.ndarray, dimensions: int) -> np.ndarray:
         _, vectors = np.linalg.eigh(normalized)
         vectors = vectors[:, -dimensions:]
     else:
-        from scipy.sparse.linalg import eigsh
 
         _, vectors = eigsh(normalized, k=dimensions, which="LA", v0=np.ones(len(counts)))
     vectors = vectors * np.sign(vectors.sum(axis=0) + 1e-30)  # fix each eigenvector's sign

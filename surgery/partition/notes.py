@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from surgery.plan.moe import inert_shared_note
 
 
 def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -> list[str]:
-    import numpy as np
 
     n, k = options.num_experts, options.top_k
     notes = []

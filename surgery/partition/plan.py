@@ -16,7 +16,7 @@ plan is built after reading each layer's FFN once, one layer at a time (``surger
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -120,8 +120,9 @@ def shared_count(options, ffn: int) -> int:
     return count
 
 
-def resolve_router_init(options, source) -> str | None:
-    """`--router-init auto`, settled before any work; returns the note that says what was chosen and why.
+def resolve_router_init(options, source) -> tuple:
+    """`--router-init auto`, settled before any work: (the options with the router chosen, the note that says what
+    was chosen and why, or None).
 
     k = N: the zero router (every weight 1/N: with expert scale N the split is exact). k < N: a zero
     router ties every logit, so every token would use the same k experts (which ones depends on how an
@@ -130,20 +131,19 @@ def resolve_router_init(options, source) -> str | None:
     no tokenizer and no --calibration file cannot read text: the data-free centroid router then.
     """
     if options.router_init != "auto":
-        return None
+        return options, None
     n, k = options.num_experts, options.top_k
     if k == n:
-        options.router_init = "zero"
-        return None
+        return replace(options, router_init="zero"), None
     if options.calibration is not None or has_tokenizer(source.directory):
-        options.router_init = "calibrated"
         text = options.calibration or "the shipped sample text"
-        return (f"router: calibrated on {text} (--router-init auto at top-{k} of {n}; a zero router would send "
-                f"every token to the same {k} experts)")
-    options.router_init = "centroid"
-    return (f"router: centroid (--router-init auto at top-{k} of {n}: {source.directory.name} has no tokenizer and no "
-            f"--calibration file was given, so the router comes from the weights alone; give --calibration FILE of "
-            f"token ids for a calibrated router)")
+        return replace(options, router_init="calibrated"), (
+            f"router: calibrated on {text} (--router-init auto at top-{k} of {n}; a zero router would send every "
+            f"token to the same {k} experts)")
+    return replace(options, router_init="centroid"), (
+        f"router: centroid (--router-init auto at top-{k} of {n}: {source.directory.name} has no tokenizer and no "
+        f"--calibration file was given, so the router comes from the weights alone; give --calibration FILE of "
+        f"token ids for a calibrated router)")
 
 
 def needs_calibration(options) -> bool:
@@ -158,15 +158,15 @@ def load_calibration(source, options):
     return CalibrationSet.load(options.calibration, source.directory, source.config, options.calibration_tokens)
 
 
-def given_partitions(options, ffn: int, layers: list[int]) -> dict | None:
-    """Partitions loaded from --partition FILE (checked against the model), or None."""
+def given_partitions(options, ffn: int, layers: list[int]) -> tuple:
+    """(the options with the file's strategy where none was given, the partitions loaded from --partition FILE and
+    checked against the model, or None)."""
     if options.partition is None:
-        return None
+        return options, None
     meta, partitions = files.load(options.partition)
     files.check_matches(options.partition, meta, partitions, ffn=ffn, num_experts=options.num_experts,
                         layers=layers, strategy=options.strategy)
-    options.strategy = options.strategy or meta.get("strategy")
-    return partitions
+    return replace(options, strategy=options.strategy or meta.get("strategy")), partitions
 
 
 def layout_for(partitions: dict, target) -> Layout:
@@ -196,8 +196,10 @@ def build_plan(source, family, options, *, calibration=None, partitions=None, sp
     `spill_dir`: where calibration may spill hidden states (beside the output)."""
     target, dims, layers, scale = _resolve(source, family, options)
     ffn, n, k = dims["ffn"], options.num_experts, options.top_k
-    router_note = resolve_router_init(options, source)
-    given = partitions if partitions is not None else given_partitions(options, ffn, layers)
+    options, router_note = resolve_router_init(options, source)
+    given = partitions
+    if partitions is None:
+        options, given = given_partitions(options, ffn, layers)
     shared = shared_count(options, ffn) if given is None else 0  # refuses bad sizes before calibration
     needed = needs_calibration(options) if given is None else options.router_init == "calibrated"
     if needed and calibration is None:

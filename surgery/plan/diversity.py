@@ -42,7 +42,7 @@ def neuron_count(size: int, fraction: float) -> int:
 
 def choose_neurons(size: int, fraction: float, seed: int) -> list[int]:
     """A sorted random subset of range(size) holding neuron_count(size, fraction) indices."""
-    import torch
+    import torch  # lazy: plans are built without torch; only computing a tensor needs it
 
     count = neuron_count(size, fraction)
     generator = torch.Generator().manual_seed(seed)
@@ -50,14 +50,14 @@ def choose_neurons(size: int, fraction: float, seed: int) -> list[int]:
 
 
 def _select(weight, indices, axis: int):
-    import torch
+    import torch  # lazy: plans are built without torch; only computing a tensor needs it
 
     index = torch.as_tensor(list(indices), dtype=torch.long)
     return index, weight.index_select(axis, index)
 
 
 def _draw(shape, seed: int):
-    import torch
+    import torch  # lazy: plans are built without torch; only computing a tensor needs it
 
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
@@ -86,7 +86,7 @@ def add_noise(weight, indices, axis: int, std: float, seed: int):
 
 def matrix_stats(weight, block_elements: int = 1 << 22) -> tuple[float, float]:
     """(mean, std) of a matrix, accumulated in float64 over row blocks (two passes, bounded memory)."""
-    import torch
+    import torch  # lazy: plans are built without torch; only computing a tensor needs it
 
     rows = weight.reshape(weight.shape[0], -1) if weight.dim() > 1 else weight.reshape(1, -1)
     count = rows.numel()

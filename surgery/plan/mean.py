@@ -71,7 +71,7 @@ class WeightedMean(Recipe):
         return dtype in NUMPY_FLOATS and self._stored() is not None
 
     def compute(self):
-        import torch
+        import torch  # lazy: a numpy-readable mean is written without torch
 
         if self._stored() is None:
             return self.compute_with_torch()
@@ -79,7 +79,7 @@ class WeightedMean(Recipe):
 
     def compute_with_torch(self):
         """The mean of the items' computed values, with torch: what ``compute`` is where numpy cannot read them."""
-        import torch
+        import torch  # lazy: a numpy-readable mean is written without torch
 
         result = None
         for factor, item in zip(self.factors(), self.items):
@@ -93,7 +93,7 @@ class WeightedMean(Recipe):
 
     def compute_rows(self, rows):
         """Rows `rows` of the mean, with the same arithmetic (each row reads only itself)."""
-        import torch
+        import torch  # lazy: a numpy-readable mean is written without torch
 
         if self._stored() is None:
             return super().compute_rows(rows)

@@ -22,7 +22,6 @@ from surgery.io.dtypes import NUMPY_FLOATS, torch_dtype
 from surgery.io.file_io import pread_exact, pread_into
 
 
-
 class Recipe:
     """How to compute one output tensor. Subclasses say what they read and how they combine it."""
 
@@ -40,7 +39,7 @@ class Recipe:
 
     def compute_rows(self, rows):
         """Rows `rows` (first dimension) of this tensor; recipes that can read only those rows do so."""
-        import torch
+        import torch  # lazy: copies and numpy-computed tensors are written without torch
 
         return self.compute()[torch.as_tensor(list(rows), dtype=torch.long)]
 
@@ -102,7 +101,7 @@ class Copy(Recipe):
     def compute(self):
         if self.rows is None:
             return self.checkpoint.read(self.name)
-        import torch
+        import torch  # lazy: copies and numpy-computed tensors are written without torch
 
         info = self.checkpoint.info(self.name)
         offset, count = self.byte_span()
@@ -157,7 +156,7 @@ class Joined(Recipe):
         return f"joined({len(self.items)}: {self.items[0].describe()}, ...)"
 
     def compute(self):
-        import torch
+        import torch  # lazy: copies and numpy-computed tensors are written without torch
 
         return torch.cat([item.compute().reshape(-1) for item in self.items]).reshape(self.shape)
 
@@ -195,7 +194,7 @@ class Columns(Recipe):
         return f"cols[{_index_text(self.columns)}] of {_short(self.checkpoint, self.name)}"
 
     def compute(self):
-        import torch
+        import torch  # lazy: copies and numpy-computed tensors are written without torch
 
         tensor = self.checkpoint.read(self.name)
         return tensor.index_select(-1, torch.as_tensor(list(self.columns), dtype=torch.long)).contiguous()
@@ -213,7 +212,7 @@ class Concat(Recipe):
         return "concat(" + ", ".join(item.describe() for item in self.items) + f"; dim={self.dim})"
 
     def compute(self):
-        import torch
+        import torch  # lazy: copies and numpy-computed tensors are written without torch
 
         return torch.cat([item.compute() for item in self.items], dim=self.dim)
 
@@ -230,7 +229,7 @@ class Scale(Recipe):
         return f"{self.factor:g} * {self.item.describe()}"
 
     def compute(self):
-        import torch
+        import torch  # lazy: copies and numpy-computed tensors are written without torch
 
         value = self.item.compute()
         return (value.to(torch.float32) * self.factor).to(value.dtype) if value.dtype != torch.float64 else value * self.factor
@@ -251,7 +250,7 @@ class PadRows(Recipe):
         return f"pad({self.item.describe()} to {self.size} along dim {self.dim})"
 
     def compute(self):
-        import torch
+        import torch  # lazy: copies and numpy-computed tensors are written without torch
 
         value = self.item.compute()
         missing = self.size - value.shape[self.dim]
@@ -296,7 +295,7 @@ class Init(Recipe):
         raise SurgeryError(f"unknown init {self.kind!r} (expected zero, normal, uniform)")
 
     def compute(self):
-        import torch
+        import torch  # lazy: copies and numpy-computed tensors are written without torch
 
         return torch.from_numpy(self._values())
 

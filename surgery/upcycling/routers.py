@@ -13,32 +13,25 @@ import torch
 
 from surgery import console
 from surgery.execution.calibration import CalibrationSet
-from surgery.execution.layer_pass import Collect, LayerPass, Step, router_input_probe
+from surgery.execution.layer_pass import LayerPass
 from surgery.execution.routers.registry import make
 from surgery.execution.routers.request import RouterRequest
 from surgery.execution.routing_stats import LayerRouting
+from surgery.execution.step import RouterInputs
 from surgery.execution.weights import ModelWeights
 from surgery.seeds import sklearn_state
 
 
-class KMeansRouters(Step):
+class KMeansRouters(RouterInputs):
     """At each MoE layer: the router inputs of its run, clustered into the layer's router rows."""
 
     def __init__(self, family, layers: list[int], options, hidden: int):
-        self.family, self.layers, self.options, self.hidden = family, layers, options, hidden
-        self.last_layer = max(layers)
+        super().__init__(family, layers)
+        self.options, self.hidden = options, hidden
         self.routers, self.loads = {}, []
-        self._inputs = None
-
-    def wants(self, layer: int) -> bool:
-        return layer in self.layers
-
-    def probes(self, layer: int, session) -> list:
-        self._inputs = Collect()
-        return [router_input_probe(self.family, self._inputs)]
 
     def after(self, layer: int, session, rerun) -> None:
-        options, inputs = self.options, self._inputs.tensor()
+        options, inputs = self.options, self.inputs.tensor()
         request = RouterRequest(options.copies, self.hidden, seed=sklearn_state(options.seed, "kmeans", layer),
                                 std=options.router_std, inputs=inputs)
         rows = make("kmeans", request).rows

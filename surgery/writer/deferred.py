@@ -7,6 +7,7 @@ that replace the plan's); ``HeldShard`` is a written shard whose hasher waits be
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,9 +42,8 @@ class HeldShard:
     def write(self, name: str, value, checker: FiniteCheck, handle=None, start_row: int | None = None) -> None:
         """Write deferred tensor `name`'s value in place (checked for NaN/Inf, cast to its dtype); with
         `start_row`, `value` is rows start_row... of it (a fill that computes a large tensor in row blocks)."""
-        import math
 
-        import torch
+        import torch  # lazy: only a plan with deferred tensors (fitted by running a model) gets here
 
         offset, tensor = self.offsets[name]
         checker.check_value(value, f"output tensor {name!r} ({tensor.recipe.describe()[:120]})")

@@ -185,7 +185,7 @@ def _import_torch_in_background(shards: list[Shard]) -> threading.Thread | None:
 
     def load():
         try:
-            import torch  # noqa: F401
+            import torch  # noqa: F401  # lazy: importing it, in this thread, is the point
         except BaseException:  # the main thread's own import reports any real problem
             pass
 

@@ -7,7 +7,10 @@ recipe allows (no torch), else with torch, checked, cast to the output dtype and
 
 from __future__ import annotations
 
+import math
 import os
+
+import numpy as np
 
 from surgery.errors import SurgeryError
 from surgery.io.dtypes import DTYPE_SIZES, torch_dtype
@@ -101,10 +104,6 @@ def _copy_checked(handle, recipe: Copy, checker: FiniteCheck, scratch: bytearray
 def _write_array(handle, tensor: OutputTensor, checker: FiniteCheck) -> None:
     """A tensor computed with numpy (recipe.numpy_ready): checked and written without torch, a block of rows at
     a time as the recipe yields them."""
-    import math
-
-    import numpy as np
-
     written, row_shape = 0, tuple(tensor.shape[1:])
     for block in tensor.recipe.array_blocks(tensor.dtype):
         block = np.ascontiguousarray(block)
@@ -132,7 +131,7 @@ def _write_tensor(handle, tensor: OutputTensor, checker: FiniteCheck) -> None:
 
 def _write_value(handle, tensor: OutputTensor, checker: FiniteCheck, value) -> None:
     """A computed value, checked for NaN/Inf, cast to the tensor's dtype and written."""
-    import torch
+    import torch  # lazy: copies and numpy-computed tensors are written without torch
 
     with checking_output(tensor, checker) as where:
         checker.check_value(value, where)

@@ -11,14 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from surgery.errors import SurgeryError
-from surgery.execution.routers import (
-    added_row,
-    centroid,
-    classifier,
-    data_free,
-    kmeans,
-    ridge,
-)
+from surgery.execution.routers import added_row, centroid, classifier, data_free, kmeans, ridge
 from surgery.execution.routers.request import Fitted, RouterRequest
 from surgery.plan.nodes import Recipe
 
