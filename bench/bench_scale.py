@@ -21,7 +21,6 @@ its upcycled output (~2.7x the largest size); checked before anything is generat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex

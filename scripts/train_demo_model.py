@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import random
-import sys
 import sysconfig
 import time
 from pathlib import Path
