@@ -8,7 +8,9 @@ How: each commit's code runs from its own checkout (`git worktree add --detach W
 --head revision; `--head WORKTREE`, the default, is the repository itself, uncommitted changes included). Every
 command is `sys.executable -m surgery ...` with cwd and PYTHONPATH the checkout (`-m` puts the cwd first on
 sys.path, ahead of the editable install), HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1, TOKENIZERS_PARALLELISM=false;
-`surgery.__file__` is checked to lie in the checkout once per side. Cases run base then head, one case at a time.
+`surgery.__file__` is checked to lie in the checkout once per side. Cases run base then head, one case at a time;
+with `--repeat N` each case runs N rounds of base-then-head (every round's bytes compared; the table shows the
+median wall time and the worst peak RSS of each side).
 
 Inputs, built once under WORKDIR/inputs from the base checkout and shared by both sides: the demo Llama
 (examples/demo-llama, copied; also the merge seed), a.txt / b.txt / c.txt (the thirds, by lines, of
@@ -22,9 +24,9 @@ A case fails when either side exits non-zero, the sets of shard files differ or 
 output files that differ (config.json, README.md, the index ...) are listed for information; surgery-manifest.json
 (version and hash list) is not compared. A differing shard is told apart: `tensors`, or `metadata KEYS only` (the
 safetensors header holds surgery_version, the inputs' absolute paths and the options: why the inputs are shared and
-why a version bump alone fails a case). Per run: exit code, wall time and peak RSS (os.wait4's ru_maxrss). The
+why a version bump alone fails a case). Per run: exit code, wall time and peak RSS (/usr/bin/time -v). The
 markdown table goes to stdout, progress to stderr; exit 1 on any difference. Every option of the suite exists at
-b4d22dc (checked against `--help`). About 3 minutes per side on 2 cores.
+b4d22dc (checked against `--help`). About 4 minutes per side and round on 2 cores.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -91,15 +95,19 @@ def side_env(checkout: Path) -> dict:
 
 
 def run(checkout: Path, args: list[str], log: Path) -> tuple[int, float, float]:
-    """(exit code, wall seconds, peak RSS MiB) of `python -m surgery ARGS` run with the checkout's code."""
+    """(exit code, wall seconds, peak RSS MiB) of `python -m surgery ARGS` run with the checkout's code.
+
+    The peak is /usr/bin/time's (as bench/common.timed): os.wait4 of a child forked from this process would
+    report at least this process's own RSS (the high-water mark survives exec), not the command's."""
+    usage = log.with_suffix(".time")
     with open(log, "w") as out:
         started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "surgery", *args], cwd=checkout, env=side_env(checkout),
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
+        code = subprocess.run(["/usr/bin/time", "-v", "-o", str(usage), sys.executable, "-m", "surgery", *args],
+                              cwd=checkout, env=side_env(checkout), stdin=subprocess.DEVNULL, stdout=out,
+                              stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, wall, usage.ru_maxrss / 1024
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", usage.read_text())
+    return code, wall, int(match.group(1)) / 1024 if match else float("nan")
 
 
 def check_import(checkout: Path) -> None:
@@ -208,35 +216,43 @@ def why(base: Path, head: Path) -> str:
     return f"{base.name}: metadata {', '.join(keys) or '(layout)'} only"
 
 
-def run_case(name: str, sides: dict[str, Path], paths: dict[str, str], work: Path, keep: bool) -> tuple[bool, list]:
-    measured, hashes, outs = {}, {}, {}
-    for side, checkout_dir in sides.items():
-        outs[side] = out = work / "out" / side / name
-        shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        args = [token.format(OUT=out, **paths) for token in CASES[name].split()]
-        log = work / "logs" / f"{side}-{name}.log"
-        measured[side] = run(checkout_dir, args, log)
-        hashes[side] = digests(out)
-        if measured[side][0]:
-            print(f"  {name} ({side}) exited {measured[side][0]}:\n{tail(log)}", file=sys.stderr)
-    (base_code, base_s, base_mib), (head_code, head_s, head_mib) = measured["base"], measured["head"]
-    shards, others = compare(hashes["base"], hashes["head"])
-    count = sum(n.endswith(".safetensors") for n in hashes["base"])
-    failed = base_code or head_code or shards or not count
-    if base_code or head_code:
-        verdict, others = f"NO (exit {base_code} / {head_code})", []
-    elif shards:
-        verdict = f"NO ({'; '.join(why(outs['base'] / n, outs['head'] / n) for n in shards)})"
-    else:
-        verdict = "NO (no shards)" if not count else "yes"
-    if not keep:
-        for out in outs.values():
+def run_case(name: str, sides: dict[str, Path], paths: dict[str, str], work: Path, keep: bool,
+             repeat: int = 1) -> tuple[bool, list]:
+    """Run one case on both sides ``repeat`` times, alternating base and head; every round's bytes are compared."""
+    walls, peaks = {side: [] for side in sides}, {side: [] for side in sides}
+    hashes, outs, codes = {}, {}, {}
+    verdict, others = "yes", []
+    for round_number in range(repeat):
+        for side, checkout_dir in sides.items():
+            outs[side] = out = work / "out" / side / name
             shutil.rmtree(out, ignore_errors=True)
-    row = [name, count, verdict, ", ".join(others) or "-", f"{base_s:.1f} / {head_s:.1f}",
-           f"{base_mib:.0f} / {head_mib:.0f}"]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            args = [token.format(OUT=out, **paths) for token in CASES[name].split()]
+            log = work / "logs" / f"{side}-{name}.log"
+            codes[side], wall, peak = run(checkout_dir, args, log)
+            walls[side].append(wall)
+            peaks[side].append(peak)
+            hashes[side] = digests(out)
+            if codes[side]:
+                print(f"  {name} ({side}) exited {codes[side]}:\n{tail(log)}", file=sys.stderr)
+        shards, others = compare(hashes["base"], hashes["head"])
+        count = sum(n.endswith(".safetensors") for n in hashes["base"])
+        if codes["base"] or codes["head"]:
+            verdict, others = f"NO (exit {codes['base']} / {codes['head']})", []
+        elif shards:
+            verdict = f"NO ({'; '.join(why(outs['base'] / n, outs['head'] / n) for n in shards)})"
+        elif not count:
+            verdict = "NO (no shards)"
+        if not keep or round_number < repeat - 1:
+            for out in outs.values():
+                shutil.rmtree(out, ignore_errors=True)
+        if verdict != "yes":
+            break
+    row = [name, count, verdict, ", ".join(others) or "-",
+           f"{statistics.median(walls['base']):.1f} / {statistics.median(walls['head']):.1f}",
+           f"{max(peaks['base']):.0f} / {max(peaks['head']):.0f}"]
     print(f"  {' | '.join(str(cell) for cell in row)}", file=sys.stderr, flush=True)
-    return not failed, row
+    return verdict == "yes", row
 
 
 def main() -> int:
@@ -246,6 +262,8 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/identical", help="worktrees, inputs, outputs and logs")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=list(CASES), help="run just these cases")
     parser.add_argument("--keep", action="store_true", help="keep the worktrees and every output")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run each case N times per side, alternating (median wall, worst peak RSS)")
     args = parser.parse_args()
     work = Path(args.workdir).resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -261,7 +279,7 @@ def main() -> int:
         paths = build_inputs(sides["base"], work / "inputs")
         rows, failures = [], 0
         for name in args.only or CASES:
-            ok, row = run_case(name, sides, paths, work, args.keep)
+            ok, row = run_case(name, sides, paths, work, args.keep, args.repeat)
             rows.append(row)
             failures += not ok
     finally:
@@ -272,10 +290,13 @@ def main() -> int:
                                    capture_output=True)
     head_label = "the working tree" if head_rev == "WORKTREE" else head_rev[:10]
     print(f"## Output bytes: base {base_rev[:10]} vs head {head_label}\n")
-    headers = ["case", "shards", "identical", "other files that differ", "base s / head s", "base MiB / head MiB"]
+    timing = "median " if args.repeat > 1 else ""
+    headers = ["case", "shards", "identical", "other files that differ", f"base s / head s ({timing}wall)",
+               f"base MiB / head MiB ({'worst ' if args.repeat > 1 else ''}peak RSS)"]
     print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
     print("\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows))
-    print(f"\n{len(rows)} cases in {time.perf_counter() - started:.0f} s; wall time and peak RSS of each child.")
+    print(f"\n{len(rows)} cases, {args.repeat} run(s) per side each, alternating base and head, in "
+          f"{time.perf_counter() - started:.0f} s; wall time and peak RSS of each child process.")
     print("ALL IDENTICAL" if not failures else f"DIFFERENCES: {failures} case(s)")
     return 1 if failures else 0
 
