@@ -64,6 +64,17 @@ def test_imports_are_at_the_top_except_lazy_ones_that_say_why():
     assert not found, "\n".join(found)
 
 
+@pytest.mark.parametrize("module, heavy", [("surgery.partition.sharing_inner", "sklearn"),
+                                           ("surgery.execution.routers.registry", "sklearn"),
+                                           ("surgery.execution.layer_pass", "transformers")])
+def test_heavy_libraries_load_only_where_used(module, heavy):
+    """What a module needs only on some paths (scikit-learn to cluster, transformers to build a model) is not
+    imported with it: a split that clusters nothing never pays for scikit-learn."""
+    code = f"import sys, {module}; assert {heavy!r} not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_every_package_says_what_it_holds():
     for path in PACKAGE.rglob("__init__.py"):
         assert ast.get_docstring(ast.parse(path.read_text())), path

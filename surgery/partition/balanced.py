@@ -12,7 +12,6 @@ centroids from scikit-learn's KMeans and alternates that assignment with centroi
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from surgery.partition.base import normalize_rows
 
@@ -157,6 +156,8 @@ def balanced_kmeans(points: np.ndarray, k: int, seed: int, capacities=None, max_
     Returns (labels, unit centroids, stats) where stats holds the within-cluster cosine spread
     (mean 1 - cos(point, its centroid)) of the balanced result and of unconstrained k-means.
     """
+    from sklearn.cluster import KMeans  # lazy: scikit-learn (~45 MiB) only for the strategies that cluster
+
     points = normalize_rows(np.asarray(points, dtype=np.float32))
     n = len(points)
     if capacities is None:
