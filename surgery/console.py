@@ -6,8 +6,6 @@ import contextlib
 import sys
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
 
 console = Console(stderr=True, highlight=False)  # messages, tables, progress
 stdout = Console(highlight=False, soft_wrap=True)  # machine-readable output (--json)
@@ -38,6 +36,8 @@ def progress(description: str, total: int, unit_bytes: bool = True):
     if not progress_enabled():
         yield lambda amount, text=None: None
         return
+    from rich.progress import (  # lazy: a run with no bar (a log, -q, --json) never loads rich.progress
+        BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn)
 
     columns = [TextColumn("{task.description}"), BarColumn()]
     columns += [DownloadColumn(), TransferSpeedColumn()] if unit_bytes else [MofNCompleteColumn()]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from surgery import console
 from surgery.units import format_bytes, format_count
 from surgery.writer.shards import assign_shards
 
 
 def print_plan(plan, max_shard_size: int, limit_rows: int | None = None) -> None:
+    from rich.table import Table  # lazy: only a dry run prints a plan; every writing command imports this module
+
     table = Table(title=f"{plan.operation} plan", show_lines=False, header_style="bold")
     for column in ("output tensor", "shape", "dtype", "recipe"):
         table.add_column(column, overflow="fold")
