@@ -111,11 +111,20 @@ class Grams(Step):
         return [Probe(module, "input", self.sums[module]) for module in self.modules[layer] if module not in shared] + [
             Probe(module, "input", _SameInput(self.sums[other], module, other)) for module, other in shared.items()]
 
-    def take(self, layer: int) -> dict:
-        """{module: Gram matrix} of the layer just run."""
+    def ran(self) -> None:
+        """The layer's run is over: the last batch's rows, kept for k and v's check, are let go (each model's would
+        otherwise stay until every model ran the layer)."""
         for gram in self.sums.values():
             gram.last = None
-        return {module: self.sums[self.shared[layer].get(module, module)].value for module in self.modules[layer]}
+
+    def after(self, layer: int, session, rerun) -> None:
+        self.ran()
+
+    def take(self, layer: int) -> dict:
+        """{module: Gram matrix} of the layer just run, handed over: the step keeps none (each model's are
+        [hidden, hidden] float64 per module, held only until the layer is merged)."""
+        sums, self.sums = self.sums, {}
+        return {module: sums[self.shared[layer].get(module, module)].value for module in self.modules[layer]}
 
 
 def member_batches(merge, calibration) -> list[tuple]:
@@ -252,6 +261,7 @@ class MergedInputs(Members, Step):
         for layer_pass, grams, indices in zip(self.passes, self.grams, self.indices):
             layer_pass.run_layer(layer, _Batches(hidden, indices), grams.probes(layer), outputs=False,
                                  stop_after=self.ends[layer])
+            grams.ran()
         self.merge_layer(layer)
 
     def finish(self, layer_pass: LayerPass, hidden) -> None:

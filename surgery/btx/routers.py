@@ -130,7 +130,7 @@ class RouterFitting(RouterInputs):
 
     def fit(self, layer: int, session) -> None:
         merge, fit, num_experts = self.merge, self.fit_result, len(self.merge.experts)
-        inputs, labels = self.inputs.by_domain(self.calibration)
+        inputs, labels = self.collected().by_domain(self.calibration)
         hidden = int(inputs.shape[1])
         routed, negatives, labels_all = inputs, None, labels
         if bool((labels >= num_experts).any()):  # shared expert's or negative text: apart from the experts' own

@@ -102,5 +102,11 @@ class RouterInputs(Step):
     def fit_probes(self, layer: int, session) -> list[Probe]:
         return self._collect()
 
+    def collected(self) -> Collect:
+        """The router inputs of the layer just seen, handed over: the step keeps none (they are tokens x hidden
+        float32, not to be held while the next layer is read)."""
+        inputs, self.inputs = self.inputs, None
+        return inputs
+
     def probes(self, layer: int, session) -> list[Probe]:
         return [] if self.stop_at else self._collect()

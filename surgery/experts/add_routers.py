@@ -37,7 +37,7 @@ class AddedRows(RouterInputs):
         self.routers, self.wins = {}, {}
 
     def fit(self, layer: int, session) -> None:
-        inputs, labels = self.inputs.by_domain(self.calibration)
+        inputs, labels = self.collected().by_domain(self.calibration)
         existing = self.existing[layer]
         fitted = make("added-row", RouterRequest(len(torch.unique(labels)), int(inputs.shape[1]), inputs=inputs,
                                                  targets=labels, existing=existing))

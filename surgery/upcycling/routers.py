@@ -31,7 +31,7 @@ class KMeansRouters(RouterInputs):
         self.routers, self.loads = {}, []
 
     def after(self, layer: int, session, rerun) -> None:
-        options, inputs = self.options, self.inputs.tensor()
+        options, inputs = self.options, self.collected().tensor()
         request = RouterRequest(options.copies, self.hidden, seed=sklearn_state(options.seed, "kmeans", layer),
                                 std=options.router_std, inputs=inputs)
         rows = make("kmeans", request).rows
