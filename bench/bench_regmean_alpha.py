@@ -3,7 +3,7 @@
     python bench/bench_regmean_alpha.py --world /tmp/btxworld [--alphas 0.5 0.7 0.9 0.95 1.0] [--non-ffn regmean++]
 
 Each row is the same `surgery merge --router-init calibrated --non-ffn regmean` (or `regmean++`) as bench_btx.py's row,
-in-process, with ``surgery.btx.regmean.ALPHA`` set; losses on bench_btx.py's held-out windows.
+in-process, with ``surgery.btx.card.ALPHA`` set (read by the merge and the text it writes); losses on bench_btx.py's held-out windows.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main():
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--non-ffn", default="regmean", choices=["regmean", "regmean++"])
     args = parser.parse_args()
-    import surgery.btx.regmean as regmean
+    from surgery.btx import card
 
     world = Path(args.world)
     evaluator = bench_btx.Evaluator(world, args.eval_tokens)
@@ -35,7 +35,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-regmean-"))
     try:
         for alpha in args.alphas:
-            regmean.ALPHA = alpha
+            card.ALPHA = alpha
             out = work / f"alpha-{alpha}"
             took = bench_btx.surgery_merge(world, out, init="calibrated", non_ffn=args.non_ffn)
             losses = evaluator.of_path(out)

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from test_merge import TEXTS, save_member
 from tiny_models import load_model, logits, sample_ids
 
-from surgery.btx.regmean import ALPHA, merged_weight
+from surgery.btx.card import ALPHA
+from surgery.btx.regmean import merged_weight
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_the_formula_solves_the_regularised_least_squares():
 def test_one_model_alone_comes_back_unchanged():
     weight = torch.randn(5, 3)
     gram = torch.randn(20, 3, dtype=torch.float64)
-    assert torch.allclose(merged_weight([gram.T @ gram], [weight]), weight, atol=1e-6)
+    assert torch.allclose(merged_weight([gram.T @ gram], [weight], ALPHA), weight, atol=1e-6)
 
 
 def test_merging_copies_of_one_model_reproduces_it(tmp_path, run_cli, models):
@@ -150,6 +151,22 @@ def test_norms_keep_the_mean_and_the_metadata_says_regmean(tmp_path, run_cli, mo
     metadata = next(iter(Checkpoint.open(tmp_path / "out").metadata.values()))
     assert json.loads(metadata["surgery_non_ffn"])["method"].startswith(f"regmean (alpha {ALPHA}, each model's own inputs)")
     load_model(tmp_path / "out")
+
+
+def test_the_alpha_merged_with_is_the_alpha_written(tmp_path, run_cli, models, monkeypatch):
+    from surgery.btx import card
+    from surgery.io.checkpoint import Checkpoint
+
+    assert run_cli("merge", tmp_path / "default", *merge_args(models))[0] == 0
+    monkeypatch.setattr(card, "ALPHA", 0.5)  # what bench/bench_regmean_alpha.py does
+    code, out, _ = run_cli("merge", tmp_path / "half", *merge_args(models), "--dry-run")
+    assert code == 0 and "alpha 0.5" in out and f"alpha {ALPHA}" not in out
+    assert run_cli("merge", tmp_path / "half", *merge_args(models))[0] == 0
+    metadata = next(iter(Checkpoint.open(tmp_path / "half").metadata.values()))
+    assert json.loads(metadata["surgery_non_ffn"])["method"].startswith("regmean (alpha 0.5,")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(load_file(tmp_path / "half" / "model.safetensors")[key],
+                              load_file(tmp_path / "default" / "model.safetensors")[key])
 
 
 def test_regmean_without_an_experts_text_is_refused(tmp_path, run_cli, models):

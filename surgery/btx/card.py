@@ -7,7 +7,7 @@ from surgery import families as arch
 from surgery.btx.members import Merge
 from surgery.btx.spec import REGMEAN, SEED_NAME
 
-ALPHA = 0.9  # RegMean: the off-diagonal scale of each Gram matrix (surgery.btx.regmean)
+ALPHA = 0.9  # RegMean: the off-diagonal scale of each Gram matrix; read at call time (bench_regmean_alpha sets it)
 
 
 def expert_provenance(merge: Merge) -> list[dict]:

@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass
 
 from surgery import families as arch
-from surgery.btx.card import ALPHA, expert_provenance, model_card, non_ffn_description
+from surgery.btx import card
+from surgery.btx.card import expert_provenance, model_card, non_ffn_description
 from surgery.btx.members import Merge
 from surgery.btx.spec import REGMEAN
 from surgery.errors import SurgeryError
@@ -42,7 +43,7 @@ def regmean_text(slot: RegMeanSlot, plus: bool, head_fit: bool) -> str:
     whose = "the merged model's" if plus else "each model's own"
     where = f"inputs of {slot.module}" if slot.module else "final-norm outputs"
     refit = ", then refitted to the experts' next-token distributions (--head-fit)" if head_fit else ""
-    return f"regmean{'++' if plus else ''} of {slot.source_name} ({whose} {where}, alpha {ALPHA}){refit}"
+    return f"regmean{'++' if plus else ''} of {slot.source_name} ({whose} {where}, alpha {card.ALPHA}){refit}"
 
 
 def regmean_module(family, config: dict, expected) -> str | None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from surgery import console
-from surgery.btx.card import ALPHA
+from surgery.btx import card
 from surgery.btx.head_fit import fit_merged_head
 from surgery.btx.plan import RegMeanSlot, projection_module
 from surgery.execution.calibration import CalibrationSet
@@ -69,7 +69,7 @@ class _SameInput:
             raise AssertionError(f"regmean: the input of {self.module} differs from that of {self.other}")
 
 
-def merge_blocks(grams: list, read_rows, rows: int, alpha: float = ALPHA):
+def merge_blocks(grams: list, read_rows, rows: int, alpha: float):
     """Yield (start, float32 rows start:start+n of W) with W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T and
     G~_i = alpha G_i + (1 - alpha) diag(G_i): one factorisation, then blocks of output rows, each read from
     every model (`read_rows(i, start, stop)`: rows start:stop of W_i), so a head of any vocabulary holds one
@@ -83,7 +83,7 @@ def merge_blocks(grams: list, read_rows, rows: int, alpha: float = ALPHA):
         yield start, torch.linalg.lu_solve(factor, pivots, target).T.to(torch.float32).contiguous()
 
 
-def merged_weight(grams: list, weights: list, alpha: float = ALPHA):
+def merged_weight(grams: list, weights: list, alpha: float):
     """The whole RegMean weight (``merge_blocks``) of weights given in memory; float32."""
     blocks = merge_blocks(grams, lambda i, start, stop: weights[i][start:stop], weights[0].shape[0], alpha)
     return torch.cat([block for _, block in blocks])
@@ -221,7 +221,7 @@ class Members:
         if shape != tuple(tensor.shape):
             raise AssertionError(f"regmean of {name}: stored {list(shape)}, output {list(tensor.shape)}")
         read = lambda i, start, stop: self.members[i].checkpoint.read_rows(name, range(start, stop))  # noqa: E731
-        for start, block in merge_blocks(scaled, read, shape[0], ALPHA):
+        for start, block in merge_blocks(scaled, read, shape[0], card.ALPHA):
             patch(tensor.name, block, start_row=start)
 
 
@@ -230,7 +230,7 @@ def fit_regmean(merge, plan, parts: list, settings, patch, spill_dir=None) -> No
     draft (`patch`) as soon as its layer has been seen by all of them."""
     members = Members(merge, plan, CalibrationSet.combine(parts), settings, patch, spill_dir)
     console.info(f"regmean: running {len(members.members)} models layer by layer on their own calibration text and "
-                 f"merging {len(members.tensors)} linear layers (alpha {ALPHA})")
+                 f"merging {len(members.tensors)} linear layers (alpha {card.ALPHA})")
     hidden = LayerPass.together([(layer_pass, [grams]) for layer_pass, grams in zip(members.passes, members.grams)],
                                 members.merge_layer, final_output=members.needs_head, description="regmean")
     members.merge_head(hidden)
@@ -249,7 +249,7 @@ class MergedInputs(Members, Step):
     def __init__(self, merge, plan, calibration, settings, patch, spill_dir=None):
         super().__init__(merge, plan, calibration, settings, patch, spill_dir)
         console.info(f"regmean++: each of {len(self.members)} models runs its layers on the merged model's hidden "
-                     f"states to merge {len(self.tensors)} linear layers (alpha {ALPHA})")
+                     f"states to merge {len(self.tensors)} linear layers (alpha {card.ALPHA})")
 
     @property
     def last_layer(self) -> int | None:
