@@ -163,7 +163,6 @@ class _Buffers:
     mapping of memory, faulted in page by page (the runner keeps large blocks out of the heap)."""
 
     def __init__(self, head, tokens: int):
-
         vocab = int(head.shape[0])
         self.rows = max(1, min(tokens, CHUNK_ELEMENTS // vocab))
         self.merged, self.expert, self.scratch = (torch.empty(self.rows, vocab, device=head.device) for _ in range(3))

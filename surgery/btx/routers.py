@@ -199,7 +199,6 @@ def gate_text(fit: RouterFit) -> str:
 
 
 def print_routing(fit: RouterFit, domain_names: list[str], expert_names: list[str]) -> None:
-
     table = Table(title="routing: mean weight per expert on each domain's tokens", header_style="bold")
     table.add_column("layer", justify="right")
     table.add_column("domain")

@@ -44,7 +44,6 @@ class _Sums:
         self.norm = 0.0
 
     def add(self, value, reference) -> None:
-
         value, reference = value.float(), reference.float()
         self.delta += float(torch.sum((value - reference).square(), dtype=torch.float64))
         self.norm += float(torch.sum(reference.square(), dtype=torch.float64))

@@ -118,7 +118,6 @@ def streamed(model_path, references, batches, settings) -> dict:
 
 
 def _load(path, placement, label: str):
-
     console.info(f"loading {label} {path} ({placement.device}{', device_map=auto' if placement.device_map else ''}, "
                  f"{placement.dtype_name})")
     model = load_model(path, device=placement.device, dtype=placement.dtype, device_map=placement.device_map)

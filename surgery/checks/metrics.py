@@ -23,7 +23,6 @@ class LossSums:
         self.predicted = 0
 
     def add(self, logits, batch) -> None:
-
         mask = batch.attention_mask.to(logits.device).bool()
         valid = mask & mask.roll(-1, dims=1)
         valid[:, -1] = False
@@ -54,7 +53,6 @@ class CompareSums:
         self.scale = 0.0
 
     def add(self, model_logits, reference_logits, batch, batch_index: int, row_offset: int = 0) -> None:
-
         if model_logits.shape != reference_logits.shape:
             raise SurgeryError(f"logits shapes differ: MODEL {list(model_logits.shape)}, reference {list(reference_logits.shape)}")
         real = batch.attention_mask.to(model_logits.device).bool()

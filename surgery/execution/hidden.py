@@ -112,7 +112,6 @@ class HiddenStore:
         return offset + start * row_bytes, (stop - start) * row_bytes, (stop - start, *shape[1:]), kept
 
     def _write_at(self, offset: int, value) -> None:
-
         data = value.view(torch.uint8).reshape(-1).numpy()
         written = 0
         while written < data.nbytes:  # WRITE_CHUNK at a time (surgery.io.write_all says why)

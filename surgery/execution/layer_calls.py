@@ -45,7 +45,6 @@ def shared(calls: list, earlier: list) -> list:
 
 
 def _tensors(args, kwargs):
-
     for value in list(args) + list(kwargs.values()):
         items = value if isinstance(value, tuple) else (value,)
         for item in items:

@@ -96,7 +96,6 @@ class LayerSession:
             self._apply(name)
 
     def _apply(self, name: str) -> None:
-
         with torch.no_grad():
             parameter = self._module.get_parameter(name)
             parameter.copy_(self._overrides[name].to(device=parameter.device, dtype=parameter.dtype))

@@ -52,7 +52,6 @@ class ImportanceSums:
     """Σ over each cluster's tokens of |h * dL/dh|; `labels[batch]` gives each real token's cluster (-1: none)."""
 
     def __init__(self, ffn: int, clusters: int, labels: list):
-
         self.sums = torch.zeros(clusters, ffn, dtype=torch.float64)
         self.labels = labels
 
@@ -70,7 +69,6 @@ class ExpertMass:
     """Per token: each expert's mass sum |h_i| over its neurons (`members`: [ffn, experts] 0/1 matrix)."""
 
     def __init__(self, members):
-
         self.members = torch.as_tensor(members, dtype=torch.float32)
         self.parts = []
 
@@ -78,7 +76,6 @@ class ExpertMass:
         self.parts.append(rows.float().abs().cpu() @ self.members)
 
     def tensor(self):
-
         return torch.cat(self.parts)
 
 

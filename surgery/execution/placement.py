@@ -29,7 +29,6 @@ class Placement:
 
     @property
     def element_size(self) -> int:
-
         return torch.empty((), dtype=self.dtype).element_size()
 
     @classmethod

@@ -125,7 +125,6 @@ class LayerRunner:
     @property
     def skeleton(self):
         if self._skeleton is None:
-
             self._skeleton = Skeleton(self.weights.config, self.weights.family, self.placement.device,
                                       self.placement.dtype, self.weights.label)
         return self._skeleton
@@ -242,6 +241,5 @@ def _release(device: str) -> None:
     """Return a dropped layer's memory: tensors are freed by reference counting, but the CUDA cache keeps its
     blocks, and glibc the free pages inside its heap (``process_memory.trim_heap``)."""
     if device.startswith("cuda"):
-
         torch.cuda.empty_cache()
     trim_heap()

@@ -59,7 +59,6 @@ class ModelWeights:
     # ---------------------------------------------------------------- sources
     @classmethod
     def from_checkpoint(cls, checkpoint) -> "ModelWeights":
-
         where = checkpoint.directory / "config.json"
         if checkpoint.config is None:
             raise SurgeryError(f"{where}: no such file (running a model needs its config)")
@@ -151,11 +150,9 @@ class ModelWeights:
         return out
 
     def _stored_dtype(self, name: str):
-
         return torch_dtype(self.dtypes[name])
 
     def _assemble(self, tensor: MemoryTensor, dtype, device):
-
         if len(tensor.pieces) == 1 and tensor.pieces[0].index == ():
             value = self._value(tensor.pieces[0].name, tensor.shape)
             return value.to(device=device, dtype=dtype)

@@ -39,7 +39,6 @@ def read_token_ids(path) -> list[list[int]]:
     """Pre-tokenised ids: .npy / .pt (1-D or 2-D integer arrays) or .jsonl (one list of ids per line)."""
     path = Path(path)
     if path.suffix == ".npy":
-
         try:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:

@@ -37,7 +37,6 @@ class OutputOptions:
     layout: str = "per-expert"  # experts of an MoE output: per-expert, fused, or keep (the plan's own)
 
     def check(self) -> None:
-
         parse_size(self.max_shard_size)
         if self.verify_tokens < 2:
             raise SurgeryError(f"--verify-tokens {self.verify_tokens}: must be at least 2")
@@ -95,7 +94,6 @@ def output_options(func=None, *, verify: bool = True, layout: str = "per-expert"
 
 
 def _fused_only() -> str:
-
     return ", ".join(name for name, family in FAMILIES.items() if family.stored_layouts == ("fused",)) or "no formats"
 
 
@@ -115,7 +113,6 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
         if output.as_json:
             console.stdout.print_json(json.dumps(plan.to_json()))
         else:
-
             print_plan(plan, limit)
         return result
 
@@ -141,7 +138,6 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     for message in plan.notes:
         console.note(message)
     if output.verify and check is not None:
-
         from surgery.checks.post_write import verify_written  # lazy: --verify runs models, imports torch
 
         result.verification = verify_written(out, check.sources, exact=check.exact, settings=check.settings,

@@ -100,7 +100,6 @@ class LayerInputs:
         return generator(self.seed, purpose, self.layer)
 
     def stream_seed(self, purpose: str) -> int:
-
         return derive(self.seed, purpose, self.layer)
 
 

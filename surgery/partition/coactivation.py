@@ -40,7 +40,6 @@ def spectral_embedding(counts: np.ndarray, dimensions: int) -> np.ndarray:
         _, vectors = np.linalg.eigh(normalized)
         vectors = vectors[:, -dimensions:]
     else:
-
         _, vectors = eigsh(normalized, k=dimensions, which="LA", v0=np.ones(len(counts)))
     vectors = vectors * np.sign(vectors.sum(axis=0) + 1e-30)  # fix each eigenvector's sign
     return vectors

@@ -8,7 +8,6 @@ from surgery.plan.moe import inert_shared_note
 
 
 def plan_notes(partitions, layout, target, options, scale, ffn, summary, hits) -> list[str]:
-
     n, k = options.num_experts, options.top_k
     notes = []
     sizes = sorted({len(e) for p in partitions.values() for e in p.experts})
