@@ -384,6 +384,24 @@ def test_a_memory_budget_smaller_than_one_layer_is_refused_before_any_output(mod
     assert "--memory-budget 1KB is too small to run one layer of" in line and "in float32" in line
 
 
+@pytest.mark.parametrize("run", ["upcycle calibrated", "merge regmean", "merge regmean++ calibrated"])
+def test_a_refused_memory_budget_announces_no_run(models, tmp_path, run_cli, capsys, run):
+    """The memory plan comes before the line that says a model is running: a refused run says nothing else."""
+    ids, source, other = calibration_of(tmp_path, random_rows(0, 4, 20)), models("llama"), save_model(
+        tmp_path / "b", "llama", seed=4)
+    capsys.readouterr()  # the models' own saving
+    out = tmp_path / "out"
+    experts = ["--expert", f"a={source}", "--expert", f"b={other}", "--calibration", f"a={ids}", "--calibration",
+               f"b={ids}"]
+    args = {"upcycle calibrated": ["upcycle", source, out, "-n", 4, "-k", 2, "--router-init", "calibrated",
+                                   "--calibration", ids],
+            "merge regmean": ["merge", out, *experts, "--non-ffn", "regmean", "--router-init", "zero"],
+            "merge regmean++ calibrated": ["merge", out, *experts]}[run]
+    code, _, err = run_cli(*args, "--memory-budget", "1KB")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("surgery: error: --memory-budget 1KB is too small"), err
+
+
 def test_a_memory_budget_that_is_not_a_size_is_refused(models, tmp_path, run_cli):
     line = bad_run(run_cli, tmp_path, "split", models("llama"), "--strategy", "random", "--memory-budget", "lots")
     assert "--memory-budget 'lots': expected auto or a size such as 4GiB, 800MB" in line

@@ -229,10 +229,11 @@ def fit_regmean(merge, plan, parts: list, settings, patch, spill_dir=None) -> No
     """Run every averaged model layer by layer on its text and write each RegMean tensor of the plan into the
     draft (`patch`) as soon as its layer has been seen by all of them."""
     members = Members(merge, plan, CalibrationSet.combine(parts), settings, patch, spill_dir)
-    console.info(f"regmean: running {len(members.members)} models layer by layer on their own calibration text and "
-                 f"merging {len(members.tensors)} linear layers (alpha {card.ALPHA})")
     hidden = LayerPass.together([(layer_pass, [grams]) for layer_pass, grams in zip(members.passes, members.grams)],
-                                members.merge_layer, final_output=members.needs_head, description="regmean")
+                                members.merge_layer, final_output=members.needs_head, description="regmean",
+                                announce=f"regmean: running {len(members.members)} models layer by layer on their "
+                                         f"own calibration text and merging {len(members.tensors)} linear layers "
+                                         f"(alpha {card.ALPHA})")
     members.merge_head(hidden)
     for store in hidden:
         if store is not None:
@@ -248,6 +249,8 @@ class MergedInputs(Members, Step):
 
     def __init__(self, merge, plan, calibration, settings, patch, spill_dir=None):
         super().__init__(merge, plan, calibration, settings, patch, spill_dir)
+        for layer_pass in self.passes:
+            layer_pass.runner()  # each model's memory plan: a budget too small is refused before the run is announced
         console.info(f"regmean++: each of {len(self.members)} models runs its layers on the merged model's hidden "
                      f"states to merge {len(self.tensors)} linear layers (alpha {card.ALPHA})")
 

@@ -153,7 +153,8 @@ class RouterFitting(RouterInputs):
             fit.gate_means[layer] = (float(values[opens == 1].mean()), float(values[opens == 0].mean()))
 
 
-def fit_calibrated(merge: Merge, weights, parts: list, settings, spill_dir=None, merged_inputs=None) -> RouterFit:
+def fit_calibrated(merge: Merge, weights, parts: list, settings, spill_dir=None, merged_inputs=None,
+                   announce: str | None = None) -> RouterFit:
     """Every router of the merged model, fitted in layer order while the model runs layer by layer.
 
     `weights`: the merged model (the written draft, its routers still zero). At layer l every
@@ -161,14 +162,14 @@ def fit_calibrated(merge: Merge, weights, parts: list, settings, spill_dir=None,
     (each domain's tokens to its expert) and set in the layer; then the layer runs for real, with the
     fitted router, and its output feeds layer l + 1. `merged_inputs` (``regmean.MergedInputs``, RegMean++), a
     step of the same pass: merges each layer's shared linear layers into the draft before that layer is read,
-    and the head after the last.
+    and the head after the last. `announce`: the line said when the pass can run (``LayerPass.forward``).
     """
     calibration = CalibrationSet.combine(parts)
     layer_pass = LayerPass.for_settings(weights, calibration.batches, settings, spill_dir)
     fit = RouterFit(tokens={domain.name: part.tokens for domain, (_, part) in zip(merge.domains(), parts)})
     steps = [RouterFitting(merge, calibration, fit)] + ([merged_inputs] if merged_inputs is not None else [])
     head = merged_inputs is not None and merged_inputs.needs_head
-    final = layer_pass.forward(steps, final_output=head, description="fitting routers")
+    final = layer_pass.forward(steps, final_output=head, description="fitting routers", announce=announce)
     if final is not None:
         final.close()
     return fit

@@ -96,14 +96,14 @@ def _run_calibrated(merge: Merge, plan: Plan, out: Path, output: OutputOptions, 
             fit_regmean(merge, plan, parts, check.settings, patch, spill_dir=out.resolve().parent)
         if not routers and not plus:
             return Filled({})
-        console.info(f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
-                     f"({', '.join(names.values())}) and fitting {len(routers)} routers"
-                     + (" and shared-expert gates" if merge.shared_gate == "fitted" else ""))
+        announce = (f"calibrated routers: running the merged model layer by layer on {len(names)} domains "
+                    f"({', '.join(names.values())}) and fitting {len(routers)} routers"
+                    + (" and shared-expert gates" if merge.shared_gate == "fitted" else ""))
         with Checkpoint.open(draft) as checkpoint:
             merged_inputs = MergedInputs(merge, plan, CalibrationSet.combine(parts), check.settings, patch,
                                          out.resolve().parent) if plus else None
             fit = fit_calibrated(merge, ModelWeights.from_checkpoint(checkpoint), parts, check.settings,
-                                 spill_dir=out.resolve().parent, merged_inputs=merged_inputs)
+                                 spill_dir=out.resolve().parent, merged_inputs=merged_inputs, announce=announce)
         domain_names = [names[e] for e in sorted(names)]
         expert_names = [m.name for m in merge.experts]
         print_routing(fit, domain_names, expert_names)

@@ -68,13 +68,16 @@ class LayerPass:
 
     # ---------------------------------------------------------------- the pass
     def forward(self, steps=(), *, final_output: bool = True, keep_inputs: bool = False,
-                description: str | None = "running layers"):
+                description: str | None = "running layers", announce: str | None = None):
         """Every batch through layers 0..last, with `steps` at each layer (see ``Step``): the last layer is the
         model's when `final_output` (the head will read it) or a step needs every layer, else the last any step
         works at. Returns the last layer's output (None when not needed), and with `keep_inputs` also the input
-        of every layer run: (output, [inputs])."""
+        of every layer run: (output, [inputs]). `announce`: the line said once the run's memory plan holds (a
+        budget too small is refused before a run is announced)."""
         steps = list(steps)
         runner = self.runner(keep_layer_inputs=keep_inputs, reuse_attention=any(s.stop_at for s in steps))
+        if announce:
+            console.info(announce)
         ends = [step.last_layer for step in steps]
         last = self.num_layers - 1 if final_output or None in ends else max(ends, default=-1)
         hidden, kept = runner.embed(), []
@@ -130,11 +133,15 @@ class LayerPass:
 
     @staticmethod
     def together(runs: list, after_layer: Callable[[int], None] | None = None, *, final_output: bool = False,
-                 description: str | None = None) -> list:
+                 description: str | None = None, announce: str | None = None) -> list:
         """Several models in lockstep, layer by layer: `runs` is [(pass, steps)], each model over its own
         batches; after every model ran layer l, ``after_layer(l)`` (a merge of what each one collected there).
-        Returns each model's last output (None where not needed)."""
-        hidden = [layer_pass.runner().embed() for layer_pass, _ in runs]
+        Returns each model's last output (None where not needed). `announce`: as for ``forward``, said once
+        every model's memory plan holds."""
+        runners = [layer_pass.runner() for layer_pass, _ in runs]
+        if announce:
+            console.info(announce)
+        hidden = [runner.embed() for runner in runners]
         count = max(layer_pass.num_layers for layer_pass, _ in runs)
         with _progress(description, count) as advance:
             for layer in range(count):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from surgery import console
 from surgery.execution.calibration import CalibrationSet
 from surgery.execution.layer_pass import LayerPass
 from surgery.execution.routers.registry import make
@@ -46,10 +45,11 @@ def calibrated_routers(source, family, options, layers: list[int], hidden_size: 
     calibration = CalibrationSet.load(options.calibration, source.directory, source.config, options.calibration_tokens)
     layer_pass = LayerPass.for_settings(ModelWeights.from_checkpoint(source), calibration.batches, options.run,
                                         spill_dir)
-    console.info(f"calibrating routers: running {source.directory.name} on {calibration.source} "
-                 f"({calibration.tokens} tokens, {layer_pass.placement.device}, {layer_pass.placement.dtype_name})")
     step = KMeansRouters(family, layers, options, hidden_size)
-    layer_pass.forward([step], final_output=False, description="calibrating routers")
+    layer_pass.forward([step], final_output=False, description="calibrating routers",
+                       announce=f"calibrating routers: running {source.directory.name} on {calibration.source} "
+                                f"({calibration.tokens} tokens, {layer_pass.placement.device}, "
+                                f"{layer_pass.placement.dtype_name})")
     share = torch.stack(step.loads)
     note = (f"calibrated routers on {calibration.tokens} tokens: share of top-{options.top_k} slots per expert "
             f"ranges {float(share.min()):.1%}-{float(share.max()):.1%} over {len(layers)} MoE layer(s) "
