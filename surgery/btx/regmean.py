@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 
-from surgery import console
 from surgery.btx import card
 from surgery.btx.head_fit import fit_merged_head
 from surgery.btx.plan import RegMeanSlot, projection_module
@@ -251,8 +250,8 @@ class MergedInputs(Members, Step):
         super().__init__(merge, plan, calibration, settings, patch, spill_dir)
         for layer_pass in self.passes:
             layer_pass.runner()  # each model's memory plan: a budget too small is refused before the run is announced
-        console.info(f"regmean++: each of {len(self.members)} models runs its layers on the merged model's hidden "
-                     f"states to merge {len(self.tensors)} linear layers (alpha {card.ALPHA})")
+        self.announcement = (f"regmean++: each of {len(self.members)} models runs its layers on the merged model's "
+                             f"hidden states to merge {len(self.tensors)} linear layers (alpha {card.ALPHA})")
 
     @property
     def last_layer(self) -> int | None:

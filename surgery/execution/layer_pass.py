@@ -72,12 +72,13 @@ class LayerPass:
         """Every batch through layers 0..last, with `steps` at each layer (see ``Step``): the last layer is the
         model's when `final_output` (the head will read it) or a step needs every layer, else the last any step
         works at. Returns the last layer's output (None when not needed), and with `keep_inputs` also the input
-        of every layer run: (output, [inputs]). `announce`: the line said once the run's memory plan holds (a
-        budget too small is refused before a run is announced)."""
+        of every layer run: (output, [inputs]). `announce`, then each step's ``announcement``: said once the run's
+        memory plan holds (a budget too small is refused before a run is announced)."""
         steps = list(steps)
         runner = self.runner(keep_layer_inputs=keep_inputs, reuse_attention=any(s.stop_at for s in steps))
-        if announce:
-            console.info(announce)
+        for line in (announce, *(step.announcement for step in steps)):
+            if line:
+                console.info(line)
         ends = [step.last_layer for step in steps]
         last = self.num_layers - 1 if final_output or None in ends else max(ends, default=-1)
         hidden, kept = runner.embed(), []

@@ -19,6 +19,7 @@ class Step:
 
     stop_at: str | None = None  # module whose input `fit_probes` see on a pass that stops there, before `fit`
     last_layer: int | None = None  # the last layer the step works at (None: every layer, the head too)
+    announcement: str | None = None  # what the step says when the pass starts (once its memory plan holds)
 
     def wants(self, layer: int) -> bool:
         """Whether the step works at `layer` (its hooks are called only there)."""
