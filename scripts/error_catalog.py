@@ -36,9 +36,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -115,7 +115,7 @@ class Case:
     group: str
     kind: str
     command: str
-    run: Callable[[Path, "Fixtures"], tuple[int, str, str]]  # (case directory, fixtures) -> result
+    run: Callable[[Path, Fixtures], tuple[int, str, str]]  # (case directory, fixtures) -> result
     fragment: str | None = None  # what the tests expect in the message
     # error: exit 2 and one 'surgery: error: ...' line; warning: exit 0 and a warning line; success: exit 0
     expect: str = "error"
@@ -190,6 +190,7 @@ class Fixtures:
             "good": lambda d: save_model(d, "llama", seed=1),
             "mixtral": lambda d: save_model(d, "mixtral"),
             "qwen2_moe": lambda d: save_model(d, "qwen2_moe"),
+            "qwen3": lambda d: save_model(d, "qwen3"),
             "llama-bias": lambda d: save_model(d, "llama", attention_bias=True),
             # layer 1 of 2 slides (tests/test_sliding_window.py)
             "qwen3-sliding": lambda d: save_model(d, "qwen3", use_sliding_window=True, sliding_window=4,
@@ -563,8 +564,9 @@ def argument_cases() -> list[Case]:
         (A, "--shared-gate without a shared expert", "extract", extract("--expert", 0, "--shared-gate", "drop"),
          "the source has no shared expert"),
         (A, "no --expert", "add-experts", add_experts(), "give at least one --expert NAME=DENSE"),
-        (A, "a dense model of another family", "add-experts", add_experts(dense="single"),
-         "architecture is LlamaForCausalLM in x, but a MixtralForCausalLM takes experts from MistralForCausalLM models"),
+        (A, "a dense model of another family", "add-experts", add_experts(dense="qwen3"),
+         "architecture is Qwen3ForCausalLM in x, but a MixtralForCausalLM takes experts from LlamaForCausalLM or "
+         "MistralForCausalLM or Phi3ForCausalLM models"),
         (M, "different tensor shape", "merge", odd_member(edit=shorten_up_proj, names=("a",)),
          "'model.layers.0.mlp.up_proj.weight' has shape [40, 32]"),
         (M, "different intermediate_size", "merge", odd_member({"intermediate_size": 40}, router_zero=True),

@@ -60,7 +60,8 @@ class AddExpertsOptions(RunOptions):
 @click.argument("moe", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--expert", multiple=True, metavar="NAME=DENSE",
-              help="A dense model (the MoE's dense family and shapes) whose FFN becomes a new expert; repeatable.")
+              help="A dense model (of a family that converts into the MoE's, with its shapes) whose FFN becomes a "
+                   "new expert; repeatable.")
 @calibration_options(AddExpertsOptions, multiple=True, metavar="NAME=FILE", tokens="Calibration tokens per new expert.",
                      calibration="Text or token ids (.npy/.pt/.jsonl) of expert NAME's domain; its router row is "
                                  "fitted on it.")

@@ -15,7 +15,7 @@ from surgery import families as arch
 from surgery.errors import SurgeryError, check_choice
 from surgery.execution.settings import RunOptions
 from surgery.experts import scores
-from surgery.experts.prune_plan import build_plan, choose, kept_count, output_top_k
+from surgery.experts.prune_plan import build_plan, choose, group_rule, groups_of, kept_count, output_top_k
 from surgery.experts.scores import CALIBRATED, CRITERIA
 from surgery.io.checkpoint import Checkpoint
 from surgery.operations.options import calibration_options, run_options
@@ -87,6 +87,8 @@ def run(moe, out, options: PruneOptions, output: OutputOptions = OutputOptions(l
         keep = kept_count(options, dims["experts"])
         notes: list[str] = []
         top_k = output_top_k(options, dims["top_k"], keep, notes)
+        if keep < dims["experts"]:
+            keep = group_rule(family, source.config, dims["experts"], keep, top_k, options, notes)
         calibrated = None
         if options.scores is not None:
             calibrated = scores.load(options.scores, family, source.config)
@@ -109,7 +111,7 @@ def run(moe, out, options: PruneOptions, output: OutputOptions = OutputOptions(l
         if calibrated is not None and options.criterion != "random":
             notes.append(f"{options.criterion} scores from {calibrated['calibration']} ({calibrated['tokens']} tokens)"
                          + (f", saved by an earlier run in {options.scores}" if options.scores else ""))
-        kept = choose(ranked, keep)
+        kept = choose(ranked, keep, groups_of(family, source.config)[0])
         details = {"criterion": options.criterion, "experts": dims["experts"], "kept": keep, "top_k": top_k,
                    "seed": options.seed if options.criterion == "random" else None,
                    "calibration": calibrated["calibration"] if calibrated and options.criterion != "random" else None,

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import load_model, save_model, tensors
+from tiny_models import load_model, logits, sample_ids, save_model, tensors
 
 from surgery import families as arch
 from surgery.cli import main
@@ -153,12 +153,46 @@ def test_two_experts_are_appended_in_order(moe, dense_of, tmp_path, run_cli):
     load_model(out)
 
 
+def dense_ffn(directory, role, layer):
+    """A dense checkpoint's FFN tensor of `role`, a role stored fused (Phi-3's gate_up_proj) as its rows."""
+    config = config_of(directory)
+    family = arch.detect_family(config)
+    name = family.spec("ffn", role).name(layer)
+    stored, start, stop = arch.source_views(family, config).get(name, (name, None, None))
+    return tensors(directory)[stored][start:stop]
+
+
+@pytest.mark.parametrize("dense_family", ["llama", "phi3"])  # Mixtral's dense family is Mistral; both convert into it
+def test_takes_experts_from_every_dense_family_that_converts_into_it(dense_family, tmp_path, run_cli, token_file):
+    """A Mixtral upcycled from a dense model takes that model as a new expert. Every expert is then a copy of one FFN
+    and Mixtral renormalises its top-k weights, so the output is the dense model's whatever the routing: logits
+    within 1e-5 in float32 (the weighted sum of equal outputs, weights summing to 1, rounds)."""
+    assert (dense_family, "mixtral") in arch.CONVERSIONS
+    dense = save_model(tmp_path / dense_family, dense_family, intermediate_size=20)
+    source = tmp_path / "upcycled"
+    code, _, err = run_cli("upcycle", dense, source, "--num-experts", 2, "--top-k", 2)
+    assert code == 0, err
+    out = tmp_path / "added"
+    code, _, err = run_cli("add-experts", source, out, "--expert", f"x={dense}", "--calibration", f"x={token_file}")
+    assert code == 0, err
+    assert arch.detect_family(config_of(out)).name == "mixtral"
+    after, _ = experts_of(out)
+    for layer in range(2):
+        for role in ("gate", "up", "down"):
+            assert torch.equal(after[(role, layer, 2)], dense_ffn(dense, role, layer)), (role, layer)
+    ids = sample_ids()
+    assert torch.allclose(logits(load_model(out), ids), logits(load_model(dense), ids), rtol=0, atol=1e-5)
+
+
 def test_refuses_a_dense_model_of_another_family(moe, tmp_path, run_cli, token_file):
-    source = moe("mixtral")
     other = save_model(tmp_path / "qwen3", "qwen3")
+    source = moe("mixtral")  # after save_model: its progress output is not in err
     code, _, err = run_cli("add-experts", source, tmp_path / "out", "--expert", f"x={other}",
                            "--calibration", f"x={token_file}")
-    assert code != 0 and "Qwen3ForCausalLM" in err and "MistralForCausalLM" in err
+    accepted = " or ".join(arch.FAMILIES[name].architecture for name, target in arch.CONVERSIONS if target == "mixtral")
+    assert code == 2 and err.count("\n") == 1 and "Qwen3ForCausalLM" in err
+    assert f"takes experts from {accepted} models" in err and "LlamaForCausalLM" in accepted
+    assert not (tmp_path / "out").exists()
 
 
 def test_refuses_a_dense_model_of_other_shapes(moe, tmp_path, run_cli, token_file):

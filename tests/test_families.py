@@ -2,7 +2,6 @@
 
 import ast
 import importlib
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,9 @@ def test_expected_tensors_match_what_transformers_saves(tmp_path, family):
     assert found.name == family
     layout = arch.detect_expert_layout(found, checkpoint.tensors)
     expected = arch.expected_tensors(found, checkpoint.config, layout)
-    assert {name: e.shape for name, e in expected.items()} == {n: i.shape for n, i in checkpoint.tensors.items()}
+    mtp = set(arch.mtp_tensors(found, checkpoint.config, checkpoint.tensors))  # hub MTP layers, outside the model
+    assert {name: e.shape for name, e in expected.items()} == {
+        n: i.shape for n, i in checkpoint.tensors.items() if n not in mtp}
 
 
 @pytest.mark.parametrize("family,key", [("llama", "attention_bias"), ("qwen3", "attention_bias")])
@@ -106,7 +107,7 @@ def test_mixtral_refuses_dense_layers():
 
 # ------------------------------------------------------------------- the registry
 PACKAGE = Path(arch.__file__).parent
-MACHINERY = {"__init__", "base", "registry", "convert", "sliding"}
+MACHINERY = {"__init__", "base", "registry", "convert", "sliding", "moe_layers"}
 
 
 def _family_module_names() -> set[str]:
@@ -132,7 +133,9 @@ def test_registry_order_is_dense_then_moe_and_the_tables_come_from_the_families(
     families = list(arch.FAMILIES.values())
     assert families == sorted(families, key=lambda f: (f.kind != "dense", f.name))
     moe = tuple(f.name for f in families if f.kind == "moe")
-    assert arch.moe_formats() == moe == tuple(arch.TARGET_SETTINGS)
+    assert tuple(arch.TARGET_SETTINGS) == moe
+    built = {target for f in families for target in f.conversions}  # the formats a dense model becomes
+    assert arch.moe_formats() == tuple(name for name in moe if name in built)
     for family in families:
         if family.kind == "dense":
             assert family.conversions and family.default_target in family.conversions, family.name
@@ -142,7 +145,7 @@ def test_registry_order_is_dense_then_moe_and_the_tables_come_from_the_families(
         else:
             assert family.kind == "moe" and not family.conversions and family.default_target is None, family.name
             assert {"experts", "top_k", "expert_ffn"} <= set(family.moe_keys), family.name
-            assert family.sparse_layers in ("all", "qwen"), family.name
+            assert callable(family.sparse_layers), family.name
     assert set(arch.CONVERSIONS) == {(f.name, t) for f in families for t in f.conversions}
     assert arch.DEFAULT_TARGET == {f.name: f.default_target for f in families if f.kind == "dense"}
 

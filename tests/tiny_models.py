@@ -7,6 +7,7 @@ that code paths which assume friendly sizes are exercised.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -40,7 +41,34 @@ CONFIGS = {
                                                                num_experts=4, num_experts_per_tok=2, head_dim=8)),
     "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(intermediate_size=20, num_experts=4,
                                                                 num_experts_per_tok=2, pad_token_id=0)),
+    # the MoE families users prune (read, pruned, copied; never built from a dense model)
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        intermediate_size=44, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+        topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8,
+        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, num_nextn_predict_layers=1,
+        num_key_value_heads=4)),  # MLA: one key per head (transformers' attention needs it)
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        intermediate_size=44, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, topk_method="group_limited_greedy", n_shared_experts=1, first_k_dense_replace=1,
+        q_lora_rank=None, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+        num_key_value_heads=4)),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        intermediate_size=44, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+        topk_group=1, n_shared_experts=1, first_k_dense_replace=1, head_dim=8, attention_bias=True,
+        use_qk_norm=True, partial_rotary_factor=0.5, num_nextn_predict_layers=1)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(intermediate_size=12, num_local_experts=4,
+                                                          num_experts_per_tok=2, head_dim=8, sliding_window=4)),
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(intermediate_size=12, num_local_experts=4,
+                                                                   num_experts_per_tok=2, head_dim=8)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        intermediate_size=44, moe_intermediate_size=12, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
+        moe_layer_start_index=1, moe_layer_interval=1, use_bias=True)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=12, num_experts=4, num_experts_per_tok=2)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=12, num_local_experts=4,
+                                                        num_experts_per_tok=2, attention_bias=True, lm_head_bias=True)),
 }
+# the families never built from a dense model: read, pruned, copied and extracted only
+HUB_MOES = ("deepseek_v3", "deepseek_v2", "glm4_moe", "gpt_oss", "minimax_m2", "ernie4_5_moe", "olmoe", "phimoe")
 
 
 def build_model(family: str, seed: int = 0, **overrides):
@@ -67,7 +95,41 @@ def save_model(directory: Path, family: str, seed: int = 0, dtype: str = "float3
         model = model.to(getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
+    if getattr(model.config, "num_nextn_predict_layers", None):
+        add_mtp_layer(Path(directory), model)
     return Path(directory)
+
+
+def add_mtp_layer(directory: Path, model) -> None:
+    """Append the multi-token-prediction layer hub checkpoints of DeepSeek-V3 and GLM-4.5 store after the last
+    decoder layer (``model.layers.{N}``: a decoder layer's tensors plus ``enorm``, ``hnorm``, ``eh_proj`` and
+    ``shared_head.norm``), random, in a shard of its own listed in the index; transformers ignores it on load."""
+    from safetensors.torch import load_file, save_file
+
+    state = tensors(directory)  # the stored names (per expert), as the hub's MTP layer stores them
+    last, count = model.config.num_hidden_layers - 1, model.config.num_hidden_layers
+    hidden = model.config.hidden_size
+    generator = torch.Generator().manual_seed(7)
+    mtp = {}
+    for name, value in state.items():
+        if name.startswith(f"model.layers.{last}."):
+            mtp[name.replace(f"model.layers.{last}.", f"model.layers.{count}.")] = value.clone()
+    for name, shape in (("enorm.weight", (hidden,)), ("hnorm.weight", (hidden,)), ("eh_proj.weight", (hidden, 2 * hidden)),
+                        ("shared_head.norm.weight", (hidden,))):
+        mtp[f"model.layers.{count}.{name}"] = torch.randn(shape, generator=generator).to(model.dtype)
+    shards = sorted(directory.glob("*.safetensors"))
+    index_path = directory / "model.safetensors.index.json"
+    if not index_path.exists():  # one file: move it into an index
+        (shard,) = shards
+        shard.rename(directory / "model-00001-of-00001.safetensors")
+        weight_map = {name: "model-00001-of-00001.safetensors" for name in load_file(directory / "model-00001-of-00001.safetensors")}
+        index = {"metadata": {}, "weight_map": weight_map}
+    else:
+        index = json.loads(index_path.read_text())
+    save_file({name: value.contiguous() for name, value in mtp.items()}, directory / "model-mtp.safetensors",
+              metadata={"format": "pt"})
+    index["weight_map"].update({name: "model-mtp.safetensors" for name in mtp})
+    index_path.write_text(json.dumps(index, indent=2))
 
 
 def load_model(directory: Path):
@@ -78,6 +140,8 @@ def load_model(directory: Path):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True,
                                                                     dtype=torch.float32,
                                                                     experts_implementation="eager")
+    mtp = f"model.layers.{model.config.num_hidden_layers}."  # a hub checkpoint's MTP layer: transformers skips it
+    info["unexpected_keys"] = [key for key in info.get("unexpected_keys") or () if not key.startswith(mtp)]
     problems = {key: value for key, value in info.items() if value and key != "error_msgs"}
     assert not problems, f"loading {directory}: {problems}"
     return model.eval()

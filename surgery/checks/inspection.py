@@ -15,7 +15,7 @@ from surgery import families as arch
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.finite import nonfinite_counts
 
-GROUP_ORDER = ("attention", "norm", "ffn", "router", "experts", "shared_expert", "embedding", "head", "other")
+GROUP_ORDER = ("attention", "norm", "ffn", "router", "experts", "shared_expert", "embedding", "head", "mtp", "other")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Report:
     active_parameters: int | None
     moe: dict | None
     layers: list
+    mtp_parameters: int | None = None  # multi-token-prediction layers stored beside the model (not in `parameters`)
     problems: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     tensors: list | None = None
@@ -60,17 +61,21 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
                 problems.append(f"missing tensor {name} (expected shape {list(entry.shape)})")
             elif tuple(info.shape) != entry.shape:
                 problems.append(f"{info.file.name}: tensor {name} has shape {list(info.shape)}, config.json implies {list(entry.shape)}")
+        mtp = set(arch.mtp_tensors(family, config, checkpoint.tensors))
         for name in checkpoint.tensors:
-            if name not in expected:
+            if name not in expected and name not in mtp:
                 problems.append(f"unexpected tensor {name} (not part of {family.architecture} for this config.json)")
+    else:
+        mtp = set()
 
-    total = sum(info.numel for info in checkpoint.tensors.values())
+    # parameters: what transformers' model holds; multi-token-prediction layers (not part of it) are counted apart
+    total = sum(info.numel for name, info in checkpoint.tensors.items() if name not in mtp)
     per_layer: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     globals_: dict[str, list] = defaultdict(lambda: [0, 0])
     layer_re = re.compile(r"(?:^|\.)layers\.(\d+)\.")
     for name, info in checkpoint.tensors.items():
         entry = expected.get(name) if expected else None
-        group = entry.group if entry else "other"
+        group = entry.group if entry else "mtp" if name in mtp else "other"
         layer = entry.layer if entry else (int(m.group(1)) if (m := layer_re.search(name)) else None)
         bucket = per_layer[layer][group] if layer is not None else globals_[group]
         bucket[0] += 1
@@ -108,7 +113,8 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
         shards=[{"file": shard.name, "bytes": shard.stat().st_size,
                  "tensors": sum(1 for i in checkpoint.tensors.values() if i.file == shard)} for shard in checkpoint.shards],
         bytes_on_disk=sum(shard.stat().st_size for shard in checkpoint.shards),
-        parameters=total, active_parameters=active, moe=moe, layers=layers, problems=problems)
+        parameters=total, active_parameters=active, moe=moe, layers=layers, problems=problems,
+        mtp_parameters=sum(checkpoint.tensors[name].numel for name in mtp) or None)
     if config is None:
         report.warnings.append("no config.json beside the checkpoint: architecture and shapes not checked")
     selected = [info for name, info in checkpoint.tensors.items() if not pattern or re.search(pattern, name)]

@@ -44,7 +44,10 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
 
     path = Path(path)
     with Checkpoint.open(path, require_config=True) as checkpoint:  # our own checks first: clear errors
-        detect_family(checkpoint.config, checkpoint.directory / "config.json")
+        family = detect_family(checkpoint.config, checkpoint.directory / "config.json")
+        # multi-token-prediction layers are not part of transformers' model: skipped, as hub checkpoints' are
+        # (under the names transformers converts them to)
+        mtp = tuple(family.mtp_prefixes({**family.defaults, **checkpoint.config})) if family.mtp_prefixes else ()
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     kwargs = dict(output_loading_info=True, dtype=torch_dtype, trust_remote_code=False, local_files_only=True)
     if device == "cpu":
@@ -65,7 +68,8 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
         raise SurgeryError(f"{path}: transformers cannot load it: {str(exc).splitlines()[0][:300]}") from None
     problems = []
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        found = sorted(str(k) for k in (info.get(key) or []))
+        found = sorted(str(k) for k in (info.get(key) or [])
+                       if key != "unexpected_keys" or not (mtp and str(k).startswith(mtp)))
         if found:
             shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
             problems.append(f"{key.replace('_', ' ')}: {shown}")

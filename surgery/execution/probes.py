@@ -9,8 +9,8 @@ modules for one call (and can stop the pass, ``StopLayer``, once a module's inpu
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -20,7 +20,9 @@ class Probe:
     """What to see in each batch's pass through a layer, on real (unpadded) tokens only.
 
     `module`: a path inside the decoder layer ("" = the layer itself); `where`: its "input" or
-    "output"; `consume(batch, rows)` receives a [real tokens, features] tensor on the device. In a
+    "output"; `consume(batch, rows)` receives a [real tokens, features] tensor on the device; "outputs":
+    `consume(batch, *rows)` receives every tensor of the module's output tuple (a router's logits, weights and
+    chosen experts), each as [real tokens, features]. In a
     backward pass `consume(batch, rows, grad_rows)` also receives the loss gradient of that tensor.
     """
 
@@ -42,7 +44,7 @@ def gathered_probes(probes, index: int, with_grad: bool = False):
     def collector(number):
         if with_grad:
             return lambda _batch, rows, grads: pieces[number].append((rows, grads))
-        return lambda _batch, rows: pieces[number].append((rows,))
+        return lambda _batch, *rows: pieces[number].append(rows)
 
     yield [Probe(probe.module, probe.where, collector(number)) for number, probe in enumerate(probes)]
     for probe, parts in zip(probes, pieces):
@@ -62,6 +64,10 @@ def probe_hooks(module, probes, keep, stop_after: str | None, with_grad: bool = 
         target = module.get_submodule(probe.module) if probe.module else module
 
         def see(value):
+            if probe.where == "outputs":
+                values = value if isinstance(value, tuple) else (value,)
+                probe.consume(None, *(rows(item.detach()) for item in values if isinstance(item, torch.Tensor)))
+                return
             value = value[0] if isinstance(value, tuple) else value
             if with_grad:
                 if value.requires_grad:

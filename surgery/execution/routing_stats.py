@@ -82,7 +82,7 @@ class RoutingSums(Step):
         return layer in self.sums
 
     def probes(self, layer: int, session=None) -> list:
-        return [Probe(router_path(self.family), "output", lambda _batch, logits: self.sums[layer].add(logits, None))]
+        return [Probe(router_path(self.family), "outputs", lambda _batch, *routed: self.sums[layer].add(*routed))]
 
     def results(self) -> list[dict]:
         return [self.sums[layer].result(layer, self.alpha) for layer in sorted(self.sums)]
@@ -105,14 +105,17 @@ class LayerRouting:
         self.reap = torch.zeros(experts, dtype=torch.float64)
         self.norm = torch.zeros(experts, dtype=torch.float64)
 
-    def add(self, logits, indices=None, hidden=None, experts_module=None) -> None:
-        """One call's real tokens: their router `logits` (and the `indices` the router chose, when it says);
-        with `hidden` and `experts_module`, each routed expert's output on its tokens too."""
+    def add(self, logits, weights=None, indices=None, hidden=None, experts_module=None) -> None:
+        """One call's real tokens: their router `logits`, and the gate `weights` and expert `indices` the router
+        chose (transformers' routers return all three: the model's own routing, whatever its scoring, bias or
+        groups; computed here as softmax and top-k where a router does not say); with `hidden` and
+        `experts_module`, each routed expert's output on its tokens too."""
         logits = logits.float()
         probs = torch.softmax(logits, dim=-1)
-        weights = None
-        if indices is None:
+        renormalise = False
+        if indices is None or indices.dtype.is_floating_point:
             weights, indices = torch.topk(probs, self.top_k, dim=-1)
+            renormalise = self.renormalise
         self.tokens += logits.shape[0]
         self.counts += torch.bincount(indices.reshape(-1), minlength=self.experts).double().cpu()
         self.probability += probs.sum(0).double().cpu()
@@ -120,15 +123,13 @@ class LayerRouting:
         self.entropy += float(-(probs * log_probs).sum(-1).double().sum())
         self.z += float(torch.logsumexp(logits, dim=-1).double().pow(2).sum())
         if experts_module is not None:
-            if weights is None:
-                weights = probs.gather(-1, indices)
+            if renormalise:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
             self._add_outputs(hidden, indices, weights, experts_module)
 
     def _add_outputs(self, hidden, chosen, weights, experts_module) -> None:
         """Each routed expert on its tokens (transformers' experts module, every token sent to that expert with
         weight 1): the sum of its output norms, and of gate weight x output norm."""
-        if self.renormalise:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
         for expert in chosen.unique().tolist():
             token, slot = (chosen == expert).nonzero(as_tuple=True)
             rows = hidden[token]
@@ -203,7 +204,7 @@ class RoutingCollector:
 
     def _hook(self, layer):
         def hook(_module, _inputs, output):
-            logits, indices = (output[0], output[2] if len(output) > 2 else None) if isinstance(output, tuple) else (output, None)
+            logits, weights, indices = (output + (None, None))[:3] if isinstance(output, tuple) else (output, None, None)
             logits = logits.reshape(-1, logits.shape[-1])
             keep = self._keep
             if keep is None or keep.numel() != logits.shape[0]:
@@ -211,8 +212,9 @@ class RoutingCollector:
                                    f"mask has {None if keep is None else keep.numel()} (set_mask before each forward)")
             keep = keep.to(logits.device)
             if indices is not None and indices.dtype.is_floating_point:
-                indices = None
-            self.sums[layer].add(logits[keep].detach(), None if indices is None else indices.reshape(logits.shape[0], -1)[keep])
+                weights = indices = None
+            chosen = [None if t is None else t.reshape(logits.shape[0], -1)[keep].detach() for t in (weights, indices)]
+            self.sums[layer].add(logits[keep].detach(), *chosen)
         return hook
 
     def __enter__(self):

@@ -58,7 +58,7 @@ class ModelWeights:
 
     # ---------------------------------------------------------------- sources
     @classmethod
-    def from_checkpoint(cls, checkpoint) -> "ModelWeights":
+    def from_checkpoint(cls, checkpoint) -> ModelWeights:
         where = checkpoint.directory / "config.json"
         if checkpoint.config is None:
             raise SurgeryError(f"{where}: no such file (running a model needs its config)")
@@ -71,7 +71,7 @@ class ModelWeights:
         return weights
 
     @classmethod
-    def from_plan(cls, plan) -> "ModelWeights":
+    def from_plan(cls, plan) -> ModelWeights:
         """The plan's output model, before it is written."""
         family = arch.detect_family(plan.config, "the planned config.json")
         recipes = {tensor.name: tensor.recipe for tensor in plan.tensors}
@@ -98,13 +98,17 @@ class ModelWeights:
         return self._layers[layer]
 
     def top_tensors(self, role: str) -> list[MemoryTensor]:
-        """'embed', 'final_norm' or 'lm_head' (a tied head reads the embedding), names relative to the model."""
-        spec = self.family.spec("head" if role == "lm_head" else "embedding" if role == "embed" else "norm", role)
+        """'embed', 'final_norm' or 'lm_head' (a tied head reads the embedding), names relative to the model, with
+        the family's model-level tensors of the same group (a final norm's bias, a head's bias)."""
+        group = "head" if role == "lm_head" else "embedding" if role == "embed" else "norm"
+        spec = self.family.spec(group, role)
         stored = spec.name()
         if role == "lm_head" and stored not in self.recipes:  # tie_word_embeddings
             stored = self.family.spec("embedding", "embed").name()
         dims = arch.dimensions(self.family, self.config, self.label)
-        return [MemoryTensor(spec.name(), arch.shape_of(spec, dims), (Piece((), stored),))]
+        extra = [other for other in self.family.global_tensors if other.group == group and other.name() in self.recipes]
+        return [MemoryTensor(spec.name(), arch.shape_of(spec, dims), (Piece((), stored),))] + [
+            MemoryTensor(other.name(), arch.shape_of(other, dims), (Piece((), other.name()),)) for other in extra]
 
     def nbytes(self, tensors: list[MemoryTensor], element_size: int) -> int:
         return sum(tensor.numel for tensor in tensors) * element_size
@@ -186,8 +190,8 @@ def _layer_layout(family: arch.Family, config: dict, layer: int, stored_layout: 
     for entry in memory:
         name = family.memory_name(entry.name[len(prefix):])
         if entry.group == "router":
-            stored = (family.fused_router or family.router) if stored_layout == "fused" else family.router
-            out.append(MemoryTensor(name, entry.shape, (Piece((), stored.name(layer)),)))
+            stored = next(spec for spec in arch.router_specs(family, stored_layout) if spec.role == entry.role)
+            out.append(MemoryTensor(name, entry.shape, (Piece((), stored.name(layer)),), entry.group))
         elif entry.group == "experts" and stored_layout != "fused":
             out.append(MemoryTensor(name, entry.shape, _expert_pieces(family, entry, layer), entry.group))
         else:
@@ -198,7 +202,7 @@ def _layer_layout(family: arch.Family, config: dict, layer: int, stored_layout: 
 def _expert_pieces(family: arch.Family, entry, layer: int) -> tuple[Piece, ...]:
     """A fused [E, rows, cols] tensor from per-expert tensors: expert e's parts stacked along rows."""
     experts, rows = entry.shape[0], entry.shape[1]
-    parts = arch.FUSED_PARTS[entry.role]
+    parts = family.fused_parts[entry.role]
     size = rows // len(parts)
     pieces = []
     for expert in range(experts):

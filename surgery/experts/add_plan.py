@@ -1,19 +1,19 @@
 """The add-experts plan: every MoE layer gets each dense model's FFN as a new routed expert (byte copies).
 
-The dense models must be of the MoE's dense family (``families.dense_family``) with the MoE's shapes. Existing
-experts, router rows and shared experts are byte copies; every other (non-FFN) weight is the MoE's
-(``--non-ffn keep``) or the element-wise mean of the MoE's and each dense model's in float32 (``--non-ffn
-average``, the merge's ``WeightedMean``). The routers are deferred: their new rows are fitted on the written draft
-(``surgery.experts.add_routers``).
+The dense models must be of a dense family that converts into the MoE's (``dense_families``: Mixtral takes
+Llama, Mistral and Phi-3) with the MoE's tensor names and shapes. Existing experts, router rows and shared
+experts are byte copies; every other (non-FFN) weight is the MoE's (``--non-ffn keep``) or the element-wise
+mean of the MoE's and each dense model's in float32 (``--non-ffn average``, the merge's ``WeightedMean``).
+The routers are deferred: their new rows are fitted on the written draft (``surgery.experts.add_routers``).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from surgery import families as arch
 from surgery.errors import SurgeryError
-from surgery.families.convert import dense_family
 from surgery.io.checkpoint import Checkpoint
 from surgery.plan.layouts import expert_parts
 from surgery.plan.mean import WeightedMean
@@ -22,24 +22,47 @@ from surgery.plan.nodes import Copy, Deferred, RouterSlot
 from surgery.plan.plan import OutputTensor, Plan
 
 
-def check_dense(source: Checkpoint, family, dense: Checkpoint, name: str) -> dict:
-    """Refuse a dense model that is not of the MoE's dense family or shapes; returns its FFN names
-    {(role, layer): tensor name}."""
-    where = dense.directory / "config.json"
-    wanted = dense_family(family, source.directory / "config.json")
-    found = arch.detect_family(dense.config, where)
-    if found.name != wanted.name:
-        raise SurgeryError(f"{where}: architecture is {found.architecture} in {name}, but a {family.architecture} "
-                           f"takes experts from {wanted.architecture} models")
-    moe_shapes = {e.name: e.shape for e in arch.expected_tensors(family, source.config, "per_expert").values()}
-    expert_shape = {e.role: e.shape for e in arch.expected_tensors(family, source.config, "per_expert").values()
-                    if e.group == "experts"}
-    ffn = {}
+def dense_families(moe) -> list:
+    """The dense families whose models may add experts to an MoE of family `moe`: every one with a registered
+    conversion into it (``families.CONVERSIONS``), in registry order."""
+    return [family for family in arch.FAMILIES.values() if (family.name, moe.name) in arch.CONVERSIONS]
+
+
+def dense_tensors(dense: Checkpoint, found, name: str, where) -> dict:
+    """The tensors the dense model's config implies, each role its own (a role stored fused, Phi-3's qkv_proj,
+    exposed as a view of its rows); refuses a missing tensor or a fused one of another shape."""
+    views = arch.source_views(found, dense.config, where)
+    fused = {stored for stored, _, _ in views.values()}
     for expected in arch.expected_tensors(found, dense.config, "per_expert", where).values():
         if expected.name not in dense.tensors:
             raise SurgeryError(f"{dense.directory}: tensor {expected.name!r} is missing in {name}")
         shape = tuple(dense.info(expected.name).shape)
-        if expected.group == "ffn":
+        if expected.name in fused and shape != expected.shape:
+            raise SurgeryError(f"{dense.info(expected.name).file}: tensor {expected.name!r} has shape {list(shape)} "
+                               f"in {name}, but its config.json implies {list(expected.shape)}")
+    for view, (stored, start, stop) in views.items():
+        dense.add_view(view, stored, (start, stop))
+    return arch.expected_tensors(replace(found, fused_sources=()), dense.config, "per_expert", where)
+
+
+def check_dense(source: Checkpoint, family, dense: Checkpoint, name: str) -> dict:
+    """Refuse a dense model that is not of a dense family converting into the MoE's, or not of its tensor names and
+    shapes; returns its FFN names {(role, layer): tensor name}."""
+    where = dense.directory / "config.json"
+    accepted = dense_families(family)
+    found = arch.detect_family(dense.config, where)
+    if found.name not in {f.name for f in accepted}:
+        takes = (f"takes experts from {' or '.join(f.architecture for f in accepted)} models" if accepted else
+                 f"takes no experts from dense models (no dense family converts into {family.name})")
+        raise SurgeryError(f"{where}: architecture is {found.architecture} in {name}, but a {family.architecture} "
+                           f"{takes}")
+    moe_shapes = {e.name: e.shape for e in arch.expected_tensors(family, source.config, "per_expert").values()}
+    expert_shape = {e.role: e.shape for e in arch.expected_tensors(family, source.config, "per_expert").values()
+                    if e.group == "experts"}
+    ffn = {}
+    for expected in dense_tensors(dense, found, name, where).values():
+        shape = tuple(dense.info(expected.name).shape)
+        if expected.group == "ffn" and expected.role in expert_shape:
             ffn[(expected.role, expected.layer)] = expected.name
             target = tuple(expert_shape[expected.role])
         elif expected.name in moe_shapes:

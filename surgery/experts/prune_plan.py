@@ -16,7 +16,7 @@ from surgery import families as arch
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import Checkpoint
 from surgery.plan.layouts import expert_parts
-from surgery.plan.nodes import Copy, Rows
+from surgery.plan.nodes import Columns, Copy, Rows
 from surgery.plan.plan import OutputTensor, Plan
 
 
@@ -43,10 +43,58 @@ def output_top_k(options, top_k: int, keep: int, notes: list[str]) -> int:
     return keep
 
 
-def choose(scores: dict[int, list[float]], keep: int) -> dict[int, list[int]]:
-    """{layer: the `keep` best-scored experts, in index order}; ties keep the lower index."""
-    return {layer: sorted(sorted(range(len(values)), key=lambda e: -values[e])[:keep])
-            for layer, values in scores.items()}
+def groups_of(family, config: dict) -> tuple[int, int]:
+    """(expert groups, groups a token may use) under group-limited routing; (1, 1) without it."""
+    if family.group_keys is None:
+        return 1, 1
+    if family.group_when is not None and arch.config_value(family, config, family.group_when[0]) != family.group_when[1]:
+        return 1, 1
+    count, used = (arch.config_value(family, config, key) or 1 for key in family.group_keys)
+    return int(count), int(used)
+
+
+def group_rule(family, config: dict, experts: int, keep: int, top_k: int, options, notes: list[str]) -> int:
+    """The experts kept per layer under group-limited routing: the same number in every group (llm-compressor's
+    rule: routing picks groups first, so each group must stay the same size), at least the fewest a group's score
+    needs, and enough that the groups a token may use still hold its top-k. Refused, with the numbers, otherwise."""
+    groups, used = groups_of(family, config)
+    if groups == 1 and keep >= family.group_min_experts:
+        return keep
+    n_group, topk_group = family.group_keys or ("groups", "groups used")
+    if groups > 1 and keep % groups:
+        if options.keep is not None:
+            lower, upper = keep // groups * groups, -(-keep // groups) * groups
+            raise SurgeryError(f"--keep {keep}: {n_group} = {groups}, and every group must keep the same number of "
+                               f"experts (routing picks groups first); keep a multiple of {groups} ("
+                               + " or ".join(str(v) for v in (lower, upper) if 0 < v < experts) + ")")
+        dropped = round((experts - keep) / groups) * groups
+        notes.append(f"--ratio {options.ratio} would keep {keep} of {experts} experts; {n_group} = {groups} groups "
+                     f"keep equal numbers, so {experts - dropped} are kept ({(experts - dropped) // groups} per group)")
+        keep = experts - dropped
+    per_group = keep // groups
+    if per_group < family.group_min_experts:
+        raise SurgeryError(f"keeping {keep} of {experts} experts leaves {per_group} per group ({n_group} = {groups}); "
+                           f"a group's routing score sums its top-{family.group_min_experts}, so each group must keep at "
+                           f"least {family.group_min_experts} ({family.group_min_experts * groups} experts)")
+    if used * per_group < top_k:
+        raise SurgeryError(f"keeping {per_group} experts per group, the {topk_group} = {used} groups a token may use "
+                           f"hold {used * per_group} experts, fewer than its top-k {top_k}: keep at least "
+                           f"{-(-top_k // used) * groups} experts or lower --top-k")
+    return keep
+
+
+def choose(scores: dict[int, list[float]], keep: int, groups: int = 1) -> dict[int, list[int]]:
+    """{layer: the `keep` best-scored experts, in index order; with `groups`, the keep/groups best of each group of
+    consecutive experts}; ties keep the lower index."""
+    def best(values, members, count):
+        return sorted(members, key=lambda e: -values[e])[:count]
+
+    out = {}
+    for layer, values in scores.items():
+        size = len(values) // groups
+        out[layer] = sorted(e for g in range(groups) for e in best(values, range(g * size, (g + 1) * size),
+                                                                   keep // groups))
+    return out
 
 
 # ------------------------------------------------------------------ the plan
@@ -59,18 +107,26 @@ def build_plan(source: Checkpoint, family, kept: dict[int, list[int]], top_k: in
         keys = [key for key in family.moe_keys[dimension] if key in config] or list(family.moe_keys[dimension][:1])
         new_config.update({key: value for key in keys})
     pieces = expert_parts(source, family, config, layout)
-    router = family.fused_router or family.router if layout == "fused" else family.router
+    routers = {spec.role: spec for spec in arch.router_specs(family, layout)}
     tensors = []
-    for expected in arch.expected_tensors(family, new_config, "per_expert").values():
-        if expected.group == "experts":
+    written = family.stored_layouts[0] if "per_expert" not in family.stored_layouts else "per_expert"
+    for expected in arch.expected_tensors(family, new_config, written).values():
+        if expected.group == "experts" and written == "per_expert":
             recipe = pieces[(expected.role, expected.layer, kept[expected.layer][expected.expert])]
-        elif expected.group == "router":
-            recipe = Rows(source, router.name(expected.layer), kept[expected.layer])
+        elif expected.group in ("experts", "router"):  # every per-expert tensor: the kept experts along its axis
+            recipe = experts_of(source, family, expected, routers, kept[expected.layer])
         else:
             recipe = Copy(source, expected.name)
         tensors.append(OutputTensor(expected.name, expected.shape, source.info(recipe.name).dtype, recipe))
     known = arch.expected_tensors(family, config, layout)
-    extra = [name for name in source.tensors if name not in known]
+    mtp = arch.mtp_tensors(family, config, source.tensors)
+    if mtp:
+        new_config.update(family.mtp_off)
+        notes.append(f"the {len(mtp)} multi-token-prediction tensors are left out ("
+                     + ", ".join(f"{key}: {value}" for key, value in family.mtp_off.items())
+                     + "): transformers does not run them, so their experts cannot be scored; the output decodes "
+                       "without MTP speculation")
+    extra = [name for name in source.tensors if name not in known and name not in set(mtp)]
     if extra:
         raise SurgeryError(f"{source.directory}: tensor {extra[0]!r} is not part of a {family.architecture} "
                            f"checkpoint with this config.json; prune would drop it")
@@ -78,6 +134,19 @@ def build_plan(source: Checkpoint, family, kept: dict[int, list[int]], top_k: in
     return Plan("prune", tensors, new_config, [source], side_files=source.side_files(),
                 extra_files={"README.md": model_card(source, details)}, metadata=metadata, notes=notes,
                 details={"prune": details})
+
+
+def experts_of(source: Checkpoint, family, expected, routers: dict, kept: list[int]):
+    """The kept experts' slices of a per-expert tensor (a router's weight or bias, a fused expert tensor), along
+    the axis its shape calls ``experts``: rows, or the last axis."""
+    spec = routers[expected.role] if expected.group == "router" else family.spec("fused_experts", expected.role)
+    name = spec.name(expected.layer)
+    axis = spec.shape.index("experts")
+    if axis == 0:
+        return Rows(source, name, kept)
+    if axis == len(spec.shape) - 1:
+        return Columns(source, name, kept)
+    raise AssertionError(f"{name}: experts along axis {axis}")
 
 
 def model_card(source: Checkpoint, details: dict) -> str:

@@ -32,15 +32,15 @@ class ExpertScores(Step):
     def probes(self, layer: int, session) -> list[Probe]:
         sums = self.sums[layer] = LayerRouting(self.experts, self.top_k, self.renormalise)
         experts_module = session.module.get_submodule(self.experts_path)
-        logits = {}
+        routed = {}
 
-        def on_logits(batch, rows):
-            logits[batch] = rows
+        def on_router(batch, *rows):  # the router's logits, gate weights and chosen experts
+            routed[batch] = rows
 
         def on_inputs(batch, rows):  # after the batch's pass: the probes' hooks are gone, so calling the module is safe
-            sums.add(logits.pop(batch), hidden=rows, experts_module=experts_module)
+            sums.add(*routed.pop(batch), hidden=rows, experts_module=experts_module)
 
-        return [Probe(router_path(self.family), "output", on_logits), Probe(self.experts_path, "input", on_inputs)]
+        return [Probe(router_path(self.family), "outputs", on_router), Probe(self.experts_path, "input", on_inputs)]
 
 
 def calibrated_scores(source, family, calibration_path, calibration_tokens: int, settings) -> dict:

@@ -13,10 +13,12 @@ Nothing here names a family: what differs between families is data on their ``Fa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.families.moe_layers import every_layer
 from surgery.families.sliding import SlidingWindow
 
 
@@ -26,7 +28,8 @@ class Spec:
     group: str
     template: str
     shape: tuple[str, ...]
-    when: str | None = None  # config key that must be truthy; "not KEY" for falsy
+    when: str | None = None  # config key that must be truthy; "not KEY" for falsy; several joined by " and "
+    layer_type: str | None = None  # only in layers of this type (the family's ``layer_type``: ``layer_types[l]``)
 
     def name(self, layer: int | None = None, expert: int | None = None) -> str:
         return self.template.format(layer=layer, expert=expert)
@@ -95,7 +98,6 @@ FUSED_EXPERTS = specs("experts", L, [
 ])
 
 BASE_DEFAULTS = {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
-# sparse_layers == "qwen": layer l is MoE unless listed in mlp_only_layers, and when (l + 1) % step == 0
 QWEN_SPARSE_DEFAULTS = {"decoder_sparse_step": 1, "mlp_only_layers": []}
 
 
@@ -138,7 +140,7 @@ class Family:
     defaults: dict = field(default_factory=dict)  # config values assumed when a key is absent
     # dimension -> config key(s), first present wins; an MoE result's config gets the first key of each
     moe_keys: dict = field(default_factory=dict)
-    sparse_layers: str = "all"  # "all", or "qwen" (mlp_only_layers + decoder_sparse_step)
+    sparse_layers: Callable = every_layer  # which layers hold experts: every_layer, qwen_layers, ...
     # The router of an MoE layer reads the input of the module holding the layer's FFN or MoE block
     # (transformers' `mlp`: the post-attention norm output in pre-norm families); calibration
     # captures that input, for dense sources too, where a future router will read it.
@@ -170,6 +172,29 @@ class Family:
     # layer-relative stored name -> transformers' in-memory name, where they differ (GraniteMoE keeps its
     # original ``input_linear`` names on disk; its module holds ``experts.gate_up_proj``)
     memory_names: dict = field(default_factory=dict)
+    # per-expert router tensors beside the router's weight (a router bias, a score-correction bias), sliced with
+    # the experts along the axis their shape names ``experts``; ``fused_router_tensors``: the same roles' names in
+    # the fused layout, where they differ
+    router_tensors: tuple[Spec, ...] = ()
+    fused_router_tensors: tuple[Spec, ...] = ()
+    # which per-expert roles each fused expert tensor stacks, in order along its second dimension
+    fused_parts: dict = field(default_factory=lambda: dict(FUSED_PARTS))
+    # model-level tensors beside the embedding, final norm and head (a final norm's bias)
+    global_tensors: tuple[Spec, ...] = ()
+    # derived sizes the shape column uses beyond ``dimensions``' own (MLA's ranks, a shared expert's width ...):
+    # config (with defaults applied) -> {dimension: size}
+    derived_dims: Callable | None = None
+    # a layer's type, for ``Spec.layer_type`` (hybrid families: ``layer_types[l]``)
+    layer_type: Callable | None = None
+    # group-limited routing (DeepSeek-V3): the config keys of the group count and of the groups each token
+    # may use, and the fewest experts a group must keep (its score sums its top-2)
+    group_keys: tuple[str, str] | None = None
+    group_when: tuple[str, object] | None = None  # (config key, value) that switches group-limited routing on
+    group_min_experts: int = 1
+    # multi-token-prediction weights stored beside the model that transformers does not load: config ->
+    # stored-name prefixes, and the config values that say the model has none (set when they are dropped)
+    mtp_prefixes: Callable | None = None
+    mtp_off: dict = field(default_factory=dict)
     # MoE families: the config key that switches renormalising the top-k softmax weights to sum to 1 (off where
     # absent, as in transformers' configs); None: the router always renormalises them (Mixtral, GraniteMoE)
     top_k_norm: str | None = None
@@ -183,8 +208,9 @@ class Family:
 
     def spec(self, group: str, role: str) -> Spec:
         pool = {"ffn": self.dense_ffn, "experts": self.experts, "shared_expert": self.shared_expert,
-                "fused_experts": self.fused_experts, "router": (self.router,) if self.router else ()}.get(group)
-        pool = pool if pool is not None else GLOBAL + self.attention
+                "fused_experts": self.fused_experts,
+                "router": ((self.router,) if self.router else ()) + self.router_tensors}.get(group)
+        pool = pool if pool is not None else GLOBAL + self.global_tensors + self.attention
         for spec in pool:
             if spec.role == role:
                 return spec
@@ -229,6 +255,8 @@ def dimensions(family: Family, config: dict, where: Path | str = "config.json") 
         value = _moe_value(family, config, dimension)
         if value is not None:
             dims[dimension] = value
+    if family.derived_dims is not None:
+        dims.update(family.derived_dims({**family.defaults, **{k: v for k, v in config.items() if v is not None}}))
     return dims
 
 
@@ -236,12 +264,16 @@ def shape_of(spec: Spec, dims: dict[str, int]) -> tuple[int, ...]:
     return tuple(math.prod(int(part) if part.isdigit() else dims[part] for part in term.split("*")) for term in spec.shape)
 
 
-def _applies(spec: Spec, family: Family, config: dict) -> bool:
-    if spec.when is None:
-        return True
-    negate = spec.when.startswith("not ")
-    value = bool(config_value(family, config, spec.when.removeprefix("not ")))
-    return value != negate
+def _applies(spec: Spec, family: Family, config: dict, layer: int | None = None) -> bool:
+    """Whether `spec` exists for this config (and layer): its layer type, and its ``when`` (``KEY``, ``not KEY``, or
+    several joined by `` and ``)."""
+    if spec.layer_type is not None and family.layer_type(config, layer) != spec.layer_type:
+        return False
+    for condition in (spec.when or "").split(" and ") if spec.when else ():
+        negate = condition.startswith("not ")
+        if bool(config_value(family, config, condition.removeprefix("not "))) == negate:
+            return False
+    return True
 
 
 def moe_layers(family: Family, config: dict) -> list[int]:
@@ -250,13 +282,25 @@ def moe_layers(family: Family, config: dict) -> list[int]:
 
 
 def is_moe_layer(family: Family, config: dict, layer: int) -> bool:
-    if family.kind != "moe":
+    if family.kind != "moe" or not (_moe_value(family, config, "experts") or 0):
         return False
-    if family.sparse_layers == "all":
-        return True
-    step = config_value(family, config, "decoder_sparse_step") or 1
-    experts = _moe_value(family, config, "experts") or 0
-    return layer not in (config_value(family, config, "mlp_only_layers") or []) and experts > 0 and (layer + 1) % step == 0
+    return family.sparse_layers(lambda key: config_value(family, config, key), layer)
+
+
+def router_specs(family: Family, layout: str) -> tuple[Spec, ...]:
+    """The router's stored tensors in `layout`: its weight, then its per-expert extras (bias, correction bias)."""
+    fused = layout == "fused"
+    weight = (family.fused_router or family.router) if fused else family.router
+    extras = (family.fused_router_tensors or family.router_tensors) if fused else family.router_tensors
+    return (weight, *extras)
+
+
+def mtp_tensors(family: Family, config: dict, names) -> list[str]:
+    """The stored tensors among `names` that belong to multi-token-prediction layers (``Family.mtp_prefixes``)."""
+    if family.mtp_prefixes is None:
+        return []
+    prefixes = tuple(family.mtp_prefixes({**family.defaults, **config}))
+    return [name for name in names if prefixes and name.startswith(prefixes)]
 
 
 @dataclass(frozen=True)
@@ -280,7 +324,7 @@ def expected_tensors(family: Family, config: dict, expert_layout: str = "per_exp
     fused_by_role = {(fused.group, role): fused for fused in family.fused_sources for role in fused.roles}
 
     def add(spec: Spec, layer=None, expert=None):
-        if not _applies(spec, family, config):
+        if not _applies(spec, family, config, layer):
             return
         fused = fused_by_role.get((spec.group, spec.role))
         if fused is None:
@@ -297,7 +341,8 @@ def expected_tensors(family: Family, config: dict, expert_layout: str = "per_exp
         for spec in family.attention:
             add(spec, layer)
         if is_moe_layer(family, config, layer):
-            add(family.fused_router or family.router if expert_layout == "fused" else family.router, layer)
+            for spec in router_specs(family, expert_layout):
+                add(spec, layer)
             if expert_layout == "fused":
                 for spec in family.fused_experts:
                     add(spec, layer)
@@ -311,7 +356,7 @@ def expected_tensors(family: Family, config: dict, expert_layout: str = "per_exp
         else:
             for spec in family.dense_ffn:
                 add(spec, layer)
-    for spec in GLOBAL[1:]:
+    for spec in GLOBAL[1:2] + family.global_tensors + GLOBAL[2:]:
         add(spec)
     return out
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.families.base import Family, config_value
+from surgery.families.moe_layers import every_layer, qwen_layers
 from surgery.families.registry import FAMILIES, moe_formats
 from surgery.families.sliding import layer_count, layer_windows, sliding_settings, windows_config
 
@@ -132,7 +133,7 @@ def moe_config(source: Family, source_config: dict, target: Family, *, num_exper
     config[keys["experts"][0]] = num_experts
     config[keys["top_k"][0]] = top_k
     config[keys["expert_ffn"][0]] = expert_ffn  # may be intermediate_size, where no layer is dense
-    if target.sparse_layers == "qwen":
+    if target.sparse_layers is qwen_layers:
         config["decoder_sparse_step"] = 1
         config["mlp_only_layers"] = sorted(dense_layers or [])
     if "shared_ffn" in keys:
@@ -140,9 +141,9 @@ def moe_config(source: Family, source_config: dict, target: Family, *, num_exper
     elif shared_ffn:
         raise SurgeryError(f"format {target.name} has no shared expert "
                            f"(use --format {_formats_where(lambda f: 'shared_ffn' in f.moe_keys)})")
-    if dense_layers and target.sparse_layers == "all":
+    if dense_layers and target.sparse_layers is every_layer:
         raise SurgeryError(f"format {target.name} makes every layer MoE; --moe-layers must be 'all' "
-                           f"(use {_formats_where(lambda f: f.sparse_layers != 'all')} for dense layers)")
+                           f"(use {_formats_where(lambda f: f.sparse_layers is not every_layer)} for dense layers)")
     return config
 
 

@@ -11,6 +11,7 @@ receive it (as of 5.24), unlike Qwen2's.
 
 from surgery.families import qwen2
 from surgery.families.base import FUSED_EXPERTS, QWEN_SPARSE_DEFAULTS, Family, L, Spec, per_expert, specs
+from surgery.families.moe_layers import qwen_layers
 from surgery.families.sliding import SlidingWindow
 
 SHARED_EXPERT = specs("shared_expert", L + "mlp.", [
@@ -29,7 +30,7 @@ FAMILY = Family(
     defaults={**qwen2.FAMILY.defaults, **QWEN_SPARSE_DEFAULTS},
     moe_keys={"experts": ("num_experts",), "top_k": ("num_experts_per_tok",),
               "expert_ffn": ("moe_intermediate_size",), "shared_ffn": ("shared_expert_intermediate_size",)},
-    sparse_layers="qwen",
+    sparse_layers=qwen_layers,
     top_k_norm="norm_topk_prob",
     target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False},
     mergekit_names=("qwen moe",),

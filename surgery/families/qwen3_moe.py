@@ -8,6 +8,7 @@ Sliding window: with ``use_sliding_window`` on, ``sliding_window`` applies to ev
 
 from surgery.families import qwen3
 from surgery.families.base import FUSED_EXPERTS, QWEN_SPARSE_DEFAULTS, Family, L, Spec, per_expert
+from surgery.families.moe_layers import qwen_layers
 from surgery.families.sliding import SlidingWindow
 
 FAMILY = Family(
@@ -18,7 +19,7 @@ FAMILY = Family(
     defaults={**qwen3.FAMILY.defaults, **QWEN_SPARSE_DEFAULTS},
     moe_keys={"experts": ("num_experts", "num_local_experts"), "top_k": ("num_experts_per_tok",),
               "expert_ffn": ("moe_intermediate_size",)},
-    sparse_layers="qwen",
+    sparse_layers=qwen_layers,
     top_k_norm="norm_topk_prob",
     target_settings={"norm_topk_prob": True, "router_aux_loss_coef": 0.001, "output_router_logits": False},
     mergekit_names=("qwen3 moe",),

@@ -1,7 +1,7 @@
 """The registry: the family modules of this package, found by listing it, and what they declare, assembled.
 
 A family module is any module here other than the machinery (``base``, ``registry``, ``convert``,
-``sliding``).
+``sliding``, ``moe_layers``).
 It defines ``FAMILY``, a ``Family`` named like the module (the HF ``model_type``). Adding a family is
 adding such a module (and its tiny test model in tests/tiny_models.py): no list of families is kept
 anywhere else, and the tables below (``CONVERSIONS``, ``DEFAULT_TARGET``, ``TARGET_SETTINGS``) are
@@ -20,7 +20,7 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 from surgery.families.base import Conversion, Family
 
-MACHINERY = ("base", "registry", "convert", "sliding")
+MACHINERY = ("base", "registry", "convert", "sliding", "moe_layers")
 
 
 def family_modules() -> list[str]:
@@ -48,8 +48,10 @@ TARGET_SETTINGS: dict[str, dict] = {family.name: family.target_settings for fami
 
 
 def moe_formats() -> tuple[str, ...]:
-    """The MoE formats an operation can write (the --format choices besides auto), in registry order."""
-    return tuple(name for name, family in FAMILIES.items() if family.kind == "moe")
+    """The MoE formats a dense model can become (the --format choices besides auto), in registry order: the MoE
+    families some dense family converts into (the others are read, pruned and copied, never built)."""
+    targets = {target for _, target in CONVERSIONS}
+    return tuple(name for name, family in FAMILIES.items() if family.kind == "moe" and name in targets)
 
 
 def auto_formats() -> str:

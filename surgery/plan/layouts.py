@@ -67,9 +67,9 @@ def _fused_groups(family, config) -> list[tuple]:
     for expected in fused.values():
         if expected.group == "experts":
             parts = [by_key[("experts", role, expected.layer, expert)]
-                     for expert in range(expected.shape[0]) for role in arch.FUSED_PARTS[expected.role]]
+                     for expert in range(expected.shape[0]) for role in family.fused_parts[expected.role]]
             groups.append((expected, parts))
-        elif expected.group == "router" and expected.name not in per_expert:
+        elif expected.group == "router" and expected.name not in per_expert:  # renamed: same bytes
             groups.append((expected, [by_key[("router", expected.role, expected.layer, None)]]))
     return groups
 
