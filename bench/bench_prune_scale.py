@@ -1,9 +1,14 @@
-"""`surgery prune` at scale: 50 % of a Qwen3-30B-A3B-shaped synthetic MoE with REAP calibration, peak RSS and time.
+"""`surgery prune` at scale: 50 % of a Qwen3-30B-A3B- or DeepSeek-V3-shaped synthetic MoE with REAP calibration,
+peak RSS and time.
 
     python bench/bench_prune_scale.py [--layers 12] [--tokens 512] [--workdir DIR]
+    python bench/bench_prune_scale.py --family deepseek_v3 --layers 4 --experts 64
 
-The MoE (synthetic weights, bf16): hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of FFN 768, top-8,
-vocabulary 151936, `--layers` layers (12: about 16 GB). `surgery prune --ratio 0.5 --criterion reap` scores
+The Qwen3-MoE (synthetic weights, bf16): hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of FFN 768, top-8,
+vocabulary 151936, `--layers` layers (12: about 16 GB). The DeepSeek-V3 slice: DeepSeek-V3's real widths (hidden
+7168, 128 MLA heads with q_lora_rank 1536 / kv_lora_rank 512, experts of FFN 2048, one shared expert, vocabulary
+129280, top-8 with group-limited routing over 8 groups, 4 used), `--experts` routed experts (a multiple of 8) and
+`--layers` layers of which the first is dense (FFN 18432): 4 layers of 64 experts are about 22 GB. `surgery prune --ratio 0.5 --criterion reap` scores
 every expert on `--tokens` pseudo-random calibration token ids through the layer-streaming runner
 (bfloat16 compute) and writes the kept half as byte copies (`--save-scores`). Then the write alone (the same
 prune from the saved scores, no model run) against the I/O floor of the same bytes (`cp -r` of the pruned
@@ -36,25 +41,42 @@ def config(layers: int) -> dict:
             "rope_theta": 1000000.0, "bos_token_id": 1, "eos_token_id": 2}
 
 
+def deepseek_config(layers: int, experts: int) -> dict:
+    return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
+            "num_hidden_layers": layers, "num_attention_heads": 128, "num_key_value_heads": 128, "vocab_size": 129280,
+            "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+            "v_head_dim": 128, "head_dim": 64, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "n_routed_experts": experts, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8,
+            "topk_group": 4, "first_k_dense_replace": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+            "num_nextn_predict_layers": 0, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False, "rope_theta": 10000.0, "bos_token_id": 0, "eos_token_id": 1}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=("qwen3_moe", "deepseek_v3"), default="qwen3_moe")
+    parser.add_argument("--experts", type=int, default=64, help="Routed experts per layer (deepseek_v3).")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--memory-budget", default=None,
+                        help="The prune's --memory-budget (default: surgery's own, a share of the free memory).")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-prune-scale-", dir=args.workdir))
     try:
-        source = make_synthetic_llama(work / "moe", config(args.layers), dtype="BF16", family="qwen3_moe")
+        shape = config(args.layers) if args.family == "qwen3_moe" else deepseek_config(args.layers, args.experts)
+        source = make_synthetic_llama(work / "moe", shape, dtype="BF16", family=args.family)
+        vocab = shape["vocab_size"]
         size = dir_bytes(source)
         ids = work / "calibration.jsonl"
         generator = random.Random(0)
-        ids.write_text("".join(json.dumps([generator.randrange(3, 151936) for _ in range(256)]) + "\n"
+        ids.write_text("".join(json.dumps([generator.randrange(3, vocab) for _ in range(256)]) + "\n"
                                for _ in range(max(1, args.tokens // 256))))
         out, scores = work / "pruned", work / "scores.json"
         wall, rss, _ = timed([str(c) for c in surgery_command(
             "prune", source, out, "--ratio", 0.5, "--criterion", "reap", "--calibration", ids,
             "--calibration-tokens", args.tokens, "--compute-dtype", "bfloat16", "--device", "cpu",
-            "--save-scores", scores)])
+            "--save-scores", scores, *(("--memory-budget", args.memory_budget) if args.memory_budget else ()))])
         written = dir_bytes(out)
         # The write alone: the same pruning from the saved scores (no model run), against the I/O floor of the
         # same bytes: `cp` of the pruned checkpoint (every byte read once and written once), after a sync each.
@@ -73,7 +95,8 @@ def main():
                  f"{floor_wall:.1f}", f"{floor_rss:.0f}", "1.00"]]
         print(markdown_table(["run", "input GB", "output GB", "wall s", "peak RSS MiB", "floor / run (wall)"], rows))
         print(f"\nBoth the write alone and cp start after a sync, {'with the page cache dropped (both read from disk)' if cold else 'with a warm page cache (dropping it was not permitted)'}.")
-        print(f"\nSynthetic Qwen3-MoE, {args.layers} layers, bf16; target: peak RSS <= 4 GiB: "
+        what = "Qwen3-MoE" if args.family == "qwen3_moe" else f"DeepSeek-V3 slice ({args.experts} experts)"
+        print(f"\nSynthetic {what}, {args.layers} layers, bf16; target: peak RSS <= 4 GiB: "
               f"{'PASS' if rss <= 4096 else 'FAIL'} ({rss:.0f} MiB); the write alone at "
               f"{floor_wall / write_wall:.2f} of the I/O floor's speed ({written / write_wall / 1e6:.0f} vs "
               f"{written / floor_wall / 1e6:.0f} MB/s)")

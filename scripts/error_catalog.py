@@ -201,6 +201,8 @@ class Fixtures:
                 "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
             "mixtral-fused-bad-shape": self._fused_bad_shape,
             "mixtral-two-winners": self._two_winners,
+            # 8 experts in n_group 2 groups, topk_group 1, top-2, an MTP layer (tests/test_hub_moes.py)
+            "deepseek_v3": lambda d: save_model(d, "deepseek_v3"),
         }
         return self._get(name, builders[name])
 
@@ -555,6 +557,15 @@ def argument_cases() -> list[Case]:
         (A, "--ratio outside [0, 1)", "prune", prune("--ratio", 1, "--criterion", "random"), "expected 0 <= R < 1"),
         (A, "a dense model to prune", "prune", prune("--keep", 2, "--criterion", "random", source="single"),
          "prune needs an MoE checkpoint"),
+        (A, "--keep not a multiple of n_group (group-limited routing)", "prune",
+         prune("--keep", 5, "--criterion", "random", source="deepseek_v3"),
+         "--keep 5: n_group = 2, and every group must keep the same number of experts"),
+        (A, "a group left with fewer experts than its score sums", "prune",
+         prune("--keep", 2, "--top-k", 1, "--criterion", "random", source="deepseek_v3"),
+         "each group must keep at least 2 (4 experts)"),
+        (A, "copy --top-k beyond the experts of the groups a token may use", "copy",
+         in_process(lambda d, fx: ["copy", fx.model("deepseek_v3"), d / "out", "--top-k", 5]),
+         "--top-k 5: a token may use 1 of 2 expert groups (topk_group), 4 experts in all"),
         (A, "a dense model to extract", "extract", extract("--expert", 0, source="single"),
          "extract needs an MoE checkpoint"),
         (A, "--expert out of range", "extract", extract("--expert", 4), "--expert 4: the source has experts 0-3"),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import click
 
+from surgery.checks import sizing
 from surgery.io.checkpoint import Checkpoint
 from surgery.operations.options import dtype_option
 from surgery.operations.output import OutputOptions, output_options, write
@@ -41,5 +42,5 @@ def run(src, out, options: CopyOptions = CopyOptions(), output: OutputOptions = 
     expert layout with layout="per-expert" or "fused", change an MoE's top_k / norm_topk_prob in its config).
     Returns a ``Result``."""
     output.check()
-    with Checkpoint.open(src) as source:
+    with sizing.config_only(output.dry_run, needs=f"writing {out}"), Checkpoint.open(src) as source:
         return write(build_plan(source, options.dtype, options.top_k, options.norm_topk_prob), out, output)

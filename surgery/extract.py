@@ -1,5 +1,8 @@
 """`surgery extract`: MoE -> dense, one FFN per layer made from the routed experts (docs/extract.md).
 
+The output is the MoE family's dense form (``Family.dense_form``): its dense counterpart, the same family with every
+layer dense, or a refusal that says why transformers has neither.
+
 ``--expert E`` keeps expert E's FFN (byte copies); ``--average uniform|frequency`` averages the experts' weights
 (frequency: weighted by each one's share of routed tokens on the calibration text, from ``surgery prune``'s
 scoring pass). A gated shared expert needs ``--shared-gate fold|drop``. The plan is
@@ -16,7 +19,7 @@ from surgery import families as arch
 from surgery.errors import SurgeryError, check_choice
 from surgery.execution.settings import RunOptions
 from surgery.experts.extract_plan import build_plan, describe, layer_weights, shared_rule
-from surgery.families.convert import dense_family
+from surgery.families.convert import extract_target
 from surgery.io.checkpoint import Checkpoint
 from surgery.operations.options import calibration_options, run_options
 from surgery.operations.output import OutputOptions, PostWriteCheck, output_options, write
@@ -75,8 +78,11 @@ def run(moe, out, options: ExtractOptions, output: OutputOptions = OutputOptions
     with Checkpoint.open(moe, require_config=True) as source:
         where = source.directory / "config.json"
         family = moe_family(source, "extract")
-        dense = dense_family(family, where)
+        dense = extract_target(family, source.directory)
         dims = arch.dimensions(family, source.config, where)
+        if not arch.moe_layers(family, source.config):
+            raise SurgeryError(f"{source.directory}: extract: this {family.architecture} has no MoE layer; every layer "
+                               f"is dense already")
         if options.expert is not None and not 0 <= options.expert < dims["experts"]:
             raise SurgeryError(f"--expert {options.expert}: the source has experts 0-{dims['experts'] - 1} per MoE "
                                f"layer")
@@ -90,11 +96,13 @@ def run(moe, out, options: ExtractOptions, output: OutputOptions = OutputOptions
         weights = layer_weights(family, source.config, options, frequencies)
         details = {"expert": options.expert, "average": options.average, "shared_gate": shared,
                    "dense_family": dense.name,
+                   "every_layer_dense": dense.dense_form.keys({**dense.defaults, **source.config})
+                   if dense is family else None,
                    "calibration": frequencies["calibration"] if frequencies else None,
                    "tokens": frequencies["tokens"] if frequencies else None,
                    "layers": {layer: {"weights": values} for layer, values in weights.items()}}
         plan = build_plan(source, family, dense, weights, shared, details, [])
-        plan.notes.extend(describe(options, family, dense, shared, frequencies))
+        plan.notes.extend(describe(options, family, dense, shared, frequencies, source.config))
         if plan.config["intermediate_size"] > dims["expert_ffn"] + (dims.get("shared_ffn") or 0) * (shared == "fold"):
             plan.notes.append(f"intermediate_size {plan.config['intermediate_size']}: the widest FFN; narrower ones "
                               f"get zero neurons, which add nothing")

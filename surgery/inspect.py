@@ -1,4 +1,7 @@
-"""`surgery inspect`: a checkpoint's architecture, layout, parameter counts and problems (``checks.inspection``)."""
+"""`surgery inspect`: a checkpoint's architecture, layout, parameter counts and problems (``checks.inspection``).
+
+A directory holding only config.json is sized from the family table (``checks.sizing``): total and active
+parameters, per-layer kinds and bytes, before anyone downloads the weights."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 import click
 
 from surgery import console
+from surgery.checks import sizing
 from surgery.checks.inspection import Report, analyse
 from surgery.checks.inspection_view import print_report
 from surgery.errors import SurgeryError
@@ -51,7 +55,8 @@ def command(path, as_json, strict, **options):
 
 def run(path, options: InspectOptions = InspectOptions()) -> Report:
     """A checkpoint's architecture, expert layout, parameter counts and problems, as an inspect ``Report``
-    (``report.to_json()`` is what ``surgery inspect --json`` prints)."""
+    (``report.to_json()`` is what ``surgery inspect --json`` prints); a directory holding only config.json is
+    sized from config.json (``report.config_only``; ``--stats`` needs the weights)."""
     options.check()
-    with Checkpoint.open(path) as checkpoint:
+    with sizing.config_only(not options.stats, needs="--stats"), Checkpoint.open(path) as checkpoint:
         return analyse(checkpoint, options.tensors, options.filter, options.stats)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import click
 
 from surgery import families as arch
+from surgery.checks import sizing
 from surgery.errors import SurgeryError, check_choice
 from surgery.execution.settings import RunOptions
 from surgery.experts import scores
-from surgery.experts.prune_plan import build_plan, choose, group_rule, groups_of, kept_count, output_top_k
+from surgery.experts.prune_plan import build_plan, choose, group_rule, kept_count, output_top_k
 from surgery.experts.scores import CALIBRATED, CRITERIA
 from surgery.io.checkpoint import Checkpoint
 from surgery.operations.options import calibration_options, run_options
@@ -81,8 +82,13 @@ def run(moe, out, options: PruneOptions, output: OutputOptions = OutputOptions(l
     (``result.plan.details["prune"]``: the scores and the kept and dropped experts per layer)."""
     output.check()
     options.check()
-    with Checkpoint.open(moe, require_config=True) as source:
+    with sizing.config_only(output.dry_run, needs=f"writing {out}"), \
+            Checkpoint.open(moe, require_config=True) as source:
         family = moe_family(source, "prune")
+        if source.config_only and options.scores is None and (options.criterion in CALIBRATED or options.save_scores):
+            raise SurgeryError(f"{source.directory}: holds only config.json, no weights: --criterion "
+                               f"{options.criterion}{' --save-scores' if options.save_scores else ''} runs the model on "
+                               f"calibration text; a config-only --dry-run takes --criterion random or --scores FILE")
         dims = arch.dimensions(family, source.config, source.directory / "config.json")
         keep = kept_count(options, dims["experts"])
         notes: list[str] = []
@@ -111,7 +117,7 @@ def run(moe, out, options: PruneOptions, output: OutputOptions = OutputOptions(l
         if calibrated is not None and options.criterion != "random":
             notes.append(f"{options.criterion} scores from {calibrated['calibration']} ({calibrated['tokens']} tokens)"
                          + (f", saved by an earlier run in {options.scores}" if options.scores else ""))
-        kept = choose(ranked, keep, groups_of(family, source.config)[0])
+        kept = choose(ranked, keep, arch.route_groups(family, source.config)[0])
         details = {"criterion": options.criterion, "experts": dims["experts"], "kept": keep, "top_k": top_k,
                    "seed": options.seed if options.criterion == "random" else None,
                    "calibration": calibrated["calibration"] if calibrated and options.criterion != "random" else None,

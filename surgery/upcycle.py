@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from surgery import families as arch
+from surgery.checks import sizing
 from surgery.errors import SurgeryError, check_choice
 from surgery.execution.settings import RunOptions
 from surgery.operations.options import FORMATS, OUTPUT_DTYPES, calibration_options, dtype_option, run_options
@@ -129,7 +130,10 @@ def run(src, out, options: UpcycleOptions, output: OutputOptions = OutputOptions
     """Upcycle SRC into OUT (the command and ``surgery.upcycle`` both land here); returns a ``Result``."""
     output.check()
     options.check()
-    plan = upcycle_plan.build_plan(src, options, spill_dir=Path(out).resolve().parent)
+    calibrated = options.router_init == "calibrated"
+    with sizing.config_only(output.dry_run and not calibrated,
+                            needs="--router-init calibrated" if output.dry_run else f"writing {out}"):
+        plan = upcycle_plan.build_plan(src, options, spill_dir=Path(out).resolve().parent)
     try:
         return write(plan, out, output, check=PostWriteCheck([src], exact=not options.diverse, settings=options.run))
     finally:

@@ -19,7 +19,9 @@ from surgery.execution.step import Collect, router_input_probe
 from surgery.execution.weights import ModelWeights
 from surgery.io.checkpoint import Checkpoint
 
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "flex_olmo"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "granitemoeshared", "flex_olmo", "deepseek_v3",
+                "deepseek_v2", "glm4_moe", "minimax_m2", "ernie4_5_moe", "olmoe", "phimoe", "qwen3_next",
+                "qwen3_5_moe_text"]
 
 
 @pytest.fixture(scope="module")

@@ -174,3 +174,37 @@ def test_group_rules_that_cannot_hold_are_refused_with_the_numbers(hub, tmp_path
     code, _, err = run_cli("prune", hub("deepseek_v3"), tmp_path / "out", "--keep", keep, "--top-k", 1,
                            "--criterion", "random")
     assert code != 0 and fragment in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("criterion", ["reap", "frequency", "activation", "random"])
+def test_every_criterion_prunes_a_group_routed_moe_into_a_checkpoint_that_verifies(hub, tmp_path, run_cli, token_file,
+                                                                                  criterion):
+    out = tmp_path / "out"
+    code, _, err = run_cli("prune", hub("deepseek_v3"), out, "--keep", 4, "--criterion", criterion,
+                           "--calibration", token_file)
+    assert code == 0, err
+    assert run_cli("verify", out)[0] == 0
+    model = load_model(out)
+    assert model.config.n_routed_experts == 4 and model.config.n_group == 2
+
+
+def test_copy_top_k_beyond_the_groups_a_token_may_use_is_refused(hub, tmp_path, run_cli):
+    source = hub("deepseek_v3")  # topk_group 1 of 2 groups of 4: a token reaches at most 4 experts
+    code, _, err = run_cli("copy", source, tmp_path / "out", "--top-k", 5)
+    assert code != 0 and "--top-k 5: a token may use 1 of 2 expert groups (topk_group), 4 experts in all" in err
+    assert run_cli("copy", source, tmp_path / "ok", "--top-k", 4)[0] == 0
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "minimax_m2", "ernie4_5_moe", "phimoe"])
+def test_a_fused_checkpoint_prunes_to_the_same_experts_and_router_tensors(hub, family, tmp_path, run_cli):
+    """Stored fused (transformers 5's names: MiniMax's `mlp.e_score_correction_bias`, ERNIE's
+    `mlp.gate.moe_statics...`, Phi-3.5-MoE's `mlp.router`), pruned to per-expert: the same tensors as pruning the
+    per-expert checkpoint."""
+    source = hub(family)
+    assert run_cli("copy", source, tmp_path / "fused", "--layout", "fused")[0] == 0
+    for name, start in (("a", source), ("b", tmp_path / "fused")):
+        code, _, err = run_cli("prune", start, tmp_path / name, "--keep", 4 if family == "deepseek_v3" else 2,
+                               "--criterion", "random", "--layout", "per-expert")
+        assert code == 0, err
+    first, second = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)

@@ -66,9 +66,19 @@ CONFIGS = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=12, num_experts=4, num_experts_per_tok=2)),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=12, num_local_experts=4,
                                                         num_experts_per_tok=2, attention_bias=True, lm_head_bias=True)),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(  # hybrid: gated DeltaNet and gated attention
+        num_hidden_layers=4, layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        mlp_only_layers=[2], intermediate_size=44, moe_intermediate_size=12, shared_expert_intermediate_size=20,
+        num_experts=4, num_experts_per_tok=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=6, linear_conv_kernel_dim=3, mtp_num_hidden_layers=1)),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(  # every layer MoE
+        num_hidden_layers=4, full_attention_interval=2, moe_intermediate_size=12, shared_expert_intermediate_size=20,
+        num_experts=4, num_experts_per_tok=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=6, linear_conv_kernel_dim=3, mtp_num_hidden_layers=1)),
 }
 # the families never built from a dense model: read, pruned, copied and extracted only
-HUB_MOES = ("deepseek_v3", "deepseek_v2", "glm4_moe", "gpt_oss", "minimax_m2", "ernie4_5_moe", "olmoe", "phimoe")
+HUB_MOES = ("deepseek_v3", "deepseek_v2", "glm4_moe", "gpt_oss", "minimax_m2", "ernie4_5_moe", "olmoe", "phimoe",
+            "qwen3_next", "qwen3_5_moe_text")
 
 
 def build_model(family: str, seed: int = 0, **overrides):
@@ -97,6 +107,8 @@ def save_model(directory: Path, family: str, seed: int = 0, dtype: str = "float3
     model.save_pretrained(directory, **kwargs)
     if getattr(model.config, "num_nextn_predict_layers", None):
         add_mtp_layer(Path(directory), model)
+    elif getattr(model.config, "mtp_num_hidden_layers", None):
+        add_mtp_module(Path(directory), model)
     return Path(directory)
 
 
@@ -104,8 +116,6 @@ def add_mtp_layer(directory: Path, model) -> None:
     """Append the multi-token-prediction layer hub checkpoints of DeepSeek-V3 and GLM-4.5 store after the last
     decoder layer (``model.layers.{N}``: a decoder layer's tensors plus ``enorm``, ``hnorm``, ``eh_proj`` and
     ``shared_head.norm``), random, in a shard of its own listed in the index; transformers ignores it on load."""
-    from safetensors.torch import load_file, save_file
-
     state = tensors(directory)  # the stored names (per expert), as the hub's MTP layer stores them
     last, count = model.config.num_hidden_layers - 1, model.config.num_hidden_layers
     hidden = model.config.hidden_size
@@ -117,6 +127,29 @@ def add_mtp_layer(directory: Path, model) -> None:
     for name, shape in (("enorm.weight", (hidden,)), ("hnorm.weight", (hidden,)), ("eh_proj.weight", (hidden, 2 * hidden)),
                         ("shared_head.norm.weight", (hidden,))):
         mtp[f"model.layers.{count}.{name}"] = torch.randn(shape, generator=generator).to(model.dtype)
+    add_shard(directory, mtp, "model-mtp.safetensors")
+
+
+def add_mtp_module(directory: Path, model) -> None:
+    """The multi-token-prediction module Qwen3-Next / Qwen3.5 checkpoints store under ``mtp.``:
+    ``mtp_num_hidden_layers`` copies of the last decoder layer (``mtp.layers.{i}``), ``fc``, its two input norms and a
+    final norm; random where not copied, in a shard of its own; transformers ignores ``mtp.*`` on load."""
+    state = tensors(directory)
+    last, hidden = f"model.layers.{model.config.num_hidden_layers - 1}.", model.config.hidden_size
+    generator = torch.Generator().manual_seed(7)
+    mtp = {name.replace(last, f"mtp.layers.{index}."): value.clone()
+           for index in range(model.config.mtp_num_hidden_layers) for name, value in state.items()
+           if name.startswith(last)}
+    for name, shape in (("fc.weight", (hidden, 2 * hidden)), ("pre_fc_norm_embedding.weight", (hidden,)),
+                        ("pre_fc_norm_hidden.weight", (hidden,)), ("norm.weight", (hidden,))):
+        mtp[f"mtp.{name}"] = torch.randn(shape, generator=generator).to(model.dtype)
+    add_shard(directory, mtp, "model-mtp.safetensors")
+
+
+def add_shard(directory: Path, added: dict, file_name: str) -> None:
+    """Save `added` tensors as one more shard of the checkpoint in `directory`, listed in its index (made if absent)."""
+    from safetensors.torch import load_file, save_file
+
     shards = sorted(directory.glob("*.safetensors"))
     index_path = directory / "model.safetensors.index.json"
     if not index_path.exists():  # one file: move it into an index
@@ -126,9 +159,9 @@ def add_mtp_layer(directory: Path, model) -> None:
         index = {"metadata": {}, "weight_map": weight_map}
     else:
         index = json.loads(index_path.read_text())
-    save_file({name: value.contiguous() for name, value in mtp.items()}, directory / "model-mtp.safetensors",
+    save_file({name: value.contiguous() for name, value in added.items()}, directory / file_name,
               metadata={"format": "pt"})
-    index["weight_map"].update({name: "model-mtp.safetensors" for name in mtp})
+    index["weight_map"].update({name: file_name for name in added})
     index_path.write_text(json.dumps(index, indent=2))
 
 

@@ -1,7 +1,8 @@
 """What `surgery inspect` computes: a checkpoint's architecture, layout, parameter counts and problems.
 
 Everything but ``tensor_stats`` comes from headers and config.json; ``tensor_stats`` streams every tensor
-once (one tensor in memory at a time).
+once (one tensor in memory at a time). A directory holding only config.json is sized from the family table
+(``checks.sizing``: the parameter counts' definitions are there).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 from surgery import console
 from surgery import families as arch
+from surgery.checks import sizing
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.finite import nonfinite_counts
 
@@ -30,10 +32,16 @@ class Report:
     shards: list
     bytes_on_disk: int
     parameters: int
-    active_parameters: int | None
+    active_parameters: int | None  # parameters less the routed experts a token does not use (checks.sizing)
     moe: dict | None
     layers: list
     mtp_parameters: int | None = None  # multi-token-prediction layers stored beside the model (not in `parameters`)
+    active_parameters_without_embedding: int | None = None  # active less the input embedding matrix
+    config_only: bool = False  # sizes from config.json: no weights in the directory
+    weight_bytes: int = 0  # the tensors' bytes (config only: in config.json's dtype)
+    mtp_layers: int | None = None  # multi-token-prediction layers config.json declares
+    layer_kinds: list | None = None  # per decoder layer: ffn dense | moe, attention kind where layers differ
+    notes: list = field(default_factory=list)
     problems: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     tensors: list | None = None
@@ -85,7 +93,7 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
     if globals_:
         layers.append({"layer": None, "groups": {g: {"tensors": c[0], "parameters": c[1]} for g, c in globals_.items()}})
 
-    summary, moe, active = {}, None, None
+    summary, moe, sizes = {}, None, None
     if config is not None:
         summary = {
             "layers": dims["layers"], "hidden_size": dims["hidden"], "intermediate_size": dims.get("ffn"),
@@ -100,27 +108,34 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
                    "shared_expert_intermediate_size": dims.get("shared_ffn") or None,
                    "moe_layers": moe_layers, "dense_layers": [l for l in range(dims["layers"]) if l not in moe_layers],
                    "norm_topk_prob": config.get("norm_topk_prob")}
-            routed = sum(c[1] for l, groups in per_layer.items() for g, c in groups.items() if g == "experts")
-            active = total - (round(routed * (1 - top_k / experts)) if experts and top_k else 0)
-        else:
-            active = total
+        sizes = sizing.count(family, config, {name: info.numel for name, info in checkpoint.tensors.items()},
+                             expected, mtp)
 
     report = Report(
         path=str(checkpoint.path), architecture=family.architecture if family else None,
-        family=family.name if family else None, kind=family.kind if family else None, expert_layout=layout,
+        family=family.name if family else None, kind=family.kind if family else None,
+        expert_layout=None if checkpoint.config_only else layout,
         summary=summary,
         dtypes=dict(Counter(info.dtype for info in checkpoint.tensors.values())),
         shards=[{"file": shard.name, "bytes": shard.stat().st_size,
                  "tensors": sum(1 for i in checkpoint.tensors.values() if i.file == shard)} for shard in checkpoint.shards],
         bytes_on_disk=sum(shard.stat().st_size for shard in checkpoint.shards),
-        parameters=total, active_parameters=active, moe=moe, layers=layers, problems=problems,
-        mtp_parameters=sum(checkpoint.tensors[name].numel for name in mtp) or None)
+        parameters=total, active_parameters=sizes.active if sizes else None, moe=moe, layers=layers,
+        problems=problems, mtp_parameters=sum(checkpoint.tensors[name].numel for name in mtp) or None,
+        active_parameters_without_embedding=sizes.active_without_embedding if sizes else None,
+        config_only=checkpoint.config_only, weight_bytes=checkpoint.total_bytes,
+        mtp_layers=sizing.mtp_layer_count(family, config) if family else None,
+        layer_kinds=sizing.layer_kinds(family, config) if family else None)
+    if checkpoint.config_only:
+        report.notes += sizing.config_notes(config)
     if config is None:
         report.warnings.append("no config.json beside the checkpoint: architecture and shapes not checked")
     selected = [info for name, info in checkpoint.tensors.items() if not pattern or re.search(pattern, name)]
     if with_tensors or pattern:
-        report.tensors = [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype, "shard": i.file.name,
-                           "offset": i.offset, "bytes": i.nbytes} for i in selected]
+        stored = not checkpoint.config_only  # config only: no shard, no offset
+        report.tensors = [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype,
+                           "shard": i.file.name if stored else None, "offset": i.offset if stored else None,
+                           "bytes": i.nbytes} for i in selected]
     if with_stats:
         report.stats = tensor_stats(checkpoint, [info.name for info in selected])
         for name, stat in report.stats.items():

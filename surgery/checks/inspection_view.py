@@ -12,6 +12,10 @@ def print_report(report: Report, show_layers: bool = True) -> None:
     out = console.stdout
     title = report.architecture or "unknown architecture"
     out.print(f"[bold]{report.path}[/]: {title}" + (f" ({report.kind}, experts {report.expert_layout})" if report.expert_layout else f" ({report.kind})" if report.kind else ""))
+    if report.config_only:
+        out.print("[bold]config only: sizes from config.json, no weights[/]")
+    for note in report.notes:
+        console.note(note)
     rows = [(key.replace("_", " "), str(value)) for key, value in report.summary.items() if value is not None]
     if report.moe:
         moe = report.moe
@@ -19,13 +23,24 @@ def print_report(report: Report, show_layers: bool = True) -> None:
         if moe.get("shared_expert_intermediate_size"):
             rows.append(("shared expert", f"intermediate size {moe['shared_expert_intermediate_size']}"))
         rows.append(("MoE layers", _ranges(moe["moe_layers"]) + (f"; dense: {_ranges(moe['dense_layers'])}" if moe["dense_layers"] else "")))
-    rows += [
-        ("dtypes", ", ".join(f"{d} × {n}" for d, n in report.dtypes.items())),
-        ("shards", f"{len(report.shards)} ({format_bytes(report.bytes_on_disk)} on disk)"),
-        ("parameters", f"{format_count(report.parameters)} ({report.parameters:,})"),
-    ]
+    rows += _kind_rows(report.layer_kinds)
+    rows.append(("dtypes", ", ".join(f"{d} × {n}" for d, n in report.dtypes.items())))
+    if report.config_only:
+        rows.append(("size", f"{format_bytes(report.weight_bytes)} in {', '.join(report.dtypes) or 'no'} tensors "
+                             "(from config.json; no weights on disk)"))
+    else:
+        rows.append(("shards", f"{len(report.shards)} ({format_bytes(report.bytes_on_disk)} on disk)"))
+    rows.append(("parameters", f"{format_count(report.parameters)} ({report.parameters:,})"))
     if report.active_parameters is not None and report.active_parameters != report.parameters:
-        rows.append(("active per token", f"{format_count(report.active_parameters)} ({report.active_parameters:,})"))
+        rows.append(("active per token", f"{format_count(report.active_parameters)} ({report.active_parameters:,}): "
+                                         "all but the routed experts a token does not use"))
+        without = report.active_parameters_without_embedding
+        if without is not None:
+            rows.append(("active w/o embedding", f"{format_count(without)} ({without:,}): less the input embedding"))
+    if report.mtp_layers or report.mtp_parameters:
+        sized = (f"{format_count(report.mtp_parameters)} ({report.mtp_parameters:,}) stored" if report.mtp_parameters
+                 else "not sized: their shapes are not in the family table" if report.config_only else "not stored")
+        rows.append(("MTP layers", f"{report.mtp_layers or '?'} ({sized}; not in parameters)"))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:  # lines, not a table: a long value wraps as text, never inside a cell
         out.print(f"  [cyan]{key:<{width}}[/]  {value}")
@@ -50,7 +65,8 @@ def print_report(report: Report, show_layers: bool = True) -> None:
                                     overflow="fold" if column == "name" else None, no_wrap=column != "name")
         for t in report.tensors:
             cells = {"name": t["name"], "shape": "×".join(map(str, t["shape"])) or "scalar", "dtype": t["dtype"],
-                     "shard": t["shard"], "offset": str(t["offset"]), "bytes": str(t["bytes"])}
+                     "shard": t["shard"] or "-", "offset": "-" if t["offset"] is None else str(t["offset"]),
+                     "bytes": str(t["bytes"])}
             tensor_table.add_row(*(cells[column] for column in columns))
         out.print(tensor_table)
     if report.stats is not None:
@@ -68,6 +84,8 @@ def print_report(report: Report, show_layers: bool = True) -> None:
         out.print(stats_table)
     for warning in report.warnings:
         console.warn(warning)
+    if report.config_only:
+        return  # no weights: nothing to check against config.json
     if report.problems:
         out.print(f"[bold red]problems ({len(report.problems)}):[/]")
         for problem in report.problems:
@@ -91,6 +109,25 @@ def _layer_rows(layers: list, groups: list) -> list[tuple[str, list[str]]]:
             rows.append(([layer["layer"]], cells))
     out = [(_ranges(numbers), cells) for numbers, cells in rows]
     return out + ([("global", globals_)] if globals_ is not None else [])
+
+
+def _kind_rows(kinds: list | None) -> list[tuple[str, str]]:
+    """The layers of each attention kind, where layers differ (the FFN kinds are the MoE layers row)."""
+    if not kinds or not any("attention" in kind for kind in kinds):
+        return []
+    by_kind: dict[str, list[int]] = {}
+    for kind in kinds:
+        by_kind.setdefault(kind["attention"], []).append(kind["layer"])
+    return [("attention", "; ".join(f"{name.replace('_attention', '')} × {len(layers)}: {_progression(layers)}"
+                                    for name, layers in by_kind.items()))]
+
+
+def _progression(values: list[int]) -> str:
+    """Layers as ranges, or as 'a, b, ..., z' where they step evenly (every other layer)."""
+    steps = {b - a for a, b in zip(values, values[1:])}
+    if len(values) > 3 and len(steps) == 1 and steps != {1}:
+        return f"{values[0]}, {values[1]}, ..., {values[-1]}"
+    return _ranges(values)
 
 
 def _ranges(values: list[int]) -> str:

@@ -79,7 +79,7 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
     placement = runner.placement
     device, dtype = placement.device, placement.dtype
     experts = session._module.get_submodule(layout.module)
-    attention_module = runner.weights.family.attention_module
+    attention_module = session.attention_module
     replay, session._attention = session._attention, None
     if replay is not None:  # the attention's output is replayed: its weights are not needed in this pass
         session.release(attention_module)

@@ -33,6 +33,11 @@ class LayerSession:
         self._overrides: dict = {}  # weights set by set_parameter: applied whenever read, never released
         self.needs_output = True  # whether the next layer (or the head) will read this layer's output
         self._attention: HiddenStore | None = None  # kept by a stopped pass (runner.reuse_attention)
+        weights = runner.weights
+        # transformers' attention module of this layer (a hybrid family's layer type chooses it), and whether it
+        # returns a tuple (its output first) or its output alone (Qwen3-Next's linear attention): seen when kept
+        self.attention_module = weights.family.attention_module_of(weights.config, layer)
+        self._attention_tuple = True
 
     @property
     def module(self):
@@ -71,7 +76,7 @@ class LayerSession:
         block's input or inside the attention before it (RegMean's passes stop at o_proj's input); without its
         experts when their forward is replaced; without its attention when its output is replayed."""
         family = self.runner.weights.family
-        attention = family.attention_module
+        attention = self.attention_module
         skip = []
         if stop_after is not None and (stop_after in (family.router_input, attention)
                                        or stop_after.startswith(attention + ".")):
@@ -138,20 +143,25 @@ class LayerSession:
 
     @contextlib.contextmanager
     def _attention_kept(self, module, sink: list | None, replay):
-        """Keep the attention module's output in `sink`, or return `replay` in place of computing it (its
-        second output, the attention weights, is None: the decoder layers discard it)."""
+        """Keep the attention module's output in `sink`, or return `replay` in place of computing it, in the form
+        the module returns it (in a tuple, the attention weights None: the decoder layers discard them)."""
         if sink is None and replay is None:
             yield
             return
-        attention = module.get_submodule(self.runner.weights.family.attention_module)
+        attention = module.get_submodule(self.attention_module)
         if replay is not None:
-            attention.forward = lambda *args, **kwargs: (replay, None)
+            attention.forward = lambda *args, **kwargs: (replay, None) if self._attention_tuple else replay
             try:
                 yield
             finally:
                 del attention.forward
             return
-        handle = attention.register_forward_hook(lambda _m, _args, output: sink.append(output[0].detach()))
+
+        def keep(_module, _args, output):
+            self._attention_tuple = isinstance(output, tuple)
+            sink.append((output[0] if self._attention_tuple else output).detach())
+
+        handle = attention.register_forward_hook(keep)
         try:
             yield
         finally:

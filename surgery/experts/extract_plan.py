@@ -1,11 +1,13 @@
-"""The extract plan: every MoE layer's FFN made from its routed experts, in the MoE's dense family.
+"""The extract plan: every MoE layer's FFN made from its routed experts, in the MoE's dense form.
 
-The dense family is the one the MoE family is made from (``families.dense_family``: Mixtral -> Mistral,
-Qwen2-MoE -> Qwen2, Qwen3-MoE -> Qwen3, FlexOlmo -> OLMo 2, GraniteMoE(Shared) -> Granite). Per MoE layer
-the dense FFN is one expert's (byte copies) or the experts' weights averaged (``WeightedMean``); a shared
+The dense form is the family's (``families.convert.extract_target``): the dense family the MoE family is made
+from (Mixtral -> Mistral, Qwen2-MoE -> Qwen2, Qwen3-MoE -> Qwen3, FlexOlmo -> OLMo 2, GraniteMoE(Shared) ->
+Granite), or the MoE family itself with every layer dense (DeepSeek-V3/V2, GLM-4.5, ERNIE 4.5: an ``AllDense``).
+Per MoE layer the dense FFN is one expert's (byte copies) or the experts' weights averaged (``WeightedMean``), its
+down_proj scaled by the routed scale (DeepSeek's ``routed_scaling_factor``) where the family has one; a shared
 expert's neurons are appended (its down columns scaled by the share of its output the model adds) or left out.
-Dense layers are copied, zero neurons appended where the extracted FFN is wider. Everything else is copied.
-"""
+Dense layers are copied, zero neurons appended where another layer's FFN is wider. Routers and multi-token-
+prediction layers are left out; everything else is copied."""
 
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ import json
 
 from surgery import families as arch
 from surgery.errors import SurgeryError
-from surgery.families.convert import dense_config
+from surgery.families.convert import all_dense_config, dense_config, routed_scale
 from surgery.io.checkpoint import Checkpoint
 from surgery.plan.layouts import expert_parts
 from surgery.plan.mean import WeightedMean
-from surgery.plan.nodes import Concat, Copy, PadRows, Recipe, Scale
+from surgery.plan.nodes import Concat, Copy, Init, PadRows, Recipe, Scale
 from surgery.plan.plan import OutputTensor, Plan
 
 
@@ -56,8 +58,44 @@ def _combined(pieces: dict, role: str, layer: int, weights: list[float]) -> Reci
     return WeightedMean([recipe for _, recipe in used], [weight for weight, _ in used])
 
 
+def _moe_ffn(source: Checkpoint, family, out_spec, layer: int, pieces: dict, views: dict, weights: list[float],
+             shared: str | None, scale: float, dims: dict) -> Recipe:
+    """One dense FFN tensor of an MoE layer: the routed part (one expert's, or the mean; its output side scaled by the
+    routed scale) and the shared expert's neurons (folded: appended, its output side scaled by the share the model
+    adds). A bias the routed experts lack is zero for their neurons (they add none); a tensor without a neuron axis
+    (the down bias) is added to the output: the shared expert's, or zero."""
+    role = out_spec.role
+    axis = out_spec.shape.index("ffn") if "ffn" in out_spec.shape else None
+    output_side = out_spec.shape[0] == "hidden"  # down_proj and its bias: what the FFN adds to the residual stream
+    parts = []
+    if (role, layer, 0) in pieces:
+        part = _combined(pieces, role, layer, weights)
+        parts.append(Scale(part, scale) if output_side and scale != 1.0 else part)
+    elif axis is not None:
+        parts.append(Init("zero", (dims["expert_ffn"],)))
+    if shared == "fold" and any(spec.role == role for spec in family.shared_expert):
+        name = family.spec("shared_expert", role).name(layer)
+        part = Copy(source, *views[name]) if name in views else Copy(source, name)
+        parts.append(Scale(part, family.shared_scale) if output_side and family.shared_scale != 1.0 else part)
+    if axis is None:
+        if len(parts) > 1:
+            raise SurgeryError(f"{family.architecture}: the routed experts' {role} would have to be added to the shared "
+                               f"expert's; extract does not compute sums")
+        return parts[0] if parts else Init("zero", arch.shape_of(out_spec, dims))
+    return parts[0] if len(parts) == 1 else Concat(parts, dim=axis)
+
+
+def _padded(recipe: Recipe, out_spec, width: int, size: int) -> Recipe:
+    """Zero neurons appended up to `size` (the config's one intermediate_size), along the tensor's neuron axis."""
+    if "ffn" not in out_spec.shape or width >= size:
+        return recipe
+    return PadRows(recipe, size, dim=out_spec.shape.index("ffn"))
+
+
 def build_plan(source: Checkpoint, family, dense, weights: dict[int, list[float]], shared: str | None,
                details: dict, notes: list[str]) -> Plan:
+    """`dense` is the dense family, or `family` itself (an ``AllDense`` dense form: its config makes every layer
+    dense)."""
     config = source.config
     where = source.directory / "config.json"
     layout = arch.detect_expert_layout(family, source.tensors)
@@ -66,56 +104,88 @@ def build_plan(source: Checkpoint, family, dense, weights: dict[int, list[float]
     extracted = dims["expert_ffn"] + shared_ffn
     dense_sizes = [dims["ffn"]] if len(weights) < dims["layers"] else []
     size = max([extracted] + dense_sizes)
-    new_config = dense_config(family, config, dense, size, where)
+    if dense is family:
+        new_config = all_dense_config(family, config, size)
+    else:
+        new_config = dense_config(family, config, dense, size, where)
     known = arch.expected_tensors(family, config, layout, where)
-    extra = [name for name in source.tensors if name not in known]
+    mtp = set(arch.mtp_tensors(family, config, source.tensors))
+    extra = [name for name in source.tensors if name not in known and name not in mtp]
     if extra:
         raise SurgeryError(f"{source.directory}: tensor {extra[0]!r} is not part of a {family.architecture} "
                            f"checkpoint with this config.json; extract would drop it")
+    if mtp:
+        new_config.update(family.mtp_off)
+        notes.append(f"the {len(mtp)} multi-token-prediction tensors are left out ("
+                     + ", ".join(f"{key}: {value}" for key, value in family.mtp_off.items())
+                     + "): transformers does not run them; the output decodes without MTP speculation")
+    _, scale = routed_scale(family, config)
     pieces = expert_parts(source, family, config, layout)
     views = {name: (stored, (start, stop)) for name, (stored, start, stop) in arch.source_views(family, config).items()}
     tensors = []
     for expected in arch.expected_tensors(dense, new_config, "per_expert", "the output's config.json").values():
         if expected.group != "ffn":
             recipe = Copy(source, expected.name)
-        elif expected.layer in weights:
-            recipe = _combined(pieces, expected.role, expected.layer, weights[expected.layer])
-            if shared == "fold":
-                name = family.spec("shared_expert", expected.role).name(expected.layer)
-                part = Copy(source, *views[name]) if name in views else Copy(source, name)
-                if expected.role == "down" and family.shared_scale != 1.0:
-                    part = Scale(part, family.shared_scale)
-                recipe = Concat([recipe, part], dim=1 if expected.role == "down" else 0)
         else:
-            recipe = Copy(source, family.spec("ffn", expected.role).name(expected.layer))
-            stored = source.info(recipe.name).shape
-            if list(stored) != list(expected.shape):
-                recipe = PadRows(recipe, size, dim=-1 if expected.role == "down" else 0)
-        if expected.group == "ffn" and expected.layer in weights and size > extracted:
-            recipe = PadRows(recipe, size, dim=-1 if expected.role == "down" else 0)
-        dtype = source.info(recipe.inputs()[0][1]).dtype
-        tensors.append(OutputTensor(expected.name, expected.shape, dtype, recipe))
+            out_spec = dense.spec("ffn", expected.role)
+            if expected.layer in weights:
+                recipe = _moe_ffn(source, family, out_spec, expected.layer, pieces, views, weights[expected.layer],
+                                  shared, scale, dims)
+                width = extracted
+            else:
+                recipe = Copy(source, family.spec("ffn", expected.role).name(expected.layer))
+                width = dims["ffn"]
+            recipe = _padded(recipe, out_spec, width, size)
+        inputs = recipe.inputs() or next(piece for key, piece in pieces.items() if key[1] == expected.layer).inputs()
+        tensors.append(OutputTensor(expected.name, expected.shape, source.info(inputs[0][1]).dtype, recipe))
     metadata = {"surgery_sources": json.dumps([str(source.path)]), "surgery_extract": json.dumps(details)}
     return Plan("extract", tensors, new_config, [source], side_files=source.side_files(), metadata=metadata,
                 notes=notes, details={"extract": details})
 
 
-def describe(options, family, dense, shared: str | None, frequencies) -> list[str]:
+def describe(options, family, dense, shared: str | None, frequencies, config: dict) -> list[str]:
     """The notes of a run: what the dense FFN is, true of this run."""
     notes = []
-    if options.expert is not None:
-        notes.append(f"{family.name} -> {dense.name}: every MoE layer's FFN is expert {options.expert}'s (byte copies)")
+    if dense is family:
+        keys = family.dense_form.keys({**family.defaults, **config})
+        target = f"{family.name} with every layer dense (" + ", ".join(f"{k}: {v}" for k, v in keys.items()) + ")"
     else:
-        notes.append(f"{family.name} -> {dense.name}: every MoE layer's FFN is the "
+        target = f"{family.name} -> {dense.name}"
+    key, scale = routed_scale(family, config)
+    scaled = f"; its down_proj times {key} {scale:g}" if scale != 1.0 else ""
+    if options.expert is not None:
+        notes.append(f"{target}: every MoE layer's FFN is expert {options.expert}'s (byte copies{scaled})")
+    else:
+        notes.append(f"{target}: every MoE layer's FFN is the "
                      + ("mean" if options.average == "uniform" else "routing-frequency-weighted mean")
                      + " of the experts' weights, not of their outputs: the extract computes something else than "
                        "the MoE"
                      + (f" (frequencies from {frequencies['calibration']}, {frequencies['tokens']} tokens)"
-                        if frequencies else ""))
+                        if frequencies else "") + (f" ({scaled[2:]})" if scaled else ""))
     if shared == "fold":
         notes.append(f"the shared expert's neurons are appended to each MoE layer's FFN, its down_proj scaled by "
                      f"{family.shared_scale:g}" + (" (its gate's sigmoid at 0: exact only where the gate's weights "
                                                    "are zero)" if family.shared_scale != 1.0 else " (exact)"))
     elif shared == "drop":
         notes.append("the shared expert is left out (--shared-gate drop)")
+    if dense is family:
+        notes.append(_computed(options, family, shared, config))
     return notes
+
+
+def _computed(options, family, shared: str | None, config: dict) -> str:
+    """What an MoE layer's dense FFN computes, against what the MoE computes (an extract is exact only where the
+    experts are identical and their top-k weights sum to 1)."""
+    key, scale = routed_scale(family, config)
+    routed = f"expert {options.expert}'s FFN" if options.expert is not None else "the averaged FFN"
+    if scale != 1.0:
+        routed = f"{key} {scale:g} x {routed}"
+    if shared == "fold":
+        routed += " + the shared experts' FFN"
+    if arch.renormalises_top_k(family, config):
+        times = f", times {key} {scale:g}" if key else ""
+        return (f"each MoE layer's dense FFN computes {routed}: the MoE's output where its experts are identical "
+                f"(their top-k weights sum to 1{times}), an approximation otherwise")
+    why = f"{family.top_k_norm} false" if family.top_k_norm else f"{family.architecture}'s router never does"
+    return (f"each MoE layer's dense FFN computes {routed}; the MoE's top-k weights are not renormalised ({why}) "
+            f"and sum to less than 1, so the two differ even where the experts are identical")

@@ -43,21 +43,11 @@ def output_top_k(options, top_k: int, keep: int, notes: list[str]) -> int:
     return keep
 
 
-def groups_of(family, config: dict) -> tuple[int, int]:
-    """(expert groups, groups a token may use) under group-limited routing; (1, 1) without it."""
-    if family.group_keys is None:
-        return 1, 1
-    if family.group_when is not None and arch.config_value(family, config, family.group_when[0]) != family.group_when[1]:
-        return 1, 1
-    count, used = (arch.config_value(family, config, key) or 1 for key in family.group_keys)
-    return int(count), int(used)
-
-
 def group_rule(family, config: dict, experts: int, keep: int, top_k: int, options, notes: list[str]) -> int:
     """The experts kept per layer under group-limited routing: the same number in every group (llm-compressor's
     rule: routing picks groups first, so each group must stay the same size), at least the fewest a group's score
     needs, and enough that the groups a token may use still hold its top-k. Refused, with the numbers, otherwise."""
-    groups, used = groups_of(family, config)
+    groups, used = arch.route_groups(family, config)
     if groups == 1 and keep >= family.group_min_experts:
         return keep
     n_group, topk_group = family.group_keys or ("groups", "groups used")

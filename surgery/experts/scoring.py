@@ -20,7 +20,7 @@ class ExpertScores(Step):
     def __init__(self, family, config: dict):
         dims = arch.dimensions(family, config)
         self.family, self.experts, self.top_k = family, dims["experts"], dims["top_k"]
-        self.renormalise = family.top_k_norm is None or bool(arch.config_value(family, config, family.top_k_norm))
+        self.renormalise = arch.renormalises_top_k(family, config)
         self.layers = arch.moe_layers(family, config)
         self.last_layer = max(self.layers)
         self.experts_path = family.router_input + ".experts"

@@ -18,50 +18,15 @@ outside the family modules names a family (tests/test_families.py scans for it).
 package is cheap: no torch, no transformers.
 """
 
-from surgery.families.base import (
-                                    BASE_DEFAULTS,
-                                    DENSE_FFN,
-                                    FUSED_EXPERTS,
-                                    FUSED_PARTS,
-                                    GLOBAL,
-                                    NORMS,
-                                    O_BIAS,
-                                    QK_NORM,
-                                    QKVO,
-                                    QWEN_SPARSE_DEFAULTS,
-                                    Conversion,
-                                    Expected,
-                                    Family,
-                                    FusedSource,
-                                    L,
-                                    Spec,
-                                    config_value,
-                                    detect_expert_layout,
-                                    dimensions,
-                                    expected_tensors,
-                                    is_moe_layer,
-                                    moe_layers,
-                                    mtp_tensors,
-                                    per_expert,
-                                    qkv_bias,
-                                    router_specs,
-                                    shape_of,
-                                    source_views,
-                                    specs,
-)
+from surgery.families.base import (BASE_DEFAULTS, DENSE_FFN, FUSED_EXPERTS, FUSED_PARTS, GLOBAL, NORMS, O_BIAS,
+                                    QK_NORM, QKVO, QWEN_SPARSE_DEFAULTS, Conversion, Expected, Family, FusedSource, L,
+                                    Spec, config_value, detect_expert_layout, dimensions, expected_tensors,
+                                    is_moe_layer, moe_layers, per_expert, qkv_bias, shape_of, source_views, specs)
 from surgery.families.convert import DROPPED_KEYS, moe_config, moe_target
-from surgery.families.moe_layers import after_first_k_dense, every_layer, moe_interval, qwen_layers
-from surgery.families.registry import (
-                                    CONVERSIONS,
-                                    DEFAULT_TARGET,
-                                    FAMILIES,
-                                    TARGET_SETTINGS,
-                                    auto_formats,
-                                    detect_family,
-                                    family_modules,
-                                    moe_formats,
-                                    supported,
-)
+from surgery.families.moe_layers import (after_first_k_dense, every_layer, moe_interval, mtp_tensors, qwen_layers,
+                                         renormalises_top_k, route_groups, router_specs)
+from surgery.families.registry import (CONVERSIONS, DEFAULT_TARGET, FAMILIES, TARGET_SETTINGS, auto_formats,
+                                       detect_family, family_modules, moe_formats, supported)
 from surgery.families.sliding import SLIDING_FROM_MAX_WINDOW_LAYERS, SlidingWindow, layer_windows, windows_config
 
 __all__ = [
@@ -71,5 +36,6 @@ __all__ = [
     "after_first_k_dense", "auto_formats", "config_value", "detect_expert_layout", "detect_family", "dimensions",
     "every_layer", "expected_tensors", "family_modules", "is_moe_layer", "layer_windows", "moe_config",
     "moe_formats", "moe_interval", "moe_layers", "moe_target", "mtp_tensors", "per_expert", "qkv_bias",
-    "qwen_layers", "router_specs", "shape_of", "source_views", "specs", "supported", "windows_config",
+    "qwen_layers", "renormalises_top_k", "route_groups", "router_specs", "shape_of", "source_views", "specs",
+    "supported", "windows_config",
 ]

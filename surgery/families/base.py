@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.errors import SurgeryError
-from surgery.families.moe_layers import every_layer
+from surgery.families.dense_form import AllDense
+from surgery.families.moe_layers import every_layer, router_specs
 from surgery.families.sliding import SlidingWindow
 
 
@@ -148,6 +149,9 @@ class Family:
     # transformers' attention module of a decoder layer: its output (first element) is what a stopped pass
     # keeps so the layer's full run can reuse it instead of computing attention again
     attention_module: str = "self_attn"
+    # hybrid families: a layer type -> its token mixer where that is not ``attention_module`` (Qwen3-Next's gated
+    # DeltaNet ``linear_attn``, which returns its output alone, not in a tuple); ``attention_module_of`` reads it
+    attention_modules: dict = field(default_factory=dict)
     # dense families: the MoE formats this family can become (target name -> Conversion), and the
     # one `--format auto` picks
     conversions: dict = field(default_factory=dict)
@@ -188,6 +192,7 @@ class Family:
     layer_type: Callable | None = None
     # group-limited routing (DeepSeek-V3): the config keys of the group count and of the groups each token
     # may use, and the fewest experts a group must keep (its score sums its top-2)
+    router_scoring: str = "softmax"  # how the router scores experts: "softmax", or "sigmoid" (DeepSeek-V3)
     group_keys: tuple[str, str] | None = None
     group_when: tuple[str, object] | None = None  # (config key, value) that switches group-limited routing on
     group_min_experts: int = 1
@@ -198,6 +203,15 @@ class Family:
     # MoE families: the config key that switches renormalising the top-k softmax weights to sum to 1 (off where
     # absent, as in transformers' configs); None: the router always renormalises them (Mixtral, GraniteMoE)
     top_k_norm: str | None = None
+    top_k_renormalised: bool = True  # without a switch: whether the router renormalises (DeepSeek-V2: never)
+    # MoE families: what `surgery extract` writes (families/dense_form.py): None, the dense family that converts into
+    # this one; an AllDense, this family with every layer dense; a string, why it has no dense form (the refusal)
+    dense_form: AllDense | str | None = None
+
+    def attention_module_of(self, config: dict, layer: int) -> str:
+        """transformers' attention (token-mixing) module of decoder layer `layer`, by its layer type."""
+        kind = self.layer_type(config, layer) if self.layer_type is not None else None
+        return self.attention_modules.get(kind, self.attention_module)
 
     def memory_name(self, relative: str) -> str:
         """transformers' in-memory name of a stored tensor, relative to its decoder layer."""
@@ -285,22 +299,6 @@ def is_moe_layer(family: Family, config: dict, layer: int) -> bool:
     if family.kind != "moe" or not (_moe_value(family, config, "experts") or 0):
         return False
     return family.sparse_layers(lambda key: config_value(family, config, key), layer)
-
-
-def router_specs(family: Family, layout: str) -> tuple[Spec, ...]:
-    """The router's stored tensors in `layout`: its weight, then its per-expert extras (bias, correction bias)."""
-    fused = layout == "fused"
-    weight = (family.fused_router or family.router) if fused else family.router
-    extras = (family.fused_router_tensors or family.router_tensors) if fused else family.router_tensors
-    return (weight, *extras)
-
-
-def mtp_tensors(family: Family, config: dict, names) -> list[str]:
-    """The stored tensors among `names` that belong to multi-token-prediction layers (``Family.mtp_prefixes``)."""
-    if family.mtp_prefixes is None:
-        return []
-    prefixes = tuple(family.mtp_prefixes({**family.defaults, **config}))
-    return [name for name in names if prefixes and name.startswith(prefixes)]
 
 
 @dataclass(frozen=True)

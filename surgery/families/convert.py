@@ -1,4 +1,4 @@
-"""Config translation, dense source -> MoE target.
+"""Config translation, dense source -> MoE target, and MoE -> its dense form (``surgery extract``).
 
 What may become what is data on the families: a dense family's ``conversions`` say which MoE
 formats it can become, what is refused (a source the target could not reproduce exactly), which
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.families.base import Family, config_value
+from surgery.families.dense_form import AllDense
 from surgery.families.moe_layers import every_layer, qwen_layers
 from surgery.families.registry import FAMILIES, moe_formats
 from surgery.families.sliding import layer_count, layer_windows, sliding_settings, windows_config
@@ -158,6 +159,32 @@ def _nested(config: dict, key: str):
 
 
 # ------------------------------------------------------------------- MoE -> dense (surgery extract)
+def extract_target(moe: Family, where: Path | str = "config.json") -> Family:
+    """The family ``surgery extract`` writes (``Family.dense_form``): the dense family that converts into `moe`, or
+    `moe` itself with every layer dense (an ``AllDense``); refused, saying why, where transformers has neither."""
+    if isinstance(moe.dense_form, str):
+        raise SurgeryError(f"{where}: extract: a {moe.architecture} has no dense form in transformers "
+                           f"({moe.dense_form})")
+    return moe if isinstance(moe.dense_form, AllDense) else dense_family(moe, where)
+
+
+def all_dense_config(moe: Family, moe_config_: dict, intermediate_size: int) -> dict:
+    """config.json for an extract that keeps the family (an ``AllDense`` dense form): the MoE's keys verbatim, the
+    ones that make every layer dense, ``intermediate_size`` (one width for every layer's FFN)."""
+    config = dict(moe_config_)
+    config.update(moe.dense_form.keys({**moe.defaults, **moe_config_}))
+    config["intermediate_size"] = intermediate_size
+    return config
+
+
+def routed_scale(moe: Family, moe_config_: dict) -> tuple[str | None, float]:
+    """(config key, value) of the constant the MoE multiplies its routed experts' output by (DeepSeek's
+    ``routed_scaling_factor``); (None, 1.0) where it has none."""
+    key = moe.dense_form.routed_scale if isinstance(moe.dense_form, AllDense) else None
+    value = config_value(moe, moe_config_, key) if key else None
+    return key, float(1.0 if value is None else value)
+
+
 def dense_family(moe: Family, where: Path | str = "config.json") -> Family:
     """The dense family an MoE family extracts to: the one that converts into it and has its attention
     (Mixtral -> Mistral, Qwen2-MoE -> Qwen2, GraniteMoE and GraniteMoeShared -> Granite ...)."""

@@ -17,6 +17,9 @@ FAMILY = replace(
     router_tensors=(),
     defaults={**BASE_DEFAULTS, "first_k_dense_replace": 0, "n_shared_experts": 2, "topk_method": "greedy",
               "norm_topk_prob": False, "routed_scaling_factor": 1.0},
+    router_scoring="softmax",
+    top_k_norm=None,  # transformers' router never renormalises, whatever norm_topk_prob says
+    top_k_renormalised=False,
     group_when=("topk_method", "group_limited_greedy"),
     group_min_experts=1,
     mtp_prefixes=None,

@@ -16,6 +16,7 @@ Hub checkpoints hold ``num_nextn_predict_layers`` multi-token-prediction layers 
 """
 
 from surgery.families.base import BASE_DEFAULTS, DENSE_FFN, FUSED_EXPERTS, NORMS, Family, L, Spec, per_expert, specs
+from surgery.families.dense_form import AllDense
 from surgery.families.moe_layers import after_first_k_dense
 
 MLA = specs("attention", L + "self_attn.", [
@@ -74,8 +75,12 @@ FAMILY = Family(
     derived_dims=mla_dims,
     sparse_layers=after_first_k_dense,
     top_k_norm="norm_topk_prob",
+    router_scoring="sigmoid",
     group_keys=("n_group", "topk_group"),
     group_min_experts=2,
     mtp_prefixes=mtp_layers,
     mtp_off={"num_nextn_predict_layers": 0},
+    # transformers has no dense MLA family: extract writes this one with every layer dense (so do GLM-4.5, V2)
+    dense_form=AllDense(lambda config: {"first_k_dense_replace": config["num_hidden_layers"]},
+                        routed_scale="routed_scaling_factor"),
 )

@@ -10,6 +10,7 @@ weights (``mtp_*``) that transformers ignores on load.
 """
 
 from surgery.families.base import BASE_DEFAULTS, FUSED_EXPERTS, NORMS, QKVO, Family, L, Spec, per_expert, specs
+from surgery.families.dense_form import AllDense
 from surgery.families.moe_layers import moe_interval
 
 BIASES = [("q_bias", "self_attn.q_proj.bias", ("q_dim",), "use_bias"),
@@ -51,4 +52,7 @@ FAMILY = Family(
     top_k_norm=None,
     mtp_prefixes=lambda config: ["mtp"],
     mtp_off={"num_nextn_predict_layers": 0},
+    # Ernie4_5ForCausalLM has these tensors but no lm_head bias (use_bias), and no dense family converts into this
+    # one: extract writes this family with no MoE layer (the first one past the last layer)
+    dense_form=AllDense(lambda config: {"moe_layer_start_index": config["num_hidden_layers"]}),
 )

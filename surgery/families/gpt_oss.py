@@ -40,4 +40,6 @@ FAMILY = Family(
     defaults={**BASE_DEFAULTS, "attention_bias": True},
     moe_keys={"experts": ("num_local_experts",), "top_k": ("num_experts_per_tok", "experts_per_token"),
               "expert_ffn": ("intermediate_size",)},
+    dense_form="its experts' clamped SwiGLU with biases is no dense MLP of any family, and its config makes every "
+               "layer MoE",
 )

@@ -7,7 +7,6 @@ sigmoid scores renormalised. Pruning slices the bias with the experts.
 """
 
 from surgery.families.base import BASE_DEFAULTS, FUSED_EXPERTS, NORMS, QKVO, Family, L, Spec, per_expert, specs
-from surgery.families.sliding import SlidingWindow
 
 MOE = "block_sparse_moe."
 
@@ -23,7 +22,9 @@ FAMILY = Family(
     experts=per_expert(MOE, "w1", "w3", "w2"),
     fused_experts=FUSED_EXPERTS,
     defaults=BASE_DEFAULTS,
+    router_scoring="sigmoid",  # its top-k weights are always renormalised (no switch: top_k_norm None)
     moe_keys={"experts": ("num_local_experts",), "top_k": ("num_experts_per_tok",),
               "expert_ffn": ("intermediate_size",)},
-    sliding=SlidingWindow(defaults={"sliding_window": None}),
+    dense_form="no dense family has its attention: pre-norm with q/k RMSNorms over the whole projections, and its "
+               "config makes every layer MoE",
 )

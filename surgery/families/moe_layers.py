@@ -1,4 +1,7 @@
-"""Which layers of an MoE family hold experts: the rules families declare as ``Family.sparse_layers``.
+"""The MoE half of a family's table: which layers hold experts (the rules families declare as
+``Family.sparse_layers``), the router's stored tensors (``router_specs``), how it groups experts
+(``route_groups``) and renormalises (``renormalises_top_k``), and the multi-token-prediction tensors stored beside
+the model (``mtp_tensors``).
 
 A rule takes ``value`` (a config key -> its value, the family's default where the key is absent) and a layer
 index, and says what transformers' decoder layer decides for that layer.
@@ -26,3 +29,41 @@ def moe_interval(value, layer: int) -> bool:
     end = value("moe_layer_end_index")
     end = end if end is not None and end >= 0 else layer
     return (layer + 1) % (value("moe_layer_interval") or 1) == 0 and value("moe_layer_start_index") <= layer <= end
+
+
+def route_groups(family, config: dict) -> tuple[int, int]:
+    """(expert groups, groups a token may use) under group-limited routing (``Family.group_keys``, switched on by
+    ``Family.group_when`` where given); (1, 1) without it."""
+    if family.group_keys is None:
+        return 1, 1
+    def value(key):
+        return config[key] if config.get(key) is not None else family.defaults.get(key)
+    if family.group_when is not None and value(family.group_when[0]) != family.group_when[1]:
+        return 1, 1
+    count, used = (value(key) or 1 for key in family.group_keys)
+    return int(count), int(used)
+
+
+def renormalises_top_k(family, config: dict) -> bool:
+    """Whether the router renormalises its top-k weights to sum to 1: its switch (``Family.top_k_norm``), or what it
+    always does (``Family.top_k_renormalised``)."""
+    if family.top_k_norm is None:
+        return family.top_k_renormalised
+    value = config.get(family.top_k_norm)
+    return bool(value if value is not None else family.defaults.get(family.top_k_norm))
+
+
+def router_specs(family, layout: str) -> tuple:
+    """The router's stored tensors in `layout`: its weight, then its per-expert extras (bias, correction bias)."""
+    fused = layout == "fused"
+    weight = (family.fused_router or family.router) if fused else family.router
+    extras = (family.fused_router_tensors or family.router_tensors) if fused else family.router_tensors
+    return (weight, *extras)
+
+
+def mtp_tensors(family, config: dict, names) -> list[str]:
+    """The stored tensors among `names` that belong to multi-token-prediction layers (``Family.mtp_prefixes``)."""
+    if family.mtp_prefixes is None:
+        return []
+    prefixes = tuple(family.mtp_prefixes({**family.defaults, **config}))
+    return [name for name in names if prefixes and name.startswith(prefixes)]

@@ -32,4 +32,6 @@ FAMILY = Family(
     defaults={**BASE_DEFAULTS, "norm_topk_prob": False},
     moe_keys={"experts": ("num_experts",), "top_k": ("num_experts_per_tok",), "expert_ffn": ("intermediate_size",)},
     top_k_norm="norm_topk_prob",
+    dense_form="no dense family has its attention: pre-norm with q/k norms over the whole projections (OLMo's norms "
+               "have no weights, OLMo 2's and OLMo 3's follow each block), and its config makes every layer MoE",
 )

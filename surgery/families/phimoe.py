@@ -20,7 +20,6 @@ from surgery.families.base import (
                                    qkv_bias,
                                    specs,
 )
-from surgery.families.sliding import SlidingWindow
 
 NORMS_WITH_BIAS = specs("norm", L, [
     ("input_norm", "input_layernorm.weight", ("hidden",)),
@@ -42,5 +41,6 @@ FAMILY = Family(
     defaults={**BASE_DEFAULTS, "lm_head_bias": False},
     moe_keys={"experts": ("num_local_experts",), "top_k": ("num_experts_per_tok",),
               "expert_ffn": ("intermediate_size",)},
-    sliding=SlidingWindow(defaults={"sliding_window": None}),
+    dense_form="no dense family has its LayerNorms with biases around biased attention and a biased lm_head, and "
+               "its config makes every layer MoE",
 )

@@ -1,7 +1,7 @@
 """The registry: the family modules of this package, found by listing it, and what they declare, assembled.
 
 A family module is any module here other than the machinery (``base``, ``registry``, ``convert``,
-``sliding``, ``moe_layers``).
+``sliding``, ``moe_layers``, ``dense_form``).
 It defines ``FAMILY``, a ``Family`` named like the module (the HF ``model_type``). Adding a family is
 adding such a module (and its tiny test model in tests/tiny_models.py): no list of families is kept
 anywhere else, and the tables below (``CONVERSIONS``, ``DEFAULT_TARGET``, ``TARGET_SETTINGS``) are
@@ -20,7 +20,7 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 from surgery.families.base import Conversion, Family
 
-MACHINERY = ("base", "registry", "convert", "sliding", "moe_layers")
+MACHINERY = ("base", "registry", "convert", "sliding", "moe_layers", "dense_form")
 
 
 def family_modules() -> list[str]:

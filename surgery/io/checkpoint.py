@@ -5,12 +5,20 @@ reads tensor data lazily, one tensor (or a subset of its rows) at a time, with p
 (``os.preadv``) into a buffer owned by the returned tensor. Positioned reads rather than mmap keep
 the process's resident memory at about one tensor: pages of a mapped file count towards RSS for
 as long as the mapping lives, which for a whole shard is the shard's size.
+
+A directory that holds ``config.json`` and no weights is refused, except inside ``config_only(headers)``: there it
+opens as a config-only checkpoint whose tensor headers ``headers(directory, config)`` derives (the family table's
+shapes; this layer does not know the families), with no data behind them: ``surgery inspect`` and a ``--dry-run``
+size a model before anyone downloads it, and reading any tensor's data is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from surgery.errors import SurgeryError
@@ -24,6 +32,29 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files that are weights or derived from them; never copied as side files.
 WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES + (".gguf", ".h5", ".msgpack", ".onnx")
 SIDE_FILE_MAX_BYTES = 64 * 2**20
+CONFIG_ONLY_USES = "`surgery inspect` and the --dry-run of copy, upcycle and prune work from config.json alone"
+
+# (headers, needs): (directory, config) -> {name: TensorInfo} of a config-only directory, or None where such a
+# directory is refused, and what the refusal says needs the weights
+_CONFIG_HEADERS: ContextVar[tuple[Callable | None, str]] = ContextVar("config_headers", default=(None, "this command"))
+
+
+@contextmanager
+def config_only(headers: Callable | None, needs: str = "this command"):
+    """Within: a directory holding config.json and no weights opens with the tensor headers `headers(directory,
+    config)` derives; with `headers` None it is refused, saying `needs` (what needs the weights) as outside."""
+    token = _CONFIG_HEADERS.set((headers, needs))
+    try:
+        yield
+    finally:
+        _CONFIG_HEADERS.reset(token)
+
+
+def config_only_refusal(directory: Path, needs: str) -> SurgeryError:
+    """The one-line refusal of a command that needs weights on a directory that holds only config.json."""
+    return SurgeryError(f"{directory}: holds only config.json, no weights: {needs} needs the model's safetensors "
+                        f"files ({SINGLE_NAME}, or the shards of {INDEX_NAME}); {CONFIG_ONLY_USES}")
+
 
 def refuse_pickle(path: Path) -> None:
     raise SurgeryError(
@@ -36,7 +67,8 @@ class Checkpoint:
     """A safetensors checkpoint opened for lazy reading."""
 
     def __init__(self, path: Path, directory: Path, shards: list[Path], tensors: dict[str, TensorInfo],
-                 config: dict | None, index: dict | None, metadata: dict[Path, dict[str, str]]):
+                 config: dict | None, index: dict | None, metadata: dict[Path, dict[str, str]],
+                 config_only: bool = False):
         self.path = path
         self.directory = directory
         self.shards = shards
@@ -45,6 +77,7 @@ class Checkpoint:
         self.index = index
         self.metadata = metadata
         self.label: str | None = None  # short name shown in plans (merge: the expert's name)
+        self.config_only = config_only  # headers derived from config.json; no data to read
         self._fds: dict[Path, int] = {}
 
     # ---------------------------------------------------------------- opening
@@ -74,9 +107,18 @@ class Checkpoint:
                 pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
                 if pickles:
                     refuse_pickle(pickles[0])
+                if config is not None:
+                    return cls._from_config(path, directory, config)
                 raise SurgeryError(f"{directory}: no {SINGLE_NAME}, {INDEX_NAME} or other .safetensors file found")
             shards, tensors, index, metadata = _open_unindexed(files)
         return cls(path, directory, shards, tensors, config, index, metadata)
+
+    @classmethod
+    def _from_config(cls, path: Path, directory: Path, config: dict) -> "Checkpoint":
+        headers, needs = _CONFIG_HEADERS.get()
+        if headers is None:
+            raise config_only_refusal(directory, needs)
+        return cls(path, directory, [], headers(directory, config), config, None, {}, config_only=True)
 
     def add_view(self, name: str, stored: str, rows: tuple[int, int]) -> None:
         """Expose rows a:b of stored tensor `stored` (a contiguous block along its first dimension, e.g. the q
@@ -100,6 +142,8 @@ class Checkpoint:
 
     def descriptor(self, file: Path) -> int:
         """An open read-only descriptor of `file` (one of this checkpoint's shards), kept until ``close``."""
+        if self.config_only:
+            raise config_only_refusal(self.directory, "reading tensor data")
         fd = self._fds.get(file)
         if fd is None:
             try:

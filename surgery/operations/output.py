@@ -3,6 +3,9 @@
 ``OutputOptions`` holds them; ``output_options`` puts the same flags on every writing command and
 hands the command one ``output`` argument; ``write`` prints (dry run) or writes the plan with the
 streaming writer, then runs the post-write check (``--verify``) and returns a ``Result``.
+
+A dry run's source may be a directory holding only config.json (``checks.sizing.config_only``, entered by the
+command): the plan is built from the headers its config implies, and the dry run says so; writing it is refused.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from pathlib import Path
 import click
 
 from surgery import console
+from surgery.checks import sizing
 from surgery.errors import SurgeryError, check_choice
 from surgery.families import FAMILIES
+from surgery.io.checkpoint import config_only_refusal
 from surgery.operations.plan_view import print_plan
 from surgery.operations.result import Result
 from surgery.plan.layouts import convert
@@ -107,14 +112,21 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     limit = parse_size(output.max_shard_size)
     result = Result(plan.operation, out, False, len(plan.tensors), plan.total_bytes, 0, plan.config,
                     list(plan.notes), plan=plan)
+    config_only = [source for source in plan.sources if getattr(source, "config_only", False)]
     if output.dry_run:
+        sizes = sizing.plan_sizes(plan)
+        for source in config_only:
+            console.note(f"config only: {source.directory} holds no weights; the plan's sizes come from its "
+                         f"config.json{sizing.unsized_mtp(source.config)}")
         for message in plan.notes:
             console.note(message)
         if output.as_json:
-            console.stdout.print_json(json.dumps(plan.to_json()))
+            console.stdout.print_json(json.dumps({**plan.to_json(), **sizes, "config_only": bool(config_only)}))
         else:
-            print_plan(plan, limit)
+            print_plan(plan, limit, sizes=sizes)
         return result
+    if config_only:
+        raise config_only_refusal(config_only[0].directory, f"writing {out}")
 
     started = time.perf_counter()
     filling = [0.0]

@@ -52,22 +52,28 @@ def change_routing(source: Checkpoint, config: dict | None, top_k: int | None, n
                            "MoE models")
     dims = arch.dimensions(family, config, where)
     notes = []
-    renormalised = family.top_k_norm is None or bool(arch.config_value(family, config, family.top_k_norm))
+    renormalised = arch.renormalises_top_k(family, config)
     if norm is not None:
         if family.top_k_norm is None:
-            raise SurgeryError(f"--norm-topk-prob: {family.name} always renormalises its top-k weights (its config "
-                               "has no such switch)")
+            raise SurgeryError(f"--norm-topk-prob: {family.name} "
+                               + ("always" if renormalised else "never") + " renormalises its top-k weights (its "
+                               "config has no such switch)")
         config[family.top_k_norm] = norm
         if norm != renormalised:
             notes.append(f"{family.top_k_norm} {str(renormalised).lower()} -> {str(norm).lower()}: each selected "
-                         + ("expert now weighs its softmax probability renormalised over the top-k (the weights sum "
-                            "to 1)" if norm else "expert now weighs its softmax probability over all experts (the "
-                            "weights sum to less than 1)"))
+                         + (f"expert now weighs its {family.router_scoring} score renormalised over the top-k (the "
+                            "weights sum to 1)" if norm else f"expert now weighs its {family.router_scoring} score "
+                            + ("over all experts (the weights sum to less than 1)"
+                               if family.router_scoring == "softmax" else "(the weights need not sum to 1)")))
         renormalised = norm
     if top_k is not None:
         key, old = family.moe_keys["top_k"][0], dims.get("top_k")
         if not 1 <= top_k <= dims["experts"]:
             raise SurgeryError(f"--top-k {top_k}: must be between 1 and the number of experts ({dims['experts']})")
+        groups, used = arch.route_groups(family, config)
+        if top_k > used * (dims["experts"] // groups):
+            raise SurgeryError(f"--top-k {top_k}: a token may use {used} of {groups} expert groups "
+                               f"({family.group_keys[1]}), {used * (dims['experts'] // groups)} experts in all")
         config[key] = top_k
         if top_k != old:
             notes.append(f"{key} {old} -> {top_k}: each token now runs through {top_k} expert(s) per MoE layer "
