@@ -203,8 +203,16 @@ class Fixtures:
             "mixtral-two-winners": self._two_winners,
             # 8 experts in n_group 2 groups, topk_group 1, top-2, an MTP layer (tests/test_hub_moes.py)
             "deepseek_v3": lambda d: save_model(d, "deepseek_v3"),
+            "gpt_oss": lambda d: save_model(d, "gpt_oss"),
+            "deepseek_v3-config-only": self._config_only,
         }
         return self._get(name, builders[name])
+
+    def _config_only(self, directory: Path) -> Path:
+        """A directory holding only a tiny DeepSeek-V3's config.json (tests/test_config_only.py)."""
+        directory.mkdir(parents=True)
+        shutil.copy(self.model("deepseek_v3") / "config.json", directory / "config.json")
+        return directory
 
     def _two_winners(self, directory: Path) -> Path:
         """A top-1 Mixtral whose routers never choose experts 1 and 3 (tests/test_prune.py)."""
@@ -566,6 +574,16 @@ def argument_cases() -> list[Case]:
         (A, "copy --top-k beyond the experts of the groups a token may use", "copy",
          in_process(lambda d, fx: ["copy", fx.model("deepseek_v3"), d / "out", "--top-k", 5]),
          "--top-k 5: a token may use 1 of 2 expert groups (topk_group), 4 experts in all"),
+        (A, "weights needed from a directory holding only config.json", "prune",
+         in_process(lambda d, fx: ["prune", fx.model("deepseek_v3-config-only"), d / "out", "--keep", 4,
+                                   "--criterion", "random"]),
+         "holds only config.json, no weights"),
+        (A, "a calibrated criterion in a config-only dry run", "prune",
+         in_process(lambda d, fx: ["prune", fx.model("deepseek_v3-config-only"), d / "out", "--keep", 4,
+                                   "--dry-run"]),
+         "--criterion reap runs the model on calibration text"),
+        (A, "an MoE family with no dense form in transformers", "extract", extract("--expert", 0, source="gpt_oss"),
+         "extract: a GptOssForCausalLM has no dense form in transformers ("),
         (A, "a dense model to extract", "extract", extract("--expert", 0, source="single"),
          "extract needs an MoE checkpoint"),
         (A, "--expert out of range", "extract", extract("--expert", 4), "--expert 4: the source has experts 0-3"),

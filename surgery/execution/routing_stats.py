@@ -21,6 +21,7 @@ layer gets the same sums through one probe per MoE layer (``RoutingSums``).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -105,15 +106,18 @@ class LayerRouting:
         self.reap = torch.zeros(experts, dtype=torch.float64)
         self.norm = torch.zeros(experts, dtype=torch.float64)
 
-    def add(self, logits, weights=None, indices=None, hidden=None, experts_module=None) -> None:
+    def add(self, logits, weights=None, indices=None, hidden=None, experts_module=None, outputs=None) -> None:
         """One call's real tokens: their router `logits`, and the gate `weights` and expert `indices` the router
         chose (transformers' routers return all three: the model's own routing, whatever its scoring, bias or
         groups; computed here as softmax and top-k where a router does not say); with `hidden` and
-        `experts_module`, each routed expert's output on its tokens too."""
+        `experts_module`, each routed expert's output on its tokens too: read from `outputs` ((top_k_index,
+        norms), both [tokens, top_k], as ``ExpertOutputs`` recorded them in the layer's own pass) where the
+        experts module was given the router's very choice, else run here."""
         logits = logits.float()
         probs = torch.softmax(logits, dim=-1)
         renormalise = False
-        if indices is None or indices.dtype.is_floating_point:
+        routed = indices is not None and not indices.dtype.is_floating_point
+        if not routed:
             weights, indices = torch.topk(probs, self.top_k, dim=-1)
             renormalise = self.renormalise
         self.tokens += logits.shape[0]
@@ -122,10 +126,20 @@ class LayerRouting:
         log_probs = torch.log_softmax(logits, dim=-1)
         self.entropy += float(-(probs * log_probs).sum(-1).double().sum())
         self.z += float(torch.logsumexp(logits, dim=-1).double().pow(2).sum())
-        if experts_module is not None:
-            if renormalise:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
+        if experts_module is None:
+            return
+        if renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if routed and outputs is not None and torch.equal(outputs[0].to(indices.device), indices):
+            self._add_norms(indices, weights, outputs[1].to(indices.device))
+        else:
             self._add_outputs(hidden, indices, weights, experts_module)
+
+    def _add_norms(self, chosen, weights, norms) -> None:
+        """The REAP sums from each (token, slot)'s expert output norm (`norms`, [tokens, top_k])."""
+        flat, norms = chosen.reshape(-1), norms.reshape(-1).double()
+        self.norm += torch.bincount(flat, weights=norms, minlength=self.experts).cpu()
+        self.reap += torch.bincount(flat, weights=weights.reshape(-1).double() * norms, minlength=self.experts).cpu()
 
     def _add_outputs(self, hidden, chosen, weights, experts_module) -> None:
         """Each routed expert on its tokens (transformers' experts module, every token sent to that expert with
@@ -174,6 +188,70 @@ class LayerRouting:
             "load_balancing_alpha": alpha,
             "router_z_loss": self.z / self.tokens,
         }
+
+
+class ExpertOutputs:
+    """In place of transformers' experts module's forward in a scoring pass, so that each routed expert runs once:
+    its output on its tokens is both the REAP norm and its share of the layer's output.
+
+    Per call, transformers' own forward (the eager per-expert loop) runs once on every (token, slot)'s row sent to
+    its expert with weight 1, rows grouped by expert in transformers' order (slot, then token: the very matrices
+    its own loop multiplies); each row's output norm is kept for the step (``take``); then the layer's output is
+    formed as that loop forms it, each expert's rows times their gate weights added into zeros in increasing expert
+    order. The layer's output is therefore bit-identical to the plain pass (tested). Only where the experts
+    module runs transformers' eager loop on [tokens, hidden] rows (``applies``); elsewhere its own forward runs and
+    the REAP sums run each expert again (``LayerRouting._add_outputs``)."""
+
+    def __init__(self, module):
+        self.module, self.forward = module, type(module).forward
+        self.calls: list = []  # per call: (top_k_index, norms [tokens, top_k]), or None where the forward ran as is
+
+    @staticmethod
+    def applies(module) -> bool:
+        """Whether `module` is a transformers 5 experts module running its eager loop: (hidden_states,
+        top_k_index, top_k_weights), ``num_experts``, no other kernel chosen in its config."""
+        implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
+        try:
+            parameters = list(inspect.signature(type(module).forward).parameters)[1:]
+        except (TypeError, ValueError):
+            return False
+        return implementation in (None, "eager") and len(parameters) == 3 and \
+            isinstance(getattr(module, "num_experts", None), int)
+
+    def take(self) -> tuple | None:
+        """(top_k_index, norms) of the calls since the last ``take``, joined in call order (None: some call's
+        norms were not recorded)."""
+        calls, self.calls = self.calls, []
+        if not calls or any(call is None for call in calls):
+            return None
+        return torch.cat([index for index, _ in calls]), torch.cat([norms for _, norms in calls])
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights):
+        module = self.module
+        if hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_index.dtype.is_floating_point:
+            self.calls.append(None)
+            return self.forward(module, hidden_states, top_k_index, top_k_weights)
+        tokens, top_k = top_k_index.shape
+        flat = top_k_index.t().reshape(-1)  # slot-major: transformers' torch.where over its [expert, slot, token] mask
+        order = torch.argsort(flat, stable=True)
+        experts = flat[order]
+        order, experts = order[experts < module.num_experts], experts[experts < module.num_experts]
+        slot, token = order // tokens, order % tokens
+        rows = hidden_states[token]
+        ones = torch.ones((len(token), 1), dtype=rows.dtype, device=rows.device)
+        outputs = self.forward(module, rows, experts[:, None], ones)  # row i: its expert's output, weight 1
+        norms = torch.zeros(top_k * tokens, dtype=torch.float32, device=rows.device)
+        norms[order] = outputs.float().norm(dim=-1)
+        self.calls.append((top_k_index, norms.view(top_k, tokens).t()))
+        final = torch.zeros_like(hidden_states)
+        start = 0
+        for count in torch.bincount(experts, minlength=module.num_experts).tolist():
+            if count:
+                part = slice(start, start + count)
+                weighted = outputs[part] * top_k_weights[token[part], slot[part], None]
+                final.index_add_(0, token[part], weighted.to(final.dtype))
+                start += count
+        return final
 
 
 class RoutingCollector:

@@ -7,15 +7,17 @@ from surgery import families as arch
 from surgery.execution.calibration import CalibrationSet
 from surgery.execution.layer_pass import LayerPass
 from surgery.execution.probes import Probe
-from surgery.execution.routing_stats import LayerRouting, router_path
+from surgery.execution.routing_stats import ExpertOutputs, LayerRouting, router_path
 from surgery.execution.step import Step
 from surgery.execution.weights import ModelWeights
 from surgery.experts.scores import FORMAT
 
 
 class ExpertScores(Step):
-    """At each MoE layer: its router's logits and its experts' input on every batch, and each routed expert run on
-    its tokens (``LayerRouting``'s REAP sums)."""
+    """At each MoE layer: its router's logits and its experts' input on every batch, and each routed expert's output
+    on its tokens (``LayerRouting``'s REAP sums): recorded in the layer's own pass, where transformers' experts
+    module runs its eager loop, by ``ExpertOutputs`` in place of its forward (each expert runs once, the layer's
+    output bit-identical); else each expert run again on its tokens once the batch has passed."""
 
     def __init__(self, family, config: dict):
         dims = arch.dimensions(family, config)
@@ -32,15 +34,32 @@ class ExpertScores(Step):
     def probes(self, layer: int, session) -> list[Probe]:
         sums = self.sums[layer] = LayerRouting(self.experts, self.top_k, self.renormalise)
         experts_module = session.module.get_submodule(self.experts_path)
+        recorder = ExpertOutputs(experts_module) if ExpertOutputs.applies(experts_module) else None
+        if recorder is not None:
+            experts_module.forward = recorder  # this layer's own copy, dropped with the session
+        batches = session.runner.batches
         routed = {}
 
         def on_router(batch, *rows):  # the router's logits, gate weights and chosen experts
             routed[batch] = rows
 
         def on_inputs(batch, rows):  # after the batch's pass: the probes' hooks are gone, so calling the module is safe
-            sums.add(*routed.pop(batch), hidden=rows, experts_module=experts_module)
+            outputs = recorder.take() if recorder is not None else None
+            if outputs is not None:  # every token of the batch's calls: keep the real ones, as the probes do
+                real = batches[batch].attention_mask.reshape(-1).bool().to(outputs[0].device)
+                outputs = (outputs[0][real], outputs[1][real])
+            sums.add(*routed.pop(batch), hidden=rows, experts_module=experts_module, outputs=outputs)
+            if recorder is not None:
+                recorder.take()  # what a rerun of the experts there recorded: not the next batch's
 
+        # the probe on the experts' input also keeps the layer's experts read together (expert_stream reads them
+        # one at a time only where no probe looks inside them)
         return [Probe(router_path(self.family), "outputs", on_router), Probe(self.experts_path, "input", on_inputs)]
+
+    def after(self, layer: int, session, rerun) -> None:
+        module = session.module.get_submodule(self.experts_path)
+        if isinstance(module.__dict__.get("forward"), ExpertOutputs):
+            del module.forward
 
 
 def calibrated_scores(source, family, calibration_path, calibration_tokens: int, settings) -> dict:
