@@ -57,6 +57,7 @@ def main():
     parser.add_argument("--family", choices=("qwen3_moe", "deepseek_v3"), default="qwen3_moe")
     parser.add_argument("--experts", type=int, default=64, help="Routed experts per layer (deepseek_v3).")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=1, help="Alternating runs of the write alone and the floor.")
     parser.add_argument("--memory-budget", default=None,
                         help="The prune's --memory-budget (default: surgery's own, a share of the free memory).")
     parser.add_argument("--tokens", type=int, default=512)
@@ -81,12 +82,19 @@ def main():
         # The write alone: the same pruning from the saved scores (no model run), against the I/O floor of the
         # same bytes: `cp` of the pruned checkpoint (every byte read once and written once), after a sync each.
         shutil.rmtree(out)
-        cold = drop_caches()
-        write_wall, write_rss, _ = timed([str(c) for c in surgery_command(
-            "prune", source, out, "--ratio", 0.5, "--criterion", "reap", "--scores", scores)])
-        drop_caches()
-        floor_wall, floor_rss, _ = timed(["cp", "-r", str(out), str(work / "floor")])
-        os.sync()
+        best_write, best_floor = None, None
+        for _ in range(args.repeats):  # alternating, best of each: the disk's speed drifts between runs
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(work / "floor", ignore_errors=True)
+            cold = drop_caches()
+            run = timed([str(c) for c in surgery_command(
+                "prune", source, out, "--ratio", 0.5, "--criterion", "reap", "--scores", scores)])
+            drop_caches()
+            floor = timed(["cp", "-r", str(out), str(work / "floor")])
+            os.sync()
+            best_write = run if best_write is None or run[0] < best_write[0] else best_write
+            best_floor = floor if best_floor is None or floor[0] < best_floor[0] else best_floor
+        (write_wall, write_rss, _), (floor_wall, floor_rss, _) = best_write, best_floor
         rows = [[f"prune --ratio 0.5 --criterion reap ({args.tokens} tokens)", f"{size / 1e9:.1f}",
                  f"{written / 1e9:.1f}", f"{wall:.0f}", f"{rss:.0f}", ""],
                 ["prune --ratio 0.5 --scores FILE (the write alone)", f"{size / 1e9:.1f}", f"{written / 1e9:.1f}",
@@ -94,7 +102,7 @@ def main():
                 ["I/O floor: cp -r of the pruned checkpoint", f"{written / 1e9:.1f}", f"{written / 1e9:.1f}",
                  f"{floor_wall:.1f}", f"{floor_rss:.0f}", "1.00"]]
         print(markdown_table(["run", "input GB", "output GB", "wall s", "peak RSS MiB", "floor / run (wall)"], rows))
-        print(f"\nBoth the write alone and cp start after a sync, {'with the page cache dropped (both read from disk)' if cold else 'with a warm page cache (dropping it was not permitted)'}.")
+        print(f"\nBest of {args.repeats} alternating runs each. Both the write alone and cp start after a sync, {'with the page cache dropped (both read from disk)' if cold else 'with a warm page cache (dropping it was not permitted)'}.")
         what = "Qwen3-MoE" if args.family == "qwen3_moe" else f"DeepSeek-V3 slice ({args.experts} experts)"
         print(f"\nSynthetic {what}, {args.layers} layers, bf16; target: peak RSS <= 4 GiB: "
               f"{'PASS' if rss <= 4096 else 'FAIL'} ({rss:.0f} MiB); the write alone at "

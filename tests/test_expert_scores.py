@@ -98,3 +98,33 @@ def test_a_batch_whose_experts_did_not_see_the_routers_choice_runs_each_expert_a
     _, fallback = layer_inputs(saved("mixtral"), scored=True)
     for layer in reference.layers:
         assert fallback.sums[layer].scores()["reap"] == pytest.approx(reference.sums[layer].scores()["reap"], rel=1e-6)
+
+
+def scores_of(directory, streamed: bool) -> dict:
+    """The scoring pass's scores, the layers' experts read together or one at a time (a layer that does not fit the
+    memory budget)."""
+    with Checkpoint.open(directory) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        layer_pass = LayerPass(weights, batches(), Placement.resolve("cpu"), MemoryBudget.parse(None))
+        runner = layer_pass.runner()
+        runner.stream_experts = streamed
+        runner.whole_layers_fit = not streamed  # as a budget too small for a whole layer decides
+        reads, load_expert = [], runner.load_expert
+        runner.load_expert = lambda *args: (reads.append(args[-1]), load_expert(*args))[1]
+        step = ExpertScores(weights.family, weights.config)
+        layer_pass.forward([step], final_output=False, description=None)
+        assert bool(reads) == streamed  # the experts really were read one at a time (or really were not)
+        return {layer: step.sums[layer].scores() for layer in step.layers}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
+def test_experts_read_one_at_a_time_score_as_experts_read_together(saved, family):
+    """A layer too big for the budget reads its experts one at a time; each expert's outputs on its tokens then
+    give the REAP sums as it is read: the same scores, the same routing counts."""
+    together, alone = scores_of(saved(family), False), scores_of(saved(family), True)
+    for layer, entry in together.items():
+        assert alone[layer]["routed"] == entry["routed"] and alone[layer]["tokens"] == entry["tokens"]
+        for criterion in ("reap", "activation"):
+            for mine, theirs in zip(alone[layer][criterion], entry[criterion]):
+                assert (mine is None) == (theirs is None)
+                assert mine is None or abs(mine - theirs) <= 1e-6 * abs(theirs), (layer, criterion)

@@ -83,6 +83,8 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
     replay, session._attention = session._attention, None
     if replay is not None:  # the attention's output is replayed: its weights are not needed in this pass
         session.release(attention_module)
+    watchers = [probe for probe in probes if probe.where == "expert_outputs"]
+    probes = [probe for probe in probes if not probe.optional and probe.where != "expert_outputs"]
     kept = runner.store("attention") if replay is None else None
     inputs, sums = runner.store("experts-input"), runner.store("experts-output")
     routes: dict[int, list] = {}  # batch -> per row chunk: (tokens, top_k_index, top_k_weights)
@@ -110,8 +112,12 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
                     part = slice(start, start + count)
                     mine = torch.where(chosen == expert, 0, 1).to(chosen.dtype)
                     total = sums.get(index, device, dtype, part)
-                    total += module(inputs.get(index, device, dtype, part), mine, weights)
+                    rows = inputs.get(index, device, dtype, part)
+                    total += module(rows, mine, weights)
                     sums.write(index, part, total)
+                    if watchers:
+                        _watch(watchers, index, expert, module, rows, chosen, weights,
+                               runner.batches[index].attention_mask.reshape(-1)[part])
                     start += count
             del module
             trim_heap()  # the expert's compute's (its read: 510 -> 494 MiB)
@@ -125,6 +131,18 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
         attention.close()
         sums.close()
     return out
+
+
+def _watch(watchers, index: int, expert: int, module, rows, chosen, weights, real) -> None:
+    """The "expert_outputs" probes: expert `expert`'s output (weight 1) on each of its real (token, slot)s."""
+    token, slot = ((chosen == expert) & real.to(chosen.device).bool()[:, None]).nonzero(as_tuple=True)
+    if not len(token):
+        return
+    first = torch.zeros((len(token), 1), dtype=chosen.dtype, device=chosen.device)
+    ones = torch.ones((len(token), 1), dtype=rows.dtype, device=rows.device)
+    norms = module(rows[token], first, ones).float().norm(dim=-1)
+    for watcher in watchers:
+        watcher.consume(index, expert, norms, weights[token, slot])
 
 
 class _Capture:

@@ -45,6 +45,10 @@ class LayerSession:
         self._read(self._pending)
         return self._module
 
+    def submodule(self, path: str):
+        """A module inside the decoder layer, its weights not read yet (a pass reads them as it needs them)."""
+        return self._module.get_submodule(path)
+
     def _read(self, tensors: list) -> None:
         """Read `tensors` (pending ones: not read yet, or released); a weight set before it was read
         (``set_parameter``) is applied once it is."""
@@ -187,9 +191,15 @@ class LayerSession:
         again, so each batch's input is dropped once it has run (the outputs take its place)."""
         runner = self.runner
         full = outputs and stop_after is None
-        streamed = runner.streamed_experts(self.layer, self._pending, probes) if full else None
+        # a pass whose output nobody reads still reads the experts one at a time where they do not fit together
+        whole = stop_after is None and (outputs or not runner.whole_layers_fit)
+        streamed = runner.streamed_experts(self.layer, self._pending, probes) if whole else None
         if streamed is not None:
-            return run_streamed(self, streamed, hidden, probes, consume, runner.store("output"))
+            out = run_streamed(self, streamed, hidden, probes, consume, runner.store("output"))
+            if outputs:
+                return out
+            out.close()
+            return None
         out = runner.store("output") if full else None
         keep = stop_after is not None and runner.reuse_attention
         kept = runner.store("attention") if keep else None

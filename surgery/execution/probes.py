@@ -22,13 +22,18 @@ class Probe:
     `module`: a path inside the decoder layer ("" = the layer itself); `where`: its "input" or
     "output"; `consume(batch, rows)` receives a [real tokens, features] tensor on the device; "outputs":
     `consume(batch, *rows)` receives every tensor of the module's output tuple (a router's logits, weights and
-    chosen experts), each as [real tokens, features]. In a
-    backward pass `consume(batch, rows, grad_rows)` also receives the loss gradient of that tensor.
+    chosen experts), each as [real tokens, features]; "expert_outputs" (on the experts module, served where the
+    layer's experts are read one at a time, ``expert_stream``): `consume(batch, expert, norms, gate)` receives,
+    for every real (token, slot) routed to `expert`, the norm of the expert's output on it (weight 1) and its gate
+    weight. In a backward pass `consume(batch, rows, grad_rows)` also receives the loss gradient of that tensor.
+    `optional`: a probe the pass drops when it reads the experts one at a time (an "expert_outputs" probe then
+    gives what it gave), so that it does not keep the experts in memory together.
     """
 
     module: str
     where: str
     consume: Callable
+    optional: bool = False
 
 
 class StopLayer(Exception):
@@ -46,7 +51,7 @@ def gathered_probes(probes, index: int, with_grad: bool = False):
             return lambda _batch, rows, grads: pieces[number].append((rows, grads))
         return lambda _batch, *rows: pieces[number].append(rows)
 
-    yield [Probe(probe.module, probe.where, collector(number)) for number, probe in enumerate(probes)]
+    yield [Probe(probe.module, probe.where, collector(number), probe.optional) for number, probe in enumerate(probes)]
     for probe, parts in zip(probes, pieces):
         if parts:
             probe.consume(index, *(torch.cat([part[i] for part in parts]) for i in range(len(parts[0]))))
@@ -83,7 +88,8 @@ def probe_hooks(module, probes, keep, stop_after: str | None, with_grad: bool = 
             handles.append(target.register_forward_hook(lambda _m, _args, output: see(output)))
 
     for probe in probes:
-        attach(probe)
+        if probe.where != "expert_outputs":  # served by expert_stream, not by a hook
+            attach(probe)
     if stop_after is not None:
         def stop(_m, _args):
             raise StopLayer

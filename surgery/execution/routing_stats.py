@@ -126,14 +126,25 @@ class LayerRouting:
         log_probs = torch.log_softmax(logits, dim=-1)
         self.entropy += float(-(probs * log_probs).sum(-1).double().sum())
         self.z += float(torch.logsumexp(logits, dim=-1).double().pow(2).sum())
-        if experts_module is None:
-            return
         if renormalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if routed and outputs is not None and torch.equal(outputs[0].to(indices.device), indices):
+        if experts_module is not None:
+            self.add_outputs(weights, indices, hidden, experts_module, outputs if routed else None)
+        return weights, indices
+
+    def add_outputs(self, weights, indices, hidden, experts_module, outputs=None) -> None:
+        """The REAP sums of one call's real tokens routed to `indices` with gate `weights`: from `outputs` (see
+        ``add``) where they were recorded for this very choice, else each expert run here on its tokens."""
+        if outputs is not None and torch.equal(outputs[0].to(indices.device), indices):
             self._add_norms(indices, weights, outputs[1].to(indices.device))
         else:
             self._add_outputs(hidden, indices, weights, experts_module)
+
+    def add_expert(self, expert: int, norms, gate) -> None:
+        """The REAP sums of one expert's real (token, slot)s: its output norms and their gate weights (what
+        ``expert_stream`` gives while it reads the experts one at a time)."""
+        self.norm[expert] += float(norms.double().sum())
+        self.reap[expert] += float((gate.double() * norms.double()).sum())
 
     def _add_norms(self, chosen, weights, norms) -> None:
         """The REAP sums from each (token, slot)'s expert output norm (`norms`, [tokens, top_k])."""

@@ -78,6 +78,7 @@ class LayerRunner:
         the smallest footprint that keeps the hidden states in memory, else the smallest with them spilled.
         Reading experts one at a time (``expert_stream``) needs one expert instead of all, and `stream_stores`
         more hidden states; on a GPU, which holds the weights, experts are read together."""
+        self.whole_layers_fit = True  # a layer's experts fit the budget together (else: read one at a time)
         if self.placement.device != "cpu":  # the weights are on the GPU: only the hidden states take CPU memory
             return False, stores <= budget.limit
         whole = self.layer_bytes[1]
@@ -92,6 +93,7 @@ class LayerRunner:
                 if max(weights, top) + hidden <= budget.limit:  # the embedding or head runs when no layer is read
                     fits.append((weights + hidden, streams))
             if fits:
+                self.whole_layers_fit = any(not streams for _, streams in fits)
                 return min(fits)[1], in_memory
         layer, size = self.layer_bytes
         what = f"layer {layer} needs {format_bytes(size)}" if size >= top else f"the embedding needs {format_bytes(top)}"
@@ -102,13 +104,16 @@ class LayerRunner:
 
     def streamed_experts(self, layer: int, pending: list, probes) -> ExpertLayout | None:
         """The layer's experts, when a full pass reads them one at a time: the runner chose to, they are not
-        read yet, and no probe looks inside them."""
+        read yet, and no probe looks inside them (but one on their outputs per expert, or an optional one where a
+        whole layer does not fit the budget)."""
         layout = self.expert_layouts.get(layer)
         if not self.stream_experts or layout is None:
             return None
         if not set(layout.names) <= {tensor.name for tensor in pending}:
             return None
-        if any(probe.module == layout.module or probe.module.startswith(layout.module + ".") for probe in probes):
+        inside = [probe for probe in probes if probe.where != "expert_outputs"
+                  and (probe.module == layout.module or probe.module.startswith(layout.module + "."))]
+        if any(not probe.optional or self.whole_layers_fit for probe in inside):
             return None
         template = self.skeleton.templates[layer].get_submodule(layout.module)
         return layout if streamable(template, layout) else None

@@ -33,31 +33,36 @@ class ExpertScores(Step):
 
     def probes(self, layer: int, session) -> list[Probe]:
         sums = self.sums[layer] = LayerRouting(self.experts, self.top_k, self.renormalise)
-        experts_module = session.module.get_submodule(self.experts_path)
+        experts_module = session.submodule(self.experts_path)  # its weights are read by the pass that needs them
         recorder = ExpertOutputs(experts_module) if ExpertOutputs.applies(experts_module) else None
         if recorder is not None:
             experts_module.forward = recorder  # this layer's own copy, dropped with the session
         batches = session.runner.batches
-        routed = {}
+        routed = self.routed = {}
 
-        def on_router(batch, *rows):  # the router's logits, gate weights and chosen experts
-            routed[batch] = rows
+        def on_router(batch, *rows):  # the router's logits, gate weights and chosen experts: the routing counts
+            routed[batch] = sums.add(*rows)
 
         def on_inputs(batch, rows):  # after the batch's pass: the probes' hooks are gone, so calling the module is safe
             outputs = recorder.take() if recorder is not None else None
             if outputs is not None:  # every token of the batch's calls: keep the real ones, as the probes do
                 real = batches[batch].attention_mask.reshape(-1).bool().to(outputs[0].device)
                 outputs = (outputs[0][real], outputs[1][real])
-            sums.add(*routed.pop(batch), hidden=rows, experts_module=experts_module, outputs=outputs)
+            sums.add_outputs(*routed.pop(batch), hidden=rows, experts_module=experts_module, outputs=outputs)
             if recorder is not None:
                 recorder.take()  # what a rerun of the experts there recorded: not the next batch's
 
-        # the probe on the experts' input also keeps the layer's experts read together (expert_stream reads them
-        # one at a time only where no probe looks inside them)
-        return [Probe(router_path(self.family), "outputs", on_router), Probe(self.experts_path, "input", on_inputs)]
+        # Where the layer's experts are read together, the REAP sums come from the experts' input (optional: a pass
+        # that reads the experts one at a time drops it, so that they need not be in memory together); where they
+        # are read one at a time, from each expert's outputs as it is read ("expert_outputs").
+        return [Probe(router_path(self.family), "outputs", on_router),
+                Probe(self.experts_path, "input", on_inputs, optional=True),
+                Probe(self.experts_path, "expert_outputs", lambda _batch, expert, norms, gate:
+                      sums.add_expert(expert, norms, gate))]
 
     def after(self, layer: int, session, rerun) -> None:
-        module = session.module.get_submodule(self.experts_path)
+        self.routed = {}
+        module = session.submodule(self.experts_path)
         if isinstance(module.__dict__.get("forward"), ExpertOutputs):
             del module.forward
 
