@@ -6,21 +6,9 @@ experts and keeps the top 8 without renormalising them (``norm_topk_prob`` false
 per expert as ``mlp.experts.{e}.gate_proj/up_proj/down_proj`` of width ``intermediate_size``.
 """
 
-from surgery.families.base import (
-                                   BASE_DEFAULTS,
-                                   FUSED_EXPERTS,
-                                   NORMS,
-                                   O_BIAS,
-                                   QKVO,
-                                   Family,
-                                   L,
-                                   Spec,
-                                   per_expert,
-                                   qkv_bias,
-                                   specs,
-)
-
-QK_NORM_FULL = [("q_norm", "self_attn.q_norm.weight", ("q_dim",)), ("k_norm", "self_attn.k_norm.weight", ("kv_dim",))]
+from surgery.families.base import (BASE_DEFAULTS, FUSED_EXPERTS, NORMS, O_BIAS, QKVO, Family, L, Spec, per_expert,
+                                   qkv_bias, specs)
+from surgery.families.olmo2 import QK_NORM_FULL  # q/k norms over the whole projections, as OLMo 2's
 
 FAMILY = Family(
     "olmoe", "OlmoeForCausalLM", "moe",

@@ -8,18 +8,8 @@ returns the weights and experts it chose, which is what scoring reads.
 """
 
 from surgery.families import mixtral
-from surgery.families.base import (
-                                   BASE_DEFAULTS,
-                                   FUSED_EXPERTS,
-                                   O_BIAS,
-                                   QKVO,
-                                   Family,
-                                   L,
-                                   Spec,
-                                   per_expert,
-                                   qkv_bias,
-                                   specs,
-)
+from surgery.families.base import (BASE_DEFAULTS, FUSED_EXPERTS, O_BIAS, QKVO, Family, L, Spec, per_expert, qkv_bias,
+                                   specs)
 
 NORMS_WITH_BIAS = specs("norm", L, [
     ("input_norm", "input_layernorm.weight", ("hidden",)),

@@ -15,17 +15,8 @@ transformers ignores on load.
 """
 
 from surgery.errors import SurgeryError
-from surgery.families.base import (
-    BASE_DEFAULTS,
-    FUSED_EXPERTS,
-    NORMS,
-    QWEN_SPARSE_DEFAULTS,
-    Family,
-    L,
-    Spec,
-    per_expert,
-    specs,
-)
+from surgery.families.base import (BASE_DEFAULTS, FUSED_EXPERTS, NORMS, QWEN_SPARSE_DEFAULTS, Family, L, Spec,
+                                   per_expert, specs)
 from surgery.families.dense_form import AllDense
 from surgery.families.moe_layers import qwen_layers
 from surgery.families.qwen2_moe import SHARED_EXPERT
