@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from surgery.execution.probes import StopLayer
+from surgery.execution.routing_stats import expert_output_norms
 from surgery.process_memory import trim_heap
 
 ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")  # transformers 5's experts modules
@@ -138,9 +139,7 @@ def _watch(watchers, index: int, expert: int, module, rows, chosen, weights, rea
     token, slot = ((chosen == expert) & real.to(chosen.device).bool()[:, None]).nonzero(as_tuple=True)
     if not len(token):
         return
-    first = torch.zeros((len(token), 1), dtype=chosen.dtype, device=chosen.device)
-    ones = torch.ones((len(token), 1), dtype=rows.dtype, device=rows.device)
-    norms = module(rows[token], first, ones).float().norm(dim=-1)
+    norms = expert_output_norms(module, rows[token], 0)  # the one-expert module's expert 0
     for watcher in watchers:
         watcher.consume(index, expert, norms, weights[token, slot])
 

@@ -157,10 +157,7 @@ class LayerRouting:
         weight 1): the sum of its output norms, and of gate weight x output norm."""
         for expert in chosen.unique().tolist():
             token, slot = (chosen == expert).nonzero(as_tuple=True)
-            rows = hidden[token]
-            index = torch.full((len(token), 1), expert, dtype=torch.long, device=rows.device)
-            ones = torch.ones((len(token), 1), dtype=rows.dtype, device=rows.device)
-            norms = experts_module(rows, index, ones).float().norm(dim=-1).double()
+            norms = expert_output_norms(experts_module, hidden[token], expert).double()
             self.norm[expert] += float(norms.sum())
             self.reap[expert] += float((weights[token, slot].double() * norms).sum())
 
@@ -199,6 +196,14 @@ class LayerRouting:
             "load_balancing_alpha": alpha,
             "router_z_loss": self.z / self.tokens,
         }
+
+
+def expert_output_norms(experts_module, rows, expert: int):
+    """‖output‖₂ of expert `expert` of transformers' experts module on each of `rows`, every row sent to it with
+    weight 1 (float32, [rows])."""
+    index = torch.full((len(rows), 1), expert, dtype=torch.long, device=rows.device)
+    ones = torch.ones((len(rows), 1), dtype=rows.dtype, device=rows.device)
+    return experts_module(rows, index, ones).float().norm(dim=-1)
 
 
 class ExpertOutputs:

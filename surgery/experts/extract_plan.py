@@ -21,6 +21,7 @@ from surgery.plan.layouts import expert_parts
 from surgery.plan.mean import WeightedMean
 from surgery.plan.nodes import Concat, Copy, Init, PadRows, Recipe, Scale
 from surgery.plan.plan import OutputTensor, Plan
+from surgery.plan.sources import leave_out_mtp
 
 
 def shared_rule(family, config: dict, options) -> str | None:
@@ -108,17 +109,7 @@ def build_plan(source: Checkpoint, family, dense, weights: dict[int, list[float]
         new_config = all_dense_config(family, config, size)
     else:
         new_config = dense_config(family, config, dense, size, where)
-    known = arch.expected_tensors(family, config, layout, where)
-    mtp = set(arch.mtp_tensors(family, config, source.tensors))
-    extra = [name for name in source.tensors if name not in known and name not in mtp]
-    if extra:
-        raise SurgeryError(f"{source.directory}: tensor {extra[0]!r} is not part of a {family.architecture} "
-                           f"checkpoint with this config.json; extract would drop it")
-    if mtp:
-        new_config.update(family.mtp_off)
-        notes.append(f"the {len(mtp)} multi-token-prediction tensors are left out ("
-                     + ", ".join(f"{key}: {value}" for key, value in family.mtp_off.items())
-                     + "): transformers does not run them; the output decodes without MTP speculation")
+    leave_out_mtp(source, family, layout, new_config, notes, "extract", "transformers does not run them")
     _, scale = routed_scale(family, config)
     pieces = expert_parts(source, family, config, layout)
     views = {name: (stored, (start, stop)) for name, (stored, start, stop) in arch.source_views(family, config).items()}

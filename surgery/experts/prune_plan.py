@@ -18,6 +18,7 @@ from surgery.io.checkpoint import Checkpoint
 from surgery.plan.layouts import expert_parts
 from surgery.plan.nodes import Columns, Copy, Rows
 from surgery.plan.plan import OutputTensor, Plan
+from surgery.plan.sources import leave_out_mtp
 
 
 def kept_count(options, experts: int) -> int:
@@ -108,18 +109,8 @@ def build_plan(source: Checkpoint, family, kept: dict[int, list[int]], top_k: in
         else:
             recipe = Copy(source, expected.name)
         tensors.append(OutputTensor(expected.name, expected.shape, source.info(recipe.name).dtype, recipe))
-    known = arch.expected_tensors(family, config, layout)
-    mtp = arch.mtp_tensors(family, config, source.tensors)
-    if mtp:
-        new_config.update(family.mtp_off)
-        notes.append(f"the {len(mtp)} multi-token-prediction tensors are left out ("
-                     + ", ".join(f"{key}: {value}" for key, value in family.mtp_off.items())
-                     + "): transformers does not run them, so their experts cannot be scored; the output decodes "
-                       "without MTP speculation")
-    extra = [name for name in source.tensors if name not in known and name not in set(mtp)]
-    if extra:
-        raise SurgeryError(f"{source.directory}: tensor {extra[0]!r} is not part of a {family.architecture} "
-                           f"checkpoint with this config.json; prune would drop it")
+    leave_out_mtp(source, family, layout, new_config, notes, "prune",
+                  "transformers does not run them, so their experts cannot be scored")
     metadata = {"surgery_sources": json.dumps([str(source.path)]), "surgery_prune": json.dumps(details)}
     return Plan("prune", tensors, new_config, [source], side_files=source.side_files(),
                 extra_files={"README.md": model_card(source, details)}, metadata=metadata, notes=notes,

@@ -13,9 +13,12 @@ text weights under ``model.language_model.``, a vision tower under ``model.visua
 model loaded from one back under ``model.language_model.``: neither layout is read here.
 """
 
-from surgery.families.base import BASE_DEFAULTS, FUSED_EXPERTS, NORMS, Family, L, Spec, per_expert, specs
-from surgery.families.qwen2_moe import SHARED_EXPERT
-from surgery.families.qwen3_next import DELTANET_CORE, GATED_ATTENTION, LINEAR, LINEAR_DEFAULTS, layer_kind, linear_dims
+from dataclasses import replace
+
+from surgery.families import qwen3_next
+from surgery.families.base import BASE_DEFAULTS, NORMS, L, specs
+from surgery.families.moe_layers import every_layer
+from surgery.families.qwen3_next import DELTANET_CORE, GATED_ATTENTION, LINEAR, LINEAR_DEFAULTS
 
 DELTANET = specs("attention", L + "linear_attn.", [
     ("linear_qkv", "in_proj_qkv.weight", ("linear_conv_dim", "hidden"), None, LINEAR),
@@ -24,22 +27,13 @@ DELTANET = specs("attention", L + "linear_attn.", [
     ("linear_a", "in_proj_a.weight", ("linear_v_heads", "hidden"), None, LINEAR),
 ] + DELTANET_CORE)
 
-FAMILY = Family(
-    "qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", "moe", GATED_ATTENTION + DELTANET + NORMS,
+FAMILY = replace(
+    qwen3_next.FAMILY, name="qwen3_5_moe_text", architecture="Qwen3_5MoeForCausalLM",
+    attention=GATED_ATTENTION + DELTANET + NORMS,
     dense_ffn=(),
-    router=Spec("router", "router", L + "mlp.gate.weight", ("experts", "hidden")),
-    experts=per_expert("mlp.", "gate_proj", "up_proj", "down_proj"),
-    fused_experts=FUSED_EXPERTS,
-    shared_expert=SHARED_EXPERT,
     defaults={**BASE_DEFAULTS, **LINEAR_DEFAULTS},
-    moe_keys={"experts": ("num_experts",), "top_k": ("num_experts_per_tok",),
-              "expert_ffn": ("moe_intermediate_size",), "shared_ffn": ("shared_expert_intermediate_size",)},
-    derived_dims=linear_dims,
-    layer_type=layer_kind,
-    attention_modules={LINEAR: "linear_attn"},
+    sparse_layers=every_layer,
     top_k_norm=None,
-    mtp_prefixes=lambda config: ["mtp."],
-    mtp_off={"mtp_num_hidden_layers": 0},
     dense_form="every layer of its config is MoE, and transformers' dense Qwen3.5 (Qwen3_5ForCausalLM) is no family "
                "here",
 )

@@ -46,3 +46,21 @@ def moe_family(source: Checkpoint, operation: str) -> Family:
         raise SurgeryError(f"{source.directory}: {operation} needs an MoE checkpoint; this is a {family.architecture} "
                            f"(dense)")
     return family
+
+
+def leave_out_mtp(source: Checkpoint, family: Family, layout: str, new_config: dict, notes: list[str], operation: str,
+                  why: str) -> None:
+    """What an operation that writes only the family's table leaves out: a tensor the table does not know is refused
+    (the operation would drop it); multi-token-prediction layers (``Family.mtp_prefixes``) are left out, the output's
+    config says there are none (``Family.mtp_off``) and a note says so, and `why`."""
+    known = arch.expected_tensors(family, source.config, layout, source.directory / "config.json")
+    mtp = set(arch.mtp_tensors(family, source.config, source.tensors))
+    extra = [name for name in source.tensors if name not in known and name not in mtp]
+    if extra:
+        raise SurgeryError(f"{source.directory}: tensor {extra[0]!r} is not part of a {family.architecture} "
+                           f"checkpoint with this config.json; {operation} would drop it")
+    if mtp:
+        new_config.update(family.mtp_off)
+        notes.append(f"the {len(mtp)} multi-token-prediction tensors are left out ("
+                     + ", ".join(f"{key}: {value}" for key, value in family.mtp_off.items())
+                     + f"): {why}; the output decodes without MTP speculation")
