@@ -107,7 +107,7 @@ def test_mixtral_refuses_dense_layers():
 
 # ------------------------------------------------------------------- the registry
 PACKAGE = Path(arch.__file__).parent
-MACHINERY = {"__init__", "base", "registry", "convert", "sliding", "moe_layers", "dense_form"}
+MACHINERY = {"__init__", "base", "registry", "convert", "sliding", "moe_layers", "dense_form", "nesting"}
 
 
 def _family_module_names() -> set[str]:

@@ -75,10 +75,45 @@ CONFIGS = {
         num_hidden_layers=4, full_attention_interval=2, moe_intermediate_size=12, shared_expert_intermediate_size=20,
         num_experts=4, num_experts_per_tok=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
         linear_key_head_dim=8, linear_value_head_dim=6, linear_conv_kernel_dim=3, mtp_num_hidden_layers=1)),
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", dict(  # MoE every other layer, chunked and NoPE layers
+        num_hidden_layers=4, interleave_moe_layer_step=2, intermediate_size=12, intermediate_size_mlp=24,
+        num_local_experts=4, num_experts_per_tok=2, head_dim=8, attention_chunk_size=8, pad_token_id=0)),
 }
 # the families never built from a dense model: read, pruned, copied and extracted only
 HUB_MOES = ("deepseek_v3", "deepseek_v2", "glm4_moe", "gpt_oss", "minimax_m2", "ernie4_5_moe", "olmoe", "phimoe",
-            "qwen3_next", "qwen3_5_moe_text")
+            "qwen3_next", "qwen3_5_moe_text", "llama4_text")
+
+# multimodal checkpoints as the hub stores them: (config class, model class, the text family inside, vision config)
+NESTED = {
+    "llama4": ("Llama4Config", "Llama4ForConditionalGeneration", "llama4_text", dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16,
+        pixel_shuffle_ratio=0.5)),
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe_text", dict(
+        depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2)),
+}
+
+
+def save_nested(directory: Path, name: str, seed: int = 0) -> Path:
+    """A tiny multimodal checkpoint (`name` in ``NESTED``) whose text model is the tiny one of its text family, saved
+    by transformers' multimodal class (vision tower included), with the MTP module the text family's hub
+    checkpoints store."""
+    import transformers
+
+    config_class, model_class, text, vision = NESTED[name]
+    _, _, extra = CONFIGS[text]
+    config = getattr(transformers, config_class)(text_config={**COMMON, **extra}, vision_config=vision)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():  # random norms, as build_model's
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
+    model.save_pretrained(directory)
+    if getattr(config.text_config, "mtp_num_hidden_layers", None):
+        add_mtp_module(Path(directory), model, prefix="model.language_model.")
+    return Path(directory)
 
 
 def build_model(family: str, seed: int = 0, **overrides):
@@ -130,15 +165,16 @@ def add_mtp_layer(directory: Path, model) -> None:
     add_shard(directory, mtp, "model-mtp.safetensors")
 
 
-def add_mtp_module(directory: Path, model) -> None:
+def add_mtp_module(directory: Path, model, prefix: str = "model.") -> None:
     """The multi-token-prediction module Qwen3-Next / Qwen3.5 checkpoints store under ``mtp.``:
     ``mtp_num_hidden_layers`` copies of the last decoder layer (``mtp.layers.{i}``), ``fc``, its two input norms and a
     final norm; random where not copied, in a shard of its own; transformers ignores ``mtp.*`` on load."""
     state = tensors(directory)
-    last, hidden = f"model.layers.{model.config.num_hidden_layers - 1}.", model.config.hidden_size
+    text = model.config.get_text_config()
+    last, hidden = f"{prefix}layers.{text.num_hidden_layers - 1}.", text.hidden_size
     generator = torch.Generator().manual_seed(7)
     mtp = {name.replace(last, f"mtp.layers.{index}."): value.clone()
-           for index in range(model.config.mtp_num_hidden_layers) for name, value in state.items()
+           for index in range(text.mtp_num_hidden_layers) for name, value in state.items()
            if name.startswith(last)}
     for name, shape in (("fc.weight", (hidden, 2 * hidden)), ("pre_fc_norm_embedding.weight", (hidden,)),
                         ("pre_fc_norm_hidden.weight", (hidden,)), ("norm.weight", (hidden,))):

@@ -48,6 +48,8 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
         # multi-token-prediction layers are not part of transformers' model: skipped, as hub checkpoints' are
         # (under the names transformers converts them to)
         mtp = tuple(family.mtp_prefixes({**family.defaults, **checkpoint.config})) if family.mtp_prefixes else ()
+        # a multimodal checkpoint loads as its text model (AutoModelForCausalLM): the other towers are not part of it
+        skipped = mtp + (checkpoint.nesting.carried if checkpoint.nesting is not None else ())
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     kwargs = dict(output_loading_info=True, dtype=torch_dtype, trust_remote_code=False, local_files_only=True)
     if device == "cpu":
@@ -69,7 +71,7 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
     problems = []
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         found = sorted(str(k) for k in (info.get(key) or [])
-                       if key != "unexpected_keys" or not (mtp and str(k).startswith(mtp)))
+                       if key != "unexpected_keys" or not (skipped and str(k).startswith(skipped)))
         if found:
             shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
             problems.append(f"{key.replace('_', ' ')}: {shown}")

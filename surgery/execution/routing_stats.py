@@ -21,6 +21,7 @@ layer gets the same sums through one probe per MoE layer (``RoutingSums``).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 
@@ -83,7 +84,9 @@ class RoutingSums(Step):
         return layer in self.sums
 
     def probes(self, layer: int, session=None) -> list:
-        return [Probe(router_path(self.family), "outputs", lambda _batch, *routed: self.sums[layer].add(*routed))]
+        top_k = self.sums[layer].top_k
+        return [Probe(router_path(self.family), "outputs", lambda _batch, *routed:
+                      self.sums[layer].add(*arch.routing_of(self.family, routed, top_k)))]
 
     def results(self) -> list[dict]:
         return [self.sums[layer].result(layer, self.alpha) for layer in sorted(self.sums)]
@@ -200,7 +203,13 @@ class LayerRouting:
 
 def expert_output_norms(experts_module, rows, expert: int):
     """‖output‖₂ of expert `expert` of transformers' experts module on each of `rows`, every row sent to it with
-    weight 1 (float32, [rows])."""
+    weight 1 (float32, [rows]). transformers 5's modules take (rows, chosen experts, weights); Llama 4's takes every
+    expert's rows back to back, so its own forward runs on a copy holding expert `expert` alone."""
+    if len(list(inspect.signature(type(experts_module).forward).parameters)) == 2:  # (self, hidden_states)
+        one = copy.copy(experts_module)
+        one._parameters = {name: torch.nn.Parameter(value[expert:expert + 1], requires_grad=False)
+                           for name, value in experts_module._parameters.items()}
+        return type(experts_module).forward(one, rows).float().norm(dim=-1)
     index = torch.full((len(rows), 1), expert, dtype=torch.long, device=rows.device)
     ones = torch.ones((len(rows), 1), dtype=rows.dtype, device=rows.device)
     return experts_module(rows, index, ones).float().norm(dim=-1)
@@ -287,7 +296,7 @@ class RoutingCollector:
             if strict:
                 raise
             family = None
-        self.routers, dims = {}, {}
+        self.routers, dims, self.family = {}, {}, family
         if family is not None and family.kind == "moe":
             dims = arch.dimensions(family, config, f"{type(model).__name__}.config")
             self.routers = router_modules(model)
@@ -298,7 +307,9 @@ class RoutingCollector:
 
     def _hook(self, layer):
         def hook(_module, _inputs, output):
-            logits, weights, indices = (output + (None, None))[:3] if isinstance(output, tuple) else (output, None, None)
+            routed = arch.routing_of(self.family, output, self.sums[layer].top_k) if isinstance(output, tuple) \
+                else (output,)
+            logits, weights, indices = (tuple(routed) + (None, None))[:3]
             logits = logits.reshape(-1, logits.shape[-1])
             keep = self._keep
             if keep is None or keep.numel() != logits.shape[0]:

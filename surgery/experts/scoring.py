@@ -26,6 +26,9 @@ class ExpertScores(Step):
         self.layers = arch.moe_layers(family, config)
         self.last_layer = max(self.layers)
         self.experts_path = family.router_input + ".experts"
+        # what the experts see at weight 1: the experts module's input, or the MoE block's (Llama 4's experts take
+        # tokens scaled by their scores)
+        self.input_path = ".".join(part for part in (family.router_input, family.experts_input) if part)
         self.sums = {}
 
     def wants(self, layer: int) -> bool:
@@ -41,7 +44,7 @@ class ExpertScores(Step):
         routed = self.routed = {}
 
         def on_router(batch, *rows):  # the router's logits, gate weights and chosen experts: the routing counts
-            routed[batch] = sums.add(*rows)
+            routed[batch] = sums.add(*arch.routing_of(self.family, rows, self.top_k))
 
         def on_inputs(batch, rows):  # after the batch's pass: the probes' hooks are gone, so calling the module is safe
             outputs = recorder.take() if recorder is not None else None
@@ -56,7 +59,7 @@ class ExpertScores(Step):
         # that reads the experts one at a time drops it, so that they need not be in memory together); where they
         # are read one at a time, from each expert's outputs as it is read ("expert_outputs").
         return [Probe(router_path(self.family), "outputs", on_router),
-                Probe(self.experts_path, "input", on_inputs, optional=True),
+                Probe(self.input_path, "input", on_inputs, optional=True),
                 Probe(self.experts_path, "expert_outputs", lambda _batch, expert, norms, gate:
                       sums.add_expert(expert, norms, gate))]
 

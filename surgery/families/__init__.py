@@ -23,19 +23,22 @@ from surgery.families.base import (BASE_DEFAULTS, DENSE_FFN, FUSED_EXPERTS, FUSE
                                     Spec, config_value, detect_expert_layout, dimensions, expected_tensors,
                                     is_moe_layer, moe_layers, per_expert, qkv_bias, shape_of, source_views, specs)
 from surgery.families.convert import DROPPED_KEYS, moe_config, moe_target
-from surgery.families.moe_layers import (after_first_k_dense, every_layer, moe_interval, mtp_tensors, qwen_layers,
-                                         renormalises_top_k, route_groups, router_specs)
-from surgery.families.registry import (CONVERSIONS, DEFAULT_TARGET, FAMILIES, TARGET_SETTINGS, auto_formats,
-                                       detect_family, family_modules, moe_formats, supported)
+from surgery.families.moe_layers import (after_first_k_dense, every_layer, listed_or_interleaved, moe_interval,
+                                         mtp_tensors, qwen_layers, renormalises_top_k, route_groups, router_specs,
+                                         routing_of)
+from surgery.families.nesting import Nesting
+from surgery.families.registry import (CONVERSIONS, DEFAULT_TARGET, FAMILIES, NESTINGS, TARGET_SETTINGS,
+                                       auto_formats, detect_family, family_modules, moe_formats, nesting_of, supported,
+                                       text_view)
 from surgery.families.sliding import SLIDING_FROM_MAX_WINDOW_LAYERS, SlidingWindow, layer_windows, windows_config
 
 __all__ = [
     "BASE_DEFAULTS", "CONVERSIONS", "Conversion", "DEFAULT_TARGET", "DENSE_FFN", "DROPPED_KEYS", "Expected",
-    "FAMILIES", "FUSED_EXPERTS", "FUSED_PARTS", "Family", "FusedSource", "GLOBAL", "L", "NORMS", "O_BIAS", "QKVO",
+    "FAMILIES", "FUSED_EXPERTS", "NESTINGS", "Nesting", "FUSED_PARTS", "Family", "FusedSource", "GLOBAL", "L", "NORMS", "O_BIAS", "QKVO",
     "QK_NORM", "QWEN_SPARSE_DEFAULTS", "SLIDING_FROM_MAX_WINDOW_LAYERS", "SlidingWindow", "Spec", "TARGET_SETTINGS",
     "after_first_k_dense", "auto_formats", "config_value", "detect_expert_layout", "detect_family", "dimensions",
     "every_layer", "expected_tensors", "family_modules", "is_moe_layer", "layer_windows", "moe_config",
-    "moe_formats", "moe_interval", "moe_layers", "moe_target", "mtp_tensors", "per_expert", "qkv_bias",
-    "qwen_layers", "renormalises_top_k", "route_groups", "router_specs", "shape_of", "source_views", "specs",
-    "supported", "windows_config",
+    "moe_formats", "moe_interval", "moe_layers", "moe_target", "mtp_tensors", "nesting_of", "per_expert", "qkv_bias",
+    "listed_or_interleaved", "qwen_layers", "renormalises_top_k", "route_groups", "router_specs", "routing_of", "shape_of", "source_views", "specs",
+    "supported", "text_view", "windows_config",
 ]

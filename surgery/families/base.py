@@ -146,6 +146,12 @@ class Family:
     # (transformers' `mlp`: the post-attention norm output in pre-norm families); calibration
     # captures that input, for dense sources too, where a future router will read it.
     router_input: str = "mlp"
+    # what the router module returns, in order (``moe_layers.routing_of`` reads it): transformers 5's
+    # (logits, weights, chosen experts), or Llama 4's (scores, logits)
+    router_outputs: tuple[str, ...] = ("logits", "weights", "indices")
+    # the module whose input is every token as the experts see it at weight 1, relative to ``router_input``: the
+    # experts module (transformers 5), or "" where that module takes tokens already scaled by their scores (Llama 4)
+    experts_input: str = "experts"
     # transformers' attention module of a decoder layer: its output (first element) is what a stopped pass
     # keeps so the layer's full run can reuse it instead of computing attention again
     attention_module: str = "self_attn"

@@ -67,3 +67,25 @@ def mtp_tensors(family, config: dict, names) -> list[str]:
         return []
     prefixes = tuple(family.mtp_prefixes({**family.defaults, **config}))
     return [name for name in names if prefixes and name.startswith(prefixes)]
+
+
+def listed_or_interleaved(value, layer: int) -> bool:
+    """Llama 4: the layers ``moe_layers`` lists; where it is absent, every ``interleave_moe_layer_step``-th layer
+    (``step - 1``, ``2 step - 1`` ...)."""
+    listed = value("moe_layers")
+    if listed is not None:
+        return layer in listed
+    step = value("interleave_moe_layer_step") or 1
+    return (layer + 1) % step == 0
+
+
+def routing_of(family, outputs: tuple, top_k: int) -> tuple:
+    """(logits, weights, chosen experts) from the tuple a family's router returns (``Family.router_outputs``):
+    transformers 5's routers return those three; Llama 4's returns (scores, logits), the scores [tokens, E] the
+    sigmoid of the top-k logits and 0 elsewhere, from which the chosen experts (the logits' top-k, as its router
+    takes them) and their weights are read. Anything else: (logits,), the rest computed by the caller."""
+    if family.router_outputs == ("scores", "logits") and len(outputs) >= 2:
+        scores, logits = outputs[0], outputs[1]
+        chosen = logits.topk(top_k, dim=-1).indices
+        return logits, scores.gather(-1, chosen), chosen
+    return tuple(outputs)

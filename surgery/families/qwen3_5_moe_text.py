@@ -9,8 +9,8 @@ may be stored under ``mtp.``; transformers ignores them on load.
 This family reads the text model's own layout, ``model.layers.*`` under a text config (what Qwen3_5MoeForCausalLM
 built from a ``Qwen3_5MoeTextConfig`` saves). Hub checkpoints (Qwen3.5-35B-A3B ...) are the multimodal
 Qwen3_5MoeForConditionalGeneration (``model_type`` ``qwen3_5_moe``: the text config nested under ``text_config``, the
-text weights under ``model.language_model.``, a vision tower under ``model.visual.``), and transformers writes a text
-model loaded from one back under ``model.language_model.``: neither layout is read here.
+text weights under ``model.language_model.``, a vision tower under ``model.visual.``, the MTP module under ``mtp.``):
+``NESTING`` says so, and surgery reads the text model inside, carrying the vision tower as bytes.
 """
 
 from dataclasses import replace
@@ -18,6 +18,7 @@ from dataclasses import replace
 from surgery.families import qwen3_next
 from surgery.families.base import BASE_DEFAULTS, NORMS, L, specs
 from surgery.families.moe_layers import every_layer
+from surgery.families.nesting import Nesting
 from surgery.families.qwen3_next import DELTANET_CORE, GATED_ATTENTION, LINEAR, LINEAR_DEFAULTS
 
 DELTANET = specs("attention", L + "linear_attn.", [
@@ -37,3 +38,7 @@ FAMILY = replace(
     dense_form="every layer of its config is MoE, and transformers' dense Qwen3.5 (Qwen3_5ForCausalLM) is no family "
                "here",
 )
+
+# Qwen3.5 MoE on the hub: Qwen3_5MoeForConditionalGeneration around this text model
+NESTING = Nesting("Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe", "qwen3_5_moe_text",
+                  renames=(("model.language_model.", "model."),), carried=("model.visual.",))

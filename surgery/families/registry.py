@@ -19,8 +19,9 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.families.base import Conversion, Family
+from surgery.families.nesting import Nesting
 
-MACHINERY = ("base", "registry", "convert", "sliding", "moe_layers", "dense_form")
+MACHINERY = ("base", "registry", "convert", "sliding", "moe_layers", "dense_form", "nesting")
 
 
 def family_modules() -> list[str]:
@@ -29,17 +30,24 @@ def family_modules() -> list[str]:
                   if module.name not in MACHINERY and not module.name.startswith("_"))
 
 
-def _load() -> dict[str, Family]:
-    found = []
+def _load() -> tuple[dict[str, Family], dict[str, Nesting]]:
+    found, nestings = [], {}
     for module_name in family_modules():
-        family = getattr(importlib.import_module(f"{__package__}.{module_name}"), "FAMILY", None)
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        family = getattr(module, "FAMILY", None)
         if not isinstance(family, Family) or family.name != module_name:
             raise ImportError(f"{__package__}.{module_name} must define FAMILY, a Family named {module_name!r}")
         found.append(family)
-    return {family.name: family for family in sorted(found, key=lambda f: (f.kind != "dense", f.name))}
+        nesting = getattr(module, "NESTING", None)
+        if nesting is not None:
+            if not isinstance(nesting, Nesting) or nesting.text != module_name:
+                raise ImportError(f"{__package__}.{module_name}.NESTING must be a Nesting of {module_name!r}")
+            nestings[nesting.architecture] = nesting
+    families = {family.name: family for family in sorted(found, key=lambda f: (f.kind != "dense", f.name))}
+    return families, nestings
 
 
-FAMILIES: dict[str, Family] = _load()
+FAMILIES, NESTINGS = _load()  # NESTINGS: wrapper architecture -> the Nesting of the text family inside it
 # (dense source, MoE target) -> how the source's config becomes the target's
 CONVERSIONS: dict[tuple[str, str], Conversion] = {
     (family.name, target): conversion for family in FAMILIES.values() for target, conversion in family.conversions.items()}
@@ -64,6 +72,25 @@ def auto_formats() -> str:
 
 def supported() -> str:
     return ", ".join(f"{f.architecture} ({f.name})" for f in FAMILIES.values())
+
+
+def nesting_of(config: dict | None) -> Nesting | None:
+    """The nesting of a multimodal checkpoint whose text model a family here reads (by its architecture, else its
+    model_type), or None."""
+    if not config:
+        return None
+    architectures = config.get("architectures") or []
+    if architectures and architectures[0] in NESTINGS:
+        return NESTINGS[architectures[0]]
+    return next((n for n in NESTINGS.values() if not architectures and n.model_type == config.get("model_type")), None)
+
+
+def text_view(config: dict, where: Path | str = "config.json") -> tuple[Nesting | None, dict]:
+    """(its nesting, the text model's config) of a checkpoint's config; (None, `config`) where nothing is nested."""
+    nesting = nesting_of(config)
+    if nesting is None:
+        return None, config
+    return nesting, nesting.text_config(config, FAMILIES[nesting.text].architecture, where)
 
 
 def detect_family(config: dict, where: Path | str = "config.json") -> Family:

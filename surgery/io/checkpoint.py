@@ -10,6 +10,11 @@ A directory that holds ``config.json`` and no weights is refused, except inside 
 opens as a config-only checkpoint whose tensor headers ``headers(directory, config)`` derives (the family table's
 shapes; this layer does not know the families), with no data behind them: ``surgery inspect`` and a ``--dry-run``
 size a model before anyone downloads it, and reading any tensor's data is refused.
+
+A multimodal checkpoint that nests a text model a family reads (``surgery.families.nesting``: Llama-4-Scout's
+Llama4ForConditionalGeneration ...) opens as that text model: ``config`` is the nested text config, ``tensors``
+are named as the text model names them, and the other towers' tensors are ``carried`` (readable by their stored
+names, never part of the model); ``nesting`` and ``stored_config`` let a writer nest an output again.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+from dataclasses import replace
+
+from surgery import families as arch
 from surgery.errors import SurgeryError
 from surgery.io.dtypes import torch_dtype
 from surgery.io.file_io import pread_exact, pread_into
@@ -79,6 +87,25 @@ class Checkpoint:
         self.label: str | None = None  # short name shown in plans (merge: the expert's name)
         self.config_only = config_only  # headers derived from config.json; no data to read
         self._fds: dict[Path, int] = {}
+        self.nesting = None  # the multimodal wrapper this text model was read from (see the module docstring)
+        self.stored_config = config  # config.json as stored (the wrapper's, where nested)
+        self.carried: dict[str, TensorInfo] = {}  # the wrapper's other towers' tensors, by stored name
+
+    def _nest(self) -> "Checkpoint":
+        """Open the text model a multimodal checkpoint nests (a family's ``NESTING``), if it is one."""
+        nesting, view = arch.text_view(self.config, self.directory / "config.json") if self.config else (None, None)
+        if nesting is None:
+            return self
+        self.nesting, self.config = nesting, view
+        tensors = {}
+        for stored, info in self.tensors.items():
+            if nesting.is_carried(stored):
+                self.carried[stored] = info
+            else:
+                name = nesting.view_name(stored)
+                tensors[name] = replace(info, name=name)
+        self.tensors = tensors
+        return self
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -111,14 +138,16 @@ class Checkpoint:
                     return cls._from_config(path, directory, config)
                 raise SurgeryError(f"{directory}: no {SINGLE_NAME}, {INDEX_NAME} or other .safetensors file found")
             shards, tensors, index, metadata = _open_unindexed(files)
-        return cls(path, directory, shards, tensors, config, index, metadata)
+        return cls(path, directory, shards, tensors, config, index, metadata)._nest()
 
     @classmethod
     def _from_config(cls, path: Path, directory: Path, config: dict) -> "Checkpoint":
         headers, needs = _CONFIG_HEADERS.get()
         if headers is None:
             raise config_only_refusal(directory, needs)
-        return cls(path, directory, [], headers(directory, config), config, None, {}, config_only=True)
+        checkpoint = cls(path, directory, [], {}, config, None, {}, config_only=True)._nest()
+        checkpoint.tensors = headers(directory, checkpoint.config)
+        return checkpoint
 
     def add_view(self, name: str, stored: str, rows: tuple[int, int]) -> None:
         """Expose rows a:b of stored tensor `stored` (a contiguous block along its first dimension, e.g. the q
@@ -136,7 +165,7 @@ class Checkpoint:
     # ---------------------------------------------------------------- reading
     def info(self, name: str) -> TensorInfo:
         try:
-            return self.tensors[name]
+            return self.tensors[name] if name in self.tensors else self.carried[name]
         except KeyError:
             raise SurgeryError(f"{self.directory}: tensor {name!r} not found in the checkpoint") from None
 
