@@ -5,7 +5,8 @@
 Each tests/data/flagship/<name>.json is a published config.json (the keys the sizes need); published.json holds
 the published total and active counts and the definition each active count uses. Every model is sized from its
 config.json alone, in a temporary directory that holds nothing else, exactly as `surgery inspect DIR` does.
-Ours: total = every weight transformers' model holds (MTP layers apart); active = total less the routed experts a
+Ours: total = every weight transformers' model holds (MTP layers apart; a multimodal model's vision tower added
+where the published total counts it); active = total less the routed experts a
 token does not use (experts' weights x (1 - top_k / experts)); w/o emb. = active less the input embedding.
 tests/test_config_only.py checks the same numbers.
 """
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import surgery  # noqa: E402  (the checkout on sys.path)
-from surgery.families import detect_family  # noqa: E402
+from surgery.families import detect_family, text_view  # noqa: E402
 
 FLAGSHIPS = REPO / "tests" / "data" / "flagship"
 OURS = {"with embedding": "active", "without input embedding": "w/o emb."}
@@ -32,14 +33,15 @@ def sizes(name: str) -> dict | None:
     """Config-only inspect of flagship `name`: {family, total, active, without}; None where its family is absent."""
     config = json.loads((FLAGSHIPS / f"{name}.json").read_text())
     try:
-        detect_family(config)
+        detect_family(text_view(config)[1])
     except surgery.SurgeryError:  # a family not (yet) in surgery/families
         return None
     with tempfile.TemporaryDirectory(prefix="flagship-") as directory:
         shutil.copy(FLAGSHIPS / f"{name}.json", Path(directory) / "config.json")
         report = surgery.inspect(directory)
     return {"family": report.family, "total": report.parameters, "active": report.active_parameters,
-            "without": report.active_parameters_without_embedding, "mtp_layers": report.mtp_layers}
+            "without": report.active_parameters_without_embedding, "mtp_layers": report.mtp_layers,
+            "towers": report.nested["carried_parameters"] if report.nested else 0}
 
 
 def billions(value: float) -> str:
@@ -76,7 +78,12 @@ def table() -> list[str]:
             active += f" ({off(found['active'], entry['active_b'])})"
         elif compared == "w/o emb.":
             without += f" ({off(found['without'], entry['active_b'])})"
-        total = f"{billions(found['total'])} ({off(found['total'], entry['total_b'])})"
+        if entry.get("total_includes_towers"):  # text model + the vision tower it nests beside
+            both = found["total"] + found["towers"]
+            total = (f"{billions(both)} ({off(both, entry['total_b'])}): {billions(found['total'])} text + "
+                     f"{billions(found['towers'])} vision")
+        else:
+            total = f"{billions(found['total'])} ({off(found['total'], entry['total_b'])})"
         if found["mtp_layers"]:
             total += f" + {found['mtp_layers']} MTP layer{'s' if found['mtp_layers'] > 1 else ''}"
         lines.append(f"| {found['family']} | {entry['model']} | {billions(entry['total_b'])} | {total} | "

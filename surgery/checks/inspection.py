@@ -40,6 +40,9 @@ class Report:
     config_only: bool = False  # sizes from config.json: no weights in the directory
     weight_bytes: int = 0  # the tensors' bytes (config only: in config.json's dtype)
     mtp_layers: int | None = None  # multi-token-prediction layers config.json declares
+    # a multimodal checkpoint read as the text model it nests: its class, and its other towers' tensors (carried as
+    # bytes by every writing command; not in `parameters`)
+    nested: dict | None = None
     layer_kinds: list | None = None  # per decoder layer: ffn dense | moe, attention kind where layers differ
     notes: list = field(default_factory=list)
     problems: list = field(default_factory=list)
@@ -126,6 +129,11 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
         config_only=checkpoint.config_only, weight_bytes=checkpoint.total_bytes,
         mtp_layers=sizing.mtp_layer_count(family, config) if family else None,
         layer_kinds=sizing.layer_kinds(family, config) if family else None)
+    if checkpoint.nesting is not None:
+        report.nested = {"architecture": checkpoint.nesting.architecture, "carried_tensors": len(checkpoint.carried),
+                         "carried_parameters": sum(info.numel for info in checkpoint.carried.values()),
+                         "carried_bytes": sum(info.nbytes for info in checkpoint.carried.values()),
+                         "carried_prefixes": list(checkpoint.nesting.carried)}
     if checkpoint.config_only:
         report.notes += sizing.config_notes(config)
     if config is None:

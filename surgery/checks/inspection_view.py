@@ -22,7 +22,7 @@ def print_report(report: Report, show_layers: bool = True) -> None:
         rows += [("experts", f"{moe['experts']} (top-{moe['top_k']}), expert intermediate size {moe['expert_intermediate_size']}")]
         if moe.get("shared_expert_intermediate_size"):
             rows.append(("shared expert", f"intermediate size {moe['shared_expert_intermediate_size']}"))
-        rows.append(("MoE layers", _ranges(moe["moe_layers"]) + (f"; dense: {_ranges(moe['dense_layers'])}" if moe["dense_layers"] else "")))
+        rows.append(("MoE layers", _progression(moe["moe_layers"]) + (f"; dense: {_progression(moe['dense_layers'])}" if moe["dense_layers"] else "")))
     rows += _kind_rows(report.layer_kinds)
     rows.append(("dtypes", ", ".join(f"{d} × {n}" for d, n in report.dtypes.items())))
     if report.config_only:
@@ -41,6 +41,13 @@ def print_report(report: Report, show_layers: bool = True) -> None:
         sized = (f"{format_count(report.mtp_parameters)} ({report.mtp_parameters:,}) stored" if report.mtp_parameters
                  else "not sized: their shapes are not in the family table" if report.config_only else "not stored")
         rows.append(("MTP layers", f"{report.mtp_layers or '?'} ({sized}; not in parameters)"))
+    if report.nested:
+        nested = report.nested
+        towers = ", ".join(prefix.rstrip(".") for prefix in nested["carried_prefixes"])
+        rows.append(("nested in", f"{nested['architecture']}: the text model above; {nested['carried_tensors']} "
+                                  f"tensors of its other towers ({towers}: "
+                                  f"{format_count(nested['carried_parameters'])} parameters, "
+                                  f"{format_bytes(nested['carried_bytes'])}) are carried as bytes, not in parameters"))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:  # lines, not a table: a long value wraps as text, never inside a cell
         out.print(f"  [cyan]{key:<{width}}[/]  {value}")

@@ -45,12 +45,24 @@ def stored_layout(family) -> str:
 
 
 def headers_from_config(directory: Path, config: dict) -> dict[str, TensorInfo]:
-    """The tensor headers config.json implies: every tensor of the family table, in config.json's dtype."""
+    """The tensor headers config.json implies, by stored name: every tensor of the family table, in config.json's
+    dtype; a multimodal config's other towers (``families.nesting``) sized by transformers' own class."""
     where = Path(directory) / "config.json"
-    family = arch.detect_family(config, where)
-    dtype = config_dtype(config) or "F32"
-    return {name: TensorInfo(name, dtype, entry.shape, where, 0, math.prod(entry.shape) * DTYPE_SIZES[dtype])
-            for name, entry in arch.expected_tensors(family, config, stored_layout(family), where).items()}
+    nesting, text = arch.text_view(config, where)
+    family = arch.detect_family(text, where)
+    dtype = config_dtype(text) or config_dtype(config) or "F32"
+
+    def info(name, shape):
+        return TensorInfo(name, dtype, tuple(shape), where, 0, math.prod(shape) * DTYPE_SIZES[dtype])
+
+    expected = arch.expected_tensors(family, text, stored_layout(family), where)
+    headers = {stored: info(stored, entry.shape) for stored, entry in
+               ((nesting.stored_name(name) if nesting else name, entry) for name, entry in expected.items())}
+    if nesting is not None and nesting.carried:
+        from surgery.execution.loading import tower_shapes  # lazy: builds transformers' class on the meta device
+
+        headers.update({name: info(name, shape) for name, shape in tower_shapes(config, nesting.carried).items()})
+    return headers
 
 
 def config_only(enabled: bool = True, needs: str = "this command"):

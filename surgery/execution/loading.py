@@ -82,6 +82,27 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
     return model.eval()
 
 
+def tower_shapes(config: dict, prefixes: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors under `prefixes` of the model config.json `config` describes (a multimodal
+    model's vision tower), from transformers' own class built on the meta device: no memory, no weights."""
+    import torch  # lazy: as load_model
+    import transformers  # lazy: as torch
+
+    settings = {key: value for key, value in config.items() if key not in ("model_type", "architectures")}
+    try:
+        with quiet_transformers(always=True):
+            built = transformers.AutoConfig.for_model(config["model_type"], **settings)
+            model_class = getattr(transformers, (config.get("architectures") or [""])[0], None)
+            if model_class is None:
+                raise ValueError(f"transformers has no class {config.get('architectures')}")
+            with torch.device("meta"):
+                model = model_class._from_config(built)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SurgeryError(f"config.json: transformers cannot build {config.get('architectures')} to size its other "
+                           f"towers: {str(exc).splitlines()[0][:200]}") from None
+    return {name: tuple(value.shape) for name, value in model.state_dict().items() if name.startswith(prefixes)}
+
+
 def has_tokenizer(path) -> bool:
     """Whether the checkpoint directory holds tokenizer files."""
     return any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))

@@ -11,15 +11,17 @@ prediction layers are left out; everything else is copied."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 from surgery import families as arch
 from surgery.errors import SurgeryError
 from surgery.families.convert import all_dense_config, dense_config, routed_scale
+from surgery.families.dense_form import AllDense
 from surgery.io.checkpoint import Checkpoint
 from surgery.plan.layouts import expert_parts
 from surgery.plan.mean import WeightedMean
-from surgery.plan.nodes import Concat, Copy, Init, PadRows, Recipe, Scale
+from surgery.plan.nodes import Apply, Concat, Copy, Init, PadRows, Recipe, Scale
 from surgery.plan.plan import OutputTensor, Plan
 from surgery.plan.sources import leave_out_mtp
 
@@ -49,6 +51,27 @@ def layer_weights(family, config: dict, options, frequencies) -> dict[int, list[
     if options.average == "uniform":
         return {layer: [1.0] * experts for layer in moe_layers}
     return {layer: list(frequencies["layers"][layer]["frequency"]) for layer in moe_layers}
+
+
+def dense_roles(family, pieces: dict) -> dict:
+    """{(dense FFN role, layer, expert): recipe}: the experts' parts as the dense FFN stores them; experts stored
+    input-major (``AllDense.expert_roles``) give each role as a block of columns transposed."""
+    roles = family.dense_form.expert_roles if isinstance(family.dense_form, AllDense) else {}
+    if not roles:
+        return pieces
+    out = {}
+    for (role, layer, expert), piece in pieces.items():
+        for dense, (stored, block, count) in roles.items():
+            if stored == role:
+                out[(dense, layer, expert)] = Apply([piece], functools.partial(_block_transposed, block=block,
+                                                                               count=count),
+                                                    f"transpose of column block {block + 1}/{count} of")
+    return out
+
+
+def _block_transposed(tensor, block: int, count: int):
+    width = tensor.shape[-1] // count
+    return tensor[..., block * width:(block + 1) * width].transpose(-1, -2).contiguous()
 
 
 def _combined(pieces: dict, role: str, layer: int, weights: list[float]) -> Recipe:
@@ -111,7 +134,7 @@ def build_plan(source: Checkpoint, family, dense, weights: dict[int, list[float]
         new_config = dense_config(family, config, dense, size, where)
     leave_out_mtp(source, family, layout, new_config, notes, "extract", "transformers does not run them")
     _, scale = routed_scale(family, config)
-    pieces = expert_parts(source, family, config, layout)
+    pieces = dense_roles(family, expert_parts(source, family, config, layout))
     views = {name: (stored, (start, stop)) for name, (stored, start, stop) in arch.source_views(family, config).items()}
     tensors = []
     for expected in arch.expected_tensors(dense, new_config, "per_expert", "the output's config.json").values():
@@ -145,7 +168,9 @@ def describe(options, family, dense, shared: str | None, frequencies, config: di
     key, scale = routed_scale(family, config)
     scaled = f"; its down_proj times {key} {scale:g}" if scale != 1.0 else ""
     if options.expert is not None:
-        notes.append(f"{target}: every MoE layer's FFN is expert {options.expert}'s (byte copies{scaled})")
+        copied = ("its gate_up and down transposed into gate, up and down" if isinstance(family.dense_form, AllDense)
+                  and family.dense_form.expert_roles else "byte copies")
+        notes.append(f"{target}: every MoE layer's FFN is expert {options.expert}'s ({copied}{scaled})")
     else:
         notes.append(f"{target}: every MoE layer's FFN is the "
                      + ("mean" if options.average == "uniform" else "routing-frequency-weighted mean")

@@ -170,10 +170,10 @@ def extract_target(moe: Family, where: Path | str = "config.json") -> Family:
 
 def all_dense_config(moe: Family, moe_config_: dict, intermediate_size: int) -> dict:
     """config.json for an extract that keeps the family (an ``AllDense`` dense form): the MoE's keys verbatim, the
-    ones that make every layer dense, ``intermediate_size`` (one width for every layer's FFN)."""
+    ones that make every layer dense, and its width key (``intermediate_size``: one width for every layer's FFN)."""
     config = dict(moe_config_)
     config.update(moe.dense_form.keys({**moe.defaults, **moe_config_}))
-    config["intermediate_size"] = intermediate_size
+    config[moe.dense_form.width_key] = intermediate_size
     return config
 
 

@@ -13,7 +13,7 @@ An MoE family's ``dense_form`` is one of:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -24,3 +24,8 @@ class AllDense:
 
     keys: Callable[[dict], dict]
     routed_scale: str | None = None
+    width_key: str = "intermediate_size"  # the config key of the dense FFN's width (Llama 4: intermediate_size_mlp)
+    # experts stored input-major (Llama 4's gate_up [H, 2I], down [I, H]): each dense FFN role -> (the expert's role,
+    # which of `count` equal column blocks, count); the dense role is that block transposed. Empty: the expert's roles
+    # are the dense FFN's, stored as it stores them.
+    expert_roles: dict = field(default_factory=dict)

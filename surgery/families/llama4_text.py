@@ -24,6 +24,21 @@ from surgery.families.nesting import Nesting
 
 FFN = "feed_forward."
 
+
+def attention_kind(config: dict, layer: int) -> str:
+    """``layer_types[layer]``; without it, as transformers derives it: the layers with rotary embeddings (all but
+    every ``no_rope_layer_interval``-th, unless ``no_rope_layers`` lists them) attend in chunks of
+    ``attention_chunk_size``, the others fully."""
+    kinds = config.get("layer_types")
+    if kinds:
+        return kinds[layer]
+    interval = config.get("no_rope_layer_interval") or 4
+    rope = config.get("no_rope_layers") or [int((index + 1) % interval != 0)
+                                             for index in range(config["num_hidden_layers"])]
+    chunked = rope[layer] and config.get("attention_chunk_size", 8192) is not None
+    return "chunked_attention" if chunked else "full_attention"
+
+
 FAMILY = Family(
     "llama4_text", "Llama4ForCausalLM", "moe",
     specs("attention", L, QKVO + qkv_bias("attention_bias") + O_BIAS) + NORMS,
@@ -60,7 +75,11 @@ FAMILY = Family(
     # the dense layers' width is intermediate_size_mlp; intermediate_size is the experts'
     derived_dims=lambda config: {"ffn": config["intermediate_size_mlp"]},
     sparse_layers=listed_or_interleaved,
-    dense_form=AllDense(lambda config: {"moe_layers": []}),
+    layer_type=attention_kind,
+    # every layer dense: an empty moe_layers; the dense width is intermediate_size_mlp; an expert's gate and up are
+    # the two column halves of its gate_up [H, 2I], transposed, its down its down_proj [I, H] transposed
+    dense_form=AllDense(lambda config: {"moe_layers": []}, width_key="intermediate_size_mlp",
+                        expert_roles={"gate": ("gate_up", 0, 2), "up": ("gate_up", 1, 2), "down": ("down", 0, 1)}),
 )
 
 # Llama-4-Scout / Maverick on the hub: Llama4ForConditionalGeneration around this text model

@@ -42,7 +42,7 @@ WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES + (".gguf", ".h5", ".msgpa
 SIDE_FILE_MAX_BYTES = 64 * 2**20
 CONFIG_ONLY_USES = "`surgery inspect` and the --dry-run of copy, upcycle and prune work from config.json alone"
 
-# (headers, needs): (directory, config) -> {name: TensorInfo} of a config-only directory, or None where such a
+# (headers, needs): (directory, config) -> {stored name: TensorInfo} of a config-only directory, or None where such a
 # directory is refused, and what the refusal says needs the weights
 _CONFIG_HEADERS: ContextVar[tuple[Callable | None, str]] = ContextVar("config_headers", default=(None, "this command"))
 
@@ -145,9 +145,7 @@ class Checkpoint:
         headers, needs = _CONFIG_HEADERS.get()
         if headers is None:
             raise config_only_refusal(directory, needs)
-        checkpoint = cls(path, directory, [], {}, config, None, {}, config_only=True)._nest()
-        checkpoint.tensors = headers(directory, checkpoint.config)
-        return checkpoint
+        return cls(path, directory, [], headers(directory, config), config, None, {}, config_only=True)._nest()
 
     def add_view(self, name: str, stored: str, rows: tuple[int, int]) -> None:
         """Expose rows a:b of stored tensor `stored` (a contiguous block along its first dimension, e.g. the q
