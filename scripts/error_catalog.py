@@ -205,6 +205,7 @@ class Fixtures:
             "deepseek_v3": lambda d: save_model(d, "deepseek_v3"),
             "gpt_oss": lambda d: save_model(d, "gpt_oss"),
             "deepseek_v3-config-only": self._config_only,
+            "llama4-no-text-config": self._nested_without_text_config,
         }
         return self._get(name, builders[name])
 
@@ -212,6 +213,18 @@ class Fixtures:
         """A directory holding only a tiny DeepSeek-V3's config.json (tests/test_config_only.py)."""
         directory.mkdir(parents=True)
         shutil.copy(self.model("deepseek_v3") / "config.json", directory / "config.json")
+        return directory
+
+    def _nested_without_text_config(self, directory: Path) -> Path:
+        """A tiny Llama4ForConditionalGeneration whose config.json lost its text_config (tests/test_nested.py)."""
+        import json
+
+        from tiny_models import save_nested
+
+        save_nested(directory, "llama4")
+        config = json.loads((directory / "config.json").read_text())
+        del config["text_config"]
+        (directory / "config.json").write_text(json.dumps(config))
         return directory
 
     def _two_winners(self, directory: Path) -> Path:
@@ -582,6 +595,9 @@ def argument_cases() -> list[Case]:
          in_process(lambda d, fx: ["prune", fx.model("deepseek_v3-config-only"), d / "out", "--keep", 4,
                                    "--dry-run"]),
          "--criterion reap runs the model on calibration text"),
+        (A, "a multimodal config without its text model's config", "inspect",
+         in_process(lambda d, fx: ["inspect", fx.model("llama4-no-text-config")]),
+         "a Llama4ForConditionalGeneration config needs a 'text_config' object"),
         (A, "an MoE family with no dense form in transformers", "extract", extract("--expert", 0, source="gpt_oss"),
          "extract: a GptOssForCausalLM has no dense form in transformers ("),
         (A, "a dense model to extract", "extract", extract("--expert", 0, source="single"),
