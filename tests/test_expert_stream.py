@@ -198,6 +198,22 @@ def test_a_budget_smaller_than_one_expert_beside_the_rest_of_a_layer_is_refused(
             LayerRunner(weights, batches(), Placement.resolve("cpu"), budget)
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_experts_that_cannot_be_read_one_at_a_time_count_whole_against_the_budget(tmp_path, family):
+    """gpt-oss's experts module has no "no expert" index, Llama 4's takes every expert's tokens at once: a budget
+    below their layer is refused up front, naming why, never exceeded while a note says experts are streamed."""
+    directory = save_model(tmp_path / family, family, seed=1)
+    with Checkpoint.open(directory) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        layer, size = weights.largest_layer_bytes(4)
+        budget = MemoryBudget(size - 1, "--memory-budget (test)")
+        with pytest.raises(SurgeryError, match=rf"layer {layer} needs .* \(its experts are read together: "
+                                               r"\w+'s experts module cannot run one expert on its own tokens\)"):
+            LayerRunner(weights, batches(), Placement.resolve("cpu"), budget)
+        assert not LayerRunner(weights, batches(), Placement.resolve("cpu"), MemoryBudget(size * 8, "(test)")
+                               ).stream_experts
+
+
 def test_the_runner_reads_experts_one_at_a_time_only_where_that_takes_less_memory(saved):
     with Checkpoint.open(saved("mixtral")) as checkpoint:
         weights = ModelWeights.from_checkpoint(checkpoint)

@@ -59,6 +59,7 @@ class LayerRunner:
         hidden = int(weights.config["hidden_size"])
         hidden_bytes = sum(int(b.input_ids.numel()) for b in batches) * hidden * min(4, element)  # see HiddenStore
         self.reuse_attention, self.keep_layer_inputs = reuse_attention, keep_layer_inputs
+        self._skeleton = None
         stores = (self.num_layers + 2 if keep_layer_inputs else 2) + (1 if reuse_attention else 0)
         self.stream_experts, in_memory = self._placement(
             budget, top, stores * hidden_bytes, (2 if reuse_attention else 3) * hidden_bytes)
@@ -70,7 +71,6 @@ class LayerRunner:
         if self.stream_experts and self.layer_bytes[1] > budget.limit:
             console.info(f"layer {self.layer_bytes[0]} ({format_bytes(self.layer_bytes[1])} in "
                          f"{placement.dtype_name}) does not fit in {budget.text}: its experts are read one at a time")
-        self._skeleton = None
         self.calls: list | None = None  # per batch: [(args, kwargs)] per layer (recorded by embed)
 
     def _placement(self, budget: MemoryBudget, top: int, stores: int, stream_stores: int) -> tuple[bool, bool]:
@@ -82,7 +82,7 @@ class LayerRunner:
         if self.placement.device != "cpu":  # the weights are on the GPU: only the hidden states take CPU memory
             return False, stores <= budget.limit
         whole = self.layer_bytes[1]
-        streamed = max(layout.other_bytes + layout.expert_bytes if layout else
+        streamed = max(layout.other_bytes + layout.expert_bytes if self._streamable(layer) else
                        self.weights.nbytes(self.weights.layer_tensors(layer), self.placement.element_size)
                        for layer, layout in self.expert_layouts.items())
         options = [(False, whole)] + ([(True, streamed)] if streamed < whole else [])
@@ -99,8 +99,17 @@ class LayerRunner:
         what = f"layer {layer} needs {format_bytes(size)}" if size >= top else f"the embedding needs {format_bytes(top)}"
         if streamed < size and size >= top:
             what += f" ({format_bytes(max(streamed, top))} with its experts read one at a time)"
+        elif size >= top and self.expert_layouts.get(layer) is not None and not self._streamable(layer):
+            what += (f" (its experts are read together: {self.weights.family.architecture}'s experts module cannot "
+                     "run one expert on its own tokens)")
         raise SurgeryError(f"{budget.text} is too small to run one layer of {self.weights.label}: {what} in "
                            f"{self.placement.dtype_name}")
+
+    def _streamable(self, layer: int) -> bool:
+        """Whether the layer's experts can be read one at a time: it has several, and transformers' experts module
+        runs one expert on its own tokens (``expert_stream.streamable``; not gpt-oss's nor Llama 4's)."""
+        layout = self.expert_layouts.get(layer)
+        return layout is not None and streamable(self.skeleton.templates[layer].get_submodule(layout.module), layout)
 
     def streamed_experts(self, layer: int, pending: list, probes) -> ExpertLayout | None:
         """The layer's experts, when a full pass reads them one at a time: the runner chose to, they are not
@@ -115,8 +124,7 @@ class LayerRunner:
                   and (probe.module == layout.module or probe.module.startswith(layout.module + "."))]
         if any(not probe.optional or self.whole_layers_fit for probe in inside):
             return None
-        template = self.skeleton.templates[layer].get_submodule(layout.module)
-        return layout if streamable(template, layout) else None
+        return layout if self._streamable(layer) else None
 
     def load_expert(self, layer: int, layout: ExpertLayout, expert: int) -> dict:
         """Expert `expert`'s [1, ...] slices of the layer's fused expert tensors, on the device."""
