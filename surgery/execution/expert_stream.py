@@ -5,18 +5,26 @@ float32; 128 experts of a large MoE: a layer bigger than the machine's memory). 
 all, the pass runs in three steps, every computation still transformers' own:
 
 1. capture: every batch runs through the layer (its attention replayed, or computed and kept) up to the
-   experts module, whose arguments are kept (hidden states, ``top_k_index``, ``top_k_weights``: the router
-   ran as usual) and the rest of the call is skipped;
+   experts module, whose inputs are kept (``ExpertCalls.capture``) and the rest of the call is skipped;
 2. experts: for expert e in order, its weights alone are read into a one-expert copy of the experts
-   module, which runs on the kept arguments with ``top_k_index`` remapped (e -> 0, every other expert ->
-   transformers' "no expert" index); its output is added to the running sum of the experts' output;
+   module, which runs on the kept inputs; its output is added to the running sum of the experts' output;
 3. replay: every batch runs through the whole layer again (attention replayed), the experts module
    returning the sum instead of computing it, so the rest of the layer (residual, shared expert, norms)
    and every probe see exactly what a plain pass gives.
 
-transformers' experts add each expert's rows into a zero tensor in expert order; step 2 adds the same
-rows, from the same row chunks, in the same order, so the output is bit-identical to the plain pass on the
-CPU. Memory: the layer's other weights but its attention's (dropped once the attention output is kept,
+How an experts module is called is its family's ``experts_call``:
+
+* "routed" (transformers 5): (hidden_states, top_k_index, top_k_weights); expert e's copy runs on the kept
+  arguments with ``top_k_index`` remapped (e -> 0, every other expert -> transformers' "no expert" index).
+  transformers' experts add each expert's rows into a zero tensor in expert order; step 2 adds the same rows,
+  from the same row chunks, in the same order, so the output is bit-identical to the plain pass on the CPU.
+* "scaled" (Llama 4): every expert's copy of every token back to back, each scaled by its router score; the
+  block then sums the experts' outputs. The router's input and scores are kept instead of the E copies; expert
+  e's copy runs on the tokens times their scores for e (transformers' very product), and step 3 returns the sum
+  followed by zeros, which the block's sum over experts leaves as it is. The sum is taken in expert order, not
+  in torch's reduction order: equal to the plain pass within float rounding, not bit for bit.
+
+Memory: the layer's other weights but its attention's (dropped once the attention output is kept,
 read again by the next pass that computes it), one expert, and two more sets of hidden states (the
 experts' input and output; three without a kept attention output), in memory or spilled as the budget
 decides; spilled ones are read and written a row chunk at a time.
@@ -24,14 +32,16 @@ decides; spilled ones are read and written a row chunk at a time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
 
 import torch
 
+from surgery import families as arch
 from surgery.execution.probes import StopLayer
-from surgery.execution.routing_stats import expert_output_norms
+from surgery.execution.routing_stats import expert_output_norms, router_path
 from surgery.process_memory import trim_heap
 
 ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")  # transformers 5's experts modules
@@ -63,20 +73,69 @@ def expert_layout(tensors: list, element_size: int) -> ExpertLayout | None:
                         total - expert_bytes * count)
 
 
-def streamable(experts_module, layout: ExpertLayout) -> bool:
-    """Whether transformers' experts module takes (hidden_states, top_k_index, top_k_weights) and skips the
-    index ``num_experts`` (transformers 5's modules do)."""
+def streamable(experts_module, layout: ExpertLayout, convention: str = "routed") -> bool:
+    """Whether transformers' experts module can run one expert on its own: "routed", it takes (hidden_states,
+    top_k_index, top_k_weights) and skips the index ``num_experts`` (transformers 5's modules do); "scaled", it
+    takes the experts' tokens back to back (Llama 4's). gpt-oss's takes other arguments and skips no index."""
     try:
-        parameters = list(inspect.signature(type(experts_module).forward).parameters)[1:4]
+        parameters = tuple(inspect.signature(type(experts_module).forward).parameters)[1:]
     except (TypeError, ValueError):
         return False
-    return tuple(parameters) == ARGUMENTS and getattr(experts_module, "num_experts", None) == layout.count
+    wanted = ARGUMENTS if convention == "routed" else ("hidden_states",)
+    return parameters[:len(wanted)] == wanted and getattr(experts_module, "num_experts", None) == layout.count
+
+
+class RoutedCalls:
+    """transformers 5's experts modules: (hidden_states, top_k_index, top_k_weights) per call."""
+
+    def capture(self, session):
+        return _Capture()
+
+    def output(self, module, rows, chosen, weights, expert: int):
+        """Expert `expert`'s share of the experts' output on a row chunk (its one-expert copy `module`)."""
+        return module(rows, torch.where(chosen == expert, 0, 1).to(chosen.dtype), weights)
+
+    def routed(self, rows, chosen, weights, expert: int):
+        """(rows at weight 1, [routed (token, slot)] mask, gate weights) of the (token, slot)s routed to `expert`."""
+        return rows, chosen == expert, weights
+
+    def replay(self, total, route: list):
+        return _Replay(total, route)
+
+
+class ScaledCalls:
+    """Llama 4's experts module: every expert's copy of every token, scaled by its router score, in one call; the
+    router's input and (scores, logits) are kept in its place (the E copies would be E times the tokens)."""
+
+    def __init__(self, router: str, experts: int, top_k: int):
+        self.router, self.experts, self.top_k = router, experts, top_k
+
+    def capture(self, session):
+        return _RouterCapture(session.submodule(self.router), self.top_k)
+
+    def output(self, module, rows, chosen, scores, expert: int):
+        return module(rows * scores[:, expert:expert + 1])  # as the block scales expert e's copy of the tokens
+
+    def routed(self, rows, chosen, scores, expert: int):
+        return rows, chosen == expert, scores.gather(-1, chosen)
+
+    def replay(self, total, route: list):
+        return _Replay(total, route, zeros=self.experts - 1)
+
+
+def expert_calls(family, config: dict):
+    """The calling convention of `family`'s experts module (``Family.experts_call``)."""
+    if family.experts_call == "routed":
+        return RoutedCalls()
+    dims = arch.dimensions(family, config)
+    return ScaledCalls(router_path(family), dims["experts"], dims["top_k"])
 
 
 def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, out):
     """The layer's full pass over every batch (see the module docstring); writes each batch's output to
     `out` (a HiddenStore) and returns it."""
     runner = session.runner
+    calls = expert_calls(runner.weights.family, runner.weights.config)
     placement = runner.placement
     device, dtype = placement.device, placement.dtype
     experts = session._module.get_submodule(layout.module)
@@ -92,10 +151,11 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
     batches = range(len(runner.batches))
     with torch.no_grad():
         for index in batches:  # 1. capture
-            capture = _Capture()
+            capture = calls.capture(session)
             pieces = [] if kept is not None else None
-            session.call(index, hidden.rows(index, device, dtype), (), attention=pieces, experts=capture,
-                         replay=None if replay is None else replay.rows(index, device, dtype))
+            with capture:
+                session.call(index, hidden.rows(index, device, dtype), (), attention=pieces, experts=capture,
+                             replay=None if replay is None else replay.rows(index, device, dtype))
             if kept is not None:
                 kept.put(index, pieces)
             inputs.put(index, [rows for rows, _, _ in capture.calls])
@@ -111,13 +171,12 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
                 start = 0
                 for count, chosen, weights in routes[index]:
                     part = slice(start, start + count)
-                    mine = torch.where(chosen == expert, 0, 1).to(chosen.dtype)
                     total = sums.get(index, device, dtype, part)
                     rows = inputs.get(index, device, dtype, part)
-                    total += module(rows, mine, weights)
+                    total += calls.output(module, rows, chosen, weights, expert)
                     sums.write(index, part, total)
                     if watchers:
-                        _watch(watchers, index, expert, module, rows, chosen, weights,
+                        _watch(watchers, index, expert, module, *calls.routed(rows, chosen, weights, expert),
                                runner.batches[index].attention_mask.reshape(-1)[part])
                     start += count
             del module
@@ -125,7 +184,7 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
         inputs.close()
         attention = replay if replay is not None else kept
         for index in batches:  # 3. the whole layer, the experts' output replayed
-            replayed = _Replay(sums.rows(index, device, dtype, last=True), routes.pop(index))
+            replayed = calls.replay(sums.rows(index, device, dtype, last=True), routes.pop(index))
             out.put(index, session.call(index, hidden.rows(index, device, dtype, last=consume), probes,
                                         experts=replayed, replay=attention.rows(index, device, dtype, last=True),
                                         joined=False))
@@ -134,9 +193,10 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
     return out
 
 
-def _watch(watchers, index: int, expert: int, module, rows, chosen, weights, real) -> None:
-    """The "expert_outputs" probes: expert `expert`'s output (weight 1) on each of its real (token, slot)s."""
-    token, slot = ((chosen == expert) & real.to(chosen.device).bool()[:, None]).nonzero(as_tuple=True)
+def _watch(watchers, index: int, expert: int, module, rows, routed, weights, real) -> None:
+    """The "expert_outputs" probes: expert `expert`'s output (weight 1) on each of its real (token, slot)s
+    (`routed`: the [tokens, top_k] mask of the slots routed to it; `weights`: their gate weights)."""
+    token, slot = (routed & real.to(routed.device).bool()[:, None]).nonzero(as_tuple=True)
     if not len(token):
         return
     norms = expert_output_norms(module, rows[token], 0)  # the one-expert module's expert 0
@@ -144,10 +204,11 @@ def _watch(watchers, index: int, expert: int, module, rows, chosen, weights, rea
         watcher.consume(index, expert, norms, weights[token, slot])
 
 
-class _Capture:
+class _Capture(contextlib.nullcontext):
     """In place of the experts' forward: keeps its arguments and stops the call."""
 
     def __init__(self):
+        super().__init__()
         self.calls: list = []
 
     def __call__(self, *args, **kwargs):
@@ -156,16 +217,39 @@ class _Capture:
         raise StopLayer
 
 
-class _Replay:
-    """In place of the experts' forward: returns the experts' summed output of each row chunk in turn."""
+class _RouterCapture:
+    """In place of Llama 4's experts' forward: stops the call; while entered, a hook on the router keeps its input
+    (the tokens at weight 1), its scores and the experts it chose (its logits' top-k), as (rows, chosen, scores)."""
 
-    def __init__(self, total, route: list):
-        self.total, self.sizes, self.start = total, [count for count, _, _ in route], 0
+    def __init__(self, router, top_k: int):
+        self.router, self.top_k, self.calls, self.handle = router, top_k, [], None
+
+    def __enter__(self):
+        def keep(_module, args, output):
+            scores, logits = output[:2]
+            self.calls.append((args[0], logits.topk(self.top_k, dim=-1).indices, scores))
+        self.handle = self.router.register_forward_hook(keep)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def __call__(self, *args, **kwargs):
+        raise StopLayer
+
+
+class _Replay:
+    """In place of the experts' forward: returns the experts' summed output of each row chunk in turn (followed by
+    `zeros` row chunks of zeros, for a block that sums the experts' outputs itself)."""
+
+    def __init__(self, total, route: list, zeros: int = 0):
+        self.total, self.sizes, self.start, self.zeros = total, [count for count, _, _ in route], 0, zeros
 
     def __call__(self, *args, **kwargs):
         count = self.sizes.pop(0)
         self.start += count
-        return self.total[self.start - count:self.start]
+        chunk = self.total[self.start - count:self.start]
+        return torch.cat([chunk, chunk.new_zeros((count * self.zeros, *chunk.shape[1:]))]) if self.zeros else chunk
 
 
 def _one_expert(experts, state: dict):

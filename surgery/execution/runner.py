@@ -107,9 +107,10 @@ class LayerRunner:
 
     def _streamable(self, layer: int) -> bool:
         """Whether the layer's experts can be read one at a time: it has several, and transformers' experts module
-        runs one expert on its own tokens (``expert_stream.streamable``; not gpt-oss's nor Llama 4's)."""
+        runs one expert on its own (``expert_stream.streamable``; not gpt-oss's)."""
         layout = self.expert_layouts.get(layer)
-        return layout is not None and streamable(self.skeleton.templates[layer].get_submodule(layout.module), layout)
+        return layout is not None and streamable(self.skeleton.templates[layer].get_submodule(layout.module), layout,
+                                                 self.weights.family.experts_call)
 
     def streamed_experts(self, layer: int, pending: list, probes) -> ExpertLayout | None:
         """The layer's experts, when a full pass reads them one at a time: the runner chose to, they are not

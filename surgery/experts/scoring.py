@@ -28,7 +28,7 @@ class ExpertScores(Step):
         self.experts_path = family.router_input + ".experts"
         # what the experts see at weight 1: the experts module's input, or the MoE block's (Llama 4's experts take
         # tokens scaled by their scores)
-        self.input_path = ".".join(part for part in (family.router_input, family.experts_input) if part)
+        self.input_path = self.experts_path if family.experts_call == "routed" else family.router_input
         self.sums = {}
 
     def wants(self, layer: int) -> bool:

@@ -149,9 +149,10 @@ class Family:
     # what the router module returns, in order (``moe_layers.routing_of`` reads it): transformers 5's
     # (logits, weights, chosen experts), or Llama 4's (scores, logits)
     router_outputs: tuple[str, ...] = ("logits", "weights", "indices")
-    # the module whose input is every token as the experts see it at weight 1, relative to ``router_input``: the
-    # experts module (transformers 5), or "" where that module takes tokens already scaled by their scores (Llama 4)
-    experts_input: str = "experts"
+    # how transformers' experts module is called: "routed" (transformers 5: each token's rows with the chosen experts
+    # and their weights), or "scaled" (Llama 4: every expert's copy of every token back to back, each scaled by its
+    # router score, so the tokens at weight 1 are the MoE block's input)
+    experts_call: str = "routed"
     # transformers' attention module of a decoder layer: its output (first element) is what a stopped pass
     # keeps so the layer's full run can reuse it instead of computing attention again
     attention_module: str = "self_attn"
