@@ -3,12 +3,15 @@ peak RSS and time.
 
     python bench/bench_prune_scale.py [--layers 12] [--tokens 512] [--workdir DIR]
     python bench/bench_prune_scale.py --family deepseek_v3 --layers 4 --experts 64
+    python bench/bench_prune_scale.py --family llama4_text --layers 3 --experts 16 --memory-budget 3GiB
 
 The Qwen3-MoE (synthetic weights, bf16): hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of FFN 768, top-8,
 vocabulary 151936, `--layers` layers (12: about 16 GB). The DeepSeek-V3 slice: DeepSeek-V3's real widths (hidden
 7168, 128 MLA heads with q_lora_rank 1536 / kv_lora_rank 512, experts of FFN 2048, one shared expert, vocabulary
 129280, top-8 with group-limited routing over 8 groups, 4 used), `--experts` routed experts (a multiple of 8) and
-`--layers` layers of which the first is dense (FFN 18432): 4 layers of 64 experts are about 22 GB. `surgery prune --ratio 0.5 --criterion reap` scores
+`--layers` layers of which the first is dense (FFN 18432): 4 layers of 64 experts are about 22 GB. The Llama-4-Scout
+slice: its text model's widths (hidden 5120, 40 heads of 128, 8 KV heads, `--experts` experts of FFN 8192 stored
+fused, top-1, one shared expert of 8192, vocabulary 202048), every layer MoE: 3 layers of 16 experts are about 17 GB. `surgery prune --ratio 0.5 --criterion reap` scores
 every expert on `--tokens` pseudo-random calibration token ids through the layer-streaming runner
 (bfloat16 compute) and writes the kept half as byte copies (`--save-scores`). Then the write alone (the same
 prune from the saved scores, no model run) against the I/O floor of the same bytes (`cp -r` of the pruned
@@ -52,10 +55,24 @@ def deepseek_config(layers: int, experts: int) -> dict:
             "tie_word_embeddings": False, "rope_theta": 10000.0, "bos_token_id": 0, "eos_token_id": 1}
 
 
+def llama4_config(layers: int, experts: int) -> dict:
+    """Llama-4-Scout's text model at its real widths (every layer MoE, top-1, one shared expert), `experts` routed."""
+    return {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "hidden_size": 5120,
+            "num_hidden_layers": layers, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+            "vocab_size": 202048, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+            "num_local_experts": experts, "num_experts_per_tok": 1, "interleave_moe_layer_step": 1,
+            "attention_chunk_size": 8192, "use_qk_norm": True, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False, "rope_theta": 500000.0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+CONFIGS = {"qwen3_moe": lambda layers, experts: config(layers), "deepseek_v3": deepseek_config,
+           "llama4_text": llama4_config}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=("qwen3_moe", "deepseek_v3"), default="qwen3_moe")
-    parser.add_argument("--experts", type=int, default=64, help="Routed experts per layer (deepseek_v3).")
+    parser.add_argument("--family", choices=tuple(CONFIGS), default="qwen3_moe")
+    parser.add_argument("--experts", type=int, default=64, help="Routed experts per layer (deepseek_v3, llama4_text).")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=1, help="Alternating runs of the write alone and the floor.")
     parser.add_argument("--memory-budget", default=None,
@@ -65,7 +82,7 @@ def main():
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-prune-scale-", dir=args.workdir))
     try:
-        shape = config(args.layers) if args.family == "qwen3_moe" else deepseek_config(args.layers, args.experts)
+        shape = CONFIGS[args.family](args.layers, args.experts)
         source = make_synthetic_llama(work / "moe", shape, dtype="BF16", family=args.family)
         vocab = shape["vocab_size"]
         size = dir_bytes(source)
@@ -103,7 +120,8 @@ def main():
                  f"{floor_wall:.1f}", f"{floor_rss:.0f}", "1.00"]]
         print(markdown_table(["run", "input GB", "output GB", "wall s", "peak RSS MiB", "floor / run (wall)"], rows))
         print(f"\nBest of {args.repeats} alternating runs each. Both the write alone and cp start after a sync, {'with the page cache dropped (both read from disk)' if cold else 'with a warm page cache (dropping it was not permitted)'}.")
-        what = "Qwen3-MoE" if args.family == "qwen3_moe" else f"DeepSeek-V3 slice ({args.experts} experts)"
+        what = {"qwen3_moe": "Qwen3-MoE", "deepseek_v3": f"DeepSeek-V3 slice ({args.experts} experts)",
+                "llama4_text": f"Llama-4-Scout text slice ({args.experts} experts)"}[args.family]
         print(f"\nSynthetic {what}, {args.layers} layers, bf16; target: peak RSS <= 4 GiB: "
               f"{'PASS' if rss <= 4096 else 'FAIL'} ({rss:.0f} MiB); the write alone at "
               f"{floor_wall / write_wall:.2f} of the I/O floor's speed ({written / write_wall / 1e6:.0f} vs "

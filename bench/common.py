@@ -75,9 +75,12 @@ def _table():
 
 
 def layout(config: dict, family: str = "llama") -> list:
-    """The tensors (name, shape, group) of a `family` checkpoint of `config`, in model order (per-expert layout)."""
+    """The tensors (name, shape, group) of a `family` checkpoint of `config`, in model order, in the expert layout
+    its hub checkpoints store (per expert, or fused where the family stores nothing else)."""
     arch = _table()
-    return list(arch.expected_tensors(arch.FAMILIES[family], config).values())
+    record = arch.FAMILIES[family]
+    stored = "per_expert" if "per_expert" in record.stored_layouts else "fused"
+    return list(arch.expected_tensors(record, config, stored).values())
 
 
 def tensor_bytes(entry, element_size: int = 4) -> int:
