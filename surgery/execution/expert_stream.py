@@ -18,11 +18,14 @@ How an experts module is called is its family's ``experts_call``:
   arguments with ``top_k_index`` remapped (e -> 0, every other expert -> transformers' "no expert" index).
   transformers' experts add each expert's rows into a zero tensor in expert order; step 2 adds the same rows,
   from the same row chunks, in the same order, so the output is bit-identical to the plain pass on the CPU.
-* "scaled" (Llama 4): every expert's copy of every token back to back, each scaled by its router score; the
-  block then sums the experts' outputs. The router's input and scores are kept instead of the E copies; expert
-  e's copy runs on the tokens times their scores for e (transformers' very product), and step 3 returns the sum
-  followed by zeros, which the block's sum over experts leaves as it is. The sum is taken in expert order, not
-  in torch's reduction order: equal to the plain pass within float rounding, not bit for bit.
+* "scaled" (Llama 4): every expert's copy of every token back to back, each scaled by its router score (0 for
+  the experts a token did not choose); the block then sums the experts' outputs. The router's input and scores
+  are kept instead of the E copies; expert e runs on the tokens that chose it times their scores for e
+  (transformers' very product), the others' rows staying zero, as the block's own run gives them (its experts'
+  FFN has no bias): top-k of E experts' compute instead of all E on every token (Maverick: 1 of 128). Step 3
+  returns the sum followed by zeros, which the block's sum over experts leaves as it is. The experts run on
+  fewer rows and are summed in expert order, not in torch's reduction order: equal to the plain pass within
+  float rounding, not bit for bit.
 
 Memory: the layer's other weights but its attention's (dropped once the attention output is kept,
 read again by the next pass that computes it), one expert, and two more sets of hidden states (the
@@ -114,7 +117,14 @@ class ScaledCalls:
         return _RouterCapture(session.submodule(self.router), self.top_k)
 
     def output(self, module, rows, chosen, scores, expert: int):
-        return module(rows * scores[:, expert:expert + 1])  # as the block scales expert e's copy of the tokens
+        """Expert `expert` on the tokens routed to it, scaled as the block scales its copy of them; zero elsewhere,
+        which is what it gives on the block's zero rows (a token it did not take has score 0, and its FFN has no
+        bias): one expert's share of the compute instead of every token's."""
+        token = (chosen == expert).any(dim=-1).nonzero().flatten()
+        out = rows.new_zeros(rows.shape)
+        if len(token):
+            out[token] = module(rows[token] * scores[token, expert:expert + 1])
+        return out
 
     def routed(self, rows, chosen, scores, expert: int):
         return rows, chosen == expert, scores.gather(-1, chosen)
