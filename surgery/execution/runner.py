@@ -133,7 +133,18 @@ class LayerRunner:
         state = self.weights.materialize_expert(tensors, expert, self.placement.dtype, self.placement.device)
         for name, value in state.items():
             _refuse_nonfinite(value, f"layer {layer} {name} (expert {expert})", self.weights.label)
-        return state
+        return self._matmul_order(state, tensors)
+
+    def _matmul_order(self, state: dict, tensors: list) -> dict:
+        """`state` with input-major expert weights (``Family.experts_input_major``) held in [E, out, in] memory order
+        where that is PyTorch's fast matmul: on the CPU, in bf16 or fp16. Same values, same shapes (transposed
+        views); the matmul's rounding may differ from transformers' own pass in the last bit."""
+        if not self.weights.family.experts_input_major or self.placement.device != "cpu" or \
+                self.placement.element_size > 2:
+            return state
+        experts = {tensor.name for tensor in tensors if tensor.group == "experts"}
+        return {name: value.transpose(-1, -2).contiguous().transpose(-1, -2) if name in experts and value.dim() == 3
+                else value for name, value in state.items()}
 
     # ---------------------------------------------------------------- pieces
     @property
@@ -204,7 +215,7 @@ class LayerRunner:
         state = self.weights.materialize(tensors, self.placement.dtype, self.placement.device)
         for name, value in state.items():
             _refuse_nonfinite(value, f"layer {layer} {name}", self.weights.label)
-        return self.skeleton.materialize(layer, state, module)
+        return self.skeleton.materialize(layer, self._matmul_order(state, tensors), module)
 
     def head(self, hidden: HiddenStore, consume: Callable, *, grad: bool = False, norm_output: bool = False,
              norm_only: bool = False):

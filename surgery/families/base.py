@@ -153,6 +153,10 @@ class Family:
     # and their weights), or "scaled" (Llama 4: every expert's copy of every token back to back, each scaled by its
     # router score, so the tokens at weight 1 are the MoE block's input)
     experts_call: str = "routed"
+    # fused expert weights stored input-major, [E, in, out], multiplied as x @ W (gpt-oss, Llama 4): on a CPU in bf16 or
+    # fp16, PyTorch's matmul of that memory order is ~55x slower than of [E, out, in] (2-core AVX2 machine, measured),
+    # so the runner holds them in that order (a transposed view of the same values)
+    experts_input_major: bool = False
     # transformers' attention module of a decoder layer: its output (first element) is what a stopped pass
     # keeps so the layer's full run can reuse it instead of computing attention again
     attention_module: str = "self_attn"

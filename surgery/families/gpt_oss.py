@@ -37,6 +37,7 @@ FAMILY = Family(
     fused_parts={"gate_up": ("gate_up",), "gate_up_bias": ("gate_up_bias",), "down": ("down",),
                  "down_bias": ("down_bias",)},
     stored_layouts=("fused",),
+    experts_input_major=True,
     defaults={**BASE_DEFAULTS, "attention_bias": True},
     moe_keys={"experts": ("num_local_experts",), "top_k": ("num_experts_per_tok", "experts_per_token"),
               "expert_ffn": ("intermediate_size",)},

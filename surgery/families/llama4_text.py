@@ -67,6 +67,7 @@ FAMILY = Family(
     router_input="feed_forward",
     router_outputs=("scores", "logits"),
     experts_call="scaled",
+    experts_input_major=True,
     router_scoring="sigmoid",
     top_k_renormalised=False,
     defaults={**BASE_DEFAULTS, "interleave_moe_layer_step": 1, "intermediate_size_mlp": 16384},
