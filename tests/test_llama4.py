@@ -101,3 +101,16 @@ def test_extract_makes_every_layer_dense_with_the_expert_and_the_shared_expert(s
         torch.testing.assert_close(dense.model.layers[0].feed_forward(rows), moe.model.layers[0].feed_forward(rows),
                                    rtol=0, atol=0)
     assert torch.isfinite(logits(dense, sample_ids())).all()
+
+
+def test_prune_copies_the_kept_experts_as_byte_ranges_of_the_fused_tensors(source, tmp_path, run_cli):
+    """A fused [E, H, 2I] tensor's kept experts are written one after another as byte copies (kernel copies, never
+    the tensor in memory), in the kept order."""
+    code, out, err = run_cli("prune", source, tmp_path / "out", "--keep", 2, "--criterion", "random", "--dry-run",
+                             "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    kept = plan["prune"]["layers"]["1"]["kept"]
+    recipe = next(t["recipe"] for t in plan["tensors"] if t["name"] == "model.layers.1.feed_forward.experts.gate_up_proj")
+    first = f"copy model.layers.1.feed_forward.experts.gate_up_proj[rows {kept[0] * 32}:{kept[0] * 32 + 32}]"
+    assert recipe == f"joined(2: {first}, ...)"

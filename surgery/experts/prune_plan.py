@@ -16,7 +16,7 @@ from surgery import families as arch
 from surgery.errors import SurgeryError
 from surgery.io.checkpoint import Checkpoint
 from surgery.plan.layouts import expert_parts
-from surgery.plan.nodes import Columns, Copy, Rows
+from surgery.plan.nodes import Columns, Copy, Joined, Rows
 from surgery.plan.plan import OutputTensor, Plan
 from surgery.plan.sources import leave_out_mtp
 
@@ -108,7 +108,7 @@ def build_plan(source: Checkpoint, family, kept: dict[int, list[int]], top_k: in
             recipe = experts_of(source, family, expected, routers, kept[expected.layer])
         else:
             recipe = Copy(source, expected.name)
-        tensors.append(OutputTensor(expected.name, expected.shape, source.info(recipe.name).dtype, recipe))
+        tensors.append(OutputTensor(expected.name, expected.shape, source.info(recipe.inputs()[0][1]).dtype, recipe))
     leave_out_mtp(source, family, layout, new_config, notes, "prune",
                   "transformers does not run them, so their experts cannot be scored")
     metadata = {"surgery_sources": json.dumps([str(source.path)]), "surgery_prune": json.dumps(details)}
@@ -119,10 +119,15 @@ def build_plan(source: Checkpoint, family, kept: dict[int, list[int]], top_k: in
 
 def experts_of(source: Checkpoint, family, expected, routers: dict, kept: list[int]):
     """The kept experts' slices of a per-expert tensor (a router's weight or bias, a fused expert tensor), along
-    the axis its shape calls ``experts``: rows, or the last axis."""
+    the axis its shape calls ``experts``: rows, or the last axis. A fused expert tensor's kept experts are byte
+    ranges of it, written one after another (kernel copies: the tensor is never in memory)."""
     spec = routers[expected.role] if expected.group == "router" else family.spec("fused_experts", expected.role)
     name = spec.name(expected.layer)
     axis = spec.shape.index("experts")
+    if axis == 0 and expected.group == "experts" and len(expected.shape) > 1:
+        stored = source.info(name).shape
+        block = math.prod(stored[1:-1])  # one expert's rows of the tensor viewed as [all but the last dim, last]
+        return Joined([Copy(source, name, (e * block, (e + 1) * block)) for e in kept], expected.shape)
     if axis == 0:
         return Rows(source, name, kept)
     if axis == len(spec.shape) - 1:
