@@ -1,13 +1,15 @@
 """Read-ahead of the writer's inputs: the disk works on the next tensors while this one is written.
 
-``ReadAhead`` advises the kernel (posix_fadvise WILLNEED) of the inputs of the next tensors of a shard,
-up to ``READ_AHEAD_BYTES`` (environment ``SURGERY_READ_AHEAD_BYTES``; 0 turns it off).
+``ReadAhead`` advises the kernel (posix_fadvise WILLNEED) of the bytes the next tensors of a shard read (a byte
+copy's own range: a pruned fused tensor's kept experts, not its dropped ones), up to ``READ_AHEAD_BYTES``
+(environment ``SURGERY_READ_AHEAD_BYTES``; 0 turns it off).
 """
 
 from __future__ import annotations
 
 import os
 
+from surgery.plan.nodes import Copy
 from surgery.plan.plan import OutputTensor
 
 READ_AHEAD_BYTES = int(os.environ.get("SURGERY_READ_AHEAD_BYTES", 256 * 2**20))  # 0 turns it off
@@ -31,13 +33,27 @@ class ReadAhead:
         done = self.ends[position - 1] if position else 0
         while self.advised < len(self.tensors) and (not self.ends or self.ends[-1] - done < READ_AHEAD_BYTES):
             total = self.ends[-1] if self.ends else 0
-            for checkpoint, name in self.tensors[self.advised].recipe.inputs():
-                info = checkpoint.info(name)
+            for checkpoint, file, offset, count in _spans(self.tensors[self.advised].recipe):
                 try:
-                    os.posix_fadvise(checkpoint.descriptor(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(checkpoint.descriptor(file), offset, count, os.POSIX_FADV_WILLNEED)
                 except OSError:
                     self.enabled = False
                     return
-                total += info.nbytes
+                total += count
             self.ends.append(total)
             self.advised += 1
+
+
+def _spans(recipe):
+    """(checkpoint, file, offset, bytes) of what `recipe` reads: a byte copy's own range (one expert's block of a
+    fused tensor, not the whole tensor), else each input tensor whole."""
+    if isinstance(recipe, Copy):
+        offset, count = recipe.byte_span()
+        yield recipe.checkpoint, recipe.checkpoint.info(recipe.name).file, offset, count
+    elif recipe.parts():
+        for part in recipe.parts():
+            yield from _spans(part)
+    else:
+        for checkpoint, name in recipe.inputs():
+            info = checkpoint.info(name)
+            yield checkpoint, info.file, info.offset, info.nbytes
