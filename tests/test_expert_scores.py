@@ -117,7 +117,7 @@ def scores_of(directory, streamed: bool) -> dict:
         return {layer: step.sums[layer].scores() for layer in step.layers}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe", "llama4_text"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe", "llama4_text", "gpt_oss"])
 def test_experts_read_one_at_a_time_score_as_experts_read_together(saved, family):
     """A layer too big for the budget reads its experts one at a time; each expert's outputs on its tokens then
     give the REAP sums as it is read: the same scores, the same routing counts."""

@@ -18,6 +18,9 @@ How an experts module is called is its family's ``experts_call``:
   arguments with ``top_k_index`` remapped (e -> 0, every other expert -> transformers' "no expert" index).
   transformers' experts add each expert's rows into a zero tensor in expert order; step 2 adds the same rows,
   from the same row chunks, in the same order, so the output is bit-identical to the plain pass on the CPU.
+* "routed_rows" (gpt-oss): the same three arguments under its own names, with no "no expert" index: expert e's
+  copy runs on the rows routed to e alone (index 0, their gate weights), in transformers' order, and its output
+  is added at those rows: bit-identical as above.
 * "scaled" (Llama 4): every expert's copy of every token back to back, each scaled by its router score (0 for
   the experts a token did not choose); the block then sums the experts' outputs. The router's input and scores
   are kept instead of the E copies; expert e runs on the tokens that chose it times their scores for e
@@ -84,6 +87,8 @@ def streamable(experts_module, layout: ExpertLayout, convention: str = "routed")
         parameters = tuple(inspect.signature(type(experts_module).forward).parameters)[1:]
     except (TypeError, ValueError):
         return False
+    if convention == "routed_rows":  # gpt-oss: three arguments of its own names
+        return len(parameters) >= 3 and getattr(experts_module, "num_experts", None) == layout.count
     wanted = ARGUMENTS if convention == "routed" else ("hidden_states",)
     return parameters[:len(wanted)] == wanted and getattr(experts_module, "num_experts", None) == layout.count
 
@@ -92,7 +97,8 @@ class RoutedCalls:
     """transformers 5's experts modules: (hidden_states, top_k_index, top_k_weights) per call."""
 
     def capture(self, session):
-        return _Capture()
+        experts = session.submodule(session.runner.expert_layouts[session.layer].module)
+        return _Capture(tuple(inspect.signature(type(experts).forward).parameters)[1:4])
 
     def output(self, module, rows, chosen, weights, expert: int):
         """Expert `expert`'s share of the experts' output on a row chunk (its one-expert copy `module`)."""
@@ -104,6 +110,21 @@ class RoutedCalls:
 
     def replay(self, total, route: list):
         return _Replay(total, route)
+
+
+class RoutedRowsCalls(RoutedCalls):
+    """gpt-oss's experts module: (hidden_states, router_indices, routing_weights), with no "no expert" index to send
+    the other tokens to. Expert e's copy runs on the rows routed to it, in transformers' order (slot, then token),
+    each with its gate weight; its output is added at those rows: the very products and additions of the plain
+    pass, so bit for bit as the "routed" convention."""
+
+    def output(self, module, rows, chosen, weights, expert: int):
+        slot, token = torch.where((chosen == expert).t())
+        out = rows.new_zeros(rows.shape)
+        if len(token):
+            index = torch.zeros((len(token), 1), dtype=chosen.dtype, device=chosen.device)
+            out.index_add_(0, token, module(rows[token], index, weights[token, slot][:, None]))
+        return out
 
 
 class ScaledCalls:
@@ -137,6 +158,8 @@ def expert_calls(family, config: dict):
     """The calling convention of `family`'s experts module (``Family.experts_call``)."""
     if family.experts_call == "routed":
         return RoutedCalls()
+    if family.experts_call == "routed_rows":
+        return RoutedRowsCalls()
     dims = arch.dimensions(family, config)
     return ScaledCalls(router_path(family), dims["experts"], dims["top_k"])
 
@@ -215,15 +238,17 @@ def _watch(watchers, index: int, expert: int, module, rows, routed, weights, rea
 
 
 class _Capture(contextlib.nullcontext):
-    """In place of the experts' forward: keeps its arguments and stops the call."""
+    """In place of the experts' forward: keeps its first three arguments (the rows, the chosen experts and their
+    weights, whatever the module names them: `names`) and stops the call."""
 
-    def __init__(self):
+    def __init__(self, names: tuple = ARGUMENTS):
         super().__init__()
         self.calls: list = []
+        self.names = names
 
     def __call__(self, *args, **kwargs):
-        bound = dict(zip(ARGUMENTS, args), **kwargs)
-        self.calls.append(tuple(bound[name] for name in ARGUMENTS))
+        bound = dict(zip(self.names, args), **kwargs)
+        self.calls.append(tuple(bound[name] for name in self.names))
         raise StopLayer
 
 

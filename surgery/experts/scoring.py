@@ -28,7 +28,7 @@ class ExpertScores(Step):
         self.experts_path = family.router_input + ".experts"
         # what the experts see at weight 1: the experts module's input, or the MoE block's (Llama 4's experts take
         # tokens scaled by their scores)
-        self.input_path = self.experts_path if family.experts_call == "routed" else family.router_input
+        self.input_path = family.router_input if family.experts_call == "scaled" else self.experts_path
         self.sums = {}
 
     def wants(self, layer: int) -> bool:

@@ -150,8 +150,9 @@ class Family:
     # (logits, weights, chosen experts), or Llama 4's (scores, logits)
     router_outputs: tuple[str, ...] = ("logits", "weights", "indices")
     # how transformers' experts module is called: "routed" (transformers 5: each token's rows with the chosen experts
-    # and their weights), or "scaled" (Llama 4: every expert's copy of every token back to back, each scaled by its
-    # router score, so the tokens at weight 1 are the MoE block's input)
+    # and their weights), "routed_rows" (gpt-oss: the same, with no "no expert" index), or "scaled" (Llama 4: every
+    # expert's copy of every token back to back, each scaled by its router score, so the tokens at weight 1 are the
+    # MoE block's input)
     experts_call: str = "routed"
     # fused expert weights stored input-major, [E, in, out], multiplied as x @ W (gpt-oss, Llama 4): on a CPU in bf16 or
     # fp16, PyTorch's matmul of that memory order is ~55x slower than of [E, out, in] (2-core AVX2 machine, measured),

@@ -38,6 +38,7 @@ FAMILY = Family(
                  "down_bias": ("down_bias",)},
     stored_layouts=("fused",),
     experts_input_major=True,
+    experts_call="routed_rows",
     defaults={**BASE_DEFAULTS, "attention_bias": True},
     moe_keys={"experts": ("num_local_experts",), "top_k": ("num_experts_per_tok", "experts_per_token"),
               "expert_ffn": ("intermediate_size",)},
