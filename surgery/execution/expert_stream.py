@@ -39,7 +39,6 @@ decides; spilled ones are read and written a row chunk at a time.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 from dataclasses import dataclass
 
@@ -47,7 +46,7 @@ import torch
 
 from surgery import families as arch
 from surgery.execution.probes import StopLayer
-from surgery.execution.routing_stats import expert_output_norms, router_path
+from surgery.execution.routing_stats import expert_output_norms, one_expert, router_path
 from surgery.process_memory import trim_heap
 
 ARGUMENTS = ("hidden_states", "top_k_index", "top_k_weights")  # transformers 5's experts modules
@@ -79,22 +78,22 @@ def expert_layout(tensors: list, element_size: int) -> ExpertLayout | None:
                         total - expert_bytes * count)
 
 
-def streamable(experts_module, layout: ExpertLayout, convention: str = "routed") -> bool:
-    """Whether transformers' experts module can run one expert on its own: "routed", it takes (hidden_states,
-    top_k_index, top_k_weights) and skips the index ``num_experts`` (transformers 5's modules do); "scaled", it
-    takes the experts' tokens back to back (Llama 4's). gpt-oss's takes other arguments and skips no index."""
+def streamable(experts_module, layout: ExpertLayout, calls) -> bool:
+    """Whether transformers' experts module can run one expert on its own: it holds the layout's experts and takes
+    the arguments of its family's calling convention (`calls`, from ``expert_calls``)."""
     try:
         parameters = tuple(inspect.signature(type(experts_module).forward).parameters)[1:]
     except (TypeError, ValueError):
         return False
-    if convention == "routed_rows":  # gpt-oss: three arguments of its own names
-        return len(parameters) >= 3 and getattr(experts_module, "num_experts", None) == layout.count
-    wanted = ARGUMENTS if convention == "routed" else ("hidden_states",)
-    return parameters[:len(wanted)] == wanted and getattr(experts_module, "num_experts", None) == layout.count
+    return calls.takes(parameters) and getattr(experts_module, "num_experts", None) == layout.count
 
 
 class RoutedCalls:
-    """transformers 5's experts modules: (hidden_states, top_k_index, top_k_weights) per call."""
+    """transformers 5's experts modules: (hidden_states, top_k_index, top_k_weights) per call, the index
+    ``num_experts`` skipped."""
+
+    def takes(self, parameters: tuple) -> bool:
+        return parameters[:3] == ARGUMENTS
 
     def capture(self, session):
         experts = session.submodule(session.runner.expert_layouts[session.layer].module)
@@ -118,6 +117,9 @@ class RoutedRowsCalls(RoutedCalls):
     each with its gate weight; its output is added at those rows: the very products and additions of the plain
     pass, so bit for bit as the "routed" convention."""
 
+    def takes(self, parameters: tuple) -> bool:
+        return len(parameters) >= 3  # its own names for the three
+
     def output(self, module, rows, chosen, weights, expert: int):
         slot, token = torch.where((chosen == expert).t())
         out = rows.new_zeros(rows.shape)
@@ -133,6 +135,9 @@ class ScaledCalls:
 
     def __init__(self, router: str, experts: int, top_k: int):
         self.router, self.experts, self.top_k = router, experts, top_k
+
+    def takes(self, parameters: tuple) -> bool:
+        return parameters[:1] == ("hidden_states",)
 
     def capture(self, session):
         return _RouterCapture(session.submodule(self.router), self.top_k)
@@ -199,7 +204,7 @@ def run_streamed(session, layout: ExpertLayout, hidden, probes, consume: bool, o
         session.release(attention_module)  # replayed from here on
         trim_heap()  # step 1's freed activations (peak 512 -> 505 MiB on bench_btx's budget row)
         for expert in range(layout.count):  # 2. one expert at a time, a row chunk at a time
-            module = _one_expert(experts, runner.load_expert(session.layer, layout, expert))
+            module = one_expert(experts, runner.load_expert(session.layer, layout, expert))
             for index in batches:
                 start = 0
                 for count, chosen, weights in routes[index]:
@@ -286,13 +291,3 @@ class _Replay:
         chunk = self.total[self.start - count:self.start]
         return torch.cat([chunk, chunk.new_zeros((count * self.zeros, *chunk.shape[1:]))]) if self.zeros else chunk
 
-
-def _one_expert(experts, state: dict):
-    """A copy of transformers' experts module holding one expert (`state`: its [1, ...] tensors): the
-    same forward, with index 1 as its "no expert"."""
-    leaves = {name.rpartition(".")[2]: value for name, value in state.items()}
-    module = copy.copy(experts)
-    module._parameters = {name: torch.nn.Parameter(leaves[name], requires_grad=False) if name in leaves else value
-                          for name, value in experts._parameters.items()}
-    module.num_experts = 1
-    return module

@@ -201,15 +201,25 @@ class LayerRouting:
         }
 
 
+def one_expert(experts, state: dict):
+    """A copy of transformers' experts module holding one expert (`state`: its [1, ...] tensors, by name or by a
+    path ending in the name): the same forward, with index 1 as its "no expert"."""
+    leaves = {name.rpartition(".")[2]: value for name, value in state.items()}
+    module = copy.copy(experts)
+    module._parameters = {name: torch.nn.Parameter(leaves[name], requires_grad=False) if name in leaves else value
+                          for name, value in experts._parameters.items()}
+    module.num_experts = 1
+    return module
+
+
 def expert_output_norms(experts_module, rows, expert: int):
     """‖output‖₂ of expert `expert` of transformers' experts module on each of `rows`, every row sent to it with
     weight 1 (float32, [rows]). transformers 5's modules take (rows, chosen experts, weights); Llama 4's takes every
     expert's rows back to back, so its own forward runs on a copy holding expert `expert` alone."""
     if len(list(inspect.signature(type(experts_module).forward).parameters)) == 2:  # (self, hidden_states)
-        one = copy.copy(experts_module)
-        one._parameters = {name: torch.nn.Parameter(value[expert:expert + 1], requires_grad=False)
-                           for name, value in experts_module._parameters.items()}
-        return type(experts_module).forward(one, rows).float().norm(dim=-1)
+        one = one_expert(experts_module, {name: value[expert:expert + 1]
+                                          for name, value in experts_module._parameters.items()})
+        return type(experts_module).forward(one, rows).float().norm(dim=-1)  # its own forward, not a stand-in
     index = torch.full((len(rows), 1), expert, dtype=torch.long, device=rows.device)
     ones = torch.ones((len(rows), 1), dtype=rows.dtype, device=rows.device)
     return experts_module(rows, index, ones).float().norm(dim=-1)

@@ -27,7 +27,7 @@ import torch
 
 from surgery import console
 from surgery.errors import SurgeryError
-from surgery.execution.expert_stream import ExpertLayout, expert_layout, streamable
+from surgery.execution.expert_stream import ExpertLayout, expert_calls, expert_layout, streamable
 from surgery.execution.hidden import HiddenStore
 from surgery.execution.layer_calls import shared
 from surgery.execution.layer_session import LayerSession
@@ -107,10 +107,10 @@ class LayerRunner:
 
     def _streamable(self, layer: int) -> bool:
         """Whether the layer's experts can be read one at a time: it has several, and transformers' experts module
-        runs one expert on its own (``expert_stream.streamable``; not gpt-oss's)."""
+        runs one expert on its own (``expert_stream.streamable``: its family's calling convention)."""
         layout = self.expert_layouts.get(layer)
         return layout is not None and streamable(self.skeleton.templates[layer].get_submodule(layout.module), layout,
-                                                 self.weights.family.experts_call)
+                                                 expert_calls(self.weights.family, self.weights.config))
 
     def streamed_experts(self, layer: int, pending: list, probes) -> ExpertLayout | None:
         """The layer's experts, when a full pass reads them one at a time: the runner chose to, they are not

@@ -104,7 +104,10 @@ def build_plan(source: Checkpoint, family, kept: dict[int, list[int]], top_k: in
     for expected in arch.expected_tensors(family, new_config, written).values():
         if expected.group == "experts" and written == "per_expert":
             recipe = pieces[(expected.role, expected.layer, kept[expected.layer][expected.expert])]
-        elif expected.group in ("experts", "router"):  # every per-expert tensor: the kept experts along its axis
+        elif expected.group == "experts":  # stored fused only: the kept experts' byte ranges, one after another
+            recipe = Joined([pieces[(part, expected.layer, expert)] for expert in kept[expected.layer]
+                             for part in family.fused_parts[expected.role]], expected.shape)
+        elif expected.group == "router":  # every per-expert router tensor: the kept experts along its axis
             recipe = experts_of(source, family, expected, routers, kept[expected.layer])
         else:
             recipe = Copy(source, expected.name)
@@ -118,16 +121,11 @@ def build_plan(source: Checkpoint, family, kept: dict[int, list[int]], top_k: in
 
 
 def experts_of(source: Checkpoint, family, expected, routers: dict, kept: list[int]):
-    """The kept experts' slices of a per-expert tensor (a router's weight or bias, a fused expert tensor), along
-    the axis its shape calls ``experts``: rows, or the last axis. A fused expert tensor's kept experts are byte
-    ranges of it, written one after another (kernel copies: the tensor is never in memory)."""
-    spec = routers[expected.role] if expected.group == "router" else family.spec("fused_experts", expected.role)
+    """The kept experts' slices of a per-expert router tensor (its weight, a bias), along the axis its shape calls
+    ``experts``: rows, or the last axis."""
+    spec = routers[expected.role]
     name = spec.name(expected.layer)
     axis = spec.shape.index("experts")
-    if axis == 0 and expected.group == "experts" and len(expected.shape) > 1:
-        stored = source.info(name).shape
-        block = math.prod(stored[1:-1])  # one expert's rows of the tensor viewed as [all but the last dim, last]
-        return Joined([Copy(source, name, (e * block, (e + 1) * block)) for e in kept], expected.shape)
     if axis == 0:
         return Rows(source, name, kept)
     if axis == len(spec.shape) - 1:

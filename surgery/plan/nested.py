@@ -17,7 +17,7 @@ from surgery.units import format_bytes
 
 
 def nest(plan: Plan) -> Plan:
-    source = next((source for source in plan.sources if getattr(source, "nesting", None) is not None), None)
+    source = next((source for source in plan.sources if source.nesting is not None), None)
     if source is None or plan.config is None:
         return plan
     nesting = source.nesting
