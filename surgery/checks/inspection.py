@@ -44,6 +44,9 @@ class Report:
     # bytes by every writing command; not in `parameters`)
     nested: dict | None = None
     layer_kinds: list | None = None  # per decoder layer: ffn dense | moe, attention kind where layers differ
+    # a quantized checkpoint (surgery.io.quantized): its scheme, and its quantized weights' count, parameters, bytes on
+    # disk (values and scales) and formats
+    quantization: dict | None = None
     notes: list = field(default_factory=list)
     problems: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
@@ -119,7 +122,7 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
         family=family.name if family else None, kind=family.kind if family else None,
         expert_layout=None if checkpoint.config_only else layout,
         summary=summary,
-        dtypes=dict(Counter(info.dtype for info in checkpoint.tensors.values())),
+        dtypes=dict(Counter(info.dtype for info in checkpoint.stored.tensors.values())),  # as stored: parts apart
         shards=[{"file": shard.name, "bytes": shard.stat().st_size,
                  "tensors": sum(1 for i in checkpoint.tensors.values() if i.file == shard)} for shard in checkpoint.shards],
         bytes_on_disk=sum(shard.stat().st_size for shard in checkpoint.shards),
@@ -134,6 +137,8 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
                          "carried_parameters": sum(info.numel for info in checkpoint.carried.values()),
                          "carried_bytes": sum(info.nbytes for info in checkpoint.carried.values()),
                          "carried_prefixes": list(checkpoint.nesting.carried)}
+    if checkpoint.quantization is not None:
+        report.quantization = quantization_summary(checkpoint)
     if checkpoint.config_only:
         report.notes += sizing.config_notes(config)
     if config is None:
@@ -141,9 +146,10 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
     selected = [info for name, info in checkpoint.tensors.items() if not pattern or re.search(pattern, name)]
     if with_tensors or pattern:
         stored = not checkpoint.config_only  # config only: no shard, no offset
-        report.tensors = [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype,
+        report.tensors = [{"name": i.name, "shape": list(i.shape), "dtype": i.parts[0][1].dtype if i.parts else i.dtype,
                            "shard": i.file.name if stored else None, "offset": i.offset if stored else None,
-                           "bytes": i.nbytes} for i in selected]
+                           "bytes": i.nbytes,
+                           **({"format": checkpoint.quantization.describe(i)} if i.parts else {})} for i in selected]
     if with_stats:
         report.stats = tensor_stats(checkpoint, [info.name for info in selected])
         for name, stat in report.stats.items():
@@ -151,6 +157,17 @@ def analyse(checkpoint: Checkpoint, with_tensors: bool = False, pattern: str | N
                 report.warnings.append(f"{checkpoint.info(name).file}: tensor {name!r} has {stat['nan']} NaN and "
                                        f"{stat['inf']} Inf values")
     return report
+
+
+def quantization_summary(checkpoint: Checkpoint) -> dict:
+    """The scheme of a quantized checkpoint and what it quantizes (from headers)."""
+    scheme = checkpoint.quantization
+    weights = [info for info in checkpoint.tensors.values() if info.parts]
+    return {"quant_method": scheme.method, "scheme": scheme.title, "quantization_config": scheme.config,
+            "quantized_tensors": len(weights), "quantized_parameters": sum(info.numel for info in weights),
+            "quantized_bytes": sum(info.nbytes for info in weights),
+            "unquantized_bytes": sum(info.nbytes for info in checkpoint.tensors.values() if not info.parts),
+            "formats": dict(Counter(scheme.describe(info) for info in weights))}
 
 
 def tensor_stats(checkpoint: Checkpoint, names: list[str]) -> dict:

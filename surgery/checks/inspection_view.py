@@ -48,6 +48,14 @@ def print_report(report: Report, show_layers: bool = True) -> None:
                                   f"tensors of its other towers ({towers}: "
                                   f"{format_count(nested['carried_parameters'])} parameters, "
                                   f"{format_bytes(nested['carried_bytes'])}) are carried as bytes, not in parameters"))
+    if report.quantization:
+        quantization = report.quantization
+        formats = "; ".join(f"{count} x {text}" for text, count in quantization["formats"].items())
+        rows.append(("quantization", f"{quantization['quant_method']} ({quantization['scheme']}): "
+                                     f"{quantization['quantized_tensors']} weights, "
+                                     f"{format_count(quantization['quantized_parameters'])} parameters in "
+                                     f"{format_bytes(quantization['quantized_bytes'])} ({formats}); the other tensors "
+                                     f"{format_bytes(quantization['unquantized_bytes'])} unquantized"))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:  # lines, not a table: a long value wraps as text, never inside a cell
         out.print(f"  [cyan]{key:<{width}}[/]  {value}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from surgery import console
 from surgery.checks.structure import check_structure
 from surgery.errors import SurgeryError
-from surgery.io.checkpoint import read_json
+from surgery.io.shard_files import read_json
 from surgery.writer.manifest import MANIFEST_NAME, sha256_file
 
 

@@ -80,7 +80,8 @@ class Skeleton:
         from accelerate import init_empty_weights  # lazy: as transformers
 
         self.family, self.device, self.dtype, self.label = family, device, dtype, label
-        settings = {key: value for key, value in config.items() if key != "model_type"}
+        # the modules transformers builds are unquantized: a quantized checkpoint's weights arrive dequantized
+        settings = {key: value for key, value in config.items() if key not in ("model_type", "quantization_config")}
         implementation = experts_implementation(family, config, device, dtype)
         if implementation:
             settings["experts_implementation"] = implementation

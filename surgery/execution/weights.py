@@ -65,7 +65,8 @@ class ModelWeights:
         family = arch.detect_family(checkpoint.config, where)
         layout = arch.detect_expert_layout(family, checkpoint.tensors) if family.kind == "moe" else "per_expert"
         recipes = {name: Copy(checkpoint, name) for name in checkpoint.tensors}
-        dtypes = {name: info.dtype for name, info in checkpoint.tensors.items()}
+        # a quantized weight is read dequantized in float32, exact (transformers' dequantizing loader's values)
+        dtypes = {name: "F32" if info.parts else info.dtype for name, info in checkpoint.tensors.items()}
         weights = cls(checkpoint.config, family, recipes, dtypes, str(checkpoint.directory), layout)
         weights.check_complete()
         return weights

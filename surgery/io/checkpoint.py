@@ -19,22 +19,21 @@ names, never part of the model); ``nesting`` and ``stored_config`` let a writer 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 from surgery import families as arch
 from surgery.errors import SurgeryError
+from surgery.io import quantized
 from surgery.io.dtypes import torch_dtype
 from surgery.io.file_io import pread_exact, pread_into
-from surgery.io.safetensors_format import TensorInfo, read_header
+from surgery.io.safetensors_format import TensorInfo
+from surgery.io.shard_files import INDEX_NAME, open_indexed, open_single, open_unindexed, read_config
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files that are weights or derived from them; never copied as side files.
@@ -90,6 +89,17 @@ class Checkpoint:
         self.nesting = None  # the multimodal wrapper this text model was read from (see the module docstring)
         self.stored_config = config  # config.json as stored (the wrapper's, where nested)
         self.carried: dict[str, TensorInfo] = {}  # the wrapper's other towers' tensors, by stored name
+        self.quantization = None  # the scheme of a quantized checkpoint (surgery.io.quantized); its weights are logical
+        self.stored: Checkpoint = self  # the tensors as stored: of a quantized checkpoint, every part by its own name
+
+    def _dequantized(self) -> "Checkpoint":
+        """Open a quantized checkpoint as the model it encodes: each quantized weight one logical tensor."""
+        self.quantization = quantized.scheme_of(self.config, self.directory / "config.json")
+        if self.quantization is not None:
+            self.stored = StoredParts(self, self.tensors)
+            self.tensors = quantized.view(self.quantization, self.config, self.tensors, self.directory,
+                                          lambda info: self.stored.read(info.name))
+        return self
 
     def _nest(self) -> "Checkpoint":
         """Open the text model a multimodal checkpoint nests (a family's ``NESTING``), if it is one."""
@@ -121,13 +131,13 @@ class Checkpoint:
             directory = path.parent
         else:
             directory = path
-        config = _read_config(directory / "config.json", require_config)
+        config = read_config(directory / "config.json", require_config)
         if path.is_file() and path.suffix == ".safetensors":
-            shards, tensors, index, metadata = _open_single(path)
+            shards, tensors, index, metadata = open_single(path)
         elif (directory / INDEX_NAME).exists():
-            shards, tensors, index, metadata = _open_indexed(directory / INDEX_NAME)
+            shards, tensors, index, metadata = open_indexed(directory / INDEX_NAME)
         elif (directory / SINGLE_NAME).exists():
-            shards, tensors, index, metadata = _open_single(directory / SINGLE_NAME)
+            shards, tensors, index, metadata = open_single(directory / SINGLE_NAME)
         else:
             files = sorted(directory.glob("*.safetensors"))
             if not files:
@@ -137,15 +147,16 @@ class Checkpoint:
                 if config is not None:
                     return cls._from_config(path, directory, config)
                 raise SurgeryError(f"{directory}: no {SINGLE_NAME}, {INDEX_NAME} or other .safetensors file found")
-            shards, tensors, index, metadata = _open_unindexed(files)
-        return cls(path, directory, shards, tensors, config, index, metadata)._nest()
+            shards, tensors, index, metadata = open_unindexed(files)
+        return cls(path, directory, shards, tensors, config, index, metadata)._nest()._dequantized()
 
     @classmethod
     def _from_config(cls, path: Path, directory: Path, config: dict) -> "Checkpoint":
         headers, needs = _CONFIG_HEADERS.get()
         if headers is None:
             raise config_only_refusal(directory, needs)
-        return cls(path, directory, [], headers(directory, config), config, None, {}, config_only=True)._nest()
+        return cls(path, directory, [], headers(directory, config), config, None, {},
+                   config_only=True)._nest()._dequantized()
 
     def add_view(self, name: str, stored: str, rows: tuple[int, int]) -> None:
         """Expose rows a:b of stored tensor `stored` (a contiguous block along its first dimension, e.g. the q
@@ -153,6 +164,9 @@ class Checkpoint:
         any stored tensor."""
         info = self.info(stored)
         start, stop = rows
+        if info.parts:
+            raise SurgeryError(f"{info.file}: tensor {stored!r} is a {info.scheme} weight; taking rows {start}:{stop} of "
+                               f"it as {name!r} is not supported (dequantize first: surgery copy SRC OUT --dtype bf16)")
         if len(info.shape) < 1 or not 0 <= start <= stop <= info.shape[0]:
             raise SurgeryError(f"{info.file}: tensor {stored!r} has shape {list(info.shape)}; cannot take rows "
                                f"{start}:{stop} as {name!r}")
@@ -181,24 +195,47 @@ class Checkpoint:
         return fd
 
     def read_bytes(self, name: str) -> bytearray:
-        info = self.info(name)
+        info = self._stored(name)
         return pread_exact(self.descriptor(info.file), info.nbytes, info.offset, info.file, name)
 
+    def _stored(self, name: str) -> TensorInfo:
+        """The header of a tensor stored as one range of bytes (a logical quantized tensor is not)."""
+        info = self.info(name)
+        if info.parts:
+            raise AssertionError(f"{name} is a {info.scheme} weight stored as {len(info.parts)} tensors; read its parts")
+        return info
+
+    def read_part(self, part: TensorInfo):
+        """One stored tensor of a quantized weight (a ``TensorInfo`` of its ``parts``), in its stored dtype."""
+        import torch  # lazy: headers, byte copies and numpy reads need no torch
+
+        data = pread_exact(self.descriptor(part.file), part.nbytes, part.offset, part.file, part.name)
+        if not part.nbytes:
+            return torch.empty(part.shape, dtype=torch_dtype(part.dtype))
+        return torch.frombuffer(data, dtype=torch_dtype(part.dtype)).reshape(part.shape)
+
     def read(self, name: str):
-        """The whole tensor, in its stored dtype, owning its memory."""
+        """The whole tensor, in its stored dtype, owning its memory; a quantized weight dequantized, in float32."""
         import torch  # lazy: headers, byte copies and numpy reads need no torch
 
         info = self.info(name)
+        if info.parts:
+            return self.quantization.dequantize_parts(info, {role: self.read_part(part) for role, part in info.parts})
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         return torch.frombuffer(self.read_bytes(name), dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
-    def read_rows(self, name: str, rows):
-        """Rows `rows` (first-dimension indices, any order) of a tensor, reading only those rows."""
+    def read_rows(self, name: str, rows, part: TensorInfo | None = None):
+        """Rows `rows` (first-dimension indices, any order) of a tensor (or of `part`, one stored tensor of a
+        quantized weight), reading only those rows."""
         import torch  # lazy: headers, byte copies and numpy reads need no torch
 
-        info = self.info(name)
+        info = part or self.info(name)
         rows = [int(r) for r in rows]
+        if info.parts:  # stacked [E, ...] weights: the same rows of every part; a matrix: read whole
+            if len(info.shape) < 3:
+                return self.read(name)[torch.as_tensor(rows, dtype=torch.long)]
+            return self.quantization.dequantize_parts(info, {role: self.read_rows(part.name, rows, part) for role, part in info.parts})
         if not info.shape:
             raise SurgeryError(f"{info.file}: tensor {name!r} is a scalar; cannot select rows")
         for row in rows:
@@ -222,7 +259,7 @@ class Checkpoint:
 
     def read_rows_into(self, name: str, start: int, stop: int, out) -> None:
         """Rows start:stop of a stored tensor, read with positioned reads straight into numpy array `out`."""
-        info = self.info(name)
+        info = self._stored(name)
         rows = info.shape[0] if info.shape else 1
         if not 0 <= start <= stop <= rows or out.nbytes * rows != info.nbytes * (stop - start):
             raise SurgeryError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, cannot read rows "
@@ -270,84 +307,23 @@ class Checkpoint:
         return found
 
 
-def read_json(path: Path):
-    """A JSON file the user gave us (config, index, manifest); invalid JSON is a one-line error."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SurgeryError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
+class StoredParts(Checkpoint):
+    """A quantized checkpoint's tensors as stored, each part of a quantized weight under its own name: what a plan
+    copies byte for byte when it keeps a weight quantized. It reads through its owner's open descriptors."""
 
+    def __init__(self, owner: Checkpoint, tensors: dict[str, TensorInfo]):
+        self.owner = owner
+        self.path, self.directory, self.shards, self.tensors = owner.path, owner.directory, owner.shards, tensors
+        self.config, self.index, self.metadata, self.config_only = owner.config, owner.index, owner.metadata, False
+        self.nesting, self.stored_config, self.carried, self.quantization = None, owner.stored_config, {}, None
+        self.stored = self
 
-def _read_config(path: Path, required: bool) -> dict | None:
-    if not path.exists():
-        if required:
-            raise SurgeryError(f"{path}: no such file (operations need the model's config)")
-        return None
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise SurgeryError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    @property
+    def label(self):
+        return self.owner.label
 
+    def descriptor(self, file: Path) -> int:
+        return self.owner.descriptor(file)
 
-def _open_single(file: Path):
-    header = read_header(file)
-    return [file], dict(header.tensors), None, {file: header.metadata}
-
-
-def _open_unindexed(files: list[Path]):
-    tensors: dict[str, TensorInfo] = {}
-    metadata = {}
-    for file in files:
-        header = read_header(file)
-        metadata[file] = header.metadata
-        for name, info in header.tensors.items():
-            if name in tensors:
-                raise SurgeryError(f"{file.parent}: tensor {name!r} is stored in two shards, {tensors[name].file.name} "
-                                  f"and {file.name} (expected exactly one)")
-            tensors[name] = info
-    return files, tensors, None, metadata
-
-
-def _open_indexed(index_path: Path):
-    directory = index_path.parent
-    index = read_json(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise SurgeryError(f"{index_path}: expected an object with a 'weight_map' of tensor name -> shard file")
-    root = directory.resolve()
-    shard_names: list[str] = []
-    for name, shard in weight_map.items():
-        if not shard or "\x00" in shard:
-            raise SurgeryError(f"{index_path}: tensor {name!r} points to shard {shard!r}, which is not a valid file name")
-        candidate = Path(shard)
-        if candidate.is_absolute() or ".." in candidate.parts or not (root / candidate).resolve().is_relative_to(root):
-            raise SurgeryError(f"{index_path}: tensor {name!r} points to shard {shard!r} outside the checkpoint directory (refused)")
-        if shard not in shard_names:
-            shard_names.append(shard)
-    for shard in shard_names:
-        if not (directory / shard).is_file():
-            listed = next(name for name, s in weight_map.items() if s == shard)
-            raise SurgeryError(f"{index_path}: shard {shard!r} (listed for tensor {listed!r}) is missing from {directory}")
-    tensors: dict[str, TensorInfo] = {}
-    metadata = {}
-    files = []
-    for shard in sorted(shard_names):
-        file = directory / shard
-        files.append(file)
-        header = read_header(file)
-        metadata[file] = header.metadata
-        for name, info in header.tensors.items():
-            if name in tensors:
-                raise SurgeryError(f"{index_path}: tensor {name!r} is stored in two shards, {tensors[name].file.name} "
-                                  f"and {file.name} (expected exactly one)")
-            listed = weight_map.get(name)
-            if listed is None:
-                raise SurgeryError(f"{file}: tensor {name!r} is in the shard but not in {index_path.name}")
-            if listed != shard:
-                raise SurgeryError(f"{index_path}: tensor {name!r} is listed in {listed!r} but found in {shard!r}")
-            tensors[name] = info
-    for name, shard in weight_map.items():
-        if name not in tensors:
-            raise SurgeryError(f"{directory / shard}: tensor {name!r} is listed in {index_path.name} but absent from the shard")
-    ordered = {name: tensors[name] for name in weight_map}
-    return files, ordered, index, metadata
+    def close(self) -> None:
+        """The owner's descriptors: the owner closes them."""

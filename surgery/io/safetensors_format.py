@@ -33,6 +33,10 @@ class TensorInfo:
     file: Path
     offset: int  # absolute offset of the first byte in `file`
     nbytes: int
+    # a quantized weight (``surgery.io.quantized``): the logical tensor, `dtype` the model's and `shape` the weight's,
+    # made of the stored tensors `parts` ((role, TensorInfo) ...) of scheme `scheme`; `nbytes` is theirs on disk
+    scheme: str | None = None
+    parts: tuple = ()
 
     @property
     def numel(self) -> int:

@@ -27,6 +27,7 @@ from surgery.operations.plan_view import print_plan
 from surgery.operations.result import Result
 from surgery.plan.layouts import convert
 from surgery.plan.nested import nest
+from surgery.plan.quantized import keep_quantized
 from surgery.units import format_bytes, parse_size
 from surgery.writer.stream import write_plan
 
@@ -108,7 +109,7 @@ def write(plan, out, output: OutputOptions, *, check: PostWriteCheck | None = No
     post-write check when ``output.verify``. The plan's notes are printed before a dry run's plan and
     after a real write (where the user sees them last). Returns a ``Result``."""
     output.check()
-    plan = nest(convert(plan, output.layout))
+    plan = nest(keep_quantized(convert(plan, output.layout)))
     out = Path(out)
     limit = parse_size(output.max_shard_size)
     result = Result(plan.operation, out, False, len(plan.tensors), plan.total_bytes, 0, plan.config,

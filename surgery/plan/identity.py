@@ -1,6 +1,6 @@
 """The identity plan: every tensor of a checkpoint copied as it is (``surgery copy``), the engine's end-to-end test.
 
-It re-shards, casts (``--dtype``) and converts the expert layout (through the writer's ``--layout``); it also
+It re-shards, casts (``--dtype``: a quantized source's weights dequantized, ``Plan.dequantize``) and converts the expert layout (through the writer's ``--layout``); it also
 rewrites what an MoE's config says about routing without touching a weight: the top-k and whether the top-k
 weights are renormalised (``change_routing``), with notes that say what changes in the forward pass.
 """
@@ -38,7 +38,7 @@ def build_plan(source: Checkpoint, dtype: str | None = None, top_k: int | None =
                     if value is not None})
     return Plan("copy", tensors, config, [source], side_files=source.side_files(),
                 metadata={"surgery_sources": json.dumps([str(source.path)]),
-                          "surgery_options": json.dumps(options)}, notes=notes)
+                          "surgery_options": json.dumps(options)}, notes=notes, dequantize=target is not None)
 
 
 def change_routing(source: Checkpoint, config: dict | None, top_k: int | None, norm: bool | None) -> list[str]:

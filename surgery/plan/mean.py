@@ -62,8 +62,8 @@ class WeightedMean(Recipe):
 
     def _stored(self) -> list[str] | None:
         """The stored dtype of every item when each is a stored tensor numpy reads, else None."""
-        if not all(isinstance(item, Copy) for item in self.items):
-            return None
+        if not all(isinstance(item, Copy) and not item.quantized for item in self.items):
+            return None  # a computed or quantized item needs torch
         stored = [item.stored_dtype() for item in self.items]
         return stored if set(stored) <= {*NUMPY_FLOATS, "BF16"} else None  # float8 needs torch (as_float32)
 

@@ -79,6 +79,11 @@ class Copy(Recipe):
         part = "" if self.rows is None else f"[rows {self.rows[0]}:{self.rows[1]}]"
         return f"copy {_short(self.checkpoint, self.name)}{part}"
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the tensor is a quantized weight (``surgery.io.quantized``): read dequantized, never as bytes."""
+        return bool(self.checkpoint.info(self.name).parts)
+
     def stored_shape(self) -> tuple[int, ...]:
         """Shape of what this recipe copies (a block of rows is 2-D)."""
         shape = tuple(self.checkpoint.info(self.name).shape)
@@ -87,6 +92,8 @@ class Copy(Recipe):
     def byte_span(self) -> tuple[int, int]:
         """(file offset, byte count) of what this recipe copies."""
         info = self.checkpoint.info(self.name)
+        if info.parts:
+            raise AssertionError(f"{self.name} is a {info.scheme} weight: it has no single byte range")
         if self.rows is None:
             return info.offset, info.nbytes
         shape = tuple(info.shape)
@@ -104,6 +111,8 @@ class Copy(Recipe):
         import torch  # lazy: copies and numpy-computed tensors are written without torch
 
         info = self.checkpoint.info(self.name)
+        if info.parts:  # dequantized whole, then the block of rows
+            return self.checkpoint.read(self.name).reshape(-1, info.shape[-1])[self.rows[0]:self.rows[1]]
         offset, count = self.byte_span()
         data = pread_exact(self.checkpoint.descriptor(info.file), count, offset, info.file, self.name)
         shape = self.stored_shape()
@@ -126,7 +135,7 @@ class Copy(Recipe):
             self.checkpoint.read_rows_into(self.name, start, stop, out)
             return
         info = self.checkpoint.info(self.name)
-        offset, count = self.byte_span()
+        offset, count = self.byte_span()  # refuses a quantized weight
         total = self.rows[1] - self.rows[0]
         row_bytes = count // total if total else 0
         if not 0 <= start <= stop <= total or out.nbytes != row_bytes * (stop - start):

@@ -43,6 +43,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # shown to the user (e.g. exactness broken on purpose)
     rounding: str | None = None  # a low-precision dtype whose rounding of folded factors the plan introduces
     details: dict = field(default_factory=dict)  # what the operation decided (prune: scores, kept experts), in its JSON
+    dequantize: bool = False  # widen a quantized source's weights (copy --dtype); else they are kept quantized
 
     def __post_init__(self):
         seen = set()

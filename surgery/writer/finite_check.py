@@ -61,6 +61,8 @@ def _blame_input(tensor: OutputTensor, checker: FiniteCheck) -> None:
     """Raise the NaN/Inf error for the first input of `tensor` that holds such values, if any."""
     for checkpoint, name in tensor.recipe.inputs():
         info = checkpoint.info(name)
-        if info.dtype in FLOAT_DTYPES:
+        if info.parts:  # a quantized weight: its dequantized value
+            checker.check_value(checkpoint.read(name), f"{info.file}: tensor {name!r}")
+        elif info.dtype in FLOAT_DTYPES:
             data = pread_exact(checkpoint.descriptor(info.file), info.nbytes, info.offset, info.file, name)
             checker.check_bytes(data, info.dtype, f"{info.file}: tensor {name!r}")

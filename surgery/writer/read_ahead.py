@@ -47,7 +47,10 @@ class ReadAhead:
 def _spans(recipe):
     """(checkpoint, file, offset, bytes) of what `recipe` reads: a byte copy's own range (one expert's block of a
     fused tensor, not the whole tensor), else each input tensor whole."""
-    if isinstance(recipe, Copy):
+    if isinstance(recipe, Copy) and recipe.quantized:  # read whole, every part
+        for _, part in recipe.checkpoint.info(recipe.name).parts:
+            yield recipe.checkpoint, part.file, part.offset, part.nbytes
+    elif isinstance(recipe, Copy):
         offset, count = recipe.byte_span()
         yield recipe.checkpoint, recipe.checkpoint.info(recipe.name).file, offset, count
     elif recipe.parts():
@@ -56,4 +59,5 @@ def _spans(recipe):
     else:
         for checkpoint, name in recipe.inputs():
             info = checkpoint.info(name)
-            yield checkpoint, info.file, info.offset, info.nbytes
+            for stored in [part for _, part in info.parts] or [info]:
+                yield checkpoint, stored.file, stored.offset, stored.nbytes

@@ -31,7 +31,7 @@ def is_deferred(tensor: OutputTensor) -> bool:
 def is_byte_copy(tensor: OutputTensor) -> bool:
     """Whether the writer copies this tensor's bytes unchanged (no torch, no computation)."""
     recipe = tensor.recipe
-    return isinstance(recipe, Copy) and recipe.checkpoint.info(recipe.name).dtype == tensor.dtype
+    return isinstance(recipe, Copy) and not recipe.quantized and recipe.checkpoint.info(recipe.name).dtype == tensor.dtype
 
 
 def needs_torch(tensor: OutputTensor) -> bool:
