@@ -4,6 +4,7 @@ peak RSS and time.
     python bench/bench_prune_scale.py [--layers 12] [--tokens 512] [--workdir DIR]
     python bench/bench_prune_scale.py --family deepseek_v3 --layers 4 --experts 64
     python bench/bench_prune_scale.py --family llama4_text --layers 3 --experts 16 --memory-budget 3GiB
+    python bench/bench_prune_scale.py --family deepseek_v3 --layers 4 --experts 64 --fp8
 
 The Qwen3-MoE (synthetic weights, bf16): hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of FFN 768, top-8,
 vocabulary 151936, `--layers` layers (12: about 16 GB). The DeepSeek-V3 slice: DeepSeek-V3's real widths (hidden
@@ -11,7 +12,10 @@ vocabulary 151936, `--layers` layers (12: about 16 GB). The DeepSeek-V3 slice: D
 129280, top-8 with group-limited routing over 8 groups, 4 used), `--experts` routed experts (a multiple of 8) and
 `--layers` layers of which the first is dense (FFN 18432): 4 layers of 64 experts are about 22 GB. The Llama-4-Scout
 slice: its text model's widths (hidden 5120, 40 heads of 128, 8 KV heads, `--experts` experts of FFN 8192 stored
-fused, top-1, one shared expert of 8192, vocabulary 202048), every layer MoE: 3 layers of 16 experts are about 17 GB. `surgery prune --ratio 0.5 --criterion reap` scores
+fused, top-1, one shared expert of 8192, vocabulary 202048), every layer MoE: 3 layers of 16 experts are about 17 GB.
+With `--fp8` the model is stored as DeepSeek-V3 publishes it (F8_E4M3 weights with F32 128 x 128 block scales;
+norms, routers, embedding and head in bf16): about half the bytes; the prune keeps the kept experts' values and
+scales as byte copies and the calibration dequantizes one layer at a time. `surgery prune --ratio 0.5 --criterion reap` scores
 every expert on `--tokens` pseudo-random calibration token ids through the layer-streaming runner
 (bfloat16 compute) and writes the kept half as byte copies (`--save-scores`). Then the write alone (the same
 prune from the saved scores, no model run) against the I/O floor of the same bytes (`cp -r` of the pruned
@@ -78,12 +82,15 @@ def main():
     parser.add_argument("--memory-budget", default=None,
                         help="The prune's --memory-budget (default: surgery's own, a share of the free memory).")
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--fp8", action="store_true",
+                        help="Store the model as DeepSeek-V3 publishes it: FP8 with 128 x 128 block scales.")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-prune-scale-", dir=args.workdir))
     try:
         shape = CONFIGS[args.family](args.layers, args.experts)
-        source = make_synthetic_llama(work / "moe", shape, dtype="BF16", family=args.family)
+        source = make_synthetic_llama(work / "moe", shape, dtype="BF16", family=args.family,
+                                      fp8_block=128 if args.fp8 else None)
         vocab = shape["vocab_size"]
         size = dir_bytes(source)
         ids = work / "calibration.jsonl"
@@ -122,7 +129,7 @@ def main():
         print(f"\nBest of {args.repeats} alternating runs each. Both the write alone and cp start after a sync, {'with the page cache dropped (both read from disk)' if cold else 'with a warm page cache (dropping it was not permitted)'}.")
         what = {"qwen3_moe": "Qwen3-MoE", "deepseek_v3": f"DeepSeek-V3 slice ({args.experts} experts)",
                 "llama4_text": f"Llama-4-Scout text slice ({args.experts} experts)"}[args.family]
-        print(f"\nSynthetic {what}, {args.layers} layers, bf16; target: peak RSS <= 4 GiB: "
+        print(f"\nSynthetic {what}, {args.layers} layers, {'FP8 (128 x 128 block scales)' if args.fp8 else 'bf16'}; target: peak RSS <= 4 GiB: "
               f"{'PASS' if rss <= 4096 else 'FAIL'} ({rss:.0f} MiB); the write alone at "
               f"{floor_wall / write_wall:.2f} of the I/O floor's speed ({written / write_wall / 1e6:.0f} vs "
               f"{written / floor_wall / 1e6:.0f} MB/s)")

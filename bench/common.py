@@ -100,13 +100,19 @@ def sized_config(target_bytes: float, shape: tuple[int, int, int], **extra) -> d
     return llama_config(hidden, ffn, layers, vocab, **extra)
 
 
+QUANTIZED_GROUPS = ("attention", "ffn", "experts", "shared_expert")  # what FP8 checkpoints quantize (not routers)
+
+
 def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT_SHARD_BYTES, seed: int = 0,
-                         dtype: str = "F32", family: str = "llama") -> Path:
+                         dtype: str = "F32", family: str = "llama", fp8_block: int | None = None) -> Path:
     """A `family` (default Llama) checkpoint of finite pseudo-random weights (F32 or BF16), written fast with memory
-    bounded by one block.
+    bounded by one block. With `fp8_block` B: as DeepSeek-V3 publishes it, every matrix of the attention, dense MLPs
+    and experts in F8_E4M3 with an F32 ``weight_scale_inv`` per B x B block (``quant_method: fp8``); norms, routers,
+    embedding and head in `dtype`.
 
     A single seeded block of BLOCK_ELEMENTS N(0, 0.02) values is generated once; every matrix is that
-    block repeated, starting at an offset that changes from tensor to tensor. Headers come from
+    block repeated, starting at an offset that changes from tensor to tensor. FP8 values are random bytes with the
+    bit that would make 0x7F / 0xFF (E4M3's NaN) cleared. Headers come from
     surgery.safetensors_format.encode_header; data are plain file writes.
     """
     import numpy as np
@@ -117,43 +123,68 @@ def make_synthetic_llama(directory: Path, config: dict, shard_bytes: int = INPUT
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    block = (np.random.default_rng(seed).standard_normal(BLOCK_ELEMENTS, dtype=np.float32) * 0.02).astype("<f4")
+    generator = np.random.default_rng(seed)
+    block = (generator.standard_normal(BLOCK_ELEMENTS, dtype=np.float32) * 0.02).astype("<f4")
     one = np.ones(1, dtype="<f4")
     element = 4
     if dtype == "BF16":  # the upper half of each float32 (truncation: fine for synthetic values)
         block, one, element = (block.view("<u4") >> 16).astype("<u2"), (one.view("<u4") >> 16).astype("<u2"), 2
-    doubled = memoryview(np.concatenate([block, block]).tobytes())  # any block-sized window is contiguous
-    block_bytes = len(doubled) // 2
-    entries = layout(config, family)
+    fp8 = generator.integers(0, 256, BLOCK_ELEMENTS, dtype=np.uint8) & 0xF7
+    windows = {dtype: memoryview(np.concatenate([block, block]).tobytes()),  # any block-sized window is contiguous
+               "F8_E4M3": memoryview(np.concatenate([fp8, fp8]).tobytes())}
+    tensors = []  # (name, dtype, shape, kind): kind "one" (a norm), "scale", or "random"
+    for entry in layout(config, family):
+        if fp8_block and entry.group in QUANTIZED_GROUPS and len(entry.shape) >= 2:
+            grid = (*entry.shape[:-2], -(-entry.shape[-2] // fp8_block), -(-entry.shape[-1] // fp8_block))
+            tensors += [(entry.name, "F8_E4M3", entry.shape, "random"),
+                        (entry.name + "_scale_inv", "F32", grid, "scale")]
+        else:
+            tensors.append((entry.name, dtype, entry.shape, "one" if entry.group == "norm" else "random"))
+    sizes = {"F32": 4, "BF16": 2, "F8_E4M3": 1}
+
+    def nbytes(tensor) -> int:
+        count = 1
+        for dim in tensor[2]:
+            count *= dim
+        return count * sizes[tensor[1]]
+
     groups, size = [[]], 0
-    for entry in entries:
-        if groups[-1] and size + tensor_bytes(entry, element) > shard_bytes:
+    for tensor in tensors:
+        if groups[-1] and size + nbytes(tensor) > shard_bytes:
             groups.append([])
             size = 0
-        groups[-1].append(entry)
-        size += tensor_bytes(entry, element)
+        groups[-1].append(tensor)
+        size += nbytes(tensor)
     weight_map = {}
     for number, group in enumerate(groups, 1):
         name = f"model-{number:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
-        header, _ = encode_header([(e.name, dtype, e.shape) for e in group], {"format": "pt"})
+        header, _ = encode_header([(t[0], t[1], t[2]) for t in group], {"format": "pt"})
         with open(directory / name, "wb") as handle:
             handle.write(header)
-            for entry in group:
-                weight_map[entry.name] = name
-                remaining = tensor_bytes(entry, element)
-                if entry.group == "norm":
+            for tensor in group:
+                weight_map[tensor[0]] = name
+                remaining = nbytes(tensor)
+                if tensor[3] == "one":
                     write_all(handle, np.repeat(one, remaining // element).tobytes())
                     continue
+                if tensor[3] == "scale":  # 0.02 spread over E4M3's range
+                    write_all(handle, np.full(remaining // 4, 0.02 / 448, dtype="<f4").tobytes())
+                    continue
+                doubled = windows[tensor[1]]
+                block_bytes = len(doubled) // 2
                 offset = (len(weight_map) * 7919 * 4) % block_bytes
                 while remaining:
                     count = min(remaining, block_bytes)
                     write_all(handle, doubled[offset:offset + count])  # 128 KiB writes (surgery.io.write_all)
                     remaining -= count
     if len(groups) > 1:
-        total = sum(tensor_bytes(e, element) for e in entries)
+        total = sum(nbytes(t) for t in tensors)
         (directory / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = {**config, "torch_dtype": {"F32": "float32", "BF16": "bfloat16"}[dtype]}
+    if fp8_block:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [fp8_block, fp8_block]}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 

@@ -70,6 +70,10 @@ GROUPS = [  # (key, title, intro)
     ("mergekit", "mergekit-moe configs",
      "`merge --config CONFIG` with a config of tests/mergekit_configs (the refused ones) or one written the way "
      "tests/test_mergekit_moe.py writes it, beside the tiny models it names (`models/NAME`)."),
+    ("quantized", "Quantized checkpoints",
+     "A tiny FP8 block-scaled Mixtral (blocks of 4 x 4) or MXFP4 gpt-oss (tests/quantized_models.py) made malformed "
+     "in one way, or its quantization_config naming a scheme surgery does not read; refused when the checkpoint is "
+     "opened, before any output exists (tests/test_quantized_fp8.py, test_quantized_mxfp4.py)."),
     ("environment", "Environment",
      "Outputs that exist or cannot be written, a full disk, signals mid-write, and NaN/Inf weights in a "
      "source. Rows with exit code 0 are not errors: they show the warning or the way out."),
@@ -182,6 +186,7 @@ class Fixtures:
         return self.built[name]
 
     def model(self, name: str) -> Path:
+        from quantized_models import save_fp8, save_mxfp4
         from tiny_models import save_model
 
         builders = {
@@ -205,6 +210,9 @@ class Fixtures:
             "deepseek_v3": lambda d: save_model(d, "deepseek_v3"),
             "gpt_oss": lambda d: save_model(d, "gpt_oss"),
             "deepseek_v3-config-only": self._config_only,
+            # quantized checkpoints (tests/quantized_models.py): a Mixtral in FP8 blocks of 4 x 4, a gpt-oss in MXFP4
+            "mixtral-fp8": lambda d: save_fp8(d, "mixtral"),
+            "gpt_oss-mxfp4": lambda d: save_mxfp4(d, seed=2),
             "llama4-no-text-config": self._nested_without_text_config,
         }
         return self._get(name, builders[name])
@@ -753,6 +761,29 @@ def nonfinite(args_of):
     return lambda d, fx: run_in_process(args_of(fx.copy(fx.model("nonfinite"), d, "src"), d))
 
 
+def quantized_cases() -> list[Case]:
+    from quantized_models import MXFP4_CORPUS, QUANTIZED_COMMANDS, QUANTIZED_CORPUS
+
+    def runner(model, corrupt, command):
+        def run(d, fx):
+            source = fx.copy(fx.model(model), d, "src")
+            corrupt(source)
+            (d / "ids.jsonl").write_text("".join(f"[{', '.join(str(3 + (i * 7 + j) % 90) for j in range(16))}]\n"
+                                                 for i in range(4)))
+            args = {"inspect": [], "copy": [d / "out"], "validate": ["--tokens", d / "ids.jsonl"],
+                    "prune": [d / "out", "--ratio", "0.5", "--calibration", d / "ids.jsonl"]}[command]
+            return run_in_process([command, source, *args])
+        return run
+
+    cases = []
+    for model, corpus, commands in (("mixtral-fp8", QUANTIZED_CORPUS, QUANTIZED_COMMANDS),
+                                    ("gpt_oss-mxfp4", MXFP4_CORPUS, ("inspect", "copy", "prune"))):
+        for kind, corrupt, fragment in corpus:
+            for command in commands:
+                cases.append(Case("quantized", kind, command, runner(model, corrupt, command), fragment))
+    return cases
+
+
 def environment_cases() -> list[Case]:
     from test_bad_inputs import COMMAND_ARGS
 
@@ -885,7 +916,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)  # tiny models: threads only cost (as in tests/test_split.py)
     started = time.perf_counter()
-    cases = corpus_cases() + argument_cases() + mergekit_cases() + environment_cases()
+    cases = corpus_cases() + argument_cases() + mergekit_cases() + quantized_cases() + environment_cases()
     results = []
     with tempfile.TemporaryDirectory(prefix="surgery-errors-") as tmp:
         root = Path(tmp)

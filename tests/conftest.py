@@ -19,6 +19,7 @@ def run_cli(capsys):
     from surgery.cli import main
 
     def run(*args):
+        capsys.readouterr()  # what the test printed before (building its fixtures) is not the command's
         try:
             main([str(a) for a in args])
             code = 0

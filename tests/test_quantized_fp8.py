@@ -15,6 +15,7 @@ import torch
 from quantized_models import QUANTIZED_COMMANDS, QUANTIZED_CORPUS, dequantize_fp8, load_dequantized, save_fp8
 from tiny_models import logits, sample_ids, save_model, tensors
 
+import surgery
 from surgery import families as arch
 from surgery.execution.weights import ModelWeights
 from surgery.io.checkpoint import Checkpoint
@@ -219,3 +220,70 @@ def test_a_malformed_quantized_checkpoint_is_refused_in_one_line_before_any_outp
     assert code == 2 and len(lines) == 1 and lines[0].startswith("surgery: error: "), err
     assert fragment in " ".join(err.split()), err
     assert not out.exists()
+
+
+def test_extract_writes_the_expert_as_the_dense_models_ffn_values_and_scales_as_bytes(fp8, tmp_path, run_cli):
+    source = fp8("mixtral")
+    code, _, err = run_cli("extract", source, tmp_path / "dense", "--expert", "1")
+    assert code == 0, err
+    stored, written = tensors(source), tensors(tmp_path / "dense")
+    for layer in range(2):
+        for ours, theirs in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+            for suffix in ("weight", "weight_scale_inv"):
+                assert torch.equal(raw(written[f"model.layers.{layer}.mlp.{ours}.{suffix}"]),
+                                   raw(stored[f"model.layers.{layer}.block_sparse_moe.experts.1.{theirs}.{suffix}"]))
+    assert config_of(tmp_path / "dense")["quantization_config"]["quant_method"] == "fp8"
+    assert torch.isfinite(logits(load_dequantized(tmp_path / "dense"), sample_ids())).all()
+
+
+def test_add_experts_from_fp8_dense_models_appends_their_ffns_as_bytes(fp8, tmp_path, run_cli, token_file):
+    dense = save_fp8(tmp_path / "mistral", "mistral", block=(4, 4), seed=7, intermediate_size=20)
+    code, _, err = run_cli("add-experts", fp8("mixtral"), tmp_path / "out", "--expert", f"m={dense}",
+                           "--calibration", f"m={token_file}")
+    assert code == 0, err
+    written, stored = tensors(tmp_path / "out"), tensors(dense)
+    for ours, theirs in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+        for suffix in ("weight", "weight_scale_inv"):
+            assert torch.equal(raw(written[f"model.layers.1.block_sparse_moe.experts.4.{ours}.{suffix}"]),
+                               raw(stored[f"model.layers.1.mlp.{theirs}.{suffix}"]))
+    assert torch.isfinite(logits(load_dequantized(tmp_path / "out"), sample_ids())).all()
+
+
+def test_add_experts_from_an_unquantized_dense_model_writes_the_experts_modules_unquantized(fp8, tmp_path, run_cli,
+                                                                                            token_file):
+    dense = save_model(tmp_path / "mistral", "mistral", seed=7, dtype="bfloat16", intermediate_size=20)
+    code, _, err = run_cli("add-experts", fp8("mixtral"), tmp_path / "out", "--expert", f"m={dense}",
+                           "--calibration", f"m={token_file}")
+    assert code == 0, err
+    assert "written unquantized" in err
+    written = tensors(tmp_path / "out")
+    assert written["model.layers.1.block_sparse_moe.experts.0.w1.weight"].dtype == torch.bfloat16
+    assert written["model.layers.1.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    listed = config_of(tmp_path / "out")["quantization_config"]["modules_to_not_convert"]
+    assert listed == [f"model.layers.{layer}.block_sparse_moe.{module}"  # the routers: their fitted rows
+                      for layer in range(2) for module in ("experts", "gate")]
+    # in bfloat16: loaded in float32, transformers leaves experts listed unquantized in their stored bfloat16
+    assert torch.isfinite(logits(load_dequantized(tmp_path / "out", torch.bfloat16), sample_ids()).float()).all()
+
+
+def test_a_split_of_an_fp8_dense_model_writes_its_experts_dequantized_and_says_so(tmp_path, run_cli):
+    dense = save_fp8(tmp_path / "llama", "llama", block=(4, 4))
+    code, _, err = run_cli("split", dense, tmp_path / "moe", "-n", "4", "-k", "2", "--strategy", "random")
+    assert code == 0, err
+    assert "2 module(s) of fp8 weights are written unquantized (BF16" in " ".join(err.split())
+    written = tensors(tmp_path / "moe")
+    assert written["model.layers.0.block_sparse_moe.experts.0.w1.weight"].dtype == torch.bfloat16
+    assert written["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    assert torch.isfinite(logits(load_dequantized(tmp_path / "moe", torch.bfloat16), sample_ids()).float()).all()
+
+
+@pytest.mark.parametrize("stream", (None, True))
+def test_validate_of_an_fp8_checkpoint_is_validate_of_its_widened_copy(fp8, tmp_path, run_cli, token_file, stream):
+    """Unless told otherwise, validate runs a quantized checkpoint layer by layer on its dequantized weights: blocks of
+    16 leave partial edge blocks, which transformers' FP8 loader refuses."""
+    source = fp8("deepseek_v3", (16, 16))
+    code, _, err = run_cli("copy", source, tmp_path / "f32", "--dtype", "fp32")
+    assert code == 0, err
+    quantized = surgery.validate(source, tokens=str(token_file), stream=stream)
+    widened = surgery.validate(tmp_path / "f32", tokens=str(token_file), stream=stream)
+    assert quantized["loss"] == widened["loss"]

@@ -160,7 +160,8 @@ def evaluate(model_path, references=(), *, data=None, text=None, tokens=None, ba
     if per_pass == 0:
         raise SurgeryError(f"the sample ({sample.source}) produced no tokens")
     element = torch.empty((), dtype=placement.dtype).element_size()
-    reason = _stream_reason(stream, placement, element * parameters[0], settings)
+    quantized = [scheme for scheme in (_quantization(path) for path in (model_path, *references)) if scheme]
+    reason = _stream_reason(stream, placement, element * parameters[0], settings, quantized)
     notes += sample.notes
     if reason:
         notes.append(f"running layer by layer ({reason}): one decoder layer in memory at a time")
@@ -214,10 +215,18 @@ def evaluate(model_path, references=(), *, data=None, text=None, tokens=None, ba
     return _finite_json(result)
 
 
-def _stream_reason(stream, placement, model_bytes: int, settings) -> str | None:
+def _quantization(path) -> str | None:
+    with Checkpoint.open(path, require_config=True) as checkpoint:
+        return checkpoint.quantization.method if checkpoint.quantization is not None else None
+
+
+def _stream_reason(stream, placement, model_bytes: int, settings, quantized=()) -> str | None:
     """Why MODEL runs layer by layer, or None when it is loaded whole."""
     if stream:
         return "--stream"
+    if stream is None and quantized:  # transformers' dequantizing loaders misread some (docs/quantized.md)
+        return (f"{quantized[0]} weights, dequantized as the format defines them (docs/quantized.md; --no-stream "
+                f"loads them with transformers' own loader)")
     if stream is None and placement.device_map:
         return f"MODEL ({_gib(model_bytes)}) does not fit on one GPU"
     if stream is None and placement.device == "cpu" and model_bytes > TOGETHER_HEADROOM * available_memory(placement):

@@ -66,7 +66,7 @@ def load_model(path, device: str = "cpu", dtype="float32", device_map=None):
                     raise
                 kwargs.pop("experts_implementation")
                 model, info = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: its loading report (a conversion)
         raise SurgeryError(f"{path}: transformers cannot load it: {str(exc).splitlines()[0][:300]}") from None
     problems = []
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):

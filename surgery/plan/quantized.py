@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from surgery.plan.nodes import Copy, Joined, Recipe, Rows
+from surgery.plan.nodes import Columns, Concat, Copy, Joined, Recipe, Rows
 from surgery.plan.plan import OutputTensor, Plan
 
 
@@ -40,10 +40,16 @@ def keep_quantized(plan: Plan) -> Plan:
         planned.append((tensor, bool(leaves), _parts(tensor, scheme) if keeps else None))
     # a module is quantized whole or not at all (transformers converts modules): one tensor written unquantized
     # takes its module's other tensors with it
-    unquantized = {scheme.module_of(tensor.name) for tensor, reads, parts in planned if reads and parts is None}
+    dequantized = {scheme.module_of(tensor.name) for tensor, reads, parts in planned if reads and parts is None}
     quantized = {scheme.module_of(tensor.name) for tensor, reads, parts in planned if parts is not None}
-    unquantized |= {scheme.module_of(tensor.name) for tensor, reads, parts in planned  # e.g. a dense model's experts
+    dequantized |= {scheme.module_of(tensor.name) for tensor, reads, parts in planned  # e.g. a dense model's experts
                     if not reads and _is_weight(tensor) and scheme.module_of(tensor.name) in quantized}
+    # a weight the plan makes (a new router, a fitted row, an average) is listed unquantized, so that transformers
+    # never expects it quantized (Qwen2-MoE's shared_expert_gate and GraniteMoE's router are nn.Linear); a copy of
+    # the source's unquantized weights is as the source's config already says
+    made = {scheme.module_of(tensor.name) for tensor, reads, parts in planned
+            if not reads and _is_weight(tensor) and not _selects(tensor.recipe)} - dequantized
+    unquantized = dequantized | made
     tensors, renames, kept = [], {}, 0
     for tensor, reads, parts in planned:
         if parts is not None and scheme.module_of(tensor.name) not in unquantized:
@@ -59,18 +65,29 @@ def keep_quantized(plan: Plan) -> Plan:
         config["quantization_config"] = scheme.kept_config(sorted(set(unquantized)), renames, modules)
     else:
         config.pop("quantization_config", None)
-    if unquantized:
-        dtypes = sorted({tensor.dtype for tensor in plan.tensors if scheme.module_of(tensor.name) in unquantized})
-        notes.append(f"{len(unquantized)} module(s) of {scheme.method} weights are written unquantized ({', '.join(dtypes)}: "
-                     f"dequantized, never quantized again)"
-                     + ("; their modules are listed in quantization_config's modules_to_not_convert" if kept else
+    if dequantized:
+        dtypes = sorted({tensor.dtype for tensor in plan.tensors if scheme.module_of(tensor.name) in dequantized})
+        notes.append(f"{len(dequantized)} module(s) of {scheme.method} weights are written unquantized "
+                     f"({', '.join(dtypes)}: dequantized, never quantized again)"
+                     + (f"; they are listed in quantization_config's {scheme.skip_key}" if kept else
                         "; the output has no quantization_config"))
+    if made and kept:
+        notes.append(f"the {len(made)} module(s) whose weights this {plan.operation} computes (routers, fitted or "
+                     f"averaged weights) are written unquantized and listed in quantization_config's "
+                     f"{scheme.skip_key}")
     return replace(plan, tensors=tensors, config=config, notes=notes)
 
 
 def _is_weight(tensor: OutputTensor) -> bool:
     """A matrix (or stack of them) a quantized module would hold quantized: not a bias."""
     return len(tensor.shape) >= 2 and "bias" not in tensor.name.rsplit(".", 1)[-1]
+
+
+def _selects(recipe: Recipe) -> bool:
+    """Whether `recipe` only copies stored values (whole tensors, rows, columns, pieces joined)."""
+    if isinstance(recipe, (Copy, Rows, Columns)):
+        return True
+    return isinstance(recipe, (Joined, Concat)) and all(_selects(item) for item in recipe.items)
 
 
 def _same_scheme(checkpoint, scheme) -> bool:

@@ -11,6 +11,7 @@ weight is written quantized).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
@@ -27,6 +28,18 @@ def _library():
     except ImportError:
         return None
     return compressed_tensors
+
+
+@dataclass(frozen=True)
+class Group:
+    """One config group: its compressed-tensors ``QuantizationScheme``, its format's compressor, and the tensors a
+    module it quantizes stores (the compressor's ``compression_param_names``, the root first)."""
+
+    name: str
+    scheme: object
+    compressor: object
+    parameters: tuple[str, ...]
+    format: str
 
 
 class CompressedTensors(Scheme):
@@ -61,7 +74,7 @@ class CompressedTensors(Scheme):
                                f"llm-compressor saves a model)")
         import torch  # lazy: with the library
 
-        self.groups = []  # (name, QuantizationScheme, compressor, parameter names), in config order
+        self.groups: list[Group] = []  # in config order
         for name, scheme in parsed.config_groups.items():
             declared = scheme.format or (parsed.format if parsed.format != "mixed-precision" else None)
             fmt = declared or infer_module_format(torch.nn.Linear, scheme).value
@@ -71,7 +84,7 @@ class CompressedTensors(Scheme):
             except NotImplementedError:
                 raise SurgeryError(f"{where}: config group {name!r} has format {fmt!r}, which is not read "
                                    f"(no model-free decompression in compressed-tensors)") from None
-            self.groups.append((name, scheme, compressor, tuple(names), str(getattr(fmt, "value", fmt))))
+            self.groups.append(Group(name, scheme, compressor, tuple(names), str(getattr(fmt, "value", fmt))))
         self.ignore = list(parsed.ignore or [])
 
     # ---------------------------------------------------------------- reading
@@ -81,7 +94,7 @@ class CompressedTensors(Scheme):
         if any(match_name(module, entry) for entry in self.ignore):
             return None
         for group in self.groups:
-            targets = group[1].targets
+            targets = group.scheme.targets
             if "Linear" in targets or any(match_name(module, target) for target in targets):
                 return group
         return None
@@ -89,7 +102,7 @@ class CompressedTensors(Scheme):
     def view(self, tensors: dict[str, TensorInfo], dtype: str, where: Path, read=None) -> dict[str, TensorInfo]:
         from compressed_tensors.quantization import QuantizationMetadata  # lazy: with the library
 
-        qparams = set(QuantizationMetadata.all_qparam_names()) | {name for group in self.groups for name in group[3]}
+        qparams = set(QuantizationMetadata.all_qparam_names()) | {name for group in self.groups for name in group.parameters}
         modules: dict[str, dict[str, TensorInfo]] = {}
         for name, info in tensors.items():
             module, _, parameter = name.rpartition(".")
@@ -98,16 +111,16 @@ class CompressedTensors(Scheme):
         quantized: dict[str, tuple] = {}  # module -> its group, for every module stored quantized
         for module, stored in modules.items():
             group = self._group_of(module)
-            if group is None or group[3][0] not in stored:
+            if group is None or group.parameters[0] not in stored:
                 continue
-            missing = [part for part in group[3] if part not in stored]
-            root = stored[group[3][0]]
-            if missing and root.dtype in ("BF16", "F16", "F32") and group[3][0] == "weight":
+            missing = [part for part in group.parameters if part not in stored]
+            root = stored[group.parameters[0]]
+            if missing and root.dtype in ("BF16", "F16", "F32") and group.parameters[0] == "weight":
                 continue  # an unquantized weight of a targeted module (an embedding, a head left out)
             if missing:
-                raise SurgeryError(f"{root.file}: tensor {root.name!r} is a {group[4]} weight without "
-                                   f"{module}.{missing[0]} (config group {group[0]!r} stores "
-                                   f"{', '.join(group[3])})")
+                raise SurgeryError(f"{root.file}: tensor {root.name!r} is a {group.format} weight without "
+                                   f"{module}.{missing[0]} (config group {group.name!r} stores "
+                                   f"{', '.join(group.parameters)})")
             quantized[module] = group
         out: dict[str, TensorInfo] = {}
         for name, info in tensors.items():
@@ -115,9 +128,9 @@ class CompressedTensors(Scheme):
             group = quantized.get(module)
             if group is None or parameter not in modules[module]:
                 out[name] = info
-            elif parameter == group[3][0]:  # the root: the logical weight, with every parameter stored beside it
+            elif parameter == group.parameters[0]:  # the root: the logical weight, with every parameter stored beside it
                 stored = modules[module]
-                parts = tuple((part, stored[part]) for part in sorted(stored, key=lambda p: (p not in group[3], p)))
+                parts = tuple((part, stored[part]) for part in sorted(stored, key=lambda p: (p not in group.parameters, p)))
                 shape = self._shape(group, dict(parts), read)
                 logical = module + ".weight"
                 out[logical] = TensorInfo(logical, dtype, shape, info.file, info.offset,
@@ -134,13 +147,13 @@ class CompressedTensors(Scheme):
                 raise AssertionError("reading weight_shape needs the checkpoint")
             return tuple(int(v) for v in read(parts["weight_shape"]).tolist())
         meta = {name: torch.empty(info.shape, dtype=torch_dtype(info.dtype), device="meta")
-                for name, info in parts.items() if name in group[3]}
-        return tuple(group[2].decompress(meta, group[1])["weight"].shape)
+                for name, info in parts.items() if name in group.parameters}
+        return tuple(group.compressor.decompress(meta, group.scheme)["weight"].shape)
 
     def dequantize_parts(self, info: TensorInfo, values: dict):
         group = self._group_of(info.name.removesuffix(".weight"))
-        state = {name: value for name, value in values.items() if name in group[3]}
-        return group[2].decompress(state, group[1])["weight"].float()
+        state = {name: value for name, value in values.items() if name in group.parameters}
+        return group.compressor.decompress(state, group.scheme)["weight"].float()
 
     # ---------------------------------------------------------------- writing: a module whole, as stored
     def stored_names(self, logical: str, info: TensorInfo) -> dict[str, str]:
@@ -166,6 +179,6 @@ class CompressedTensors(Scheme):
 
     def describe(self, info: TensorInfo) -> str:
         group = self._group_of(info.name.removesuffix(".weight"))
-        weights = group[1].weights
+        weights = group.scheme.weights
         size = f" of {weights.group_size}" if weights.group_size else ""
-        return f"{group[4]}: {weights.num_bits}-bit {weights.type}, {weights.strategy}{size} scales"
+        return f"{group.format}: {weights.num_bits}-bit {weights.type}, {weights.strategy}{size} scales"

@@ -86,11 +86,18 @@ class BlockFP8(Scheme):
                                f"{list(self.block)})")
 
     def dequantize_parts(self, info: TensorInfo, values: dict):
-        weight, scale = values["weight"].float(), values["weight_scale_inv"].float()
-        rows, columns = weight.shape[-2:]
-        scale = scale.repeat_interleave(self.block[0], dim=-2)[..., :rows, :]
-        scale = scale.repeat_interleave(self.block[1], dim=-1)[..., :columns]
-        return weight * scale
+        """In float32, one band of block rows at a time: the weight's float32 copy is the only full-size buffer (a
+        dense FFN of DeepSeek-V3 is 0.5 GB in float32; expanding the scales to its size would be another)."""
+        import torch  # lazy: headers and byte copies need no torch
+
+        out = values["weight"].to(torch.float32)
+        scale = values["weight_scale_inv"].to(torch.float32)
+        rows, columns = out.shape[-2:]
+        step_rows, step_columns = self.block
+        for band in range(scale.shape[-2]):
+            row_scale = scale[..., band, :].repeat_interleave(step_columns, dim=-1)[..., :columns]
+            out[..., band * step_rows:(band + 1) * step_rows, :].mul_(row_scale.unsqueeze(-2))
+        return out
 
     # ---------------------------------------------------------------- writing
     def stored_names(self, logical: str, info: TensorInfo) -> dict[str, str]:
