@@ -45,10 +45,14 @@ def is_quantized(name: str, value: torch.Tensor) -> bool:
 
 def save_fp8(directory: Path, family: str, block=(4, 4), seed: int = 0, **overrides) -> Path:
     """A tiny `family` model saved in bf16, then rewritten in place as an fp8 block-scaled checkpoint."""
-    directory = Path(directory)
-    save_model(directory, family, seed, dtype="bfloat16", **overrides)
+    return to_fp8(save_model(Path(directory), family, seed, dtype="bfloat16", **overrides), block)
+
+
+def to_fp8(directory: Path, block=(4, 4)) -> Path:
+    """Rewrite the checkpoint in `directory` in place as an fp8 block-scaled one (its linear weights quantized)."""
     from safetensors.torch import save_file
 
+    directory = Path(directory)
     stored = tensors(directory)
     index_path = directory / "model.safetensors.index.json"
     shard_of = json.loads(index_path.read_text())["weight_map"] if index_path.exists() else None

@@ -287,3 +287,42 @@ def test_validate_of_an_fp8_checkpoint_is_validate_of_its_widened_copy(fp8, tmp_
     quantized = surgery.validate(source, tokens=str(token_file), stream=stream)
     widened = surgery.validate(tmp_path / "f32", tokens=str(token_file), stream=stream)
     assert quantized["loss"] == widened["loss"]
+
+
+def test_a_quantized_multimodal_checkpoint_is_refused_in_one_line(tmp_path, run_cli):
+    from tiny_models import save_nested
+
+    directory = save_nested(tmp_path / "llama4", "llama4")
+    config = config_of(directory)
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [4, 4]}
+    (directory / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli("inspect", directory)
+    assert code == 2 and err.count("\n") == 1
+    assert "a quantized Llama4ForConditionalGeneration is not read yet" in err
+
+
+def test_copy_layout_fused_says_which_layout_transformers_reads_fp8_experts_in(fp8, tmp_path, run_cli):
+    code, _, err = run_cli("copy", fp8("mixtral"), tmp_path / "fused", "--layout", "fused")
+    assert code == 0, err
+    assert "reads FP8 experts per expert only" in " ".join(err.split())
+
+
+def test_a_merge_of_fp8_members_keeps_their_ffns_quantized_and_writes_the_average_unquantized(tmp_path, run_cli):
+    from quantized_models import to_fp8
+    from test_merge import TEXTS, save_member
+
+    members = {name: to_fp8(save_member(tmp_path / name, seed=seed), (4, 4))
+               for seed, name in enumerate(("a", "b"), start=1)}
+    args = []
+    for name, path in members.items():
+        (tmp_path / f"{name}.txt").write_text(TEXTS[name])
+        args += ["--expert", f"{name}={path}", "--calibration", f"{name}={tmp_path / f'{name}.txt'}"]
+    code, _, err = run_cli("merge", tmp_path / "moe", *args, "--non-ffn", "average")
+    assert code == 0, err
+    written, a = tensors(tmp_path / "moe"), tensors(members["a"])
+    for suffix in ("weight", "weight_scale_inv"):
+        assert torch.equal(raw(written[f"model.layers.1.block_sparse_moe.experts.0.w1.{suffix}"]),
+                           raw(a[f"model.layers.1.mlp.gate_proj.{suffix}"]))
+    assert written["model.layers.1.self_attn.q_proj.weight"].dtype == torch.float32  # the average, in their dtype
+    assert "written unquantized" in err
+    assert torch.isfinite(logits(load_dequantized(tmp_path / "moe", torch.bfloat16), sample_ids()).float()).all()

@@ -94,6 +94,10 @@ class Checkpoint:
 
     def _dequantized(self) -> "Checkpoint":
         """Open a quantized checkpoint as the model it encodes: each quantized weight one logical tensor."""
+        if self.nesting is not None and (self.stored_config or {}).get("quantization_config") is not None:
+            raise SurgeryError(f"{self.directory / 'config.json'}: a quantized {self.nesting.architecture} is not read "
+                               f"yet (its quantization_config covers the wrapper's towers); widen it first with "
+                               f"transformers, or use its unquantized release")
         self.quantization = quantized.scheme_of(self.config, self.directory / "config.json")
         if self.quantization is not None:
             self.stored = StoredParts(self, self.tensors)

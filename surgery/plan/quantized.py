@@ -50,11 +50,12 @@ def keep_quantized(plan: Plan) -> Plan:
     made = {scheme.module_of(tensor.name) for tensor, reads, parts in planned
             if not reads and _is_weight(tensor) and not _selects(tensor.recipe)} - dequantized
     unquantized = dequantized | made
-    tensors, renames, kept = [], {}, 0
+    tensors, renames, kept, stacked = [], {}, 0, False
     for tensor, reads, parts in planned:
         if parts is not None and scheme.module_of(tensor.name) not in unquantized:
             tensors.extend(parts)
             kept += 1
+            stacked = stacked or isinstance(tensor.recipe, Joined)
         else:
             tensors.append(tensor)
         if not reads or parts is not None:
@@ -71,6 +72,8 @@ def keep_quantized(plan: Plan) -> Plan:
                      f"({', '.join(dtypes)}: dequantized, never quantized again)"
                      + (f"; they are listed in quantization_config's {scheme.skip_key}" if kept else
                         "; the output has no quantization_config"))
+    if stacked and scheme.stacked_note:
+        notes.append(scheme.stacked_note)
     if made and kept:
         notes.append(f"the {len(made)} module(s) whose weights this {plan.operation} computes (routers, fitted or "
                      f"averaged weights) are written unquantized and listed in quantization_config's "

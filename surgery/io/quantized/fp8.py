@@ -24,6 +24,9 @@ ACTIVATION_COMPANIONS = ("input_scale", "activation_scale")
 class BlockFP8(Scheme):
     method = "fp8"
     title = "FP8, block-scaled"
+    stacked_note = ("experts written fused keep their FP8 values and scales stacked ([E, ...] and [E, ...]_scale_inv); "
+                    "transformers 5.25's dequantizing loader (FineGrainedFP8Config(dequantize=True)) reads FP8 "
+                    "experts per expert only, the layout FP8 hub checkpoints use (--layout per-expert)")
 
     def __init__(self, config: dict, where: Path):
         super().__init__(config, where)

@@ -30,6 +30,9 @@ class Scheme:
 
     method: str = ""
     title: str = ""
+    # said when experts are written stacked ([E, ...] values and scales): where that is not the layout the scheme's
+    # checkpoints are read in
+    stacked_note: str | None = None
 
     skip_key = "modules_to_not_convert"  # the quantization_config list of modules stored unquantized
 
