@@ -326,3 +326,15 @@ def test_a_merge_of_fp8_members_keeps_their_ffns_quantized_and_writes_the_averag
     assert written["model.layers.1.self_attn.q_proj.weight"].dtype == torch.float32  # the average, in their dtype
     assert "written unquantized" in err
     assert torch.isfinite(logits(load_dequantized(tmp_path / "moe", torch.bfloat16), sample_ids()).float()).all()
+
+
+def test_an_upcycle_with_dtype_widens_the_fp8_source(tmp_path, run_cli):
+    dense = save_fp8(tmp_path / "llama", "llama", block=(4, 4))
+    code, _, err = run_cli("upcycle", dense, tmp_path / "moe", "--num-experts", "4", "--top-k", "2", "--dtype", "bf16")
+    assert code == 0, err
+    written = tensors(tmp_path / "moe")
+    assert "quantization_config" not in config_of(tmp_path / "moe")
+    assert {value.dtype for value in written.values()} == {torch.bfloat16}
+    with Checkpoint.open(dense) as checkpoint:
+        expected = checkpoint.read("model.layers.1.mlp.gate_proj.weight").to(torch.bfloat16)
+    assert torch.equal(written["model.layers.1.block_sparse_moe.experts.2.w1.weight"], expected)

@@ -156,7 +156,8 @@ def build_plan(merge: Merge) -> Plan:
     notes = list(merge.notes)
     return Plan("merge", tensors, merge.config, [m.checkpoint for m in merge.members],
                 side_files=reference.side_files(), extra_files={"README.md": model_card(merge)},
-                metadata=metadata, notes=notes)
+                metadata=metadata, notes=notes,
+                dequantize=merge.spec.dtype not in (None, "keep"))  # --dtype widens a quantized member, as copy's
 
 
 def expert_ffn(merge: Merge, member, index: int, layer: int, role: str):

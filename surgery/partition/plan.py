@@ -266,4 +266,4 @@ def build_plan(source, family, options, *, calibration=None, partitions=None, sp
     stored = dtype or source.info(dense_ffn_names(family, layers[0])["down"]).dtype
     return Plan("split", tensors, config, [source], side_files=source.side_files(),
                 metadata=provenance([source], {"operation": "split", **options.record(), "scale": scale}), notes=notes,
-                rounding=folded_rounding(factors, stored))
+                rounding=folded_rounding(factors, stored), dequantize=dtype is not None)  # --dtype widens, as copy's

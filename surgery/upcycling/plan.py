@@ -77,7 +77,8 @@ def build_plan(src, options, spill_dir=None) -> Plan:
     notes += _notes(options, target, down_dtype, recipes.down_factor)
     return Plan("upcycle", tensors, config, [source], side_files=source.side_files(),
                 metadata=provenance([source], asdict(options)),
-                notes=notes, rounding=folded_rounding([recipes.down_factor, recipes.shared_factor], down_dtype))
+                notes=notes, rounding=folded_rounding([recipes.down_factor, recipes.shared_factor], down_dtype),
+                dequantize=out_dtype is not None)  # --dtype widens a quantized source, as copy's does
 
 
 class UpcycleRecipes:
