@@ -50,20 +50,27 @@ def save_fp8(directory: Path, family: str, block=(4, 4), seed: int = 0, **overri
 
 def to_fp8(directory: Path, block=(4, 4)) -> Path:
     """Rewrite the checkpoint in `directory` in place as an fp8 block-scaled one (its linear weights quantized)."""
+    def stored(name, value):
+        if not is_quantized(name, value):
+            return {name: value}
+        values, scale = quantize_fp8(value, block)
+        return {name: values, name + "_scale_inv": scale}
+
+    return rewrite(directory, stored, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                       "weight_block_size": list(block)})
+
+
+def rewrite(directory: Path, stored, quantization: dict) -> Path:
+    """Rewrite the checkpoint in `directory` in place: each tensor replaced by what `stored(name, value)` returns
+    ({stored name: tensor}, in the same shard; the index follows), and `quantization` as its quantization_config."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    stored = tensors(directory)
     index_path = directory / "model.safetensors.index.json"
     shard_of = json.loads(index_path.read_text())["weight_map"] if index_path.exists() else None
     by_file: dict[str, dict] = {}
-    for name, value in stored.items():
-        file = shard_of[name] if shard_of else "model.safetensors"
-        out = by_file.setdefault(file, {})
-        if is_quantized(name, value):
-            out[name], out[name + "_scale_inv"] = quantize_fp8(value, block)
-        else:
-            out[name] = value
+    for name, value in tensors(directory).items():
+        by_file.setdefault(shard_of[name] if shard_of else "model.safetensors", {}).update(stored(name, value))
     for file, values in by_file.items():
         save_file({name: value.contiguous() for name, value in values.items()}, directory / file,
                   metadata={"format": "pt"})
@@ -72,8 +79,7 @@ def to_fp8(directory: Path, block=(4, 4)) -> Path:
         index["weight_map"] = {name: file for file, values in by_file.items() for name in values}
         index_path.write_text(json.dumps(index, indent=2))
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(block)}
+    config["quantization_config"] = quantization
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
@@ -105,23 +111,14 @@ def save_mxfp4(directory: Path, seed: int = 0, **overrides) -> Path:
     """A tiny gpt-oss (hidden and expert width 32: whole MXFP4 blocks) saved in bf16, its experts rewritten as
     gpt-oss-20b stores them: ``*_blocks`` and ``*_scales`` of each [E, in, out] weight's transpose, biases as they
     were, the other modules listed unquantized."""
-    from safetensors.torch import save_file
+    def stored(name, value):
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return {name: value}
+        blocks, scales = quantize_mxfp4(value.transpose(-1, -2))
+        return {name + "_blocks": blocks, name + "_scales": scales}
 
-    directory = Path(directory)
-    save_model(directory, "gpt_oss", seed, dtype="bfloat16", **{"intermediate_size": 32, **overrides})
-    out = {}
-    for name, value in tensors(directory).items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            out[name + "_blocks"], out[name + "_scales"] = quantize_mxfp4(value.transpose(-1, -2))
-        else:
-            out[name] = value
-    (directory / "model.safetensors").unlink()
-    save_file({name: value.contiguous() for name, value in out.items()}, directory / "model.safetensors",
-              metadata={"format": "pt"})
-    config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": MXFP4_UNQUANTIZED}
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
+    directory = save_model(Path(directory), "gpt_oss", seed, dtype="bfloat16", **{"intermediate_size": 32, **overrides})
+    return rewrite(directory, stored, {"quant_method": "mxfp4", "modules_to_not_convert": MXFP4_UNQUANTIZED})
 
 
 def compressed_scheme(kind: str):
@@ -160,36 +157,37 @@ def save_compressed(directory: Path, family: str, kind: str = "w4a16", seed: int
     compressed-tensors format of `kind`, with the config llm-compressor writes (``QuantizationConfig``)."""
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationConfig
-    from safetensors.torch import save_file
 
-    directory = Path(directory)
-    save_model(directory, family, seed, dtype="bfloat16", **overrides)
     scheme = compressed_scheme(kind)
-    index_path = directory / "model.safetensors.index.json"
-    shard_of = json.loads(index_path.read_text())["weight_map"] if index_path.exists() else None
-    by_file: dict[str, dict] = {}
-    for name, value in tensors(directory).items():
-        out = by_file.setdefault(shard_of[name] if shard_of else "model.safetensors", {})
-        if is_quantized(name, value) and name.endswith(".weight"):
-            module = name.removesuffix(".weight")
-            out.update({f"{module}.{key}": part for key, part in quantize_compressed(value, scheme).items()})
-        else:
-            out[name] = value
-    for file, values in by_file.items():
-        save_file({name: value.contiguous() for name, value in values.items()}, directory / file,
-                  metadata={"format": "pt"})
-    if shard_of:
-        index = json.loads(index_path.read_text())
-        index["weight_map"] = {name: file for file, values in by_file.items() for name in values}
-        index_path.write_text(json.dumps(index, indent=2))
+
+    def stored(name, value):
+        if not (is_quantized(name, value) and name.endswith(".weight")):
+            return {name: value}
+        module = name.removesuffix(".weight")
+        return {f"{module}.{key}": part for key, part in quantize_compressed(value, scheme).items()}
+
     fmt = infer_module_format(torch.nn.Linear, scheme).value
     quantization = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, ignore=["lm_head"],
                                       quantization_status="compressed").model_dump(mode="json")
     quantization["quant_method"] = "compressed-tensors"
-    config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = quantization
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
+    return rewrite(save_model(Path(directory), family, seed, dtype="bfloat16", **overrides), stored, quantization)
+
+
+def assert_runner_reads_what_transformers_loads(directory: Path, dtype=torch.float32) -> None:
+    """Every decoder layer as the layer runner materialises it from the checkpoint equals, tensor for tensor and bit
+    for bit, the layer transformers' dequantizing loader builds (``load_dequantized``), in `dtype`."""
+    from surgery.execution.weights import ModelWeights
+    from surgery.io.checkpoint import Checkpoint
+
+    model = load_dequantized(directory, dtype)
+    with Checkpoint.open(directory) as checkpoint:
+        weights = ModelWeights.from_checkpoint(checkpoint)
+        for layer in range(weights.num_layers):
+            ours = weights.materialize(weights.layer_tensors(layer), dtype, "cpu")
+            theirs = model.model.layers[layer].state_dict()
+            assert ours.keys() == theirs.keys()
+            for name, value in ours.items():
+                assert torch.equal(value, theirs[name]), (directory, layer, name)
 
 
 def load_dequantized(directory: Path, dtype=torch.float32):

@@ -7,10 +7,14 @@ import json
 
 import pytest
 import torch
-from quantized_models import compressed_scheme, load_dequantized, save_compressed
+from quantized_models import (
+    assert_runner_reads_what_transformers_loads,
+    compressed_scheme,
+    load_dequantized,
+    save_compressed,
+)
 from tiny_models import logits, sample_ids, tensors
 
-from surgery.execution.weights import ModelWeights
 from surgery.io.checkpoint import Checkpoint
 
 # transformers loads these models in bfloat16 only: in float32 its decompressed experts come out in bfloat16 beside
@@ -52,16 +56,7 @@ def test_a_packed_module_opens_as_its_weight_with_every_stored_parameter_as_a_pa
 def test_the_layer_runner_reads_exactly_the_weights_transformers_decompresses(compressed, family, kind):
     """In bfloat16, the checkpoint's dtype. (Loaded in float32, transformers folds an FP8 expert's scale in float32
     and every other module's through the library, in the scale's bfloat16: docs/quantized.md.)"""
-    directory = compressed(family, kind)
-    model = load_dequantized(directory, BF16)
-    with Checkpoint.open(directory) as checkpoint:
-        weights = ModelWeights.from_checkpoint(checkpoint)
-        for layer in range(weights.num_layers):
-            ours = weights.materialize(weights.layer_tensors(layer), torch.bfloat16, "cpu")
-            theirs = model.model.layers[layer].state_dict()
-            assert ours.keys() == theirs.keys()
-            for name, value in ours.items():
-                assert torch.equal(value, theirs[name]), (family, kind, layer, name)
+    assert_runner_reads_what_transformers_loads(compressed(family, kind), BF16)
 
 
 @pytest.mark.parametrize("family, kind", CASES)

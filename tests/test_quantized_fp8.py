@@ -12,12 +12,18 @@ import shutil
 
 import pytest
 import torch
-from quantized_models import QUANTIZED_COMMANDS, QUANTIZED_CORPUS, dequantize_fp8, load_dequantized, save_fp8
+from quantized_models import (
+    QUANTIZED_COMMANDS,
+    QUANTIZED_CORPUS,
+    assert_runner_reads_what_transformers_loads,
+    dequantize_fp8,
+    load_dequantized,
+    save_fp8,
+)
 from tiny_models import logits, sample_ids, save_model, tensors
 
 import surgery
 from surgery import families as arch
-from surgery.execution.weights import ModelWeights
 from surgery.io.checkpoint import Checkpoint
 
 FAMILIES = ("mixtral", "deepseek_v3")
@@ -66,16 +72,7 @@ def test_a_quantized_weight_opens_as_one_tensor_of_the_model_with_its_parts(fp8)
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_layer_runner_reads_exactly_the_weights_transformers_dequantizes(fp8, family):
-    directory = fp8(family)
-    model = load_dequantized(directory)
-    with Checkpoint.open(directory) as checkpoint:
-        weights = ModelWeights.from_checkpoint(checkpoint)
-        for layer in range(weights.num_layers):
-            ours = weights.materialize(weights.layer_tensors(layer), torch.float32, "cpu")
-            theirs = model.model.layers[layer].state_dict()
-            assert ours.keys() == theirs.keys()
-            for name, value in ours.items():
-                assert torch.equal(value, theirs[name]), (family, layer, name)
+    assert_runner_reads_what_transformers_loads(fp8(family))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

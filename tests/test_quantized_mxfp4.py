@@ -7,10 +7,15 @@ import shutil
 
 import pytest
 import torch
-from quantized_models import MXFP4_CORPUS, dequantize_mxfp4, load_dequantized, save_mxfp4
+from quantized_models import (
+    MXFP4_CORPUS,
+    assert_runner_reads_what_transformers_loads,
+    dequantize_mxfp4,
+    load_dequantized,
+    save_mxfp4,
+)
 from tiny_models import load_model, logits, sample_ids, tensors
 
-from surgery.execution.weights import ModelWeights
 from surgery.io.checkpoint import Checkpoint
 
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
@@ -45,15 +50,7 @@ def test_blocks_and_scales_open_as_the_input_major_weight_gpt_oss_holds(mxfp4):
 
 
 def test_the_layer_runner_reads_exactly_the_weights_transformers_dequantizes(mxfp4):
-    model = load_dequantized(mxfp4)
-    with Checkpoint.open(mxfp4) as checkpoint:
-        weights = ModelWeights.from_checkpoint(checkpoint)
-        for layer in range(weights.num_layers):
-            ours = weights.materialize(weights.layer_tensors(layer), torch.float32, "cpu")
-            theirs = model.model.layers[layer].state_dict()
-            assert ours.keys() == theirs.keys()
-            for name, value in ours.items():
-                assert torch.equal(value, theirs[name]), (layer, name)
+    assert_runner_reads_what_transformers_loads(mxfp4)
 
 
 def test_prune_ratio_0_copies_every_tensor_byte_for_byte_and_computes_the_source_logits(mxfp4, tmp_path, run_cli,
